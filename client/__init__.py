@@ -1,0 +1,20 @@
+"""Typed Python client for Tiller.
+
+>>> from tiller.client import Client
+>>> with Client("127.0.0.1:50051") as c:  # doctest: +SKIP
+...     print(c.generate("Hello", feedback="Harmless and very helpful").text)
+"""
+
+from .client import AsyncClient, Client, TillerClientError
+from .results import AdapterInfo, Completion, Generation, ServerStatus, StreamChunk
+
+__all__ = [
+    "AdapterInfo",
+    "AsyncClient",
+    "Client",
+    "Completion",
+    "Generation",
+    "ServerStatus",
+    "StreamChunk",
+    "TillerClientError",
+]

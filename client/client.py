@@ -1,0 +1,283 @@
+"""``Client`` (blocking) and ``AsyncClient`` (asyncio) for the Tiller gRPC API.
+
+Both retry UNAVAILABLE (only) with exponential backoff, attach an optional bearer token, apply a
+per-call timeout, and close their channel when used as context managers. Errors raise
+``TillerClientError`` carrying the gRPC status code and the server's message.
+
+Example (needs a running server)::
+
+    from tiller.client import Client
+    with Client("127.0.0.1:50051", timeout=30) as c:
+        g = c.generate("Write a haiku", feedback="Harmless and very helpful", max_tokens=32)
+        print(g.text, g.adapter, g.seed)
+        for piece in c.stream("Count to five", max_tokens=16):
+            print(piece.text, end="")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+
+from tiller.protos.tiller.v1 import tiller_pb2 as pb
+from tiller.protos.tiller.v1 import tiller_pb2_grpc as pb_grpc
+
+from . import convert
+from .results import AdapterInfo, Generation, ServerStatus, StreamChunk
+
+T = TypeVar("T")
+Prompt = str | Sequence[Mapping[str, str]]
+
+
+class TillerClientError(Exception):
+    """A failed call: ``code`` is the ``grpc.StatusCode``, ``message`` the server's explanation."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+
+def _wrap(e: grpc.RpcError) -> TillerClientError:
+    code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
+    details = e.details() if hasattr(e, "details") else str(e)
+    return TillerClientError(code, details or "")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retry UNAVAILABLE up to ``attempts`` times, sleeping base * 2^k (+ jitter), capped."""
+
+    attempts: int = 4
+    base_s: float = 0.2
+    max_s: float = 5.0
+
+    def delay(self, attempt: int) -> float:
+        return min(self.max_s, self.base_s * (2**attempt)) * (0.5 + random.random() / 2)
+
+
+def _feedback_request(
+    generation_id: str,
+    *,
+    score: float | None,
+    tag: str,
+    critique: str,
+    refinement: str,
+    preferred_over: str | None,
+    idempotency_key: str,
+    source: str,
+) -> pb.SubmitFeedbackRequest:
+    req = pb.SubmitFeedbackRequest(
+        generation_id=generation_id,
+        tag=tag,
+        critique=critique,
+        refinement=refinement,
+        idempotency_key=idempotency_key,
+        source=source,
+    )
+    if score is not None:
+        req.score = score
+    if preferred_over:
+        req.preference.chosen_generation_id = generation_id
+        req.preference.rejected_generation_id = preferred_over
+    return req
+
+
+class _Base:
+    def __init__(
+        self, target: str, *, timeout: float | None, token: str | None, retry: RetryPolicy | None
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        self.retry = retry or RetryPolicy()
+        self._metadata: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {token}"),) if token else ()
+        )
+
+    def _kw(self, timeout: float | None) -> dict[str, Any]:
+        return {"timeout": timeout if timeout is not None else self.timeout,
+                "metadata": self._metadata}
+
+
+class Client(_Base):
+    """Blocking client. Thread-safe (one channel shared by all calls)."""
+
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50051",
+        *,
+        timeout: float | None = 60.0,
+        token: str | None = None,
+        retry: RetryPolicy | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        super().__init__(target, timeout=timeout, token=token, retry=retry)
+        self._channel = grpc.insecure_channel(target, options=list(options))
+        self._stub = pb_grpc.TillerStub(self._channel)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, fn: Callable[[], T]) -> T:
+        for attempt in range(self.retry.attempts + 1):
+            try:
+                return fn()
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.retry.attempts:
+                    raise _wrap(e) from None
+                time.sleep(self.retry.delay(attempt))
+        raise AssertionError("unreachable")
+
+    def generate(self, prompt: Prompt, *, timeout: float | None = None, **kw: Any) -> Generation:
+        """Generate for ``prompt`` (text or chat messages). Keyword arguments as in
+        ``convert.build_request``: feedback, feedback_mix, attributes, adapter, max_tokens, ..."""
+        req = convert.build_request(prompt, **kw)
+        return convert.generation(self._call(lambda: self._stub.Generate(req, **self._kw(timeout))))
+
+    def stream(
+        self, prompt: Prompt, *, timeout: float | None = None, **kw: Any
+    ) -> Iterator[StreamChunk]:
+        """Yield chunks as tokens are produced. Closing the iterator cancels the request."""
+        req = convert.build_request(prompt, **kw)
+        call = self._call(lambda: self._stub.GenerateStream(req, **self._kw(timeout)))
+        try:
+            for c in call:
+                yield convert.chunk(c)
+        except grpc.RpcError as e:
+            raise _wrap(e) from None
+        finally:
+            call.cancel()
+
+    def submit_feedback(
+        self,
+        generation_id: str,
+        *,
+        score: float | None = None,
+        tag: str = "",
+        critique: str = "",
+        refinement: str = "",
+        preferred_over: str | None = None,
+        idempotency_key: str = "",
+        source: str = "",
+        timeout: float | None = None,
+    ) -> str:
+        """Record feedback on a generation; returns the feedback id."""
+        req = _feedback_request(
+            generation_id, score=score, tag=tag, critique=critique, refinement=refinement,
+            preferred_over=preferred_over, idempotency_key=idempotency_key, source=source,
+        )
+        resp = self._call(lambda: self._stub.SubmitFeedback(req, **self._kw(timeout)))
+        return str(resp.feedback_id)
+
+    def adapters(self, *, timeout: float | None = None) -> list[AdapterInfo]:
+        resp = self._call(
+            lambda: self._stub.ListAdapters(pb.ListAdaptersRequest(), **self._kw(timeout))
+        )
+        return convert.adapters(resp)
+
+    def status(self, *, timeout: float | None = None) -> ServerStatus:
+        resp = self._call(
+            lambda: self._stub.GetServerStatus(pb.GetServerStatusRequest(), **self._kw(timeout))
+        )
+        return convert.status(resp)
+
+
+class AsyncClient(_Base):
+    """asyncio client; create and use it inside one event loop."""
+
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50051",
+        *,
+        timeout: float | None = 60.0,
+        token: str | None = None,
+        retry: RetryPolicy | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        super().__init__(target, timeout=timeout, token=token, retry=retry)
+        self._channel = grpc.aio.insecure_channel(target, options=list(options))
+        self._stub = pb_grpc.TillerStub(self._channel)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _call(self, fn: Callable[[], Any]) -> Any:
+        for attempt in range(self.retry.attempts + 1):
+            try:
+                return await fn()
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.retry.attempts:
+                    raise _wrap(e) from None
+                await asyncio.sleep(self.retry.delay(attempt))
+        raise AssertionError("unreachable")
+
+    async def generate(
+        self, prompt: Prompt, *, timeout: float | None = None, **kw: Any
+    ) -> Generation:
+        req = convert.build_request(prompt, **kw)
+        resp = await self._call(lambda: self._stub.Generate(req, **self._kw(timeout)))
+        return convert.generation(resp)
+
+    async def stream(
+        self, prompt: Prompt, *, timeout: float | None = None, **kw: Any
+    ) -> AsyncIterator[StreamChunk]:
+        """Async-iterate chunks; breaking out of the loop cancels the request on the server."""
+        req = convert.build_request(prompt, **kw)
+        call = self._stub.GenerateStream(req, **self._kw(timeout))
+        try:
+            async for c in call:
+                yield convert.chunk(c)
+        except grpc.RpcError as e:
+            raise _wrap(e) from None
+        finally:
+            call.cancel()
+
+    async def submit_feedback(
+        self,
+        generation_id: str,
+        *,
+        score: float | None = None,
+        tag: str = "",
+        critique: str = "",
+        refinement: str = "",
+        preferred_over: str | None = None,
+        idempotency_key: str = "",
+        source: str = "",
+        timeout: float | None = None,
+    ) -> str:
+        req = _feedback_request(
+            generation_id, score=score, tag=tag, critique=critique, refinement=refinement,
+            preferred_over=preferred_over, idempotency_key=idempotency_key, source=source,
+        )
+        resp = await self._call(lambda: self._stub.SubmitFeedback(req, **self._kw(timeout)))
+        return str(resp.feedback_id)
+
+    async def adapters(self, *, timeout: float | None = None) -> list[AdapterInfo]:
+        resp = await self._call(
+            lambda: self._stub.ListAdapters(pb.ListAdaptersRequest(), **self._kw(timeout))
+        )
+        return convert.adapters(resp)
+
+    async def status(self, *, timeout: float | None = None) -> ServerStatus:
+        resp = await self._call(
+            lambda: self._stub.GetServerStatus(pb.GetServerStatusRequest(), **self._kw(timeout))
+        )
+        return convert.status(resp)

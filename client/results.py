@@ -1,0 +1,71 @@
+"""Result types the client returns (plain frozen dataclasses, never protobuf)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Completion:
+    index: int
+    generation_id: str
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str  # "stop", "length", "abort"
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One Generate call: ``text`` is the first sample's text; all samples are in ``completions``."""
+
+    request_id: str
+    completions: tuple[Completion, ...]
+    prompt_tokens: int
+    completion_tokens: int
+    adapter: str
+    adapter_version: int
+    base_model: str
+    rendered_prompt: str
+    seed: int
+    time_to_first_token_s: float
+    total_s: float
+
+    @property
+    def text(self) -> str:
+        return self.completions[0].text
+
+    @property
+    def generation_id(self) -> str:
+        return self.completions[0].generation_id
+
+
+@dataclass(frozen=True)
+class StreamChunk:
+    index: int
+    generation_id: str
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str | None
+    final: bool = False
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    name: str
+    base_model: str
+    active_version: int
+    versions: tuple[int, ...]
+    feedback_tags: tuple[str, ...]
+    attributes: tuple[str, ...]
+    is_default: bool
+
+
+@dataclass(frozen=True)
+class ServerStatus:
+    model: str
+    in_flight: int
+    engine_unfinished: int
+    draining: bool
+    version: str

@@ -1,0 +1,1 @@
+"""Tiller's protocol buffers: sources under ``tiller/v1`` and their committed generated stubs."""

@@ -1,0 +1,1 @@
+"""Generated stubs for the ``tiller.v1`` API (do not edit ``*_pb2*``; run ``python -m tiller.protos.generate``)."""

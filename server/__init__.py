@@ -1,0 +1,1 @@
+"""Tiller's serving side: gRPC front end over a vLLM engine."""

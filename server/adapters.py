@@ -1,0 +1,125 @@
+"""The server's table of loaded adapter versions and request routing to them.
+
+Versions are immutable: a new version gets a new LoRA id; the table never mutates a loaded one.
+Thread-safety: used from the event loop only.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import AdapterSource
+from .engine import Engine
+from .errors import InvalidArgument
+from .manifest import Conditioning, Manifest, load_manifest
+from .values import AdapterPick, ServedBy
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class LoadedAdapter:
+    """One adapter version as the server serves it. ``lora_id`` is None for the base model and for
+    conditioning-only profiles."""
+
+    name: str
+    version: int
+    path: Path | None
+    lora_id: int | None
+    manifest: Manifest | None
+
+    @property
+    def conditioning(self) -> Conditioning | None:
+        return self.manifest.conditioning if self.manifest else None
+
+    @property
+    def attributes(self) -> tuple[str, ...]:
+        return self.manifest.attributes if self.manifest else ()
+
+
+def validate_name(name: str) -> str:
+    if not _NAME.match(name):
+        raise InvalidArgument(
+            f"adapter name {name!r} is invalid: use 1-64 letters, digits, '_', '.', '-'",
+            field="adapter.name",
+        )
+    return name
+
+
+class AdapterTable:
+    """Name -> versions; one active version per name; a default route for unnamed requests."""
+
+    def __init__(self, engine: Engine, base_model: str) -> None:
+        self._engine = engine
+        self._base = LoadedAdapter(name="", version=0, path=None, lora_id=None, manifest=None)
+        self._base_model = base_model
+        self._versions: dict[str, dict[int, LoadedAdapter]] = {}
+        self._active: dict[str, int] = {}
+        self._default: str | None = None
+        self._ids = itertools.count(1)
+
+    @property
+    def base_model(self) -> str:
+        return self._base_model
+
+    async def load(self, source: AdapterSource) -> LoadedAdapter:
+        """Verify and load a version directory; it becomes active if it is the newest."""
+        name = validate_name(source.name)
+        manifest = load_manifest(source.path)
+        lora_id = None
+        if manifest.has_lora:
+            lora_id = next(self._ids)
+            await self._engine.add_lora(f"{name}@v{manifest.version}", lora_id, str(source.path))
+        loaded = LoadedAdapter(name, manifest.version, source.path, lora_id, manifest)
+        self._versions.setdefault(name, {})[manifest.version] = loaded
+        if manifest.version >= self._active.get(name, 0):
+            self._active[name] = manifest.version
+        return loaded
+
+    def set_default(self, name: str | None) -> None:
+        if name is not None and name not in self._active:
+            raise InvalidArgument(
+                f"default adapter {name!r} is not loaded; loaded: {self._names()}",
+                field="default_adapter",
+            )
+        self._default = name
+
+    def _names(self) -> str:
+        return ", ".join(sorted(self._active)) or "(none)"
+
+    def resolve(self, pick: AdapterPick) -> LoadedAdapter:
+        """The version serving ``pick``; the default route (or the base model) when unnamed."""
+        name = pick.name or self._default
+        if name is None or name == "base":
+            if pick.version is not None:
+                raise InvalidArgument(
+                    "adapter.version needs adapter.name", field="adapter.version"
+                )
+            return self._base
+        versions = self._versions.get(name)
+        if versions is None:
+            raise InvalidArgument(
+                f"unknown adapter {name!r}; loaded: base, {self._names()}", field="adapter.name"
+            )
+        version = pick.version if pick.version is not None else self._active[name]
+        if version not in versions:
+            have = ", ".join(str(v) for v in sorted(versions))
+            raise InvalidArgument(
+                f"adapter {name!r} has no loaded version {version}; loaded versions: {have}",
+                field="adapter.version",
+            )
+        return versions[version]
+
+    def served_by(self, adapter: LoadedAdapter) -> ServedBy:
+        return ServedBy(adapter.name, adapter.version, self._base_model)
+
+    def snapshot(self) -> list[tuple[str, int, list[LoadedAdapter], bool]]:
+        """(name, active version, versions, is_default) for every loaded name, base first."""
+        rows = [("base", 0, [self._base], self._default is None)]
+        for name in sorted(self._versions):
+            versions = [self._versions[name][v] for v in sorted(self._versions[name])]
+            rows.append((name, self._active[name], versions, self._default == name))
+        return rows

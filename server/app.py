@@ -1,0 +1,104 @@
+"""Wire the server together and run it until SIGTERM/SIGINT, then drain and exit cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from tiller.protos.tiller.v1 import tiller_pb2 as pb
+from tiller.protos.tiller.v1 import tiller_pb2_grpc as pb_grpc
+
+from .adapters import AdapterTable
+from .config import ServerConfig
+from .engine import Engine, VllmEngine
+from .service import GenerationService
+from .servicer import TillerAdminServicer, TillerServicer
+
+log = logging.getLogger("tiller.server")
+SERVICE_NAMES = (
+    pb.DESCRIPTOR.services_by_name["Tiller"].full_name,
+    pb.DESCRIPTOR.services_by_name["TillerAdmin"].full_name,
+)
+
+
+@dataclass
+class Running:
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    service: GenerationService
+    engine: Engine
+
+
+async def start(config: ServerConfig, engine: Engine | None = None) -> Running:
+    """Start the engine (unless given), load adapters and open the port. Health is SERVING after."""
+    engine = engine or VllmEngine.start(config.engine)
+    adapters = AdapterTable(engine, base_model=config.engine.model.name)
+    for source in config.adapters:
+        loaded = await adapters.load(source)
+        log.info("loaded adapter %s@v%d from %s", loaded.name, loaded.version, source.path)
+    adapters.set_default(config.default_adapter)
+    service = GenerationService(engine, adapters, config.limits)
+
+    size = config.limits.max_message_bytes
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", size),
+            ("grpc.max_send_message_length", max(size, 64 * 1024 * 1024)),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    pb_grpc.add_TillerServicer_to_server(TillerServicer(service, adapters), server)
+    names = [SERVICE_NAMES[0]]
+    if config.enable_admin:
+        pb_grpc.add_TillerAdminServicer_to_server(TillerAdminServicer(), server)
+        names.append(SERVICE_NAMES[1])
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names.append(health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
+    reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise OSError(f"could not bind {config.host}:{config.port}")
+    await server.start()
+    for name in ("", *names):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return Running(server, port, health_servicer, service, engine)
+
+
+async def drain_and_stop(running: Running, grace_s: float) -> bool:
+    """NOT_SERVING, refuse new work, let in-flight requests finish (bounded), stop. True if clean."""
+    await running.health.enter_graceful_shutdown()
+    running.service.start_draining()
+    clean = await running.service.wait_idle(grace_s)
+    if not clean:
+        log.warning("drain grace of %.1fs ran out; cancelling the rest", grace_s)
+    await running.server.stop(grace=1.0)
+    running.engine.shutdown()
+    return clean
+
+
+async def serve(config: ServerConfig, port_file: Path | None = None) -> None:
+    """Run until SIGTERM or SIGINT."""
+    running = await start(config)
+    address = f"{config.host}:{running.port}"
+    if port_file is not None:
+        tmp = port_file.with_suffix(".tmp")
+        tmp.write_text(str(running.port))
+        tmp.replace(port_file)
+    print(f"tiller: serving {config.engine.model.name} on {address}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    print("tiller: draining", flush=True)
+    await drain_and_stop(running, config.drain_grace_s)
+    print("tiller: stopped", flush=True)

@@ -1,0 +1,67 @@
+"""Typed, frozen configuration. Built once at the CLI edge and passed down; nothing else reads env."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What the vLLM engine is started with. ``dtype='auto'`` means: the fastest for this device."""
+
+    model: Path
+    dtype: Dtype = "auto"
+    max_model_len: int = 2048
+    gpu_memory_utilization: float = 0.3
+    enforce_eager: bool = True
+    enable_prefix_caching: bool = True
+    enable_lora: bool = True
+    max_lora_rank: int = 16
+    max_loras: int = 4
+    max_num_seqs: int = 64
+    seed: int = 0
+    # Run the model worker inside the engine-core process (VLLM_ENABLE_V1_MULTIPROCESSING=0):
+    # one spinning process fewer, 1.75x faster on 2-core CPUs (PLATFORM.md). Applied at the CLI edge.
+    single_process_worker: bool = True
+
+
+@dataclass(frozen=True)
+class AdapterSource:
+    """An adapter version directory to load at start-up under ``name``."""
+
+    name: str
+    path: Path
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Request limits. Exceeding one is RESOURCE_EXHAUSTED; nonsense values are INVALID_ARGUMENT."""
+
+    max_message_bytes: int = 4 * 1024 * 1024
+    max_tokens_cap: int = 4096
+    default_max_tokens: int = 128
+    max_n: int = 16
+    max_stop_strings: int = 16
+    max_chat_messages: int = 256
+    max_feedback_mix: int = 8
+    max_attributes: int = 16
+    max_attribute_weight: float = 10.0
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything ``tiller serve`` runs with."""
+
+    engine: EngineConfig
+    host: str = "127.0.0.1"
+    port: int = 50051
+    adapters: tuple[AdapterSource, ...] = ()
+    default_adapter: str | None = None
+    limits: Limits = field(default_factory=Limits)
+    drain_grace_s: float = 30.0
+    enable_admin: bool = False
+    log_requests: bool = True

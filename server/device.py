@@ -1,0 +1,42 @@
+"""Pick the fastest engine settings for the machine we run on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """True when the CPU advertises AVX512-BF16 or AMX-BF16 (bf16 is then fast on it)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            return any(f in flags for f in _BF16_CPU_FLAGS)
+    return False
+
+
+def resolve_dtype(requested: str, *, has_cuda: bool, cpu_bf16: bool) -> str:
+    """The dtype to give vLLM.
+
+    ``auto`` keeps vLLM's own choice (bf16/fp16) on GPUs and on CPUs with native bf16, and picks
+    float32 on CPUs without it, where bf16 is emulated and about 5x slower (PLATFORM.md).
+    """
+    if requested != "auto":
+        return requested
+    if has_cuda or cpu_bf16:
+        return "auto"
+    return "float32"
+
+
+def detect_dtype(requested: str) -> str:
+    """``resolve_dtype`` for this machine."""
+    import torch
+
+    return resolve_dtype(
+        requested, has_cuda=torch.cuda.is_available(), cpu_bf16=cpu_has_native_bf16()
+    )

@@ -1,0 +1,175 @@
+"""The engine boundary: a small Protocol the service talks to, and its vLLM implementation.
+
+The service never imports vLLM; it sees ``EngineRequest`` in and ``Delta`` values out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from .config import EngineConfig
+from .device import detect_dtype
+from .errors import EngineFailure, InvalidArgument, Unavailable
+from .values import Delta, EngineRequest, Finish
+
+if TYPE_CHECKING:
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+log = logging.getLogger(__name__)
+
+_FINISH = {None: Finish.NONE, "stop": Finish.STOP, "length": Finish.LENGTH, "abort": Finish.ABORT}
+
+
+class Tokenizer(Protocol):
+    eos_token_id: int | None
+
+    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
+
+    def apply_chat_template(self, conversation: Any, **kwargs: Any) -> Any: ...
+
+
+class Engine(Protocol):
+    """What the generation service needs from an inference engine."""
+
+    @property
+    def max_model_len(self) -> int: ...
+
+    @property
+    def model_id(self) -> str: ...
+
+    @property
+    def tokenizer(self) -> Tokenizer: ...
+
+    def generate(self, request: EngineRequest) -> AsyncIterator[Sequence[Delta]]:
+        """Yield the deltas produced per engine step; aborts the request if the caller stops."""
+        ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    def num_unfinished(self) -> int: ...
+
+    async def add_lora(self, name: str, lora_id: int, path: str) -> None: ...
+
+    async def remove_lora(self, lora_id: int) -> None: ...
+
+    async def check_health(self) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+
+@dataclass
+class VllmEngine:
+    """``Engine`` over vLLM's ``AsyncLLM`` running in this process."""
+
+    llm: AsyncLLM
+    config: EngineConfig
+
+    @classmethod
+    def start(cls, config: EngineConfig) -> VllmEngine:
+        """Start the engine (tens of seconds). Call from inside the running event loop."""
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(
+            model=str(config.model),
+            dtype=detect_dtype(config.dtype),  # type: ignore[arg-type]
+            max_model_len=config.max_model_len,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            enforce_eager=config.enforce_eager,
+            enable_prefix_caching=config.enable_prefix_caching,
+            enable_lora=config.enable_lora,
+            max_lora_rank=config.max_lora_rank,
+            max_loras=config.max_loras,
+            max_num_seqs=config.max_num_seqs,
+            seed=config.seed,
+        )
+        return cls(llm=AsyncLLM.from_engine_args(args), config=config)
+
+    @property
+    def max_model_len(self) -> int:
+        return int(self.llm.model_config.max_model_len)
+
+    @property
+    def model_id(self) -> str:
+        return str(self.config.model)
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.llm.get_tokenizer()  # type: ignore[return-value]
+
+    def _sampling_params(self, request: EngineRequest) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        s = request.sampling
+        return SamplingParams(
+            n=s.n,
+            max_tokens=s.max_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k,
+            seed=s.seed,
+            stop=list(s.stop) or None,
+            repetition_penalty=s.repetition_penalty,
+            output_kind=RequestOutputKind.DELTA,
+        )
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[Sequence[Delta]]:
+        from vllm.inputs import TokensPrompt
+        from vllm.lora.request import LoRARequest
+        from vllm.exceptions import VLLMClientError
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        lora = None
+        if request.lora_id is not None:
+            lora = LoRARequest(request.lora_name or "", request.lora_id, request.lora_path or "")
+        prompt = TokensPrompt(prompt_token_ids=list(request.prompt_token_ids))
+        try:
+            stream = self.llm.generate(
+                prompt, self._sampling_params(request), request.request_id, lora_request=lora
+            )
+            async for out in stream:
+                yield [
+                    Delta(
+                        index=c.index,
+                        text=c.text,
+                        token_ids=tuple(c.token_ids),
+                        finish=_FINISH.get(c.finish_reason, Finish.STOP),
+                    )
+                    for c in out.outputs
+                ]
+        except EngineDeadError as e:
+            raise Unavailable("the inference engine is not running") from e
+        except (ValueError, VLLMClientError) as e:  # vLLM's own input validation
+            raise InvalidArgument(f"rejected by the engine: {e}") from e
+        except asyncio.CancelledError:
+            await self.abort(request.request_id)
+            raise
+        except (InvalidArgument, Unavailable):
+            raise
+        except Exception as e:
+            raise EngineFailure(f"engine failed: {type(e).__name__}: {e}") from e
+
+    async def abort(self, request_id: str) -> None:
+        await self.llm.abort(request_id)
+
+    def num_unfinished(self) -> int:
+        return int(self.llm.get_num_unfinished_requests())
+
+    async def add_lora(self, name: str, lora_id: int, path: str) -> None:
+        from vllm.lora.request import LoRARequest
+
+        await self.llm.add_lora(LoRARequest(name, lora_id, path))
+
+    async def remove_lora(self, lora_id: int) -> None:
+        await self.llm.remove_lora(lora_id)
+
+    async def check_health(self) -> None:
+        await self.llm.check_health()
+
+    def shutdown(self) -> None:
+        self.llm.shutdown()

@@ -1,0 +1,160 @@
+"""Internal request/response values. The wire (protobuf) never travels past ``convert.py``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class Finish(Enum):
+    NONE = "none"
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling as the client asked; ``None`` = server default."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    n: int | None = None
+    repetition_penalty: float | None = None
+
+
+@dataclass(frozen=True)
+class AdapterPick:
+    name: str = ""
+    version: int | None = None
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """A generation request after wire decoding, before validation."""
+
+    prompt: str | None = None
+    chat: tuple[ChatTurn, ...] | None = None
+    sampling: Sampling = field(default_factory=Sampling)
+    feedback: str = ""
+    feedback_mix: tuple[tuple[str, float], ...] = ()
+    attributes: tuple[tuple[str, float], ...] = ()
+    adapter: AdapterPick = field(default_factory=AdapterPick)
+    log: bool | None = None
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class ResolvedSampling:
+    """Sampling with every default filled in and validated."""
+
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int
+    stop: tuple[str, ...]
+    n: int
+    repetition_penalty: float
+
+
+@dataclass(frozen=True)
+class ServedBy:
+    name: str
+    version: int
+    base_model: str
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """What the engine runs: token ids already rendered and checked, plus the LoRA to apply."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: ResolvedSampling
+    lora_name: str | None = None
+    lora_id: int | None = None
+    lora_path: str | None = None
+
+
+@dataclass(frozen=True)
+class Delta:
+    """New output of one completion since the previous step."""
+
+    index: int
+    text: str
+    token_ids: tuple[int, ...]
+    finish: Finish
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A validated request ready for the engine, with what the response must report."""
+
+    request_id: str
+    engine_request: EngineRequest
+    rendered_prompt: str
+    served_by: ServedBy
+    generation_ids: tuple[str, ...]
+    accepted_at: float
+
+
+@dataclass(frozen=True)
+class Timing:
+    queue_s: float
+    time_to_first_token_s: float
+    total_s: float
+
+
+@dataclass(frozen=True)
+class CompletionResult:
+    index: int
+    generation_id: str
+    text: str
+    token_ids: tuple[int, ...]
+    finish: Finish
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    request_id: str
+    completions: tuple[CompletionResult, ...]
+    prompt_tokens: int
+    completion_tokens: int
+    served_by: ServedBy
+    timing: Timing
+    rendered_prompt: str
+    seed: int
+
+
+@dataclass(frozen=True)
+class StreamStart:
+    """First event of a stream: who serves it and with which seed."""
+
+    request_id: str
+    served_by: ServedBy
+    seed: int
+    generation_ids: tuple[str, ...]
+    rendered_prompt: str
+
+
+@dataclass(frozen=True)
+class StreamEnd:
+    """Last event of a stream."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    timing: Timing
+
+
+StreamEvent = StreamStart | Delta | StreamEnd
