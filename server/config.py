@@ -51,6 +51,13 @@ class Limits:
     max_attributes: int = 16
     max_attribute_weight: float = 10.0
 
+    def __post_init__(self) -> None:
+        if not 0 < self.default_max_tokens <= self.max_tokens_cap:
+            raise ValueError(
+                f"default_max_tokens {self.default_max_tokens} must be in (0, max_tokens_cap "
+                f"{self.max_tokens_cap}]"
+            )
+
 
 @dataclass(frozen=True)
 class ServerConfig:

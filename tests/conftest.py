@@ -1,0 +1,121 @@
+"""Session fixtures: the tiny model, a tagged LoRA adapter for it, and one real server process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+TAGS = ("Lowest Toxicity", "Low-Moderate Toxicity", "Moderate Toxicity",
+        "High-Moderate Toxicity", "Maximum Toxicity")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tiller.server.tiny_model import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+def make_lora_version(model_dir: Path, out: Path, *, name: str, version: int, seed: int,
+                      tags: tuple[str, ...] = TAGS) -> Path:
+    """A peft LoRA (random, non-zero) saved as safetensors plus a Tiller manifest with tags."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tiller.server.manifest import Conditioning, Manifest, write_manifest
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                     init_lora_weights=False)
+    peft_model = get_peft_model(base, cfg)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_" in n:
+                p.normal_(0.0, 0.3)
+    out.mkdir(parents=True, exist_ok=True)
+    peft_model.save_pretrained(out, safe_serialization=True)
+    write_manifest(out, Manifest(name=name, version=version, base_model=model_dir.name,
+                                 has_lora=True, conditioning=Conditioning(tags=tags)))
+    return out
+
+
+@pytest.fixture(scope="session")
+def lora_versions(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    root = tmp_path_factory.mktemp("registry") / "detox"
+    return [make_lora_version(tiny_model, root / f"v{v:04d}", name="detox", version=v, seed=v)
+            for v in (1, 2)]
+
+
+@dataclass
+class ServerProc:
+    proc: subprocess.Popen[bytes]
+    target: str
+    log: Path
+
+    def logs(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def start_server(model: Path, workdir: Path, *extra: str) -> ServerProc:
+    """Run ``tiller serve`` as a real process on a free port; wait until health says SERVING."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port_file = workdir / "port"
+    log = workdir / "server.log"
+    cmd = [sys.executable, "-m", "tiller.client.cli", "serve", "--model", str(model),
+           "--port", "0", "--port-file", str(port_file), "--gpu-memory-utilization", "0.1",
+           "--max-model-len", "2048", "--max-tokens-cap", "2000", "--max-n", "4", *extra]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not port_file.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"server did not start:\n{log.read_text()[-4000:]}")
+        time.sleep(0.2)
+    target = f"127.0.0.1:{port_file.read_text().strip()}"
+    with grpc.insecure_channel(target) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=30).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+    return ServerProc(proc, target, log)
+
+
+def stop_server(server: ServerProc) -> None:
+    if server.proc.poll() is None:
+        server.proc.send_signal(signal.SIGTERM)
+        try:
+            server.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.proc.pid, signal.SIGKILL)
+            server.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def server(tiny_model: Path, lora_versions: list[Path],
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc]:
+    srv = start_server(
+        tiny_model, tmp_path_factory.mktemp("server"),
+        "--adapter", f"detox={lora_versions[0]}", "--adapter", f"detox={lora_versions[1]}",
+        "--enable-admin",
+    )
+    yield srv
+    stop_server(srv)
+    assert srv.proc.returncode == 0, srv.logs()[-4000:]
+
+
+@pytest.fixture(scope="session")
+def target(server: ServerProc) -> str:
+    return server.target
