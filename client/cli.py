@@ -27,7 +27,7 @@ class _Group(click.Group):
         if name in _LAZY:
             module, attr = _LAZY[name].split(":")
             try:
-                return getattr(importlib.import_module(module), attr)  # type: ignore[no-any-return]
+                return getattr(importlib.import_module(module), attr)
             except ImportError as e:
                 raise click.ClickException(
                     f"'tiller {name}' needs the server extras (pip install 'tiller[cpu]'): {e}"
@@ -49,7 +49,9 @@ def _weights(pairs: tuple[str, ...], option: str) -> dict[str, float]:
         try:
             out[name] = float(value)
         except ValueError:
-            raise click.BadParameter(f"weight of {name!r} is not a number", param_hint=option)
+            raise click.BadParameter(
+                f"weight of {name!r} is not a number", param_hint=option
+            ) from None
     return out
 
 
@@ -70,18 +72,35 @@ def _weights(pairs: tuple[str, ...], option: str) -> dict[str, float]:
 @click.option("--json", "as_json", is_flag=True, help="Print the whole result as JSON.")
 @click.option("--timeout", type=float, default=120.0, show_default=True)
 def generate(
-    prompt: str, target: str, token: str | None, feedback: str, mix: tuple[str, ...],
-    attrs: tuple[str, ...], adapter: str, max_tokens: int | None, temperature: float | None,
-    top_p: float | None, seed: int | None, n: int | None, stream: bool, as_json: bool,
+    prompt: str,
+    target: str,
+    token: str | None,
+    feedback: str,
+    mix: tuple[str, ...],
+    attrs: tuple[str, ...],
+    adapter: str,
+    max_tokens: int | None,
+    temperature: float | None,
+    top_p: float | None,
+    seed: int | None,
+    n: int | None,
+    stream: bool,
+    as_json: bool,
     timeout: float,
 ) -> None:
     """Generate a completion for PROMPT on a running server."""
     name, _, version = adapter.partition("@v")
     kw: dict[str, Any] = dict(
-        feedback=feedback, feedback_mix=_weights(mix, "--mix"),
-        attributes=_weights(attrs, "--attr"), adapter=name,
-        adapter_version=int(version) if version else None, max_tokens=max_tokens,
-        temperature=temperature, top_p=top_p, seed=seed, n=n,
+        feedback=feedback,
+        feedback_mix=_weights(mix, "--mix"),
+        attributes=_weights(attrs, "--attr"),
+        adapter=name,
+        adapter_version=int(version) if version else None,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        n=n,
     )
     try:
         with Client(target, timeout=timeout, token=token) as client:
@@ -94,14 +113,30 @@ def generate(
     except TillerClientError as e:
         raise click.ClickException(str(e)) from e
     if as_json:
-        click.echo(json.dumps({
-            "request_id": g.request_id, "adapter": g.adapter, "version": g.adapter_version,
-            "seed": g.seed, "rendered_prompt": g.rendered_prompt,
-            "completions": [{"generation_id": c.generation_id, "text": c.text,
-                             "finish_reason": c.finish_reason} for c in g.completions],
-            "usage": {"prompt_tokens": g.prompt_tokens,
-                      "completion_tokens": g.completion_tokens},
-        }, indent=2))
+        click.echo(
+            json.dumps(
+                {
+                    "request_id": g.request_id,
+                    "adapter": g.adapter,
+                    "version": g.adapter_version,
+                    "seed": g.seed,
+                    "rendered_prompt": g.rendered_prompt,
+                    "completions": [
+                        {
+                            "generation_id": c.generation_id,
+                            "text": c.text,
+                            "finish_reason": c.finish_reason,
+                        }
+                        for c in g.completions
+                    ],
+                    "usage": {
+                        "prompt_tokens": g.prompt_tokens,
+                        "completion_tokens": g.completion_tokens,
+                    },
+                },
+                indent=2,
+            )
+        )
         return
     for c in g.completions:
         click.echo(c.text)

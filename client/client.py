@@ -101,8 +101,10 @@ class _Base:
         )
 
     def _kw(self, timeout: float | None) -> dict[str, Any]:
-        return {"timeout": timeout if timeout is not None else self.timeout,
-                "metadata": self._metadata}
+        return {
+            "timeout": timeout if timeout is not None else self.timeout,
+            "metadata": self._metadata,
+        }
 
 
 class Client(_Base):
@@ -175,8 +177,14 @@ class Client(_Base):
     ) -> str:
         """Record feedback on a generation; returns the feedback id."""
         req = _feedback_request(
-            generation_id, score=score, tag=tag, critique=critique, refinement=refinement,
-            preferred_over=preferred_over, idempotency_key=idempotency_key, source=source,
+            generation_id,
+            score=score,
+            tag=tag,
+            critique=critique,
+            refinement=refinement,
+            preferred_over=preferred_over,
+            idempotency_key=idempotency_key,
+            source=source,
         )
         resp = self._call(lambda: self._stub.SubmitFeedback(req, **self._kw(timeout)))
         return str(resp.feedback_id)
@@ -264,8 +272,14 @@ class AsyncClient(_Base):
         timeout: float | None = None,
     ) -> str:
         req = _feedback_request(
-            generation_id, score=score, tag=tag, critique=critique, refinement=refinement,
-            preferred_over=preferred_over, idempotency_key=idempotency_key, source=source,
+            generation_id,
+            score=score,
+            tag=tag,
+            critique=critique,
+            refinement=refinement,
+            preferred_over=preferred_over,
+            idempotency_key=idempotency_key,
+            source=source,
         )
         resp = await self._call(lambda: self._stub.SubmitFeedback(req, **self._kw(timeout)))
         return str(resp.feedback_id)

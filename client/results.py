@@ -16,7 +16,7 @@ class Completion:
 
 @dataclass(frozen=True)
 class Generation:
-    """One Generate call: ``text`` is the first sample's text; all samples are in ``completions``."""
+    """One Generate call. ``text`` is the first sample's; all samples are in ``completions``."""
 
     request_id: str
     completions: tuple[Completion, ...]

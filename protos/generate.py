@@ -2,7 +2,7 @@
 
 Usage: ``python -m tiller.protos.generate [--out DIR]``. Needs ``grpcio-tools`` (the ``dev`` extra).
 The generated gRPC module imports its message module as ``tiller.v1``; it is rewritten to the
-installed package path ``tiller.protos.tiller.v1`` so the stubs import from the ``tiller`` namespace.
+installed package path ``tiller.protos.tiller.v1`` (stubs import from the ``tiller`` namespace).
 """
 
 from __future__ import annotations

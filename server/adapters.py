@@ -95,9 +95,7 @@ class AdapterTable:
         name = pick.name or self._default
         if name is None or name == "base":
             if pick.version is not None:
-                raise InvalidArgument(
-                    "adapter.version needs adapter.name", field="adapter.version"
-                )
+                raise InvalidArgument("adapter.version needs adapter.name", field="adapter.version")
             return self._base
         versions = self._versions.get(name)
         if versions is None:

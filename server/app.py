@@ -74,7 +74,7 @@ async def start(config: ServerConfig, engine: Engine | None = None) -> Running:
 
 
 async def drain_and_stop(running: Running, grace_s: float) -> bool:
-    """NOT_SERVING, refuse new work, let in-flight requests finish (bounded), stop. True if clean."""
+    """NOT_SERVING, refuse new work, let in-flight work finish (bounded), stop. True if clean."""
     await running.health.enter_graceful_shutdown()
     running.service.start_draining()
     clean = await running.service.wait_idle(grace_s)

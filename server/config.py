@@ -1,4 +1,4 @@
-"""Typed, frozen configuration. Built once at the CLI edge and passed down; nothing else reads env."""
+"""Typed, frozen configuration: built once at the CLI edge, passed down; nothing else reads env."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     seed: int = 0
     # Run the model worker inside the engine-core process (VLLM_ENABLE_V1_MULTIPROCESSING=0):
-    # one spinning process fewer, 1.75x faster on 2-core CPUs (PLATFORM.md). Applied at the CLI edge.
+    # one spinning process fewer, 1.75x faster on 2-core CPUs (PLATFORM.md). Set at the CLI edge.
     single_process_worker: bool = True
 
 

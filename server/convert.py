@@ -132,12 +132,14 @@ class ChunkEncoder:
         return chunk
 
 
-def adapters_to_pb(rows: list[tuple[str, int, list[LoadedAdapter], bool]], base_model: str
-                   ) -> pb.ListAdaptersResponse:
+def adapters_to_pb(
+    rows: list[tuple[str, int, list[LoadedAdapter], bool]], base_model: str
+) -> pb.ListAdaptersResponse:
     out = pb.ListAdaptersResponse()
     for name, active, versions, is_default in rows:
-        info = out.adapters.add(name=name, base_model=base_model, active_version=active,
-                                is_default=is_default)
+        info = out.adapters.add(
+            name=name, base_model=base_model, active_version=active, is_default=is_default
+        )
         top = next(v for v in versions if v.version == active)
         if top.conditioning is not None:
             info.feedback_tags.extend(top.conditioning.tags)
@@ -147,7 +149,9 @@ def adapters_to_pb(rows: list[tuple[str, int, list[LoadedAdapter], bool]], base_
             info.versions.add(
                 version=v.version,
                 state="active" if v.version == active else "loaded",
-                sha256=(v.manifest.files.get("adapter_model.safetensors", "") if v.manifest else ""),
+                sha256=(
+                    v.manifest.files.get("adapter_model.safetensors", "") if v.manifest else ""
+                ),
                 created_at=v.manifest.created_at if v.manifest else "",
             )
     return out

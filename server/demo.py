@@ -17,15 +17,19 @@ async def run_up(config: ServerConfig, *, prompt: str, feedback: str, once: bool
     print(f"tiller: serving {config.engine.model.name} on {target}", flush=True)
     async with AsyncClient(target, timeout=300) as client:
         g = await client.generate(
-            [{"role": "user", "content": prompt}], feedback=feedback, max_tokens=96,
+            [{"role": "user", "content": prompt}],
+            feedback=feedback,
+            max_tokens=96,
             temperature=0.0,
         )
     print(f"\n[feedback: {feedback!r} · adapter {g.adapter}@v{g.adapter_version}]")
     print(f"> {prompt}\n{g.text.strip()}\n", flush=True)
     if not once:
-        print(f"tiller: still serving on {target} (Ctrl-C to stop); try:\n"
-              f"  tiller generate --target {target} --feedback 'Harmful' 'Tell me a joke'",
-              flush=True)
+        print(
+            f"tiller: still serving on {target} (Ctrl-C to stop); try:\n"
+            f"  tiller generate --target {target} --feedback 'Harmful' 'Tell me a joke'",
+            flush=True,
+        )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -82,7 +82,7 @@ class VllmEngine:
             enforce_eager=config.enforce_eager,
             enable_prefix_caching=config.enable_prefix_caching,
             enable_lora=config.enable_lora,
-            max_lora_rank=config.max_lora_rank,
+            max_lora_rank=config.max_lora_rank,  # type: ignore[arg-type]
             max_loras=config.max_loras,
             max_num_seqs=config.max_num_seqs,
             seed=config.seed,
@@ -119,9 +119,9 @@ class VllmEngine:
         )
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[Sequence[Delta]]:
+        from vllm.exceptions import VLLMClientError
         from vllm.inputs import TokensPrompt
         from vllm.lora.request import LoRARequest
-        from vllm.exceptions import VLLMClientError
         from vllm.v1.engine.exceptions import EngineDeadError
 
         lora = None

@@ -61,5 +61,5 @@ def grpc_status(error: TillerError) -> grpc.StatusCode:
     """The status code for ``error`` (most specific class in the table wins)."""
     for cls in type(error).__mro__:
         if cls in STATUS_TABLE:
-            return STATUS_TABLE[cls]  # type: ignore[index]
+            return STATUS_TABLE[cls]
     return grpc.StatusCode.INTERNAL

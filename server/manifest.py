@@ -165,7 +165,7 @@ def load_manifest(version_dir: Path, *, verify: bool = True) -> Manifest:
 
 
 def write_manifest(version_dir: Path, manifest: Manifest) -> Manifest:
-    """Hash the files in ``version_dir`` into the manifest and write it. Returns what was written."""
+    """Hash the files in ``version_dir`` into the manifest and write it; return what was written."""
     files = {
         str(p.relative_to(version_dir)): sha256_file(p)
         for p in sorted(version_dir.rglob("*"))

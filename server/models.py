@@ -56,7 +56,7 @@ def prepare_smollm2(cache_dir: Path) -> Path:
         for attr in ("quantization_config", "hf_quantizer"):
             if hasattr(holder, attr):
                 delattr(holder, attr)
-    model.is_quantized = False
+    setattr(model, "is_quantized", False)  # noqa: B010 (not a declared attribute)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     (tmp / "tiller-model.json").write_text(json.dumps({"source": str(gguf), "name": SMOLLM2}))

@@ -14,7 +14,9 @@ def render_text(prompt: str, feedback: str, cond: Conditioning) -> str:
 
     The prompt is substituted last, so braces inside it are never interpreted.
     """
-    return cond.template.replace("{feedback}", feedback).replace("{prompt}", prompt) + cond.separator
+    return (
+        cond.template.replace("{feedback}", feedback).replace("{prompt}", prompt) + cond.separator
+    )
 
 
 def render_chat(
@@ -23,7 +25,7 @@ def render_chat(
     """Condition a chat on ``feedback`` where the manifest says.
 
     ``prefix``: the last user turn's content is rendered with ``render_text``.
-    ``system``: ``system_template`` becomes the system message, placed before an existing one's text.
+    ``system``: ``system_template`` becomes the system message (before an existing one's text).
     """
     if cond.placement == "system":
         note = cond.system_template.replace("{feedback}", feedback)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
 from .adapters import AdapterTable, LoadedAdapter
@@ -145,7 +145,7 @@ class GenerationService:
 
     # ---------------------------------------------------------------- running
 
-    async def stream(self, req: GenerateRequest) -> AsyncIterator[StreamEvent]:
+    async def stream(self, req: GenerateRequest) -> AsyncGenerator[StreamEvent, None]:
         """StreamStart, then Deltas as the engine produces them, then StreamEnd.
 
         Closing the iterator early (client cancel, deadline) aborts the engine request.

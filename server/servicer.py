@@ -32,7 +32,7 @@ class TillerServicer(pb_grpc.TillerServicer):
         self._service = service
         self._adapters = adapters
 
-    async def Generate(  # noqa: N802 (gRPC method names)
+    async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
         async def call() -> pb.GenerateResponse:
@@ -41,7 +41,7 @@ class TillerServicer(pb_grpc.TillerServicer):
 
         return await _unary(context, call)
 
-    async def GenerateStream(  # noqa: N802
+    async def GenerateStream(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateChunk]:
         encoder = convert.ChunkEncoder()
@@ -56,7 +56,7 @@ class TillerServicer(pb_grpc.TillerServicer):
         finally:
             await events.aclose()  # a cancelled RPC closes the stream: the engine aborts
 
-    async def SubmitFeedback(  # noqa: N802
+    async def SubmitFeedback(
         self, request: pb.SubmitFeedbackRequest, context: grpc.aio.ServicerContext
     ) -> pb.SubmitFeedbackResponse:
         async def call() -> pb.SubmitFeedbackResponse:
@@ -64,12 +64,12 @@ class TillerServicer(pb_grpc.TillerServicer):
 
         return await _unary(context, call)
 
-    async def ListAdapters(  # noqa: N802
+    async def ListAdapters(
         self, request: pb.ListAdaptersRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListAdaptersResponse:
         return convert.adapters_to_pb(self._adapters.snapshot(), self._adapters.base_model)
 
-    async def GetServerStatus(  # noqa: N802
+    async def GetServerStatus(
         self, request: pb.GetServerStatusRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerStatus:
         return convert.status_to_pb(self._service.status(), self._adapters.base_model, VERSION)
@@ -80,15 +80,17 @@ class TillerAdminServicer(pb_grpc.TillerAdminServicer):
 
     async def _unimplemented(self, context: grpc.aio.ServicerContext, what: str) -> Any:
         async def call() -> Any:
-            raise Unimplemented(f"{what} is not available yet: adapters load at start-up (--adapter)")
+            raise Unimplemented(
+                f"{what} is not available yet: adapters load at start-up (--adapter)"
+            )
 
         return await _unary(context, call)
 
-    async def LoadAdapter(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+    async def LoadAdapter(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return await self._unimplemented(context, "LoadAdapter")
 
-    async def ActivateAdapter(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+    async def ActivateAdapter(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return await self._unimplemented(context, "ActivateAdapter")
 
-    async def RollbackAdapter(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+    async def RollbackAdapter(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return await self._unimplemented(context, "RollbackAdapter")

@@ -14,7 +14,14 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
-SPECIAL_TOKENS = ["<|endoftext|>", "<|separator|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|separator|>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|end|>",
+]
 
 
 def _training_text() -> list[str]:
@@ -76,7 +83,6 @@ def build_tiny_llama(out_dir: Path, *, seed: int = 0, vocab_size: int = 1024) ->
         eos_token_id=fast.eos_token_id,
         pad_token_id=fast.pad_token_id,
         tie_word_embeddings=False,
-        torch_dtype="float32",
     )
     model = LlamaForCausalLM(config)
     # Larger-than-default init makes the random model's distributions peaked, so greedy

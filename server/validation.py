@@ -58,8 +58,9 @@ def resolve_sampling(s: Sampling, limits: Limits) -> ResolvedSampling:
             "sampling.n > 1 needs sampling.temperature > 0 (greedy samples would be identical)",
             field="sampling.n",
         )
-    rep = _finite(1.0 if s.repetition_penalty is None else s.repetition_penalty,
-                  "sampling.repetition_penalty")
+    rep = _finite(
+        1.0 if s.repetition_penalty is None else s.repetition_penalty, "sampling.repetition_penalty"
+    )
     if rep <= 0:
         raise InvalidArgument(
             f"sampling.repetition_penalty must be > 0, got {rep}",

@@ -15,8 +15,13 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-TAGS = ("Lowest Toxicity", "Low-Moderate Toxicity", "Moderate Toxicity",
-        "High-Moderate Toxicity", "Maximum Toxicity")
+TAGS = (
+    "Lowest Toxicity",
+    "Low-Moderate Toxicity",
+    "Moderate Toxicity",
+    "High-Moderate Toxicity",
+    "Maximum Toxicity",
+)
 
 
 @pytest.fixture(scope="session")
@@ -26,8 +31,9 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
 
 
-def make_lora_version(model_dir: Path, out: Path, *, name: str, version: int, seed: int,
-                      tags: tuple[str, ...] = TAGS) -> Path:
+def make_lora_version(
+    model_dir: Path, out: Path, *, name: str, version: int, seed: int, tags: tuple[str, ...] = TAGS
+) -> Path:
     """A peft LoRA (random, non-zero) saved as safetensors plus a Tiller manifest with tags."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -37,8 +43,9 @@ def make_lora_version(model_dir: Path, out: Path, *, name: str, version: int, se
 
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                     init_lora_weights=False)
+    cfg = LoraConfig(
+        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
     peft_model = get_peft_model(base, cfg)
     with torch.no_grad():
         for n, p in peft_model.named_parameters():
@@ -46,16 +53,26 @@ def make_lora_version(model_dir: Path, out: Path, *, name: str, version: int, se
                 p.normal_(0.0, 0.3)
     out.mkdir(parents=True, exist_ok=True)
     peft_model.save_pretrained(out, safe_serialization=True)
-    write_manifest(out, Manifest(name=name, version=version, base_model=model_dir.name,
-                                 has_lora=True, conditioning=Conditioning(tags=tags)))
+    write_manifest(
+        out,
+        Manifest(
+            name=name,
+            version=version,
+            base_model=model_dir.name,
+            has_lora=True,
+            conditioning=Conditioning(tags=tags),
+        ),
+    )
     return out
 
 
 @pytest.fixture(scope="session")
 def lora_versions(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     root = tmp_path_factory.mktemp("registry") / "detox"
-    return [make_lora_version(tiny_model, root / f"v{v:04d}", name="detox", version=v, seed=v)
-            for v in (1, 2)]
+    return [
+        make_lora_version(tiny_model, root / f"v{v:04d}", name="detox", version=v, seed=v)
+        for v in (1, 2)
+    ]
 
 
 @dataclass
@@ -73,12 +90,29 @@ def start_server(model: Path, workdir: Path, *extra: str) -> ServerProc:
     workdir.mkdir(parents=True, exist_ok=True)
     port_file = workdir / "port"
     log = workdir / "server.log"
-    cmd = [sys.executable, "-m", "tiller.client.cli", "serve", "--model", str(model),
-           "--port", "0", "--port-file", str(port_file), "--gpu-memory-utilization", "0.1",
-           "--max-model-len", "2048", "--max-tokens-cap", "2000", "--max-n", "4", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tiller.client.cli",
+        "serve",
+        "--model",
+        str(model),
+        "--port",
+        "0",
+        "--port-file",
+        str(port_file),
+        "--gpu-memory-utilization",
+        "0.1",
+        "--max-model-len",
+        "2048",
+        "--max-tokens-cap",
+        "2000",
+        "--max-n",
+        "4",
+        *extra,
+    ]
     with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 240
     while not port_file.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -104,11 +138,16 @@ def stop_server(server: ServerProc) -> None:
 
 
 @pytest.fixture(scope="session")
-def server(tiny_model: Path, lora_versions: list[Path],
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc]:
+def server(
+    tiny_model: Path, lora_versions: list[Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProc]:
     srv = start_server(
-        tiny_model, tmp_path_factory.mktemp("server"),
-        "--adapter", f"detox={lora_versions[0]}", "--adapter", f"detox={lora_versions[1]}",
+        tiny_model,
+        tmp_path_factory.mktemp("server"),
+        "--adapter",
+        f"detox={lora_versions[0]}",
+        "--adapter",
+        f"detox={lora_versions[1]}",
         "--enable-admin",
     )
     yield srv

@@ -81,7 +81,8 @@ def test_stop_strings(client: Client) -> None:
 def test_chat_messages(client: Client) -> None:
     g = client.generate(
         [{"role": "system", "content": "s"}, {"role": "user", "content": "hello"}],
-        max_tokens=6, temperature=0.0,
+        max_tokens=6,
+        temperature=0.0,
     )
     assert g.rendered_prompt == "<|system|>s<|end|><|user|>hello<|end|><|assistant|>"
     assert g.completion_tokens > 0
@@ -89,10 +90,12 @@ def test_chat_messages(client: Client) -> None:
 
 async def test_32_concurrent_requests(target: str) -> None:
     async with AsyncClient(target, timeout=120) as ac:
-        results = await asyncio.gather(*[
-            ac.generate(f"def f{i}(a, b):", max_tokens=16, temperature=1.0, seed=i)
-            for i in range(32)
-        ])
+        results = await asyncio.gather(
+            *[
+                ac.generate(f"def f{i}(a, b):", max_tokens=16, temperature=1.0, seed=i)
+                for i in range(32)
+            ]
+        )
     assert len(results) == 32
     assert len({r.request_id for r in results}) == 32
     assert all(r.completion_tokens > 0 for r in results)
@@ -105,6 +108,6 @@ async def test_32_concurrent_requests(target: str) -> None:
 async def test_async_stream(target: str) -> None:
     async with AsyncClient(target) as ac:
         pieces = [c async for c in ac.stream("if x:", max_tokens=10, temperature=0.0)]
-    assert pieces[-1].final and sum(len(p.token_ids) for p in pieces) == 10 or any(
+    assert (pieces[-1].final and sum(len(p.token_ids) for p in pieces) == 10) or any(
         p.finish_reason == "stop" for p in pieces
     )

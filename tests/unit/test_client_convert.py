@@ -10,9 +10,18 @@ from tiller.client.convert import build_request
 
 
 def test_text_prompt_and_sampling() -> None:
-    r = build_request("hi", feedback="Lowest Toxicity", max_tokens=8, temperature=0.0, seed=3,
-                      stop=["\n"], adapter="detox", adapter_version=2, log=False,
-                      request_id="r1")
+    r = build_request(
+        "hi",
+        feedback="Lowest Toxicity",
+        max_tokens=8,
+        temperature=0.0,
+        seed=3,
+        stop=["\n"],
+        adapter="detox",
+        adapter_version=2,
+        log=False,
+        request_id="r1",
+    )
     assert r.WhichOneof("input") == "prompt" and r.prompt == "hi"
     assert r.sampling.max_tokens == 8 and r.sampling.HasField("temperature")
     assert r.sampling.temperature == 0.0 and r.sampling.seed == 3
@@ -24,8 +33,11 @@ def test_text_prompt_and_sampling() -> None:
 
 
 def test_chat_prompt_and_weights() -> None:
-    r = build_request([{"role": "user", "content": "q"}], feedback_mix={"A": 1.5, "B": -0.5},
-                      attributes={"verbosity": -0.3})
+    r = build_request(
+        [{"role": "user", "content": "q"}],
+        feedback_mix={"A": 1.5, "B": -0.5},
+        attributes={"verbosity": -0.3},
+    )
     assert r.WhichOneof("input") == "chat"
     assert [(m.role, m.content) for m in r.chat.messages] == [("user", "q")]
     assert dict(r.feedback_mix) == {"A": 1.5, "B": -0.5}
@@ -35,7 +47,9 @@ def test_chat_prompt_and_weights() -> None:
 
 def test_cli_weights() -> None:
     assert _weights(("Lowest Toxicity=1.5", "a=b=-2"), "--mix") == {
-        "Lowest Toxicity": 1.5, "a=b": -2.0}
+        "Lowest Toxicity": 1.5,
+        "a=b": -2.0,
+    }
     with pytest.raises(click.BadParameter):
         _weights(("novalue",), "--mix")
     with pytest.raises(click.BadParameter):

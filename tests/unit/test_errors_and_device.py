@@ -34,9 +34,11 @@ def test_subclasses_inherit_their_parents_code() -> None:
 
 
 def test_every_error_class_is_in_the_table() -> None:
-    classes = [c for c in vars(errors).values()
-               if isinstance(c, type) and issubclass(c, errors.TillerError)
-               and c is not errors.TillerError]
+    classes = [
+        c
+        for c in vars(errors).values()
+        if isinstance(c, type) and issubclass(c, errors.TillerError) and c is not errors.TillerError
+    ]
     assert set(classes) == set(errors.STATUS_TABLE)
 
 

@@ -23,8 +23,16 @@ def _version(tmp_path: Path, *, lora: bool = True) -> Path:
     if lora:
         (d / "adapter_model.safetensors").write_bytes(b"weights")
         (d / "adapter_config.json").write_text("{}")
-    write_manifest(d, Manifest(name="detox", version=1, base_model="tiny", has_lora=lora,
-                               conditioning=Conditioning(tags=("A", "B"), default_tag="A")))
+    write_manifest(
+        d,
+        Manifest(
+            name="detox",
+            version=1,
+            base_model="tiny",
+            has_lora=lora,
+            conditioning=Conditioning(tags=("A", "B"), default_tag="A"),
+        ),
+    )
     return d
 
 
@@ -39,7 +47,7 @@ def test_round_trip(tmp_path: Path) -> None:
 def test_tampered_weights_are_refused(tmp_path: Path) -> None:
     d = _version(tmp_path)
     (d / "adapter_model.safetensors").write_bytes(b"evil")
-    with pytest.raises(ManifestError, match="sha256 of 'adapter_model.safetensors'"):
+    with pytest.raises(ManifestError, match=r"sha256 of 'adapter_model\.safetensors'"):
         load_manifest(d)
 
 
@@ -88,5 +96,5 @@ def test_not_json(tmp_path: Path) -> None:
     (tmp_path / MANIFEST_FILE).write_text("{nope")
     with pytest.raises(ManifestError, match="not valid JSON"):
         load_manifest(tmp_path)
-    with pytest.raises(ManifestError, match="no tiller-manifest.json"):
+    with pytest.raises(ManifestError, match=r"no tiller-manifest\.json"):
         load_manifest(tmp_path / "absent")

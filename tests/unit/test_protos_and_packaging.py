@@ -30,8 +30,18 @@ def test_stubs_import_from_the_tiller_namespace() -> None:
 
 def test_wheel_layout_and_base_dependencies(tmp_path: Path) -> None:
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(tmp_path), str(ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
         check=True,
     )
     (wheel,) = tmp_path.glob("tiller-*.whl")
@@ -44,8 +54,11 @@ def test_wheel_layout_and_base_dependencies(tmp_path: Path) -> None:
     for pkg in ("server", "client", "learner", "protos"):
         assert f"tiller/{pkg}/__init__.py" in names
     assert "tiller/protos/tiller/v1/tiller.proto" in names
-    base = [line.split(":", 1)[1].strip() for line in metadata.splitlines()
-            if line.startswith("Requires-Dist:") and "extra ==" not in line]
+    base = [
+        line.split(":", 1)[1].strip()
+        for line in metadata.splitlines()
+        if line.startswith("Requires-Dist:") and "extra ==" not in line
+    ]
     names_only = sorted(d.split(">")[0].split("=")[0].split("<")[0].strip() for d in base)
     assert names_only == ["click", "grpcio", "protobuf"]
 

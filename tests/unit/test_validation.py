@@ -19,20 +19,34 @@ from tiller.server.validation import (
 )
 from tiller.server.values import ChatTurn, GenerateRequest, Sampling
 
-LIMITS = Limits(max_tokens_cap=100, default_max_tokens=64, max_n=4, max_feedback_mix=2, max_attribute_weight=5.0)
+LIMITS = Limits(
+    max_tokens_cap=100, default_max_tokens=64, max_n=4, max_feedback_mix=2, max_attribute_weight=5.0
+)
 BASE = LoadedAdapter("", 0, None, None, None)
 TAGGED = LoadedAdapter(
-    "detox", 2, Path("/x"), 1,
-    Manifest(name="detox", version=2, base_model="m",
-             conditioning=Conditioning(tags=("Lowest Toxicity", "Maximum Toxicity")),
-             attributes=("helpfulness", "verbosity")),
+    "detox",
+    2,
+    Path("/x"),
+    1,
+    Manifest(
+        name="detox",
+        version=2,
+        base_model="m",
+        conditioning=Conditioning(tags=("Lowest Toxicity", "Maximum Toxicity")),
+        attributes=("helpfulness", "verbosity"),
+    ),
 )
 
 
 def test_defaults_are_filled() -> None:
     s = resolve_sampling(Sampling(), LIMITS)
     assert (s.max_tokens, s.temperature, s.top_p, s.top_k, s.n) == (
-        LIMITS.default_max_tokens, 1.0, 1.0, 0, 1)
+        LIMITS.default_max_tokens,
+        1.0,
+        1.0,
+        0,
+        1,
+    )
     assert 0 <= s.seed < 2**31
 
 
@@ -109,15 +123,23 @@ def test_feedback_mix_rules() -> None:
     with pytest.raises(InvalidArgument, match="finite"):
         check_feedback(
             GenerateRequest(prompt="x", feedback_mix=(("Lowest Toxicity", math.inf),)),
-            TAGGED, LIMITS)
+            TAGGED,
+            LIMITS,
+        )
     with pytest.raises(LimitExceeded):
         check_feedback(
             GenerateRequest(prompt="x", feedback_mix=(("a", 1.0), ("b", 1.0), ("c", 1.0))),
-            TAGGED, LIMITS)
+            TAGGED,
+            LIMITS,
+        )
     with pytest.raises(InvalidArgument, match="not both"):
         check_feedback(
-            GenerateRequest(prompt="x", feedback="Lowest Toxicity",
-                            feedback_mix=(("Lowest Toxicity", 1.0),)), TAGGED, LIMITS)
+            GenerateRequest(
+                prompt="x", feedback="Lowest Toxicity", feedback_mix=(("Lowest Toxicity", 1.0),)
+            ),
+            TAGGED,
+            LIMITS,
+        )
 
 
 def test_attribute_rules() -> None:
@@ -126,7 +148,9 @@ def test_attribute_rules() -> None:
         check_attributes(GenerateRequest(prompt="x", attributes=(("humor", 1.0),)), TAGGED, LIMITS)
     with pytest.raises(InvalidArgument, match="finite"):
         check_attributes(
-            GenerateRequest(prompt="x", attributes=(("verbosity", math.nan),)), TAGGED, LIMITS)
+            GenerateRequest(prompt="x", attributes=(("verbosity", math.nan),)), TAGGED, LIMITS
+        )
     with pytest.raises(InvalidArgument, match="outside"):
         check_attributes(
-            GenerateRequest(prompt="x", attributes=(("verbosity", 6.0),)), TAGGED, LIMITS)
+            GenerateRequest(prompt="x", attributes=(("verbosity", 6.0),)), TAGGED, LIMITS
+        )

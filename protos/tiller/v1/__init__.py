@@ -1,1 +1,4 @@
-"""Generated stubs for the ``tiller.v1`` API (do not edit ``*_pb2*``; run ``python -m tiller.protos.generate``)."""
+"""Generated stubs for the ``tiller.v1`` API.
+
+Do not edit ``*_pb2*``; run ``python -m tiller.protos.generate``.
+"""

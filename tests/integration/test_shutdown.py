@@ -1,0 +1,77 @@
+"""SIGTERM: health goes NOT_SERVING, new requests get UNAVAILABLE, in-flight ones finish, exit 0."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.conftest import start_server, stop_server
+from tiller.client import Client, TillerClientError
+from tiller.client.client import RetryPolicy
+
+
+def test_sigterm_drains_in_flight_requests(
+    tiny_model: Path, tmp_path: Path, server: object
+) -> None:
+    # `server` (the session one) is requested so both never start concurrently on 2 cores.
+    srv = start_server(tiny_model, tmp_path / "drain", "--drain-grace", "60")
+    try:
+        target = srv.target
+        results: list[object] = []
+        done_at: list[float] = []
+
+        def long_request(i: int) -> None:
+            with Client(target, timeout=120) as c:
+                try:
+                    results.append(
+                        c.generate(f"def drain{i}():", max_tokens=1500, temperature=1.0, seed=i)
+                    )
+                except TillerClientError as e:
+                    results.append(e)
+                done_at.append(time.monotonic())
+
+        threads = [threading.Thread(target=long_request, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        with Client(target, timeout=30) as c:
+            deadline = time.monotonic() + 30
+            while c.status().engine_unfinished < 4 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert c.status().engine_unfinished >= 1
+        srv.proc.send_signal(signal.SIGTERM)
+        sigterm_at = time.monotonic()
+
+        with grpc.insecure_channel(target) as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            deadline = time.monotonic() + 10
+            status = None
+            while time.monotonic() < deadline:
+                status = health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+                if status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                    break
+                time.sleep(0.01)
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        with (
+            Client(target, timeout=10, retry=RetryPolicy(attempts=0)) as c,
+            pytest.raises(TillerClientError) as info,
+        ):
+            c.generate("too late", max_tokens=2)
+        assert info.value.code == grpc.StatusCode.UNAVAILABLE
+        assert "shutting down" in info.value.message
+
+        for t in threads:
+            t.join(timeout=120)
+        assert len(results) == 4
+        assert max(done_at) > sigterm_at, "some request should have been in flight at SIGTERM"
+        for r in results:
+            assert not isinstance(r, Exception), r
+            assert r.completion_tokens > 0  # type: ignore[attr-defined]
+        assert srv.proc.wait(timeout=60) == 0, srv.logs()[-3000:]
+    finally:
+        stop_server(srv)
