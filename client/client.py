@@ -225,7 +225,7 @@ class AsyncClient(_Base):
         await self.close()
 
     async def close(self) -> None:
-        await self._channel.close()
+        await self._channel.close(grace=None)
 
     async def _call(self, fn: Callable[[], Any]) -> Any:
         for attempt in range(self.retry.attempts + 1):

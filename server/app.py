@@ -7,6 +7,7 @@ import logging
 import signal
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -22,6 +23,8 @@ from .service import GenerationService
 from .servicer import TillerAdminServicer, TillerServicer
 
 log = logging.getLogger("tiller.server")
+# grpcio-health-checking exposes its asyncio servicer as `health.aio` (set at import time).
+AsyncHealthServicer: Any = health.aio.HealthServicer  # type: ignore[attr-defined]
 SERVICE_NAMES = (
     pb.DESCRIPTOR.services_by_name["Tiller"].full_name,
     pb.DESCRIPTOR.services_by_name["TillerAdmin"].full_name,
@@ -32,7 +35,7 @@ SERVICE_NAMES = (
 class Running:
     server: grpc.aio.Server
     port: int
-    health: health.aio.HealthServicer
+    health: Any  # AsyncHealthServicer
     service: GenerationService
     engine: Engine
 
@@ -60,7 +63,7 @@ async def start(config: ServerConfig, engine: Engine | None = None) -> Running:
     if config.enable_admin:
         pb_grpc.add_TillerAdminServicer_to_server(TillerAdminServicer(), server)
         names.append(SERVICE_NAMES[1])
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = AsyncHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names.append(health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
     reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
