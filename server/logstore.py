@@ -1,0 +1,138 @@
+"""The generation log's SQLite schema, migrations and connection settings (sqlite-utils).
+
+One file holds generations, app feedback, annotations and follower cursors. WAL mode lets the
+server write while the annotator and learner read. ``PRAGMA user_version`` is the schema version;
+``migrate`` applies the missing steps in order and is safe to call from every process at start.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import sqlite_utils
+
+Synchronous = Literal["NORMAL", "FULL"]
+
+
+def _v1(db: sqlite_utils.Database) -> None:
+    db["generations"].create(
+        {
+            "seq": int,  # follow cursor (monotonic)
+            "id": str,  # generation id returned to the client
+            "created_at": float,
+            "request_id": str,
+            "group_id": str,  # one per request: the n samples of a prompt (OAIF pairs)
+            "sample_index": int,
+            "prompt": str,
+            "chat_json": str,
+            "rendered_prompt": str,
+            "feedback": str,
+            "feedback_mix_json": str,
+            "attributes_json": str,
+            "adapter": str,
+            "adapter_version": int,
+            "base_model": str,
+            "sampling_json": str,  # every sampling parameter, including the seed used
+            "seed": int,
+            "output_text": str,
+            "output_token_ids": str,  # JSON list
+            "finish_reason": str,
+            "prompt_tokens": int,
+            "completion_tokens": int,
+            "latency_s": float,
+            "ttft_s": float,
+        },
+        pk="seq",
+        not_null={"id", "created_at"},
+    )
+    db["generations"].create_index(["id"], unique=True)
+    db["generations"].create_index(["group_id"])
+    db["feedback"].create(
+        {
+            "seq": int,
+            "id": str,
+            "created_at": float,
+            "generation_id": str,
+            "score": float,
+            "tag": str,
+            "critique": str,
+            "refinement": str,
+            "chosen_id": str,
+            "rejected_id": str,
+            "idempotency_key": str,
+            "source": str,
+        },
+        pk="seq",
+        not_null={"id", "created_at"},
+    )
+    db["feedback"].create_index(["id"], unique=True)
+    db["feedback"].create_index(["idempotency_key"], unique=True)
+    db["feedback"].create_index(["generation_id"])
+    db["annotations"].create(
+        {
+            "seq": int,
+            "created_at": float,
+            "generation_id": str,
+            "generation_id_b": str,  # second generation of a pairwise judgement, "" otherwise
+            "provider": str,
+            "kind": str,  # tag | score | preference | likert | critique | refinement
+            "value_json": str,
+            "raw": str,  # the judge's raw output, for audits
+            "judge_model": str,
+            "latency_s": float,
+            "error": str,
+        },
+        pk="seq",
+        not_null={"generation_id", "provider", "kind"},
+    )
+    db["annotations"].create_index(
+        ["generation_id", "generation_id_b", "provider", "kind"], unique=True
+    )
+    db["cursors"].create({"name": str, "seq": int, "updated_at": float}, pk="name")
+
+
+MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_v1,)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def connect(path: Path, *, synchronous: Synchronous = "FULL", timeout_s: float = 5.0
+            ) -> sqlite_utils.Database:
+    """Open (creating if needed) the log at ``path`` in WAL mode and bring its schema up to date.
+
+    ``synchronous=FULL`` makes every committed batch survive power loss; ``NORMAL`` survives
+    process crashes (kill -9) only. The connection may be used from another thread, one at a time.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, timeout=timeout_s, check_same_thread=False,
+                           isolation_level=None)
+    db = sqlite_utils.Database(conn)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute(f"PRAGMA synchronous={synchronous}")
+    db.execute(f"PRAGMA busy_timeout={int(timeout_s * 1000)}")
+    migrate(db)
+    return db
+
+
+def migrate(db: sqlite_utils.Database) -> int:
+    """Apply missing migrations in one transaction each; return the resulting version."""
+    version = int(db.execute("PRAGMA user_version").fetchone()[0])
+    if version > SCHEMA_VERSION:
+        raise RuntimeError(
+            f"log schema version {version} is newer than this Tiller ({SCHEMA_VERSION})"
+        )
+    while version < SCHEMA_VERSION:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            current = int(db.execute("PRAGMA user_version").fetchone()[0])
+            if current == version:  # another process may have migrated meanwhile
+                MIGRATIONS[version](db)
+                db.execute(f"PRAGMA user_version={version + 1}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        version = int(db.execute("PRAGMA user_version").fetchone()[0])
+    return version
