@@ -6,13 +6,21 @@
 """
 
 from .client import AsyncClient, Client, TillerClientError
-from .results import AdapterInfo, Completion, Generation, ServerStatus, StreamChunk
+from .results import (
+    AdapterInfo,
+    Completion,
+    FeedbackReceipt,
+    Generation,
+    ServerStatus,
+    StreamChunk,
+)
 
 __all__ = [
     "AdapterInfo",
     "AsyncClient",
     "Client",
     "Completion",
+    "FeedbackReceipt",
     "Generation",
     "ServerStatus",
     "StreamChunk",

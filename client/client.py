@@ -29,7 +29,7 @@ from tiller.protos.tiller.v1 import tiller_pb2 as pb
 from tiller.protos.tiller.v1 import tiller_pb2_grpc as pb_grpc
 
 from . import convert
-from .results import AdapterInfo, Generation, ServerStatus, StreamChunk
+from .results import AdapterInfo, FeedbackReceipt, Generation, ServerStatus, StreamChunk
 
 T = TypeVar("T")
 Prompt = str | Sequence[Mapping[str, str]]
@@ -174,8 +174,8 @@ class Client(_Base):
         idempotency_key: str = "",
         source: str = "",
         timeout: float | None = None,
-    ) -> str:
-        """Record feedback on a generation; returns the feedback id."""
+    ) -> FeedbackReceipt:
+        """Record feedback on a generation (or a preference between two); durable on return."""
         req = _feedback_request(
             generation_id,
             score=score,
@@ -187,7 +187,7 @@ class Client(_Base):
             source=source,
         )
         resp = self._call(lambda: self._stub.SubmitFeedback(req, **self._kw(timeout)))
-        return str(resp.feedback_id)
+        return FeedbackReceipt(resp.feedback_id, resp.duplicate)
 
     def adapters(self, *, timeout: float | None = None) -> list[AdapterInfo]:
         resp = self._call(
@@ -270,7 +270,7 @@ class AsyncClient(_Base):
         idempotency_key: str = "",
         source: str = "",
         timeout: float | None = None,
-    ) -> str:
+    ) -> FeedbackReceipt:
         req = _feedback_request(
             generation_id,
             score=score,
@@ -282,7 +282,7 @@ class AsyncClient(_Base):
             source=source,
         )
         resp = await self._call(lambda: self._stub.SubmitFeedback(req, **self._kw(timeout)))
-        return str(resp.feedback_id)
+        return FeedbackReceipt(resp.feedback_id, resp.duplicate)
 
     async def adapters(self, *, timeout: float | None = None) -> list[AdapterInfo]:
         resp = await self._call(

@@ -91,6 +91,7 @@ def generation(r: pb.GenerateResponse) -> Generation:
         seed=r.seed,
         time_to_first_token_s=r.timings.time_to_first_token_s,
         total_s=r.timings.total_s,
+        logged=r.logged,
     )
 
 
@@ -105,6 +106,7 @@ def chunk(c: pb.GenerateChunk) -> StreamChunk:
         final=final,
         prompt_tokens=c.usage.prompt_tokens,
         completion_tokens=c.usage.completion_tokens,
+        logged=c.logged,
     )
 
 
@@ -124,4 +126,13 @@ def adapters(r: pb.ListAdaptersResponse) -> list[AdapterInfo]:
 
 
 def status(r: pb.ServerStatus) -> ServerStatus:
-    return ServerStatus(r.model, r.in_flight, r.engine_unfinished, r.draining, r.version)
+    return ServerStatus(
+        model=r.model,
+        in_flight=r.in_flight,
+        engine_unfinished=r.engine_unfinished,
+        draining=r.draining,
+        version=r.version,
+        log_queue_depth=r.log_queue_depth,
+        log_written=r.log_written,
+        log_lost=r.log_lost,
+    )

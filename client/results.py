@@ -29,6 +29,7 @@ class Generation:
     seed: int
     time_to_first_token_s: float
     total_s: float
+    logged: bool = False  # committed to the server's generation log: ids are durable
 
     @property
     def text(self) -> str:
@@ -37,6 +38,12 @@ class Generation:
     @property
     def generation_id(self) -> str:
         return self.completions[0].generation_id
+
+
+@dataclass(frozen=True)
+class FeedbackReceipt:
+    feedback_id: str
+    duplicate: bool  # the idempotency key was seen before; nothing new was stored
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,7 @@ class StreamChunk:
     final: bool = False
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logged: bool = False
 
 
 @dataclass(frozen=True)
@@ -69,3 +77,6 @@ class ServerStatus:
     engine_unfinished: int
     draining: bool
     version: str
+    log_queue_depth: int = 0
+    log_written: int = 0
+    log_lost: int = 0

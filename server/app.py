@@ -19,6 +19,7 @@ from tiller.protos.tiller.v1 import tiller_pb2_grpc as pb_grpc
 from .adapters import AdapterTable
 from .config import ServerConfig
 from .engine import Engine, VllmEngine
+from .logwriter import LogWriter
 from .service import GenerationService
 from .servicer import TillerAdminServicer, TillerServicer
 
@@ -38,6 +39,7 @@ class Running:
     health: Any  # AsyncHealthServicer
     service: GenerationService
     engine: Engine
+    log: LogWriter | None
 
 
 async def start(config: ServerConfig, engine: Engine | None = None) -> Running:
@@ -48,7 +50,11 @@ async def start(config: ServerConfig, engine: Engine | None = None) -> Running:
         loaded = await adapters.load(source)
         log.info("loaded adapter %s@v%d from %s", loaded.name, loaded.version, source.path)
     adapters.set_default(config.default_adapter)
-    service = GenerationService(engine, adapters, config.limits)
+    writer = None
+    if config.log is not None:
+        writer = LogWriter(config.log)
+        await writer.start()
+    service = GenerationService(engine, adapters, config.limits, writer)
 
     size = config.limits.max_message_bytes
     server = grpc.aio.server(
@@ -73,7 +79,7 @@ async def start(config: ServerConfig, engine: Engine | None = None) -> Running:
     await server.start()
     for name in ("", *names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return Running(server, port, health_servicer, service, engine)
+    return Running(server, port, health_servicer, service, engine, writer)
 
 
 async def drain_and_stop(running: Running, grace_s: float) -> bool:
@@ -84,6 +90,8 @@ async def drain_and_stop(running: Running, grace_s: float) -> bool:
     if not clean:
         log.warning("drain grace of %.1fs ran out; cancelling the rest", grace_s)
     await running.server.stop(grace=1.0)
+    if running.log is not None:
+        await running.log.close()  # every queued generation is written before exit
     running.engine.shutdown()
     return clean
 

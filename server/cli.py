@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from .config import AdapterSource, EngineConfig, Limits, ServerConfig
+from .config import AdapterSource, EngineConfig, Limits, LogConfig, ServerConfig
 
 DEFAULT_CACHE = Path.home() / ".cache" / "tiller"
 
@@ -115,6 +115,20 @@ def _engine_config(
 @click.option("--enable-admin", is_flag=True, help="Serve the TillerAdmin service.")
 @click.option("--max-tokens-cap", type=int, default=4096, show_default=True)
 @click.option("--max-n", type=int, default=16, show_default=True)
+@click.option(
+    "--log-db",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Generation log (SQLite). Default: CACHE_DIR/log/generations.sqlite.",
+)
+@click.option("--no-log", is_flag=True, help="Server-wide switch: log no generations.")
+@click.option(
+    "--log-sync",
+    type=click.Choice(["FULL", "NORMAL"]),
+    default="FULL",
+    show_default=True,
+    help="FULL survives power loss; NORMAL only process crashes.",
+)
 def serve(
     model: Path | None,
     cache_dir: Path,
@@ -132,6 +146,9 @@ def serve(
     enable_admin: bool,
     max_tokens_cap: int,
     max_n: int,
+    log_db: Path | None,
+    no_log: bool,
+    log_sync: str,
 ) -> None:
     """Serve a model over gRPC until SIGTERM (then drain and exit 0)."""
     from .app import serve as run_server
@@ -157,6 +174,12 @@ def serve(
             max_tokens_cap=max_tokens_cap,
             default_max_tokens=min(128, max_tokens_cap),
             max_n=max_n,
+        ),
+        log=None
+        if no_log
+        else LogConfig(
+            path=log_db or cache_dir / "log" / "generations.sqlite",
+            synchronous=log_sync,  # type: ignore[arg-type]
         ),
     )
     _apply_process_settings(engine)
@@ -204,6 +227,7 @@ def up(
         port=port,
         adapters=(AdapterSource("feedback", profile),),
         default_adapter="feedback",
+        log=LogConfig(path=cache_dir / "log" / "generations.sqlite"),
     )
     _apply_process_settings(engine)
     _run(run_up(config, prompt=prompt, feedback=feedback, once=once))

@@ -60,6 +60,16 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class LogConfig:
+    """The generation log. ``synchronous=FULL`` survives power loss, ``NORMAL`` only crashes."""
+
+    path: Path
+    max_queue: int = 10_000
+    max_batch: int = 512
+    synchronous: Literal["NORMAL", "FULL"] = "FULL"
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """Everything ``tiller serve`` runs with."""
 
@@ -71,4 +81,4 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     drain_grace_s: float = 30.0
     enable_admin: bool = False
-    log_requests: bool = True
+    log: LogConfig | None = None  # None: the server-wide switch is off

@@ -5,6 +5,7 @@ from __future__ import annotations
 from tiller.protos.tiller.v1 import tiller_pb2 as pb
 
 from .adapters import LoadedAdapter
+from .logrecords import FeedbackInput
 from .service import Status
 from .values import (
     AdapterPick,
@@ -63,6 +64,24 @@ def request_from_pb(m: pb.GenerateRequest) -> GenerateRequest:
     )
 
 
+def feedback_from_pb(m: pb.SubmitFeedbackRequest) -> FeedbackInput:
+    return FeedbackInput(
+        generation_id=m.generation_id,
+        score=m.score if m.HasField("score") else None,
+        tag=m.tag,
+        critique=m.critique,
+        refinement=m.refinement,
+        chosen_id=m.preference.chosen_generation_id,
+        rejected_id=m.preference.rejected_generation_id,
+        idempotency_key=m.idempotency_key,
+        source=m.source,
+    )
+
+
+def feedback_to_pb(feedback_id: str, duplicate: bool) -> pb.SubmitFeedbackResponse:
+    return pb.SubmitFeedbackResponse(feedback_id=feedback_id, duplicate=duplicate)
+
+
 def _served(s: ServedBy) -> pb.AdapterServed:
     return pb.AdapterServed(name=s.name, version=s.version, base_model=s.base_model)
 
@@ -92,6 +111,7 @@ def result_to_pb(r: GenerateResult) -> pb.GenerateResponse:
         timings=_timings(r.timing),
         rendered_prompt=r.rendered_prompt,
         seed=r.seed,
+        logged=r.logged,
     )
 
 
@@ -124,6 +144,7 @@ class ChunkEncoder:
                     prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens
                 ),
                 timings=_timings(event.timing),
+                logged=event.logged,
             )
         if self._first:
             chunk.adapter.CopyFrom(_served(start.served_by))
@@ -164,4 +185,7 @@ def status_to_pb(s: Status, model: str, version: str) -> pb.ServerStatus:
         engine_unfinished=s.engine_unfinished,
         draining=s.draining,
         version=version,
+        log_queue_depth=s.log_queue_depth,
+        log_written=s.log_written,
+        log_lost=s.log_lost,
     )

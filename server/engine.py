@@ -76,13 +76,13 @@ class VllmEngine:
 
         args = AsyncEngineArgs(
             model=str(config.model),
-            dtype=detect_dtype(config.dtype),  # type: ignore[arg-type]
+            dtype=detect_dtype(config.dtype),
             max_model_len=config.max_model_len,
             gpu_memory_utilization=config.gpu_memory_utilization,
             enforce_eager=config.enforce_eager,
             enable_prefix_caching=config.enable_prefix_caching,
             enable_lora=config.enable_lora,
-            max_lora_rank=config.max_lora_rank,  # type: ignore[arg-type]
+            max_lora_rank=config.max_lora_rank,
             max_loras=config.max_loras,
             max_num_seqs=config.max_num_seqs,
             seed=config.seed,
@@ -99,7 +99,7 @@ class VllmEngine:
 
     @property
     def tokenizer(self) -> Tokenizer:
-        return self.llm.get_tokenizer()  # type: ignore[return-value]
+        return self.llm.get_tokenizer()
 
     def _sampling_params(self, request: EngineRequest) -> Any:
         from vllm import SamplingParams

@@ -6,6 +6,7 @@ import json
 import math
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import sqlite_utils
@@ -65,11 +66,11 @@ class GenerationRecord:
         }
 
 
-def insert_generations(records: list[GenerationRecord]) -> object:
+def insert_generations(records: list[GenerationRecord]) -> Callable[[sqlite_utils.Database], bool]:
     rows = [rec.row() for rec in records]
 
     def op(db: sqlite_utils.Database) -> bool:
-        db["generations"].insert_all(rows)
+        db.table("generations").insert_all(rows)
         return True
 
     return op
@@ -92,11 +93,13 @@ def check_feedback_input(fb: FeedbackInput) -> None:
     """Shape checks that need no database."""
     if fb.chosen_id or fb.rejected_id:
         if not (fb.chosen_id and fb.rejected_id):
-            raise InvalidArgument("preference needs both chosen and rejected generation ids",
-                                  field="preference")
+            raise InvalidArgument(
+                "preference needs both chosen and rejected generation ids", field="preference"
+            )
         if fb.chosen_id == fb.rejected_id:
-            raise InvalidArgument("preference compares a generation with itself",
-                                  field="preference")
+            raise InvalidArgument(
+                "preference compares a generation with itself", field="preference"
+            )
     elif not fb.generation_id:
         raise InvalidArgument("generation_id is required", field="generation_id")
     if fb.score is None and not (fb.tag or fb.critique or fb.refinement or fb.chosen_id):
@@ -113,35 +116,44 @@ def check_feedback_input(fb: FeedbackInput) -> None:
             raise InvalidArgument(f"{name} is longer than {MAX_TEXT} characters", field=name)
 
 
-def record_feedback(fb: FeedbackInput) -> object:
+def record_feedback(
+    fb: FeedbackInput,
+) -> Callable[[sqlite_utils.Database], tuple[str, bool]]:
     """An op returning ``(feedback_id, duplicate)``; NOT_FOUND for unknown generation ids."""
 
     def op(db: sqlite_utils.Database) -> tuple[str, bool]:
         if fb.idempotency_key:
-            row = db.execute("SELECT id FROM feedback WHERE idempotency_key = ?",
-                             [fb.idempotency_key]).fetchone()
+            row = db.execute(
+                "SELECT id FROM feedback WHERE idempotency_key = ?", [fb.idempotency_key]
+            ).fetchone()
             if row is not None:
                 return str(row[0]), True
-        for field_name, gid in (("generation_id", fb.generation_id),
-                                ("preference.chosen_generation_id", fb.chosen_id),
-                                ("preference.rejected_generation_id", fb.rejected_id)):
-            if gid and db.execute("SELECT 1 FROM generations WHERE id = ?",
-                                  [gid]).fetchone() is None:
+        for field_name, gid in (
+            ("generation_id", fb.generation_id),
+            ("preference.chosen_generation_id", fb.chosen_id),
+            ("preference.rejected_generation_id", fb.rejected_id),
+        ):
+            if (
+                gid
+                and db.execute("SELECT 1 FROM generations WHERE id = ?", [gid]).fetchone() is None
+            ):
                 raise NotFound(f"unknown generation id {gid!r}", field=field_name)
         feedback_id = f"fb-{uuid.uuid4().hex}"
-        db["feedback"].insert({
-            "id": feedback_id,
-            "created_at": time.time(),
-            "generation_id": fb.generation_id or fb.chosen_id,
-            "score": fb.score,
-            "tag": fb.tag,
-            "critique": fb.critique,
-            "refinement": fb.refinement,
-            "chosen_id": fb.chosen_id,
-            "rejected_id": fb.rejected_id,
-            "idempotency_key": fb.idempotency_key or None,
-            "source": fb.source,
-        })
+        db.table("feedback").insert(
+            {
+                "id": feedback_id,
+                "created_at": time.time(),
+                "generation_id": fb.generation_id or fb.chosen_id,
+                "score": fb.score,
+                "tag": fb.tag,
+                "critique": fb.critique,
+                "refinement": fb.refinement,
+                "chosen_id": fb.chosen_id,
+                "rejected_id": fb.rejected_id,
+                "idempotency_key": fb.idempotency_key or None,
+                "source": fb.source,
+            }
+        )
         return feedback_id, False
 
     return op

@@ -18,7 +18,7 @@ Synchronous = Literal["NORMAL", "FULL"]
 
 
 def _v1(db: sqlite_utils.Database) -> None:
-    db["generations"].create(
+    db.table("generations").create(
         {
             "seq": int,  # follow cursor (monotonic)
             "id": str,  # generation id returned to the client
@@ -48,9 +48,9 @@ def _v1(db: sqlite_utils.Database) -> None:
         pk="seq",
         not_null={"id", "created_at"},
     )
-    db["generations"].create_index(["id"], unique=True)
-    db["generations"].create_index(["group_id"])
-    db["feedback"].create(
+    db.table("generations").create_index(["id"], unique=True)
+    db.table("generations").create_index(["group_id"])
+    db.table("feedback").create(
         {
             "seq": int,
             "id": str,
@@ -68,10 +68,10 @@ def _v1(db: sqlite_utils.Database) -> None:
         pk="seq",
         not_null={"id", "created_at"},
     )
-    db["feedback"].create_index(["id"], unique=True)
-    db["feedback"].create_index(["idempotency_key"], unique=True)
-    db["feedback"].create_index(["generation_id"])
-    db["annotations"].create(
+    db.table("feedback").create_index(["id"], unique=True)
+    db.table("feedback").create_index(["idempotency_key"], unique=True)
+    db.table("feedback").create_index(["generation_id"])
+    db.table("annotations").create(
         {
             "seq": int,
             "created_at": float,
@@ -88,26 +88,26 @@ def _v1(db: sqlite_utils.Database) -> None:
         pk="seq",
         not_null={"generation_id", "provider", "kind"},
     )
-    db["annotations"].create_index(
+    db.table("annotations").create_index(
         ["generation_id", "generation_id_b", "provider", "kind"], unique=True
     )
-    db["cursors"].create({"name": str, "seq": int, "updated_at": float}, pk="name")
+    db.table("cursors").create({"name": str, "seq": int, "updated_at": float}, pk="name")
 
 
 MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_v1,)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-def connect(path: Path, *, synchronous: Synchronous = "FULL", timeout_s: float = 5.0
-            ) -> sqlite_utils.Database:
+def connect(
+    path: Path, *, synchronous: Synchronous = "FULL", timeout_s: float = 5.0
+) -> sqlite_utils.Database:
     """Open (creating if needed) the log at ``path`` in WAL mode and bring its schema up to date.
 
     ``synchronous=FULL`` makes every committed batch survive power loss; ``NORMAL`` survives
     process crashes (kill -9) only. The connection may be used from another thread, one at a time.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, timeout=timeout_s, check_same_thread=False,
-                           isolation_level=None)
+    conn = sqlite3.connect(path, timeout=timeout_s, check_same_thread=False, isolation_level=None)
     db = sqlite_utils.Database(conn)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute(f"PRAGMA synchronous={synchronous}")

@@ -15,13 +15,13 @@ import logging
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import sqlite_utils
 
+from .config import LogConfig
 from .errors import TillerError
-from .logstore import Synchronous, connect
+from .logstore import connect
 
 log = logging.getLogger("tiller.log")
 Op = Callable[[sqlite_utils.Database], Any]
@@ -36,14 +36,6 @@ class LogStats:
     written: int = 0
     lost: int = 0
     batches: int = 0
-
-
-@dataclass(frozen=True)
-class LogConfig:
-    path: Path
-    max_queue: int = 10_000
-    max_batch: int = 512
-    synchronous: Synchronous = "FULL"
 
 
 class LogWriter:
@@ -64,8 +56,9 @@ class LogWriter:
         return self._queue.qsize()
 
     async def start(self) -> None:
-        self._db = await asyncio.to_thread(connect, self.config.path,
-                                           synchronous=self.config.synchronous)
+        self._db = await asyncio.to_thread(
+            connect, self.config.path, synchronous=self.config.synchronous
+        )
         self._task = asyncio.create_task(self._run(), name="tiller-log-writer")
 
     def submit(self, op: Op) -> asyncio.Future[Any]:
@@ -82,8 +75,9 @@ class LogWriter:
 
     def _lose(self, futs: list[asyncio.Future[Any]], why: str) -> None:
         self.stats.lost += len(futs)
-        log.error("generation log LOST %d write(s): %s (lost so far: %d)", len(futs), why,
-                  self.stats.lost)
+        log.error(
+            "generation log LOST %d write(s): %s (lost so far: %d)", len(futs), why, self.stats.lost
+        )
         for f in futs:
             if not f.done():
                 f.set_exception(LogLoss(why))

@@ -14,7 +14,15 @@ from dataclasses import dataclass, field
 from .adapters import AdapterTable, LoadedAdapter
 from .config import Limits
 from .engine import Engine
-from .errors import InvalidArgument, Unavailable, Unimplemented
+from .errors import FailedPrecondition, InvalidArgument, Unavailable, Unimplemented
+from .logrecords import (
+    FeedbackInput,
+    GenerationRecord,
+    check_feedback_input,
+    insert_generations,
+    record_feedback,
+)
+from .logwriter import LogLoss, LogWriter
 from .prompt import render_chat, render_text
 from .validation import check_attributes, check_feedback, check_input, resolve_sampling
 from .values import (
@@ -47,11 +55,17 @@ class Status:
     in_flight: int
     engine_unfinished: int
     draining: bool
+    log_queue_depth: int = 0
+    log_written: int = 0
+    log_lost: int = 0
 
 
 class GenerationService:
-    def __init__(self, engine: Engine, adapters: AdapterTable, limits: Limits) -> None:
+    def __init__(
+        self, engine: Engine, adapters: AdapterTable, limits: Limits, log: LogWriter | None = None
+    ) -> None:
         self._engine = engine
+        self._log = log
         self._adapters = adapters
         self._limits = limits
         self._draining = False
@@ -72,7 +86,15 @@ class GenerationService:
             return False
 
     def status(self) -> Status:
-        return Status(self._inflight.count, self._engine.num_unfinished(), self._draining)
+        log = self._log
+        return Status(
+            in_flight=self._inflight.count,
+            engine_unfinished=self._engine.num_unfinished(),
+            draining=self._draining,
+            log_queue_depth=log.queue_depth if log else 0,
+            log_written=log.stats.written if log else 0,
+            log_lost=log.stats.lost if log else 0,
+        )
 
     # ---------------------------------------------------------------- preparation
 
@@ -145,14 +167,57 @@ class GenerationService:
 
     # ---------------------------------------------------------------- running
 
+    def _records(
+        self,
+        req: GenerateRequest,
+        p: Prepared,
+        texts: dict[int, list[str]],
+        tokens: dict[int, list[int]],
+        finish: dict[int, Finish],
+        ttft: float,
+        total: float,
+    ) -> list[GenerationRecord]:
+        s = p.served_by
+        return [
+            GenerationRecord(
+                id=gid,
+                request_id=p.request_id,
+                group_id=p.engine_request.request_id,
+                sample_index=i,
+                request=req,
+                rendered_prompt=p.rendered_prompt,
+                adapter=s.name,
+                adapter_version=s.version,
+                base_model=s.base_model,
+                sampling=p.engine_request.sampling,
+                output_text="".join(texts.get(i, [])),
+                output_token_ids=tuple(tokens.get(i, [])),
+                finish_reason=finish.get(i, Finish.ABORT).value,
+                prompt_tokens=len(p.engine_request.prompt_token_ids),
+                latency_s=total,
+                ttft_s=ttft,
+            )
+            for i, gid in enumerate(p.generation_ids)
+        ]
+
+    def _wants_log(self, req: GenerateRequest) -> bool:
+        return self._log is not None and req.log is not False
+
     async def stream(self, req: GenerateRequest) -> AsyncGenerator[StreamEvent, None]:
         """StreamStart, then Deltas as the engine produces them, then StreamEnd.
 
-        Closing the iterator early (client cancel, deadline) aborts the engine request.
+        Closing the iterator early (client cancel, deadline) aborts the engine request; what
+        was generated so far is still logged, with finish reason ``abort``. StreamEnd comes
+        only after the log committed the generations (``logged``), so returned ids are durable.
         """
         prepared = self.prepare(req)
         self._inflight.count += 1
         self._inflight.idle.clear()
+        texts: dict[int, list[str]] = {}
+        tokens: dict[int, list[int]] = {}
+        finish: dict[int, Finish] = {}
+        first: float | None = None
+        completed = False
         try:
             er = prepared.engine_request
             yield StreamStart(
@@ -163,28 +228,57 @@ class GenerationService:
                 rendered_prompt=prepared.rendered_prompt,
             )
             submitted = time.monotonic()
-            first: float | None = None
-            produced = 0
             async for deltas in self._engine.generate(er):
                 for d in deltas:
                     if first is None and d.token_ids:
                         first = time.monotonic()
-                    produced += len(d.token_ids)
+                    texts.setdefault(d.index, []).append(d.text)
+                    tokens.setdefault(d.index, []).extend(d.token_ids)
+                    if d.finish is not Finish.NONE:
+                        finish[d.index] = d.finish
                     yield d
             end = time.monotonic()
+            completed = True
+            logged = False
+            if self._wants_log(req):
+                ttft = (first or end) - prepared.accepted_at
+                records = self._records(
+                    req, prepared, texts, tokens, finish, ttft, end - prepared.accepted_at
+                )
+                logged = await self._write_generations(records)
             yield StreamEnd(
                 prompt_tokens=len(er.prompt_token_ids),
-                completion_tokens=produced,
+                completion_tokens=sum(len(t) for t in tokens.values()),
                 timing=Timing(
                     queue_s=submitted - prepared.accepted_at,
                     time_to_first_token_s=(first or end) - prepared.accepted_at,
                     total_s=end - prepared.accepted_at,
                 ),
+                logged=logged,
             )
         finally:
+            if not completed and self._wants_log(req) and self._log is not None:
+                now = time.monotonic()
+                records = self._records(
+                    req,
+                    prepared,
+                    texts,
+                    tokens,
+                    {},
+                    (first or now) - prepared.accepted_at,
+                    now - prepared.accepted_at,
+                )
+                self._log.submit(insert_generations(records))  # fire and forget
             self._inflight.count -= 1
             if self._inflight.count == 0:
                 self._inflight.idle.set()
+
+    async def _write_generations(self, records: list[GenerationRecord]) -> bool:
+        assert self._log is not None
+        try:
+            return bool(await self._log.submit(insert_generations(records)))
+        except LogLoss:
+            return False  # counted and reported loudly by the writer
 
     async def generate(self, req: GenerateRequest) -> GenerateResult:
         """Run ``req`` to completion and return every sample."""
@@ -223,4 +317,18 @@ class GenerationService:
             timing=end.timing,
             rendered_prompt=start.rendered_prompt,
             seed=start.seed,
+            logged=end.logged,
         )
+
+    # ---------------------------------------------------------------- feedback
+
+    async def submit_feedback(self, fb: FeedbackInput) -> tuple[str, bool]:
+        """Record app feedback durably; returns (feedback id, was a duplicate of the key)."""
+        if self._log is None:
+            raise FailedPrecondition("the generation log is off on this server (--no-log)")
+        check_feedback_input(fb)
+        try:
+            feedback_id, duplicate = await self._log.submit(record_feedback(fb))
+        except LogLoss as e:
+            raise Unavailable(f"feedback could not be recorded ({e}); retry") from e
+        return str(feedback_id), bool(duplicate)

@@ -60,7 +60,8 @@ class TillerServicer(pb_grpc.TillerServicer):
         self, request: pb.SubmitFeedbackRequest, context: grpc.aio.ServicerContext
     ) -> pb.SubmitFeedbackResponse:
         async def call() -> pb.SubmitFeedbackResponse:
-            raise Unimplemented("SubmitFeedback needs the generation log, not enabled yet")
+            fid, duplicate = await self._service.submit_feedback(convert.feedback_from_pb(request))
+            return convert.feedback_to_pb(fid, duplicate)
 
         return await _unary(context, call)
 

@@ -135,6 +135,7 @@ class GenerateResult:
     timing: Timing
     rendered_prompt: str
     seed: int
+    logged: bool = False
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,7 @@ class StreamEnd:
     prompt_tokens: int
     completion_tokens: int
     timing: Timing
+    logged: bool = False
 
 
 StreamEvent = StreamStart | Delta | StreamEnd

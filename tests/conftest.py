@@ -138,12 +138,22 @@ def stop_server(server: ServerProc) -> None:
 
 
 @pytest.fixture(scope="session")
+def log_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("log") / "generations.sqlite"
+
+
+@pytest.fixture(scope="session")
 def server(
-    tiny_model: Path, lora_versions: list[Path], tmp_path_factory: pytest.TempPathFactory
+    tiny_model: Path,
+    lora_versions: list[Path],
+    log_db: Path,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[ServerProc]:
     srv = start_server(
         tiny_model,
         tmp_path_factory.mktemp("server"),
+        "--log-db",
+        str(log_db),
         "--adapter",
         f"detox={lora_versions[0]}",
         "--adapter",

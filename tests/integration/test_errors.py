@@ -94,9 +94,6 @@ def test_not_yet_served_features_say_so(client: Client) -> None:
     with pytest.raises(TillerClientError) as info:
         client.generate("hi", adapter="detox", feedback_mix={"Lowest Toxicity": 1.0}, max_tokens=2)
     assert info.value.code == grpc.StatusCode.UNIMPLEMENTED
-    with pytest.raises(TillerClientError) as info:
-        client.submit_feedback("gen-x", score=1.0)
-    assert info.value.code == grpc.StatusCode.UNIMPLEMENTED
 
 
 def test_admin_rpcs_exist_but_are_unimplemented(target: str) -> None:

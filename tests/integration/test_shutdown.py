@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -20,7 +21,10 @@ def test_sigterm_drains_in_flight_requests(
     tiny_model: Path, tmp_path: Path, server: object
 ) -> None:
     # `server` (the session one) is requested so both never start concurrently on 2 cores.
-    srv = start_server(tiny_model, tmp_path / "drain", "--drain-grace", "60")
+    log_db = tmp_path / "drain.sqlite"
+    srv = start_server(
+        tiny_model, tmp_path / "drain", "--drain-grace", "60", "--log-db", str(log_db)
+    )
     try:
         target = srv.target
         results: list[object] = []
@@ -73,5 +77,11 @@ def test_sigterm_drains_in_flight_requests(
             assert not isinstance(r, Exception), r
             assert r.completion_tokens > 0  # type: ignore[attr-defined]
         assert srv.proc.wait(timeout=60) == 0, srv.logs()[-3000:]
+        # Every id handed out before the shutdown is in the log, and the file is sound.
+        conn = sqlite3.connect(log_db)
+        ids = {r[0] for r in conn.execute("SELECT id FROM generations")}
+        assert {r.generation_id for r in results} <= ids  # type: ignore[attr-defined]
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        conn.close()
     finally:
         stop_server(srv)

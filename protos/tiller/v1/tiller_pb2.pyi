@@ -141,7 +141,7 @@ class Completion(_message.Message):
     def __init__(self, index: _Optional[int] = ..., generation_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("request_id", "completions", "usage", "adapter", "timings", "rendered_prompt", "seed")
+    __slots__ = ("request_id", "completions", "usage", "adapter", "timings", "rendered_prompt", "seed", "logged")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     COMPLETIONS_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
@@ -149,6 +149,7 @@ class GenerateResponse(_message.Message):
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     RENDERED_PROMPT_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    LOGGED_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     completions: _containers.RepeatedCompositeFieldContainer[Completion]
     usage: Usage
@@ -156,10 +157,11 @@ class GenerateResponse(_message.Message):
     timings: Timings
     rendered_prompt: str
     seed: int
-    def __init__(self, request_id: _Optional[str] = ..., completions: _Optional[_Iterable[_Union[Completion, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., adapter: _Optional[_Union[AdapterServed, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., rendered_prompt: _Optional[str] = ..., seed: _Optional[int] = ...) -> None: ...
+    logged: bool
+    def __init__(self, request_id: _Optional[str] = ..., completions: _Optional[_Iterable[_Union[Completion, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., adapter: _Optional[_Union[AdapterServed, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., rendered_prompt: _Optional[str] = ..., seed: _Optional[int] = ..., logged: _Optional[bool] = ...) -> None: ...
 
 class GenerateChunk(_message.Message):
-    __slots__ = ("request_id", "index", "generation_id", "text_delta", "token_ids", "finish_reason", "usage", "adapter", "timings", "seed")
+    __slots__ = ("request_id", "index", "generation_id", "text_delta", "token_ids", "finish_reason", "usage", "adapter", "timings", "seed", "logged")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     GENERATION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -170,6 +172,7 @@ class GenerateChunk(_message.Message):
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    LOGGED_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     index: int
     generation_id: str
@@ -180,7 +183,8 @@ class GenerateChunk(_message.Message):
     adapter: AdapterServed
     timings: Timings
     seed: int
-    def __init__(self, request_id: _Optional[str] = ..., index: _Optional[int] = ..., generation_id: _Optional[str] = ..., text_delta: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., adapter: _Optional[_Union[AdapterServed, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., seed: _Optional[int] = ...) -> None: ...
+    logged: bool
+    def __init__(self, request_id: _Optional[str] = ..., index: _Optional[int] = ..., generation_id: _Optional[str] = ..., text_delta: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., adapter: _Optional[_Union[AdapterServed, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., seed: _Optional[int] = ..., logged: _Optional[bool] = ...) -> None: ...
 
 class Preference(_message.Message):
     __slots__ = ("chosen_generation_id", "rejected_generation_id")
@@ -305,15 +309,21 @@ class GetServerStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerStatus(_message.Message):
-    __slots__ = ("model", "in_flight", "engine_unfinished", "draining", "version")
+    __slots__ = ("model", "in_flight", "engine_unfinished", "draining", "version", "log_queue_depth", "log_written", "log_lost")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     ENGINE_UNFINISHED_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    LOG_QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    LOG_WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    LOG_LOST_FIELD_NUMBER: _ClassVar[int]
     model: str
     in_flight: int
     engine_unfinished: int
     draining: bool
     version: str
-    def __init__(self, model: _Optional[str] = ..., in_flight: _Optional[int] = ..., engine_unfinished: _Optional[int] = ..., draining: _Optional[bool] = ..., version: _Optional[str] = ...) -> None: ...
+    log_queue_depth: int
+    log_written: int
+    log_lost: int
+    def __init__(self, model: _Optional[str] = ..., in_flight: _Optional[int] = ..., engine_unfinished: _Optional[int] = ..., draining: _Optional[bool] = ..., version: _Optional[str] = ..., log_queue_depth: _Optional[int] = ..., log_written: _Optional[int] = ..., log_lost: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,116 @@
+"""The generation log writer without an engine: batching, loss accounting, migrations."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+import sqlite_utils
+
+from tiller.server.config import LogConfig
+from tiller.server.errors import NotFound
+from tiller.server.logstore import SCHEMA_VERSION, connect, migrate
+from tiller.server.logwriter import LogLoss, LogWriter
+
+
+def _insert(i: int):  # type: ignore[no-untyped-def]
+    def op(db: sqlite_utils.Database) -> int:
+        db.table("cursors").insert({"name": f"c{i}", "seq": i, "updated_at": 0.0})
+        return i
+
+    return op
+
+
+def _count(path: Path) -> int:
+    conn = sqlite3.connect(path)
+    try:
+        return int(conn.execute("SELECT count(*) FROM cursors").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def test_schema_is_created_once_and_in_wal_mode(tmp_path: Path) -> None:
+    path = tmp_path / "log.sqlite"
+    db = connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert {"generations", "feedback", "annotations", "cursors"} <= set(db.table_names())
+    assert migrate(db) == SCHEMA_VERSION  # idempotent
+    db.conn.close()
+    again = connect(path)
+    assert again.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    db = connect(tmp_path / "log.sqlite")
+    db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    with pytest.raises(RuntimeError, match="newer"):
+        migrate(db)
+
+
+async def test_batched_writes_resolve_every_future(tmp_path: Path) -> None:
+    w = LogWriter(LogConfig(path=tmp_path / "log.sqlite", max_batch=8))
+    await w.start()
+    results = await asyncio.gather(*[w.submit(_insert(i)) for i in range(50)])
+    assert results == list(range(50))
+    assert w.stats.written == 50 and w.stats.lost == 0
+    assert 0 < w.stats.batches < 50  # ops were grouped into transactions
+    await w.close()
+    assert _count(tmp_path / "log.sqlite") == 50
+
+
+async def test_request_errors_fail_only_their_op(tmp_path: Path) -> None:
+    w = LogWriter(LogConfig(path=tmp_path / "log.sqlite"))
+    await w.start()
+
+    def bad(db: sqlite_utils.Database) -> None:
+        raise NotFound("unknown generation id 'x'")
+
+    futs = [w.submit(_insert(1)), w.submit(bad), w.submit(_insert(2))]
+    done = await asyncio.gather(*futs, return_exceptions=True)
+    assert done[0] == 1 and done[2] == 2 and isinstance(done[1], NotFound)
+    await w.close()
+    assert _count(tmp_path / "log.sqlite") == 2
+
+
+async def test_a_locked_database_loses_loudly_then_recovers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "log.sqlite"
+    w = LogWriter(LogConfig(path=path))
+    await w.start()
+    assert w._db is not None
+    w._db.execute("PRAGMA busy_timeout=100")
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # another writer holds the lock
+    with pytest.raises(LogLoss):
+        await w.submit(_insert(1))
+    assert w.stats.lost == 1
+    assert "generation log LOST" in caplog.text
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    assert await w.submit(_insert(2)) == 2  # serving carries on once the lock is gone
+    await w.close()
+    assert _count(path) == 1
+
+
+async def test_full_queue_loses_instead_of_blocking(tmp_path: Path) -> None:
+    w = LogWriter(LogConfig(path=tmp_path / "log.sqlite", max_queue=2))
+    await w.start()
+    futs = [w.submit(_insert(i)) for i in range(5)]  # no await in between: the queue fills
+    done = await asyncio.gather(*futs, return_exceptions=True)
+    assert sum(isinstance(d, LogLoss) for d in done) == 3 and w.stats.lost == 3
+    await w.close()
+
+
+async def test_close_flushes_the_queue(tmp_path: Path) -> None:
+    w = LogWriter(LogConfig(path=tmp_path / "log.sqlite"))
+    await w.start()
+    for i in range(20):
+        w.submit(_insert(i))
+    await w.close()
+    assert _count(tmp_path / "log.sqlite") == 20
+    with pytest.raises(LogLoss):
+        await w.submit(_insert(99))
