@@ -16,6 +16,8 @@ _LAZY = {
     "serve": "tiller.server.cli:serve",
     "up": "tiller.server.cli:up",
     "model": "tiller.server.cli:model",
+    "annotate": "tiller.learner.annotate.cli:annotate",
+    "log": "tiller.learner.logcli:log",
 }
 
 

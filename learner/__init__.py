@@ -1,0 +1,1 @@
+"""Tiller's learning side: annotator sidecar, dataset builders, objectives, trainer, publisher."""

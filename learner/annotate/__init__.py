@@ -1,0 +1,1 @@
+"""The annotator sidecar: follows the generation log and labels generations with providers."""
