@@ -168,3 +168,59 @@ def server(
 @pytest.fixture(scope="session")
 def target(server: ServerProc) -> str:
     return server.target
+
+
+@dataclass
+class JudgeServer:
+    proc: subprocess.Popen[bytes]
+    base_url: str
+    log: Path
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def judge_server(
+    tiny_model: Path, server: ServerProc, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[JudgeServer]:
+    """vLLM's own OpenAI-compatible HTTP server on the tiny model: a real judge endpoint.
+
+    Requests the Tiller server fixture first so that both engines never load at once."""
+    import urllib.request
+
+    port = _free_port()
+    log = tmp_path_factory.mktemp("judge") / "judge.log"
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
+           str(tiny_model), "--served-model-name", "judge", "--host", "127.0.0.1", "--port",
+           str(port), "--gpu-memory-utilization", "0.1", "--enforce-eager", "--max-model-len",
+           "1024", "--dtype", "float32"]
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 240
+    while True:
+        try:
+            with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise RuntimeError(f"judge server did not start:\n{log.read_text()[-4000:]}")
+        time.sleep(0.5)
+    yield JudgeServer(proc, f"{base}/v1", log)
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

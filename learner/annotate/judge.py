@@ -59,19 +59,24 @@ class Breaker:
     cooldown_s: float
     failures: int = 0
     opened_at: float | None = None
+    last_error: str = ""
 
     def check(self) -> None:
         if self.opened_at is not None:
             if time.monotonic() - self.opened_at < self.cooldown_s:
-                raise ProviderUnavailable("judge circuit breaker is open")
+                raise ProviderUnavailable(
+                    f"judge circuit breaker is open after {self.failures} failures "
+                    f"(last: {self.last_error})"
+                )
             self.opened_at = None  # half-open: let one batch try
             self.failures = self.threshold - 1
 
-    def record(self, ok: bool) -> None:
+    def record(self, ok: bool, error: str = "") -> None:
         if ok:
             self.failures = 0
             return
         self.failures += 1
+        self.last_error = error
         if self.failures >= self.threshold:
             self.opened_at = time.monotonic()
 
@@ -148,9 +153,10 @@ class LLMJudge:
         if c.mode == "pairwise":
             return {"structured_outputs": {"choice": ["A", "B"]}}
         if c.mode == "likert":
-            props = {a: {"type": "integer", "minimum": 1, "maximum": 5} for a in c.attributes}
-            schema = {"type": "object", "properties": props, "required": list(c.attributes)}
-            return {"structured_outputs": {"json": schema}}
+            # A regex for the compact JSON object, not a JSON schema: a schema leaves the
+            # whitespace free, and weak judges loop on whitespace until max_tokens.
+            body = ", ".join(f'"{re.escape(a)}": [1-5]' for a in c.attributes)
+            return {"structured_outputs": {"regex": r"\{" + body + r"\}"}}
         return {}
 
     async def _ask(self, prompt: str) -> Reply:
@@ -171,16 +177,14 @@ class LLMJudge:
                     resp = await self._client.chat.completions.create(
                         model=c.model,
                         messages=[{"role": "user", "content": prompt}],
-                        max_tokens=c.max_tokens
-                        if c.mode in ("critique", "refinement", "likert")
-                        else 8,
+                        max_tokens=4 if c.mode == "pairwise" else c.max_tokens,
                         temperature=0.0,
                         logprobs=c.mode == "pairwise",
                         top_logprobs=5 if c.mode == "pairwise" else None,
                         extra_body=self._constraint() or None,
                     )
             except transient as e:
-                self._breaker.record(False)
+                self._breaker.record(False, f"{type(e).__name__}: {e}")
                 if attempt == c.max_retries:
                     raise ProviderUnavailable(f"judge {c.name!r}: {type(e).__name__}: {e}") from e
                 await asyncio.sleep(c.backoff_s * 2**attempt)
