@@ -12,6 +12,7 @@ import click
 
 from .client import Client, TillerClientError
 
+_EXTRA = {"annotate": "learner", "log": "learner"}
 _LAZY = {
     "serve": "tiller.server.cli:serve",
     "up": "tiller.server.cli:up",
@@ -31,8 +32,9 @@ class _Group(click.Group):
             try:
                 return getattr(importlib.import_module(module), attr)
             except ImportError as e:
+                extra = _EXTRA.get(name, "cpu")
                 raise click.ClickException(
-                    f"'tiller {name}' needs the server extras (pip install 'tiller[cpu]'): {e}"
+                    f"'tiller {name}' needs the {extra} extras (pip install 'tiller[{extra}]'): {e}"
                 ) from e
         return super().get_command(ctx, name)
 

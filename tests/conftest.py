@@ -196,14 +196,31 @@ def judge_server(
 
     port = _free_port()
     log = tmp_path_factory.mktemp("judge") / "judge.log"
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
-           str(tiny_model), "--served-model-name", "judge", "--host", "127.0.0.1", "--port",
-           str(port), "--gpu-memory-utilization", "0.1", "--enforce-eager", "--max-model-len",
-           "1024", "--dtype", "float32"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(tiny_model),
+        "--served-model-name",
+        "judge",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--gpu-memory-utilization",
+        "0.1",
+        "--enforce-eager",
+        "--max-model-len",
+        "1024",
+        "--dtype",
+        "float32",
+    ]
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 240
     while True:

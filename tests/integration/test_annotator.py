@@ -31,8 +31,9 @@ def generations(target: str) -> list[str]:
     ids = []
     with Client(target, timeout=120) as c:
         for i in range(6):
-            g = c.generate(f"Tell me about topic {i}", max_tokens=12, temperature=1.0, n=2,
-                           seed=100 + i)
+            g = c.generate(
+                f"Tell me about topic {i}", max_tokens=12, temperature=1.0, n=2, seed=100 + i
+            )
             assert g.logged
             ids += [x.generation_id for x in g.completions]
     return ids
@@ -48,8 +49,16 @@ def _annotations(db_path: Path, provider: str) -> list[sqlite3.Row]:
 
 
 def _judge(judge_server: JudgeServer, name: str, mode: str, **kw: object) -> LLMJudge:
-    return LLMJudge(JudgeConfig(name=name, mode=mode, base_url=judge_server.base_url,  # type: ignore[arg-type]
-                                model="judge", tags=TAGS, **kw))  # type: ignore[arg-type]
+    return LLMJudge(
+        JudgeConfig(
+            name=name,
+            mode=mode,
+            base_url=judge_server.base_url,  # type: ignore[arg-type]
+            model="judge",
+            tags=TAGS,
+            **kw,
+        )
+    )  # type: ignore[arg-type]
 
 
 def _run(log_db: Path, *providers: LLMJudge, batch: int = 8) -> Annotator:
@@ -59,8 +68,9 @@ def _run(log_db: Path, *providers: LLMJudge, batch: int = 8) -> Annotator:
     return annotator
 
 
-def test_structured_tags_for_every_generation(log_db: Path, generations: list[str],
-                                              judge_server: JudgeServer) -> None:
+def test_structured_tags_for_every_generation(
+    log_db: Path, generations: list[str], judge_server: JudgeServer
+) -> None:
     a = _run(log_db, _judge(judge_server, "judge-tag", "tag"))
     rows = {r["generation_id"]: r for r in _annotations(log_db, "judge-tag")}
     assert set(generations) <= set(rows)
@@ -71,8 +81,9 @@ def test_structured_tags_for_every_generation(log_db: Path, generations: list[st
     assert backlog(a.db, "judge-tag") == 0
 
 
-def test_pairwise_in_both_orders(log_db: Path, generations: list[str],
-                                 judge_server: JudgeServer) -> None:
+def test_pairwise_in_both_orders(
+    log_db: Path, generations: list[str], judge_server: JudgeServer
+) -> None:
     _run(log_db, _judge(judge_server, "judge-pair", "pairwise"))
     rows = [r for r in _annotations(log_db, "judge-pair") if r["generation_id"] in generations]
     assert len(rows) == 6  # one judgement per request pair
@@ -86,12 +97,15 @@ def test_pairwise_in_both_orders(log_db: Path, generations: list[str],
             assert 0.0 <= value["p_a"] <= 1.0
 
 
-def test_likert_critique_refinement(log_db: Path, generations: list[str],
-                                    judge_server: JudgeServer) -> None:
-    _run(log_db, _judge(judge_server, "judge-likert", "likert", attributes=("helpfulness",
-                                                                            "verbosity")),
-         _judge(judge_server, "judge-critique", "critique", max_tokens=24),
-         _judge(judge_server, "judge-refine", "refinement", max_tokens=24))
+def test_likert_critique_refinement(
+    log_db: Path, generations: list[str], judge_server: JudgeServer
+) -> None:
+    _run(
+        log_db,
+        _judge(judge_server, "judge-likert", "likert", attributes=("helpfulness", "verbosity")),
+        _judge(judge_server, "judge-critique", "critique", max_tokens=24),
+        _judge(judge_server, "judge-refine", "refinement", max_tokens=24),
+    )
     likert = {r["generation_id"]: r for r in _annotations(log_db, "judge-likert")}
     for gid in generations:
         value = json.loads(likert[gid]["value_json"])
@@ -103,7 +117,8 @@ def test_likert_critique_refinement(log_db: Path, generations: list[str],
 
 
 def test_garbage_answers_are_recorded_as_errors_not_retried(
-        log_db: Path, generations: list[str], judge_server: JudgeServer) -> None:
+    log_db: Path, generations: list[str], judge_server: JudgeServer
+) -> None:
     # Without structured outputs the random tiny model answers with noise.
     a = _run(log_db, _judge(judge_server, "judge-garbage", "tag", structured=False))
     rows = [r for r in _annotations(log_db, "judge-garbage") if r["generation_id"] in generations]
@@ -115,11 +130,21 @@ def test_garbage_answers_are_recorded_as_errors_not_retried(
     assert backlog(a.db, "judge-garbage") == 0
 
 
-def test_judge_down_then_back_loses_nothing(log_db: Path, generations: list[str],
-                                            judge_server: JudgeServer) -> None:
-    down = LLMJudge(JudgeConfig(name="judge-flaky", mode="tag", tags=TAGS, model="judge",
-                                base_url="http://127.0.0.1:9/v1", max_retries=1,
-                                backoff_s=0.01, timeout_s=2))
+def test_judge_down_then_back_loses_nothing(
+    log_db: Path, generations: list[str], judge_server: JudgeServer
+) -> None:
+    down = LLMJudge(
+        JudgeConfig(
+            name="judge-flaky",
+            mode="tag",
+            tags=TAGS,
+            model="judge",
+            base_url="http://127.0.0.1:9/v1",
+            max_retries=1,
+            backoff_s=0.01,
+            timeout_s=2,
+        )
+    )
     a = _run(log_db, down)
     assert a.states["judge-flaky"].failures >= 1
     assert read_cursor(a.db, "judge-flaky") == 0  # nothing committed, the backlog waits
@@ -131,18 +156,20 @@ def test_judge_down_then_back_loses_nothing(log_db: Path, generations: list[str]
     assert len(_annotations(log_db, "judge-flaky")) >= waiting
 
 
-def test_judge_timeouts_keep_the_backlog(log_db: Path, generations: list[str],
-                                         judge_server: JudgeServer) -> None:
-    slow = _judge(judge_server, "judge-slow", "critique", timeout_s=0.001, max_retries=1,
-                  backoff_s=0.01)
+def test_judge_timeouts_keep_the_backlog(
+    log_db: Path, generations: list[str], judge_server: JudgeServer
+) -> None:
+    slow = _judge(
+        judge_server, "judge-slow", "critique", timeout_s=0.001, max_retries=1, backoff_s=0.01
+    )
     a = _run(log_db, slow)
     assert a.states["judge-slow"].failures >= 1 and "Timeout" in a.states["judge-slow"].last_error
     assert read_cursor(a.db, "judge-slow") == 0
 
 
-def test_kill_9_mid_run_then_resume_is_exactly_once(tmp_path: Path, log_db: Path,
-                                                    generations: list[str],
-                                                    judge_server: JudgeServer) -> None:
+def test_kill_9_mid_run_then_resume_is_exactly_once(
+    tmp_path: Path, log_db: Path, generations: list[str], judge_server: JudgeServer
+) -> None:
     config = tmp_path / "annotate.toml"
     config.write_text(f"""
 db = "{log_db}"
@@ -158,17 +185,18 @@ model = "judge"
 max_tokens = 48
 max_concurrency = 1
 """)
-    cmd = [sys.executable, "-m", "tiller.client.cli", "annotate", "--config", str(config),
-           "--once"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    cmd = [sys.executable, "-m", "tiller.client.cli", "annotate", "--config", str(config), "--once"]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     conn = sqlite3.connect(log_db)
     total = conn.execute("SELECT count(*) FROM generations").fetchone()[0]
     deadline = time.monotonic() + 120
     done = 0
     while time.monotonic() < deadline:
-        done = conn.execute("SELECT count(*) FROM annotations WHERE provider='judge-crash'"
-                            ).fetchone()[0]
+        done = conn.execute(
+            "SELECT count(*) FROM annotations WHERE provider='judge-crash'"
+        ).fetchone()[0]
         if done >= 2:
             break
         time.sleep(0.02)
@@ -177,7 +205,9 @@ max_concurrency = 1
     assert 0 < done < total, "the kill should land mid-run"
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
-    rows = conn.execute("SELECT generation_id, count(*) FROM annotations "
-                        "WHERE provider='judge-crash' GROUP BY generation_id").fetchall()
+    rows = conn.execute(
+        "SELECT generation_id, count(*) FROM annotations "
+        "WHERE provider='judge-crash' GROUP BY generation_id"
+    ).fetchall()
     conn.close()
     assert len(rows) == total and all(n == 1 for _, n in rows)

@@ -42,9 +42,13 @@ def test_parse_ab() -> None:
 def test_parse_likert() -> None:
     attrs = ("helpfulness", "verbosity")
     assert parse_likert('{"helpfulness": 4, "verbosity": 2}', attrs) == {
-        "helpfulness": 4, "verbosity": 2}
+        "helpfulness": 4,
+        "verbosity": 2,
+    }
     assert parse_likert("helpfulness: 5\nverbosity - 1", attrs) == {
-        "helpfulness": 5, "verbosity": 1}
+        "helpfulness": 5,
+        "verbosity": 1,
+    }
     assert parse_likert('{"helpfulness": 9}', attrs) is None
 
 
@@ -79,10 +83,22 @@ def _log(tmp_path: Path) -> sqlite_utils.Database:
     db = connect(tmp_path / "log.sqlite")
     rows = []
     for i in range(7):
-        rows.append({"id": f"g{i}", "created_at": float(i), "group_id": f"r{i // 2}",
-                     "sample_index": i % 2, "prompt": f"p{i // 2}", "chat_json": "",
-                     "rendered_prompt": "", "feedback": "", "adapter": "", "adapter_version": 0,
-                     "output_text": f"out {i}", "finish_reason": "stop"})
+        rows.append(
+            {
+                "id": f"g{i}",
+                "created_at": float(i),
+                "group_id": f"r{i // 2}",
+                "sample_index": i % 2,
+                "prompt": f"p{i // 2}",
+                "chat_json": "",
+                "rendered_prompt": "",
+                "feedback": "",
+                "adapter": "",
+                "adapter_version": 0,
+                "output_text": f"out {i}",
+                "finish_reason": "stop",
+            }
+        )
     db.table("generations").insert_all(rows)
     return db
 
