@@ -45,6 +45,7 @@ class JudgeConfig:
     max_retries: int = 3
     backoff_s: float = 0.5
     max_concurrency: int = 4
+    requests_per_s: float = 0.0  # 0 = no rate limit
     breaker_threshold: int = 5
     breaker_cooldown_s: float = 30.0
 
@@ -79,6 +80,25 @@ class Breaker:
         self.last_error = error
         if self.failures >= self.threshold:
             self.opened_at = time.monotonic()
+
+
+class RateLimiter:
+    """Spaces calls at least ``1 / rate`` seconds apart (``rate`` <= 0: no limit)."""
+
+    def __init__(self, rate: float) -> None:
+        self._interval = 1.0 / rate if rate > 0 else 0.0
+        self._next = 0.0
+        self._lock = asyncio.Lock()
+
+    async def wait(self) -> None:
+        if not self._interval:
+            return
+        async with self._lock:
+            now = time.monotonic()
+            delay = self._next - now
+            self._next = max(now, self._next) + self._interval
+        if delay > 0:
+            await asyncio.sleep(delay)
 
 
 @dataclass(frozen=True)
@@ -141,6 +161,7 @@ class LLMJudge:
         )
         self._sem = asyncio.Semaphore(config.max_concurrency)
         self._breaker = Breaker(config.breaker_threshold, config.breaker_cooldown_s)
+        self._limiter = RateLimiter(config.requests_per_s)
 
     # ------------------------------------------------------------------ transport
 
@@ -171,6 +192,7 @@ class LLMJudge:
         c = self.config
         for attempt in range(c.max_retries + 1):
             self._breaker.check()
+            await self._limiter.wait()
             t = time.monotonic()
             try:
                 async with self._sem:

@@ -120,3 +120,17 @@ def test_commit_is_exactly_once(tmp_path: Path) -> None:
     n = db.execute("SELECT count(*) FROM annotations").fetchone()[0]
     assert n == 4
     assert read_cursor(db, "other") == 0 and backlog(db, "other") == 7  # cursors are per provider
+
+
+async def test_rate_limiter_spaces_calls() -> None:
+    import asyncio
+
+    from tiller.learner.annotate.judge import RateLimiter
+
+    limiter = RateLimiter(20.0)  # one call per 50 ms
+    t = time.monotonic()
+    await asyncio.gather(*(limiter.wait() for _ in range(5)))
+    assert time.monotonic() - t >= 0.2  # 5 calls need at least 4 intervals
+    free = RateLimiter(0.0)
+    await asyncio.gather(*(free.wait() for _ in range(100)))
+    assert free._next == 0.0  # an unlimited limiter never schedules anything
