@@ -8,13 +8,25 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
 from .config import AdapterSource, EngineConfig, Limits, LogConfig, ServerConfig
 
 DEFAULT_CACHE = Path.home() / ".cache" / "tiller"
+_ENGINE_KEYS = (
+    "model",
+    "cache_dir",
+    "dtype",
+    "max_model_len",
+    "gpu_memory_utilization",
+    "max_num_seqs",
+    "single_process_worker",
+    "kv_blocks",
+)
 
 
 def _apply_process_settings(engine: EngineConfig) -> None:
@@ -22,13 +34,13 @@ def _apply_process_settings(engine: EngineConfig) -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if engine.single_process_worker else "1"
 
 
-def _run(coro: object) -> None:
+def _run(coro: Any) -> None:
     try:
         import uvloop
 
-        uvloop.run(coro)  # type: ignore[arg-type]
+        uvloop.run(coro)
     except ImportError:
-        asyncio.run(coro)  # type: ignore[arg-type]
+        asyncio.run(coro)
 
 
 def _adapter_sources(values: tuple[str, ...]) -> tuple[AdapterSource, ...]:
@@ -41,62 +53,65 @@ def _adapter_sources(values: tuple[str, ...]) -> tuple[AdapterSource, ...]:
     return tuple(out)
 
 
-def engine_options(f: click.decorators.FC) -> click.decorators.FC:
-    for opt in reversed(
-        [
-            click.option(
-                "--model",
-                type=click.Path(path_type=Path),
-                default=None,
-                help="HF-format model directory (default: SmolLM2-135M-Instruct).",
-            ),
-            click.option(
-                "--cache-dir",
-                type=click.Path(path_type=Path),
-                default=DEFAULT_CACHE,
-                envvar="TILLER_CACHE_DIR",
-                show_default=True,
-            ),
-            click.option(
-                "--dtype",
-                type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
-                default="auto",
-                show_default=True,
-                help="auto = float32 on CPUs without native bf16, vLLM's choice elsewhere.",
-            ),
-            click.option("--max-model-len", type=int, default=2048, show_default=True),
-            click.option("--gpu-memory-utilization", type=float, default=0.3, show_default=True),
-            click.option("--max-num-seqs", type=int, default=64, show_default=True),
-            click.option(
-                "--single-process-worker/--multiprocess-worker", default=True, show_default=True
-            ),
-        ]
-    ):
+def engine_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The engine's options, shared by every command that starts one."""
+    options = [
+        click.option(
+            "--model",
+            type=click.Path(path_type=Path),
+            default=None,
+            help="HF-format model directory (default: SmolLM2-135M-Instruct).",
+        ),
+        click.option(
+            "--cache-dir",
+            type=click.Path(path_type=Path),
+            default=DEFAULT_CACHE,
+            envvar="TILLER_CACHE_DIR",
+            show_default=True,
+        ),
+        click.option(
+            "--dtype",
+            type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+            default="auto",
+            show_default=True,
+            help="auto = float32 on CPUs without native bf16, vLLM's choice elsewhere.",
+        ),
+        click.option("--max-model-len", type=int, default=2048, show_default=True),
+        click.option("--gpu-memory-utilization", type=float, default=0.3, show_default=True),
+        click.option("--max-num-seqs", type=int, default=64, show_default=True),
+        click.option(
+            "--single-process-worker/--multiprocess-worker", default=True, show_default=True
+        ),
+        click.option(
+            "--kv-blocks",
+            type=int,
+            default=None,
+            help="Cap the KV cache at this many blocks (testing, capacity planning).",
+        ),
+    ]
+    for opt in reversed(options):
         f = opt(f)
     return f
 
 
-def _engine_config(
-    model: Path | None,
-    cache_dir: Path,
-    dtype: str,
-    max_model_len: int,
-    gpu_memory_utilization: float,
-    max_num_seqs: int,
-    single_process_worker: bool,
-) -> EngineConfig:
+def _engine_config(kw: dict[str, Any]) -> tuple[EngineConfig, Path]:
+    """Pop the engine options from ``kw``; returns the config and the cache dir."""
+    e = {k: kw.pop(k) for k in _ENGINE_KEYS}
+    model = e["model"]
     if model is None:
         from .models import prepare_smollm2
 
-        model = prepare_smollm2(cache_dir)
-    return EngineConfig(
+        model = prepare_smollm2(e["cache_dir"])
+    config = EngineConfig(
         model=model,
-        dtype=dtype,  # type: ignore[arg-type]
-        max_model_len=max_model_len,
-        gpu_memory_utilization=gpu_memory_utilization,
-        max_num_seqs=max_num_seqs,
-        single_process_worker=single_process_worker,
+        dtype=e["dtype"],
+        max_model_len=e["max_model_len"],
+        gpu_memory_utilization=e["gpu_memory_utilization"],
+        max_num_seqs=e["max_num_seqs"],
+        single_process_worker=e["single_process_worker"],
+        num_kv_blocks=e["kv_blocks"],
     )
+    return config, e["cache_dir"]
 
 
 @click.command()
@@ -129,61 +144,30 @@ def _engine_config(
     show_default=True,
     help="FULL survives power loss; NORMAL only process crashes.",
 )
-def serve(
-    model: Path | None,
-    cache_dir: Path,
-    dtype: str,
-    max_model_len: int,
-    gpu_memory_utilization: float,
-    max_num_seqs: int,
-    single_process_worker: bool,
-    host: str,
-    port: int,
-    port_file: Path | None,
-    adapters: tuple[str, ...],
-    default_adapter: str | None,
-    drain_grace: float,
-    enable_admin: bool,
-    max_tokens_cap: int,
-    max_n: int,
-    log_db: Path | None,
-    no_log: bool,
-    log_sync: str,
-) -> None:
+def serve(**kw: Any) -> None:
     """Serve a model over gRPC until SIGTERM (then drain and exit 0)."""
     from .app import serve as run_server
 
-    engine = _engine_config(
-        model,
-        cache_dir,
-        dtype,
-        max_model_len,
-        gpu_memory_utilization,
-        max_num_seqs,
-        single_process_worker,
-    )
+    engine, cache_dir = _engine_config(kw)
+    cap = kw["max_tokens_cap"]
     config = ServerConfig(
         engine=engine,
-        host=host,
-        port=port,
-        adapters=_adapter_sources(adapters),
-        default_adapter=default_adapter,
-        drain_grace_s=drain_grace,
-        enable_admin=enable_admin,
-        limits=Limits(
-            max_tokens_cap=max_tokens_cap,
-            default_max_tokens=min(128, max_tokens_cap),
-            max_n=max_n,
-        ),
+        host=kw["host"],
+        port=kw["port"],
+        adapters=_adapter_sources(kw["adapters"]),
+        default_adapter=kw["default_adapter"],
+        drain_grace_s=kw["drain_grace"],
+        enable_admin=kw["enable_admin"],
+        limits=Limits(max_tokens_cap=cap, default_max_tokens=min(128, cap), max_n=kw["max_n"]),
         log=None
-        if no_log
+        if kw["no_log"]
         else LogConfig(
-            path=log_db or cache_dir / "log" / "generations.sqlite",
-            synchronous=log_sync,  # type: ignore[arg-type]
+            path=kw["log_db"] or cache_dir / "log" / "generations.sqlite",
+            synchronous=kw["log_sync"],
         ),
     )
     _apply_process_settings(engine)
-    _run(run_server(config, port_file))
+    _run(run_server(config, kw["port_file"]))
 
 
 @click.command()
@@ -192,45 +176,25 @@ def serve(
 @click.option("--prompt", default="How do I keep a sourdough starter alive?", show_default=True)
 @click.option("--feedback", default="Harmless and very helpful", show_default=True)
 @click.option("--once", is_flag=True, help="Exit after the demo generation instead of serving on.")
-def up(
-    model: Path | None,
-    cache_dir: Path,
-    dtype: str,
-    max_model_len: int,
-    gpu_memory_utilization: float,
-    max_num_seqs: int,
-    single_process_worker: bool,
-    port: int,
-    prompt: str,
-    feedback: str,
-    once: bool,
-) -> None:
+def up(**kw: Any) -> None:
     """The main job: serve the default model with its feedback profile, print a steered
     generation made through the gRPC client, and keep serving."""
     from .demo import run_up
     from .models import write_feedback_profile
 
-    engine = _engine_config(
-        model,
-        cache_dir,
-        dtype,
-        max_model_len,
-        gpu_memory_utilization,
-        max_num_seqs,
-        single_process_worker,
-    )
+    engine, cache_dir = _engine_config(kw)
     profile = write_feedback_profile(
         cache_dir / "registry" / "feedback" / "v0001", base_model=engine.model.name
     )
     config = ServerConfig(
         engine=engine,
-        port=port,
+        port=kw["port"],
         adapters=(AdapterSource("feedback", profile),),
         default_adapter="feedback",
         log=LogConfig(path=cache_dir / "log" / "generations.sqlite"),
     )
     _apply_process_settings(engine)
-    _run(run_up(config, prompt=prompt, feedback=feedback, once=once))
+    _run(run_up(config, prompt=kw["prompt"], feedback=kw["feedback"], once=kw["once"]))
 
 
 @click.group()

@@ -24,6 +24,9 @@ class EngineConfig:
     max_loras: int = 4
     max_num_seqs: int = 64
     seed: int = 0
+    # Cap the KV cache at this many blocks (None: size it from memory). A testing and
+    # capacity-planning knob: a tiny cache forces preemption.
+    num_kv_blocks: int | None = None
     # Run the model worker inside the engine-core process (VLLM_ENABLE_V1_MULTIPROCESSING=0):
     # one spinning process fewer, 1.75x faster on 2-core CPUs (PLATFORM.md). Set at the CLI edge.
     single_process_worker: bool = True

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .config import EngineConfig
@@ -48,6 +48,13 @@ class Engine(Protocol):
         """Yield the deltas produced per engine step; aborts the request if the caller stops."""
         ...
 
+    async def generate_group(
+        self, requests: Sequence[EngineRequest]
+    ) -> list[AsyncIterator[Sequence[Delta]]]:
+        """Admit ``requests`` so that the scheduler sees them in the same step; return one
+        delta stream per request (as ``generate``)."""
+        ...
+
     async def abort(self, request_id: str) -> None: ...
 
     def num_unfinished(self) -> int: ...
@@ -67,12 +74,15 @@ class VllmEngine:
 
     llm: AsyncLLM
     config: EngineConfig
+    _admit: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @classmethod
     def start(cls, config: EngineConfig) -> VllmEngine:
         """Start the engine (tens of seconds). Call from inside the running event loop."""
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
+
+        from .mixing import FeedbackMixProcessor
 
         args = AsyncEngineArgs(
             model=str(config.model),
@@ -86,6 +96,8 @@ class VllmEngine:
             max_loras=config.max_loras,
             max_num_seqs=config.max_num_seqs,
             seed=config.seed,
+            num_gpu_blocks_override=config.num_kv_blocks,
+            logits_processors=[FeedbackMixProcessor],
         )
         return cls(llm=AsyncLLM.from_engine_args(args), config=config)
 
@@ -116,6 +128,7 @@ class VllmEngine:
             stop=list(s.stop) or None,
             repetition_penalty=s.repetition_penalty,
             output_kind=RequestOutputKind.DELTA,
+            extra_args={"tiller_mix": asdict(request.mix)} if request.mix else None,
         )
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[Sequence[Delta]]:
@@ -153,6 +166,59 @@ class VllmEngine:
             raise
         except Exception as e:
             raise EngineFailure(f"engine failed: {type(e).__name__}: {e}") from e
+
+    async def generate_group(
+        self, requests: Sequence[EngineRequest]
+    ) -> list[AsyncIterator[Sequence[Delta]]]:
+        """Siblings are added while the scheduler is paused ("keep": running requests are
+        frozen for the length of the admission, about a millisecond), so that they start in
+        the same step. Separate adds would race the engine core's input loop."""
+        from vllm.inputs import TokensPrompt
+
+        async with self._admit:
+            await self.llm.pause_generation(mode="keep", clear_cache=False)
+            try:
+                queues = [
+                    await self.llm.add_request(
+                        r.request_id,
+                        TokensPrompt(prompt_token_ids=list(r.prompt_token_ids)),
+                        self._sampling_params(r),
+                        lora_request=self._lora(r),
+                    )
+                    for r in requests
+                ]
+            finally:
+                await self.llm.resume_generation()
+        return [self._drain(q, r.request_id) for q, r in zip(queues, requests, strict=True)]
+
+    async def _drain(self, q: Any, request_id: str) -> AsyncIterator[Sequence[Delta]]:
+        try:
+            finished = False
+            while not finished:
+                out = q.get_nowait() or await q.get()
+                finished = bool(out.finished)
+                yield [self._delta(c) for c in out.outputs]
+        except asyncio.CancelledError:
+            await self.abort(request_id)
+            raise
+        finally:
+            q.close()
+
+    @staticmethod
+    def _delta(c: Any) -> Delta:
+        return Delta(
+            index=c.index,
+            text=c.text,
+            token_ids=tuple(c.token_ids),
+            finish=_FINISH.get(c.finish_reason, Finish.STOP),
+        )
+
+    def _lora(self, request: EngineRequest) -> Any:
+        from vllm.lora.request import LoRARequest
+
+        if request.lora_id is None:
+            return None
+        return LoRARequest(request.lora_name or "", request.lora_id, request.lora_path or "")
 
     async def abort(self, request_id: str) -> None:
         await self.llm.abort(request_id)

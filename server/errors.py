@@ -42,6 +42,10 @@ class FailedPrecondition(TillerError):
     """The system is not in a state where the request can run (e.g. adapter not loaded)."""
 
 
+class Aborted(TillerError):
+    """The request was aborted by a conflict it cannot recover from (e.g. lockstep lost)."""
+
+
 class EngineFailure(TillerError):
     """The engine failed while serving an accepted request."""
 
@@ -53,6 +57,7 @@ STATUS_TABLE: dict[type[TillerError], grpc.StatusCode] = {
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    Aborted: grpc.StatusCode.ABORTED,
     EngineFailure: grpc.StatusCode.INTERNAL,
 }
 

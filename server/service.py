@@ -6,15 +6,17 @@ Knows nothing about gRPC or vLLM. Safe to call concurrently from one event loop.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .adapters import AdapterTable, LoadedAdapter
 from .config import Limits
 from .engine import Engine
 from .errors import FailedPrecondition, InvalidArgument, Unavailable, Unimplemented
+from .lockstep import LockstepLost, mixed_deltas
 from .logrecords import (
     FeedbackInput,
     GenerationRecord,
@@ -33,6 +35,7 @@ from .values import (
     Finish,
     GenerateRequest,
     GenerateResult,
+    MixMember,
     Prepared,
     StreamEnd,
     StreamEvent,
@@ -98,9 +101,9 @@ class GenerationService:
 
     # ---------------------------------------------------------------- preparation
 
-    def _render(self, req: GenerateRequest, adapter: LoadedAdapter) -> str:
+    def _render(self, req: GenerateRequest, adapter: LoadedAdapter, feedback: str) -> str:
         cond = adapter.conditioning
-        feedback = req.feedback or (cond.default_tag if cond else None) or ""
+        feedback = feedback or (cond.default_tag if cond else None) or ""
         if req.chat is not None:
             turns: tuple[ChatTurn, ...] = req.chat
             if feedback and cond is not None:
@@ -128,11 +131,47 @@ class GenerationService:
         adapter = self._adapters.resolve(req.adapter)
         check_feedback(req, adapter, self._limits)
         check_attributes(req, adapter, self._limits)
-        if req.feedback_mix:
-            raise Unimplemented("feedback_mix is validated but not served by this server yet")
         if req.attributes:
             raise Unimplemented("attribute steering is validated but not served by this server yet")
-        rendered = self._render(req, adapter)
+        request_id = req.request_id or uuid.uuid4().hex
+        engine_id = f"{request_id}-{uuid.uuid4().hex[:8]}"
+        mix: tuple[tuple[str, float], ...] = req.feedback_mix
+        if len(mix) == 1 and mix[0][1] == 1.0:
+            # One tag at weight 1 is plain conditioning: byte-identical by construction.
+            req = replace(req, feedback=mix[0][0], feedback_mix=())
+            mix = ()
+        conditions = mix or ((req.feedback, 1.0),)
+        siblings: list[EngineRequest] = []
+        rendered_all: list[str] = []
+        for member, (tag, weight) in enumerate(conditions):
+            rendered = self._render(req, adapter, tag)
+            ids = self._tokenize_checked(rendered, req, sampling.max_tokens)
+            rendered_all.append(rendered)
+            siblings.append(
+                EngineRequest(
+                    request_id=f"{engine_id}-m{member}" if mix else engine_id,
+                    prompt_token_ids=ids,
+                    sampling=sampling,
+                    lora_name=f"{adapter.name}@v{adapter.version}" if adapter.lora_id else None,
+                    lora_id=adapter.lora_id,
+                    lora_path=str(adapter.path) if adapter.lora_id else None,
+                    mix=MixMember(engine_id, member, len(conditions), weight) if mix else None,
+                )
+            )
+        return Prepared(
+            request_id=request_id,
+            engine_request=siblings[0],
+            # A mixed request reports every condition's rendering, as a JSON list.
+            rendered_prompt=json.dumps(rendered_all) if mix else rendered_all[0],
+            served_by=self._adapters.served_by(adapter),
+            generation_ids=tuple(f"gen-{uuid.uuid4().hex}" for _ in range(sampling.n)),
+            accepted_at=accepted_at,
+            siblings=tuple(siblings) if mix else (),
+        )
+
+    def _tokenize_checked(
+        self, rendered: str, req: GenerateRequest, max_tokens: int
+    ) -> tuple[int, ...]:
         special = req.chat is None  # chat templates carry their own special tokens
         ids = self._engine.tokenizer.encode(rendered, add_special_tokens=special)
         limit = self._engine.max_model_len
@@ -141,29 +180,13 @@ class GenerationService:
                 f"prompt is {len(ids)} tokens; the model's context is {limit}",
                 field="chat" if req.chat is not None else "prompt",
             )
-        if len(ids) + sampling.max_tokens > limit:
+        if len(ids) + max_tokens > limit:
             raise InvalidArgument(
-                f"sampling.max_tokens {sampling.max_tokens} + {len(ids)} prompt tokens exceeds "
+                f"sampling.max_tokens {max_tokens} + {len(ids)} prompt tokens exceeds "
                 f"the context of {limit}; at most {limit - len(ids)} fit",
                 field="sampling.max_tokens",
             )
-        request_id = req.request_id or uuid.uuid4().hex
-        engine_request = EngineRequest(
-            request_id=f"{request_id}-{uuid.uuid4().hex[:8]}",
-            prompt_token_ids=tuple(ids),
-            sampling=sampling,
-            lora_name=f"{adapter.name}@v{adapter.version}" if adapter.lora_id else None,
-            lora_id=adapter.lora_id,
-            lora_path=str(adapter.path) if adapter.lora_id else None,
-        )
-        return Prepared(
-            request_id=request_id,
-            engine_request=engine_request,
-            rendered_prompt=rendered,
-            served_by=self._adapters.served_by(adapter),
-            generation_ids=tuple(f"gen-{uuid.uuid4().hex}" for _ in range(sampling.n)),
-            accepted_at=accepted_at,
-        )
+        return tuple(ids)
 
     # ---------------------------------------------------------------- running
 
@@ -228,7 +251,12 @@ class GenerationService:
                 rendered_prompt=prepared.rendered_prompt,
             )
             submitted = time.monotonic()
-            async for deltas in self._engine.generate(er):
+            deltas_in = (
+                mixed_deltas(self._engine, prepared.siblings)
+                if prepared.siblings
+                else self._engine.generate(er)
+            )
+            async for deltas in deltas_in:
                 for d in deltas:
                     if first is None and d.token_ids:
                         first = time.monotonic()
@@ -280,8 +308,22 @@ class GenerationService:
         except LogLoss:
             return False  # counted and reported loudly by the writer
 
-    async def generate(self, req: GenerateRequest) -> GenerateResult:
-        """Run ``req`` to completion and return every sample."""
+    async def generate(self, req: GenerateRequest, lockstep_retries: int = 2) -> GenerateResult:
+        """Run ``req`` to completion and return every sample.
+
+        A feedback-mix request that loses lockstep (preemption under memory pressure) is rerun
+        from scratch up to ``lockstep_retries`` times — nothing was sent to the client yet —
+        then fails with ABORTED.
+        """
+        for attempt in range(lockstep_retries + 1):
+            try:
+                return await self._generate_once(req)
+            except LockstepLost:
+                if attempt == lockstep_retries:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _generate_once(self, req: GenerateRequest) -> GenerateResult:
         texts: dict[int, list[str]] = {}
         tokens: dict[int, list[int]] = {}
         finish: dict[int, Finish] = {}

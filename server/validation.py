@@ -144,6 +144,21 @@ def check_feedback(req: GenerateRequest, adapter: LoadedAdapter, limits: Limits)
                 field="feedback_mix",
             )
         _finite(weight, f"feedback_mix[{tag!r}]")
+    if req.feedback_mix:
+        if sum(w for _, w in req.feedback_mix) <= 0:
+            raise InvalidArgument(
+                "feedback_mix weights must sum to > 0 (e.g. 1.5 and -0.5)", field="feedback_mix"
+            )
+        if (req.sampling.n or 1) != 1:
+            raise InvalidArgument(
+                "feedback_mix serves n = 1; send separate requests", field="sampling.n"
+            )
+        if (req.sampling.repetition_penalty or 1.0) != 1.0:
+            raise InvalidArgument(
+                "sampling.repetition_penalty is not supported with feedback_mix (it depends on "
+                "each condition's prompt and would break the shared sampling)",
+                field="sampling.repetition_penalty",
+            )
 
 
 def check_attributes(req: GenerateRequest, adapter: LoadedAdapter, limits: Limits) -> None:

@@ -85,6 +85,17 @@ class EngineRequest:
     lora_name: str | None = None
     lora_id: int | None = None
     lora_path: str | None = None
+    mix: MixMember | None = None
+
+
+@dataclass(frozen=True)
+class MixMember:
+    """This engine request is member ``member`` of a feedback-mix group of ``size`` siblings."""
+
+    group: str
+    member: int
+    size: int
+    weight: float
 
 
 @dataclass(frozen=True)
@@ -107,6 +118,7 @@ class Prepared:
     served_by: ServedBy
     generation_ids: tuple[str, ...]
     accepted_at: float
+    siblings: tuple[EngineRequest, ...] = ()  # feedback mix: one engine request per tag
 
 
 @dataclass(frozen=True)

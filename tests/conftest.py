@@ -109,6 +109,8 @@ def start_server(model: Path, workdir: Path, *extra: str) -> ServerProc:
         "2000",
         "--max-n",
         "4",
+        "--dtype",
+        "float32",  # exactness tests compare with float32 torch references
         *extra,
     ]
     with log.open("wb") as out:

@@ -20,6 +20,7 @@ from tiller.server.device import cpu_has_native_bf16, resolve_dtype
         (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
         (errors.Unimplemented, grpc.StatusCode.UNIMPLEMENTED),
         (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+        (errors.Aborted, grpc.StatusCode.ABORTED),
         (errors.EngineFailure, grpc.StatusCode.INTERNAL),
     ],
 )

@@ -1,0 +1,449 @@
+"""Serving throughput: Tiller gRPC vs direct AsyncLLM (in-process) vs `vllm serve` (OpenAI HTTP).
+
+Same model, prompts, sampling (fixed seed per request) and engine settings, N concurrent streams.
+Each system runs in its own subprocess, one at a time; rounds rotate the order; medians are
+reported. tok/s = completion tokens reported by the system / wall time of the measured phase
+(after a short warm-up, excluding start-up). Both baselines get the engine arguments that
+`tiller serve` uses, but not Tiller's own logits processor: its cost is part of what is measured.
+
+    python bench/serve_throughput.py                        # SmolLM2-135M, 128 requests, 32 streams
+    python bench/serve_throughput.py --model tiny --requests 64 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+from tqdm import tqdm
+
+from tiller.server.device import detect_dtype
+
+SYSTEMS = ("tiller", "asyncllm", "vllm-serve")
+TARGETS = {"asyncllm": 0.95, "vllm-serve": 1.0}
+_TOPICS = (
+    "sourdough bread",
+    "the moon landing",
+    "black holes",
+    "a lighthouse keeper",
+    "composting",
+    "the French revolution",
+    "honey bees",
+    "learning to juggle",
+)
+_FORMS = (
+    "Write a short story about {}.",
+    "Explain {} to a ten-year-old.",
+    "List three surprising facts about {}.",
+    "Write a haiku about {}.",
+    "Give a two-sentence summary of {}.",
+    "What would a pirate say about {}?",
+)
+PROMPTS = [form.format(topic) for topic in _TOPICS for form in _FORMS]  # 48 prompts
+Send = Callable[[str, dict[str, Any]], Awaitable[int]]  # (prompt, sampling) -> completion tokens
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str
+    dtype: str
+    concurrency: int
+    requests: int
+    max_tokens: int
+    temperature: float
+    seed: int
+    max_model_len: int
+    gpu_memory_utilization: float
+    max_num_seqs: int
+    tiller_log: bool
+
+    def sampling(self, i: int, max_tokens: int | None = None) -> dict[str, Any]:
+        """Identical keyword names in Tiller's client, the OpenAI body and ``SamplingParams``."""
+        return {
+            "max_tokens": max_tokens or self.max_tokens,
+            "temperature": self.temperature,
+            "top_p": 1.0,
+            "top_k": 0,
+            "repetition_penalty": 1.0,
+            "seed": self.seed + i,
+        }
+
+    def engine_args(self) -> dict[str, Any]:
+        """The vLLM engine arguments that `tiller serve` starts its engine with (its defaults
+        included), for both baselines; Tiller's own logits processor is not among them."""
+        from tiller.server.config import EngineConfig
+
+        c = EngineConfig(
+            model=Path(self.model),
+            dtype=self.dtype,
+            max_model_len=self.max_model_len,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            max_num_seqs=self.max_num_seqs,
+        )
+        same = (
+            "max_model_len",
+            "gpu_memory_utilization",
+            "max_num_seqs",
+            "enforce_eager",
+            "enable_prefix_caching",
+            "enable_lora",
+            "max_lora_rank",
+            "max_loras",
+            "seed",
+        )
+        return {"model": self.model, "dtype": self.dtype, **{k: getattr(c, k) for k in same}}
+
+
+@dataclass
+class Phase:
+    system: str
+    round: int
+    completion_tokens: int
+    wall_s: float
+    tok_s: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.tok_s = self.completion_tokens / self.wall_s
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        import uvloop
+
+        return uvloop.run(coro)
+    except ImportError:
+        return asyncio.run(coro)
+
+
+async def drive(send: Send, s: Settings, progress: Callable[[], object]) -> tuple[int, float]:
+    """Warm up (not counted), then ``s.requests`` requests over ``s.concurrency`` streams."""
+    warm = [
+        send(f"Warm-up {i}: say hello.", s.sampling(10_000 + i, 8)) for i in range(s.concurrency)
+    ]
+    await asyncio.gather(*warm)
+    todo = iter(range(s.requests))  # shared by the workers; next() never awaits
+    tokens = 0
+
+    async def worker() -> None:
+        nonlocal tokens
+        for i in todo:
+            n = await send(PROMPTS[i % len(PROMPTS)], s.sampling(i))
+            tokens += n  # not `tokens += await ...`: that reads `tokens` before the await
+            progress()
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(s.concurrency)))
+    return tokens, time.perf_counter() - start
+
+
+async def tiller_load(
+    target: str, s: Settings, progress: Callable[[], object]
+) -> tuple[int, float]:
+    from tiller.client import AsyncClient
+
+    async with AsyncClient(target, timeout=600) as client:
+
+        async def send(prompt: str, sampling: dict[str, Any]) -> int:
+            counted = reported = 0
+            async for chunk in client.stream(prompt, **sampling):
+                counted += len(chunk.token_ids)
+                reported += chunk.completion_tokens if chunk.final else 0
+            return reported or counted
+
+        return await drive(send, s, progress)
+
+
+async def openai_load(base: str, s: Settings, progress: Callable[[], object]) -> tuple[int, float]:
+    import aiohttp
+
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0), timeout=timeout
+    ) as http:
+
+        async def send(prompt: str, sampling: dict[str, Any]) -> int:
+            body = {
+                "model": "bench",
+                "prompt": prompt,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+                **sampling,
+            }
+            reported = chunks = 0
+            async with http.post(f"{base}/v1/completions", json=body) as resp:
+                if resp.status != 200:
+                    raise RuntimeError(f"vllm serve: HTTP {resp.status}: {await resp.text()}")
+                async for line in resp.content:
+                    if not line.startswith(b"data: {"):
+                        continue  # blank separators and "data: [DONE]"
+                    event = json.loads(line[6:])
+                    if event.get("usage"):
+                        reported = event["usage"]["completion_tokens"]
+                    elif event.get("choices"):
+                        chunks += 1
+            return reported or chunks
+
+        return await drive(send, s, progress)
+
+
+async def asyncllm_load(s: Settings, progress: Callable[[], object]) -> tuple[int, float]:
+    """Runs in the worker subprocess."""
+    from vllm import SamplingParams
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.sampling_params import RequestOutputKind
+    from vllm.utils.gc_utils import freeze_gc_heap
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**s.engine_args()))
+    freeze_gc_heap()  # as `vllm serve` does once started: the in-process baseline at its best
+    try:
+
+        async def send(prompt: str, sampling: dict[str, Any]) -> int:
+            params = SamplingParams(**sampling, output_kind=RequestOutputKind.DELTA)
+            tokens = 0
+            async for out in llm.generate(prompt, params, uuid.uuid4().hex):
+                tokens += sum(len(c.token_ids) for c in out.outputs)
+            return tokens
+
+        return await drive(send, s, progress)
+    finally:
+        llm.shutdown()
+
+
+# ------------------------------------------------------------------ subprocesses
+
+
+@contextmanager
+def process(cmd: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A child in its own process group (output to ``log``); the whole group dies on exit."""
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # what `tiller serve` sets
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    try:
+        yield proc
+    finally:
+        proc.terminate()  # the leader shuts down its own children gracefully ...
+        with suppress(subprocess.TimeoutExpired):
+            proc.wait(60)
+        with suppress(ProcessLookupError):  # ... and whatever is left of its group is killed
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def wait_ready(ready: Callable[[], bool], proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 600
+    while not ready():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            tail = log.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"{proc.args!r} did not become ready (rc={proc.poll()}):\n{tail}")
+        time.sleep(0.5)
+
+
+def http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _opts(**options: object) -> list[str]:
+    """``--name value`` pairs; True is ``--name``, False ``--no-name``."""
+    out: list[str] = []
+    for key, value in options.items():
+        name = key.replace("_", "-")
+        if isinstance(value, bool):
+            out.append(f"--{name}" if value else f"--no-{name}")
+        else:
+            out += [f"--{name}", str(value)]
+    return out
+
+
+def vllm_serve_cmd(s: Settings, port: int) -> list[str]:
+    server = {"served_model_name": "bench", "host": "127.0.0.1", "port": port}
+    return [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        *_opts(**s.engine_args(), **server),
+    ]
+
+
+def tiller_serve_cmd(s: Settings, port_file: Path, cache_dir: Path) -> list[str]:
+    log = {} if s.tiller_log else {"no_log": True}
+    return [
+        sys.executable,
+        "-m",
+        "tiller.client.cli",
+        "serve",
+        *_opts(
+            model=s.model,
+            dtype=s.dtype,
+            port=0,
+            port_file=port_file,
+            max_model_len=s.max_model_len,
+            gpu_memory_utilization=s.gpu_memory_utilization,
+            max_num_seqs=s.max_num_seqs,
+            cache_dir=cache_dir,
+            **log,
+        ),
+    ]
+
+
+def run_phase(system: str, rnd: int, s: Settings, work: Path) -> Phase:
+    log = work / f"{system}-r{rnd}.log"
+    fmt = "{desc}: {n_fmt}/{total_fmt} requests [{elapsed} since start-up]"
+    with tqdm(total=s.requests, desc=f"round {rnd} {system}", bar_format=fmt, leave=False) as bar:
+        if system == "tiller":
+            port_file = work / f"tiller-r{rnd}.port"
+            cmd = tiller_serve_cmd(s, port_file, work / f"cache-r{rnd}")
+            with process(cmd, log) as proc:
+                wait_ready(port_file.exists, proc, log)
+                target = f"127.0.0.1:{port_file.read_text().strip()}"
+                tokens, wall = run_async(tiller_load(target, s, bar.update))
+        elif system == "vllm-serve":
+            port = free_port()
+            with process(vllm_serve_cmd(s, port), log) as proc:
+                base = f"http://127.0.0.1:{port}"
+                wait_ready(lambda: http_ok(f"{base}/health"), proc, log)
+                tokens, wall = run_async(openai_load(base, s, bar.update))
+        else:  # asyncllm: this script again, as a worker subprocess
+            result, ticks = work / f"asyncllm-r{rnd}.json", work / f"asyncllm-r{rnd}.progress"
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                json.dumps(asdict(s)),
+                str(result),
+                str(ticks),
+            ]
+            with process(cmd, log) as proc:
+                while proc.poll() is None:
+                    bar.update((ticks.stat().st_size if ticks.exists() else 0) - bar.n)
+                    time.sleep(0.5)
+            if proc.returncode != 0 or not result.exists():
+                raise RuntimeError(f"asyncllm worker failed (rc={proc.returncode}), see {log}")
+            tokens, wall = json.loads(result.read_text())
+    return Phase(system, rnd, tokens, wall)
+
+
+def worker_main(settings_json: str, out: str, ticks: str) -> None:
+    s = Settings(**json.loads(settings_json))
+    with open(ticks, "ab", buffering=0) as f:
+        result = run_async(asyncllm_load(s, lambda: f.write(b".")))
+    Path(out).write_text(json.dumps(result))
+
+
+# ------------------------------------------------------------------ orchestration
+
+
+def resolve_model(name: str) -> Path:
+    cache = Path(os.environ.get("TILLER_CACHE_DIR", Path.home() / ".cache" / "tiller"))
+    if name == "smollm2":
+        from tiller.server.models import prepare_smollm2
+
+        return prepare_smollm2(cache)
+    if name == "tiny":
+        from tiller.server.tiny_model import build_tiny_llama
+
+        return build_tiny_llama(cache / "models" / "tiny-llama")
+    return Path(name).resolve()
+
+
+def report(phases: list[Phase], s: Settings, out: Path) -> None:
+    median = {k: statistics.median(p.tok_s for p in phases if p.system == k) for k in SYSTEMS}
+    tokens = {k: [p.completion_tokens for p in phases if p.system == k] for k in SYSTEMS}
+    ratios = {k: median["tiller"] / median[k] for k in TARGETS}
+    names = {"asyncllm": "AsyncLLM", "vllm-serve": "vllm-serve"}
+    for k, target in TARGETS.items():
+        verdict = "met" if ratios[k] >= target else "NOT met"
+        print(
+            f"Tiller/{names[k]} tok/s ratio: {ratios[k]:.2f} (tiller {median['tiller']:.1f} "
+            f"tok/s, {k} {median[k]:.1f} tok/s; target >= {target:.2f}: {verdict})"
+        )
+    print("completion tokens per round: " + ", ".join(f"{k} {v}" for k, v in tokens.items()))
+    if len({t for v in tokens.values() for t in v}) > 1:
+        print("note: systems produced different token counts (EOS); tok/s still comparable")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    summary = dict(settings=asdict(s), phases=[asdict(p) for p in phases], median_tok_s=median)
+    out.write_text(json.dumps(dict(summary, tiller_ratio=ratios, targets=TARGETS), indent=2))
+    print(f"wrote {out}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2", help="tiny | smollm2 | PATH")
+    dtypes = ["auto", "float32", "bfloat16", "float16"]
+    ap.add_argument("--dtype", default="auto", choices=dtypes, help="auto: Tiller's choice")
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--requests", type=int, default=128)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0, help="request i samples with seed SEED+i")
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--max-model-len", type=int, default=1024)
+    ap.add_argument("--gpu-memory-utilization", type=float, help="default: 0.1 tiny, 0.3 others")
+    ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument(
+        "--tiller-log",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Tiller's generation log (its default: on)",
+    )
+    ap.add_argument("--out", type=Path, default=Path("bench/out/serve_throughput.json"))
+    ap.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)  # SETTINGS_JSON OUT PROGRESS
+    a = ap.parse_args()
+    if a.worker:
+        return worker_main(*a.worker)
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` blocks run
+    a.gpu_memory_utilization = a.gpu_memory_utilization or (0.1 if a.model == "tiny" else 0.3)
+    a.model = str(resolve_model(a.model))
+    a.dtype = detect_dtype(a.dtype)  # Tiller's choice for this machine, given to all three
+    s = Settings(**{f.name: getattr(a, f.name) for f in fields(Settings)})
+    print(
+        f"{Path(a.model).name}, dtype {a.dtype}, {a.concurrency} streams, {a.requests} requests "
+        f"of <= {a.max_tokens} tokens, temperature {a.temperature}, {a.rounds} round(s)"
+    )
+    work = a.out.parent / f"{a.out.stem}-work"  # server logs stay here for a look afterwards
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    phases: list[Phase] = []
+    for rnd in range(a.rounds):
+        for system in SYSTEMS[rnd % 3 :] + SYSTEMS[: rnd % 3]:
+            phase = run_phase(system, rnd, s, work)
+            tqdm.write(
+                f"round {rnd} {system}: {phase.completion_tokens} tokens in "
+                f"{phase.wall_s:.2f} s = {phase.tok_s:.1f} tok/s"
+            )
+            phases.append(phase)
+    report(phases, s, a.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Dataset builders: generation log + annotations (or JSONL) -> training examples."""

@@ -1,0 +1,1 @@
+"""Training objectives: one small module each (config dataclass + loss), one shared loop."""
