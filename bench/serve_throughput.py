@@ -117,6 +117,7 @@ class Phase:
     round: int
     completion_tokens: int
     wall_s: float
+    other_cpu_pct: float  # CPU that processes outside the benchmark took meanwhile
     tok_s: float = field(init=False)
 
     def __post_init__(self) -> None:
@@ -132,8 +133,32 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run(coro)
 
 
-async def drive(send: Send, s: Settings, progress: Callable[[], object]) -> tuple[int, float]:
-    """Warm up (not counted), then ``s.requests`` requests over ``s.concurrency`` streams."""
+def cpu_ticks(root: int) -> tuple[int, int]:
+    """(busy clock ticks of the whole machine, ticks used by ``root`` and its descendants)."""
+    total = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    parent: dict[int, int] = {}
+    used: dict[int, int] = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with suppress(OSError):  # gone meanwhile
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            parent[int(pid)], used[int(pid)] = int(stat[1]), int(stat[11]) + int(stat[12])
+
+    def ours(pid: int) -> bool:
+        while pid > 1 and pid != root:
+            pid = parent.get(pid, 0)
+        return pid == root
+
+    return sum(total) - total[3] - total[4], sum(t for p, t in used.items() if ours(p))
+
+
+Result = tuple[int, float, float]  # completion tokens, wall seconds, other processes' CPU %
+
+
+async def drive(send: Send, s: Settings, progress: Callable[[], object], root: int) -> Result:
+    """Warm up (not counted), then ``s.requests`` requests over ``s.concurrency`` streams.
+
+    Also measures the CPU that processes outside ``root``'s tree took meanwhile (% of a core).
+    """
     warm = [
         send(f"Warm-up {i}: say hello.", s.sampling(10_000 + i, 8)) for i in range(s.concurrency)
     ]
@@ -148,14 +173,15 @@ async def drive(send: Send, s: Settings, progress: Callable[[], object]) -> tupl
             tokens += n  # not `tokens += await ...`: that reads `tokens` before the await
             progress()
 
-    start = time.perf_counter()
+    busy, own, start = *cpu_ticks(root), time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(s.concurrency)))
-    return tokens, time.perf_counter() - start
+    wall = time.perf_counter() - start
+    busy_end, own_end = cpu_ticks(root)
+    other = (busy_end - busy - (own_end - own)) / os.sysconf("SC_CLK_TCK") / wall * 100
+    return tokens, wall, max(other, 0.0)
 
 
-async def tiller_load(
-    target: str, s: Settings, progress: Callable[[], object]
-) -> tuple[int, float]:
+async def tiller_load(target: str, s: Settings, progress: Callable[[], object]) -> Result:
     from tiller.client import AsyncClient
 
     async with AsyncClient(target, timeout=600) as client:
@@ -167,10 +193,10 @@ async def tiller_load(
                 reported += chunk.completion_tokens if chunk.final else 0
             return reported or counted
 
-        return await drive(send, s, progress)
+        return await drive(send, s, progress, os.getpid())
 
 
-async def openai_load(base: str, s: Settings, progress: Callable[[], object]) -> tuple[int, float]:
+async def openai_load(base: str, s: Settings, progress: Callable[[], object]) -> Result:
     import aiohttp
 
     timeout = aiohttp.ClientTimeout(total=600)
@@ -200,10 +226,10 @@ async def openai_load(base: str, s: Settings, progress: Callable[[], object]) ->
                         chunks += 1
             return reported or chunks
 
-        return await drive(send, s, progress)
+        return await drive(send, s, progress, os.getpid())
 
 
-async def asyncllm_load(s: Settings, progress: Callable[[], object]) -> tuple[int, float]:
+async def asyncllm_load(s: Settings, progress: Callable[[], object]) -> Result:
     """Runs in the worker subprocess."""
     from vllm import SamplingParams
     from vllm.engine.arg_utils import AsyncEngineArgs
@@ -222,7 +248,7 @@ async def asyncllm_load(s: Settings, progress: Callable[[], object]) -> tuple[in
                 tokens += sum(len(c.token_ids) for c in out.outputs)
             return tokens
 
-        return await drive(send, s, progress)
+        return await drive(send, s, progress, os.getppid())  # the orchestrator's tree
     finally:
         llm.shutdown()
 
@@ -325,13 +351,13 @@ def run_phase(system: str, rnd: int, s: Settings, work: Path) -> Phase:
             with process(cmd, log) as proc:
                 wait_ready(port_file.exists, proc, log)
                 target = f"127.0.0.1:{port_file.read_text().strip()}"
-                tokens, wall = run_async(tiller_load(target, s, bar.update))
+                tokens, wall, other = run_async(tiller_load(target, s, bar.update))
         elif system == "vllm-serve":
             port = free_port()
             with process(vllm_serve_cmd(s, port), log) as proc:
                 base = f"http://127.0.0.1:{port}"
                 wait_ready(lambda: http_ok(f"{base}/health"), proc, log)
-                tokens, wall = run_async(openai_load(base, s, bar.update))
+                tokens, wall, other = run_async(openai_load(base, s, bar.update))
         else:  # asyncllm: this script again, as a worker subprocess
             result, ticks = work / f"asyncllm-r{rnd}.json", work / f"asyncllm-r{rnd}.progress"
             cmd = [
@@ -348,8 +374,8 @@ def run_phase(system: str, rnd: int, s: Settings, work: Path) -> Phase:
                     time.sleep(0.5)
             if proc.returncode != 0 or not result.exists():
                 raise RuntimeError(f"asyncllm worker failed (rc={proc.returncode}), see {log}")
-            tokens, wall = json.loads(result.read_text())
-    return Phase(system, rnd, tokens, wall)
+            tokens, wall, other = json.loads(result.read_text())
+    return Phase(system, rnd, tokens, wall, other)
 
 
 def worker_main(settings_json: str, out: str, ticks: str) -> None:
@@ -389,6 +415,8 @@ def report(phases: list[Phase], s: Settings, out: Path) -> None:
     print("completion tokens per round: " + ", ".join(f"{k} {v}" for k, v in tokens.items()))
     if len({t for v in tokens.values() for t in v}) > 1:
         print("note: systems produced different token counts (EOS); tok/s still comparable")
+    if busy := [f"{p.system} r{p.round}" for p in phases if p.other_cpu_pct > 10]:
+        print(f"warning: other processes took CPU during {', '.join(busy)}: figures unreliable")
     out.parent.mkdir(parents=True, exist_ok=True)
     summary = dict(settings=asdict(s), phases=[asdict(p) for p in phases], median_tok_s=median)
     out.write_text(json.dumps(dict(summary, tiller_ratio=ratios, targets=TARGETS), indent=2))
@@ -438,8 +466,8 @@ def main() -> None:
         for system in SYSTEMS[rnd % 3 :] + SYSTEMS[: rnd % 3]:
             phase = run_phase(system, rnd, s, work)
             tqdm.write(
-                f"round {rnd} {system}: {phase.completion_tokens} tokens in "
-                f"{phase.wall_s:.2f} s = {phase.tok_s:.1f} tok/s"
+                f"round {rnd} {system}: {phase.completion_tokens} tokens in {phase.wall_s:.2f} s"
+                f" = {phase.tok_s:.1f} tok/s (other processes: {phase.other_cpu_pct:.0f}% CPU)"
             )
             phases.append(phase)
     report(phases, s, a.out)

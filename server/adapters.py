@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import itertools
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from .config import AdapterSource
 from .engine import Engine
-from .errors import InvalidArgument
+from .errors import FailedPrecondition, InvalidArgument
 from .manifest import Conditioning, Manifest, load_manifest
 from .values import AdapterPick, ServedBy
 
@@ -52,8 +53,11 @@ def validate_name(name: str) -> str:
 class AdapterTable:
     """Name -> versions; one active version per name; a default route for unnamed requests."""
 
-    def __init__(self, engine: Engine, base_model: str) -> None:
+    def __init__(self, engine: Engine, base_model: str, keep_versions: int = 2) -> None:
         self._engine = engine
+        self._keep = max(1, keep_versions)  # active + previous stay loaded (rollback, pins)
+        self._history: dict[str, list[int]] = {}
+        self._inflight: Counter[tuple[str, int]] = Counter()
         self._base = LoadedAdapter(name="", version=0, path=None, lora_id=None, manifest=None)
         self._base_model = base_model
         self._versions: dict[str, dict[int, LoadedAdapter]] = {}
@@ -65,19 +69,79 @@ class AdapterTable:
     def base_model(self) -> str:
         return self._base_model
 
-    async def load(self, source: AdapterSource) -> LoadedAdapter:
-        """Verify and load a version directory; it becomes active if it is the newest."""
+    async def load(self, source: AdapterSource, *, activate: bool | None = None) -> LoadedAdapter:
+        """Verify (sha256 of every file) and load a version directory under a new LoRA id.
+
+        ``activate=None`` activates it if it is the newest version of its name. Loading a
+        version that is already loaded only (re)activates it: versions are immutable.
+        """
         name = validate_name(source.name)
         manifest = load_manifest(source.path)
-        lora_id = None
-        if manifest.has_lora:
-            lora_id = next(self._ids)
-            await self._engine.add_lora(f"{name}@v{manifest.version}", lora_id, str(source.path))
-        loaded = LoadedAdapter(name, manifest.version, source.path, lora_id, manifest)
-        self._versions.setdefault(name, {})[manifest.version] = loaded
-        if manifest.version >= self._active.get(name, 0):
-            self._active[name] = manifest.version
+        if manifest.name != name:
+            raise InvalidArgument(
+                f"{source.path} holds adapter {manifest.name!r}, not {name!r}", field="name"
+            )
+        loaded = self._versions.get(name, {}).get(manifest.version)
+        if loaded is None:
+            lora_id = None
+            if manifest.has_lora:
+                lora_id = next(self._ids)
+                await self._engine.add_lora(
+                    f"{name}@v{manifest.version}", lora_id, str(source.path)
+                )
+            loaded = LoadedAdapter(name, manifest.version, source.path, lora_id, manifest)
+            self._versions.setdefault(name, {})[manifest.version] = loaded
+        if activate is None:
+            activate = manifest.version >= self._active.get(name, 0)
+        if activate:
+            await self.activate(name, manifest.version)
         return loaded
+
+    def active_version(self, name: str) -> int | None:
+        return self._active.get(name)
+
+    async def activate(self, name: str, version: int) -> LoadedAdapter:
+        """Route new requests for ``name`` to ``version``; older versions beyond the kept
+        ones are removed from the engine once their in-flight requests have finished."""
+        loaded = self.resolve(AdapterPick(name, version))
+        if self._active.get(name) != version:
+            self._active[name] = version
+            self._history.setdefault(name, []).append(version)
+        await self._retire(name)
+        return loaded
+
+    async def rollback(self, name: str) -> LoadedAdapter:
+        """Re-activate the version that was active before the current one."""
+        stack = self._history.get(name, [])
+        if len(stack) < 2:
+            raise FailedPrecondition(f"adapter {name!r} has no earlier version to roll back to")
+        stack.pop()
+        previous = stack[-1]
+        if previous not in self._versions.get(name, {}):
+            raise FailedPrecondition(f"adapter {name!r} v{previous} is no longer loaded")
+        self._active[name] = previous
+        return self._versions[name][previous]
+
+    def acquire(self, name: str, version: int) -> None:
+        """Count a request on a version: it is not removed while requests use it."""
+        self._inflight[(name, version)] += 1
+
+    async def release(self, name: str, version: int) -> None:
+        key = (name, version)
+        self._inflight[key] -= 1
+        if self._inflight[key] <= 0:
+            del self._inflight[key]
+            if name:
+                await self._retire(name)
+
+    async def _retire(self, name: str) -> None:
+        keep = set(self._history.get(name, [])[-self._keep :]) | {self._active.get(name)}
+        for version in sorted(self._versions.get(name, {})):
+            if version in keep or self._inflight.get((name, version)):
+                continue
+            gone = self._versions[name].pop(version)
+            if gone.lora_id is not None:
+                await self._engine.remove_lora(gone.lora_id)
 
     def set_default(self, name: str | None) -> None:
         if name is not None and name not in self._active:

@@ -20,6 +20,7 @@ from .adapters import AdapterTable
 from .config import ServerConfig
 from .engine import Engine, VllmEngine
 from .logwriter import LogWriter
+from .registry import sync_once, watch
 from .service import GenerationService
 from .servicer import TillerAdminServicer, TillerServicer
 
@@ -40,6 +41,8 @@ class Running:
     service: GenerationService
     engine: Engine
     log: LogWriter | None
+    stop_watch: asyncio.Event
+    watcher: asyncio.Task[None] | None
 
 
 async def start(config: ServerConfig, engine: Engine | None = None) -> Running:
@@ -49,6 +52,8 @@ async def start(config: ServerConfig, engine: Engine | None = None) -> Running:
     for source in config.adapters:
         loaded = await adapters.load(source)
         log.info("loaded adapter %s@v%d from %s", loaded.name, loaded.version, source.path)
+    if config.registry is not None:
+        await sync_once(adapters, config.registry, set())
     adapters.set_default(config.default_adapter)
     writer = None
     if config.log is not None:
@@ -67,7 +72,7 @@ async def start(config: ServerConfig, engine: Engine | None = None) -> Running:
     pb_grpc.add_TillerServicer_to_server(TillerServicer(service, adapters), server)
     names = [SERVICE_NAMES[0]]
     if config.enable_admin:
-        pb_grpc.add_TillerAdminServicer_to_server(TillerAdminServicer(), server)
+        pb_grpc.add_TillerAdminServicer_to_server(TillerAdminServicer(adapters), server)
         names.append(SERVICE_NAMES[1])
     health_servicer = AsyncHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -79,12 +84,21 @@ async def start(config: ServerConfig, engine: Engine | None = None) -> Running:
     await server.start()
     for name in ("", *names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return Running(server, port, health_servicer, service, engine, writer)
+    stop_watch = asyncio.Event()
+    watcher = None
+    if config.registry is not None:
+        watcher = asyncio.create_task(
+            watch(adapters, config.registry, config.registry_poll_s, stop_watch)
+        )
+    return Running(server, port, health_servicer, service, engine, writer, stop_watch, watcher)
 
 
 async def drain_and_stop(running: Running, grace_s: float) -> bool:
     """NOT_SERVING, refuse new work, let in-flight work finish (bounded), stop. True if clean."""
     await running.health.enter_graceful_shutdown()
+    running.stop_watch.set()
+    if running.watcher is not None:
+        await running.watcher
     running.service.start_draining()
     clean = await running.service.wait_idle(grace_s)
     if not clean:

@@ -144,6 +144,13 @@ def _engine_config(kw: dict[str, Any]) -> tuple[EngineConfig, Path]:
     show_default=True,
     help="FULL survives power loss; NORMAL only process crashes.",
 )
+@click.option(
+    "--registry",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Adapter registry to follow: promoted versions are hot-swapped in.",
+)
+@click.option("--registry-poll", type=float, default=0.5, show_default=True)
 def serve(**kw: Any) -> None:
     """Serve a model over gRPC until SIGTERM (then drain and exit 0)."""
     from .app import serve as run_server
@@ -158,6 +165,8 @@ def serve(**kw: Any) -> None:
         default_adapter=kw["default_adapter"],
         drain_grace_s=kw["drain_grace"],
         enable_admin=kw["enable_admin"],
+        registry=kw["registry"],
+        registry_poll_s=kw["registry_poll"],
         limits=Limits(max_tokens_cap=cap, default_max_tokens=min(128, cap), max_n=kw["max_n"]),
         log=None
         if kw["no_log"]

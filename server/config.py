@@ -85,3 +85,5 @@ class ServerConfig:
     drain_grace_s: float = 30.0
     enable_admin: bool = False
     log: LogConfig | None = None  # None: the server-wide switch is off
+    registry: Path | None = None  # follow promoted versions here and hot-swap them
+    registry_poll_s: float = 0.5

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from tiller.protos.tiller.v1 import tiller_pb2 as pb
 
 from .adapters import LoadedAdapter
+from .config import AdapterSource
+from .errors import InvalidArgument, NotFound
 from .logrecords import FeedbackInput
 from .service import Status
 from .values import (
@@ -176,6 +180,21 @@ def adapters_to_pb(
                 created_at=v.manifest.created_at if v.manifest else "",
             )
     return out
+
+
+def adapter_info(
+    rows: list[tuple[str, int, list[LoadedAdapter], bool]], name: str, base_model: str
+) -> pb.AdapterInfo:
+    for info in adapters_to_pb(rows, base_model).adapters:
+        if info.name == name:
+            return info
+    raise NotFound(f"adapter {name!r} is not loaded", field="name")
+
+
+def adapter_source(m: pb.LoadAdapterRequest) -> AdapterSource:
+    if not m.name or not m.path:
+        raise InvalidArgument("LoadAdapter needs name and path", field="path")
+    return AdapterSource(m.name, Path(m.path))
 
 
 def status_to_pb(s: Status, model: str, version: str) -> pb.ServerStatus:

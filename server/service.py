@@ -158,6 +158,7 @@ class GenerationService:
                     mix=MixMember(engine_id, member, len(conditions), weight) if mix else None,
                 )
             )
+        self._adapters.acquire(adapter.name, adapter.version)  # released when the stream ends
         return Prepared(
             request_id=request_id,
             engine_request=siblings[0],
@@ -300,6 +301,7 @@ class GenerationService:
             self._inflight.count -= 1
             if self._inflight.count == 0:
                 self._inflight.idle.set()
+            await self._adapters.release(prepared.served_by.name, prepared.served_by.version)
 
     async def _write_generations(self, records: list[GenerationRecord]) -> bool:
         assert self._log is not None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import grpc
 
@@ -12,7 +12,7 @@ from tiller.protos.tiller.v1 import tiller_pb2_grpc as pb_grpc
 
 from . import convert
 from .adapters import AdapterTable
-from .errors import TillerError, Unimplemented, grpc_status
+from .errors import TillerError, grpc_status
 from .service import GenerationService
 
 T = TypeVar("T")
@@ -77,21 +77,38 @@ class TillerServicer(pb_grpc.TillerServicer):
 
 
 class TillerAdminServicer(pb_grpc.TillerAdminServicer):
-    """Admin RPCs. Version management arrives with the learner; until then they say so."""
+    """Adapter version management (served only with --enable-admin)."""
 
-    async def _unimplemented(self, context: grpc.aio.ServicerContext, what: str) -> Any:
-        async def call() -> Any:
-            raise Unimplemented(
-                f"{what} is not available yet: adapters load at start-up (--adapter)"
-            )
+    def __init__(self, adapters: AdapterTable) -> None:
+        self._adapters = adapters
+
+    def _info(self, name: str) -> pb.AdapterInfo:
+        return convert.adapter_info(self._adapters.snapshot(), name, self._adapters.base_model)
+
+    async def LoadAdapter(
+        self, request: pb.LoadAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.LoadAdapterResponse:
+        async def call() -> pb.LoadAdapterResponse:
+            source = convert.adapter_source(request)
+            await self._adapters.load(source, activate=False)
+            return pb.LoadAdapterResponse(adapter=self._info(source.name))
 
         return await _unary(context, call)
 
-    async def LoadAdapter(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return await self._unimplemented(context, "LoadAdapter")
+    async def ActivateAdapter(
+        self, request: pb.ActivateAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ActivateAdapterResponse:
+        async def call() -> pb.ActivateAdapterResponse:
+            await self._adapters.activate(request.name, request.version)
+            return pb.ActivateAdapterResponse(adapter=self._info(request.name))
 
-    async def ActivateAdapter(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return await self._unimplemented(context, "ActivateAdapter")
+        return await _unary(context, call)
 
-    async def RollbackAdapter(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return await self._unimplemented(context, "RollbackAdapter")
+    async def RollbackAdapter(
+        self, request: pb.RollbackAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RollbackAdapterResponse:
+        async def call() -> pb.RollbackAdapterResponse:
+            await self._adapters.rollback(request.name)
+            return pb.RollbackAdapterResponse(adapter=self._info(request.name))
+
+        return await _unary(context, call)

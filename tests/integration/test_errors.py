@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import grpc
 import pytest
@@ -96,17 +97,39 @@ def test_not_yet_served_features_say_so(client: Client) -> None:
     assert info.value.code == grpc.StatusCode.UNIMPLEMENTED
 
 
-def test_admin_rpcs_exist_but_are_unimplemented(target: str) -> None:
+def test_admin_rpcs_validate(target: str, tmp_path: Path) -> None:
     with grpc.insecure_channel(target) as ch:
         admin = pb_grpc.TillerAdminStub(ch)
-        for call, req in [
-            (admin.LoadAdapter, pb.LoadAdapterRequest(name="x", path="/y")),
-            (admin.ActivateAdapter, pb.ActivateAdapterRequest(name="x")),
-            (admin.RollbackAdapter, pb.RollbackAdapterRequest(name="x")),
-        ]:
+        cases = [
+            (
+                admin.LoadAdapter,
+                pb.LoadAdapterRequest(name="x", path=str(tmp_path)),
+                INVALID,
+                "tiller-manifest.json",
+            ),
+            (
+                admin.LoadAdapter,
+                pb.LoadAdapterRequest(name="../evil", path=str(tmp_path)),
+                INVALID,
+                "adapter name",
+            ),
+            (
+                admin.ActivateAdapter,
+                pb.ActivateAdapterRequest(name="detox", version=9),
+                INVALID,
+                "version 9",
+            ),
+            (
+                admin.RollbackAdapter,
+                pb.RollbackAdapterRequest(name="nope"),
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "no earlier version",
+            ),
+        ]
+        for call, req, code, needle in cases:
             with pytest.raises(grpc.RpcError) as info:
                 call(req, timeout=10)
-            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            assert info.value.code() == code and needle in info.value.details()
 
 
 def test_server_still_serves_after_all_of_that(client: Client) -> None:

@@ -1,0 +1,76 @@
+"""Follow an adapter registry on disk and hot-swap promoted versions into the server.
+
+Layout (written by ``tiller.learner.publish``): ``<registry>/<name>/v0007/`` immutable version
+directories with a manifest, and ``<registry>/<name>/state.json`` whose ``active`` names the
+promoted version. The watcher polls the state files; a change loads the version (sha256
+verified) under a new LoRA id and routes new requests to it; in-flight requests finish on the
+old version, which is then removed. A version that fails verification is reported and skipped;
+the current one keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from pathlib import Path
+
+from .adapters import AdapterTable
+from .config import AdapterSource
+from .errors import TillerError
+
+log = logging.getLogger("tiller.registry")
+
+
+def version_dir(registry: Path, name: str, version: int) -> Path:
+    return registry / name / f"v{version:04d}"
+
+
+def read_active(registry: Path, name: str) -> int | None:
+    """The promoted version in ``state.json``, or None (absent, unreadable or unset)."""
+    try:
+        active = json.loads((registry / name / "state.json").read_text()).get("active")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    return int(active) if isinstance(active, int) else None
+
+
+async def sync_once(table: AdapterTable, registry: Path, failed: set[tuple[str, int]]) -> int:
+    """Bring every adapter's active version in line with the registry; returns swaps made."""
+    swaps = 0
+    for adapter_dir in sorted(p for p in registry.iterdir() if p.is_dir()):
+        name = adapter_dir.name
+        active = read_active(registry, name)
+        if active is None or table.active_version(name) == active or (name, active) in failed:
+            continue
+        try:
+            await table.load(
+                AdapterSource(name, version_dir(registry, name, active)), activate=True
+            )
+            swaps += 1
+            log.info("hot-swapped %s to v%d", name, active)
+        except TillerError as e:
+            failed.add((name, active))
+            log.error(
+                "registry: %s v%d not loaded (%s); still serving v%s",
+                name,
+                active,
+                e.message,
+                table.active_version(name),
+            )
+    return swaps
+
+
+async def watch(
+    table: AdapterTable, registry: Path, interval_s: float, stop: asyncio.Event
+) -> None:
+    """Poll the registry until ``stop`` is set."""
+    failed: set[tuple[str, int]] = set()
+    while not stop.is_set():
+        try:
+            await sync_once(table, registry, failed)
+        except OSError as e:
+            log.error("registry %s unreadable: %s", registry, e)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval_s)
