@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from dataclasses import dataclass
@@ -82,6 +83,10 @@ async def start(config: ServerConfig, engine: Engine | None = None) -> Running:
     if port == 0:
         raise OSError(f"could not bind {config.host}:{config.port}")
     await server.start()
+    # As `vllm serve` does: move start-up objects out of the collector's generations, so that
+    # full collections on the hot path do not walk the model and engine graphs.
+    gc.collect()
+    gc.freeze()
     for name in ("", *names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     stop_watch = asyncio.Event()
