@@ -91,12 +91,6 @@ def test_request_with_no_input_at_all(target: str) -> None:
     assert "prompt" in info.value.details()
 
 
-def test_not_yet_served_features_say_so(client: Client) -> None:
-    with pytest.raises(TillerClientError) as info:
-        client.generate("hi", adapter="detox", feedback_mix={"Lowest Toxicity": 1.0}, max_tokens=2)
-    assert info.value.code == grpc.StatusCode.UNIMPLEMENTED
-
-
 def test_admin_rpcs_validate(target: str, tmp_path: Path) -> None:
     with grpc.insecure_channel(target) as ch:
         admin = pb_grpc.TillerAdminStub(ch)
