@@ -12,13 +12,14 @@ import click
 
 from .client import Client, TillerClientError
 
-_EXTRA = {"annotate": "learner", "log": "learner"}
+_EXTRA = {"annotate": "learner", "log": "learner", "registry": "learner"}
 _LAZY = {
     "serve": "tiller.server.cli:serve",
     "up": "tiller.server.cli:up",
     "model": "tiller.server.cli:model",
     "annotate": "tiller.learner.annotate.cli:annotate",
     "log": "tiller.learner.logcli:log",
+    "registry": "tiller.learner.registry_cli:registry",
 }
 
 
