@@ -134,27 +134,16 @@ class VllmEngine:
     async def generate(self, request: EngineRequest) -> AsyncIterator[Sequence[Delta]]:
         from vllm.exceptions import VLLMClientError
         from vllm.inputs import TokensPrompt
-        from vllm.lora.request import LoRARequest
         from vllm.v1.engine.exceptions import EngineDeadError
 
-        lora = None
-        if request.lora_id is not None:
-            lora = LoRARequest(request.lora_name or "", request.lora_id, request.lora_path or "")
+        lora = self._lora(request)
         prompt = TokensPrompt(prompt_token_ids=list(request.prompt_token_ids))
         try:
             stream = self.llm.generate(
                 prompt, self._sampling_params(request), request.request_id, lora_request=lora
             )
             async for out in stream:
-                yield [
-                    Delta(
-                        index=c.index,
-                        text=c.text,
-                        token_ids=tuple(c.token_ids),
-                        finish=_FINISH.get(c.finish_reason, Finish.STOP),
-                    )
-                    for c in out.outputs
-                ]
+                yield [self._delta(c) for c in out.outputs]
         except EngineDeadError as e:
             raise Unavailable("the inference engine is not running") from e
         except (ValueError, VLLMClientError) as e:  # vLLM's own input validation
