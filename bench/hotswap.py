@@ -22,23 +22,9 @@ from tqdm import tqdm
 
 from tiller.learner.publish import Release, promote, publish, rollback
 from tiller.server.manifest import Conditioning
+from tiller.server.tiny_model import build_random_lora
 
 TAGS = ("good", "bad")
-
-
-def make_lora(model: Path, out: Path, seed: int) -> Path:
-    """A random peft LoRA (q_proj, v_proj) on ``model``: stands in for a trained version."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
-    m = get_peft_model(
-        base, LoraConfig(r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    )
-    m.save_pretrained(out, safe_serialization=True)
-    return out
 
 
 @dataclass
@@ -84,7 +70,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="tiller-hotswap-"))
     registry = work / "registry"
     release = Release(base_model=model.name, conditioning=Conditioning(tags=TAGS))
-    loras = [make_lora(model, work / f"lora{i}", seed=i) for i in range(6)]
+    loras = [build_random_lora(model, work / f"lora{i}", seed=i) for i in range(6)]
     publish(registry, "detox", loras[0], release)
     promote(registry, "detox", 1)
     mem = "0.1" if "tiny" in model.name else "0.3"

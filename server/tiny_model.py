@@ -94,3 +94,27 @@ def build_tiny_llama(out_dir: Path, *, seed: int = 0, vocab_size: int = 1024) ->
     model.save_pretrained(out_dir, safe_serialization=True)
     (out_dir / "tiller_tiny.json").write_text(json.dumps({"seed": seed, "vocab": vocab_size}))
     return out_dir
+
+
+def build_random_lora(model_dir: Path, out: Path, *, seed: int, std: float = 0.3) -> Path:
+    """A peft LoRA (r=8 on q_proj/v_proj) with seeded N(0, std) weights, saved as safetensors.
+
+    Stands in for a trained adapter in tests and benchmarks: large enough to change outputs.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    cfg = LoraConfig(
+        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
+    peft_model = get_peft_model(base, cfg)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0.0, std)
+    out.mkdir(parents=True, exist_ok=True)
+    peft_model.save_pretrained(out, safe_serialization=True)
+    return out

@@ -34,25 +34,11 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def make_lora_version(
     model_dir: Path, out: Path, *, name: str, version: int, seed: int, tags: tuple[str, ...] = TAGS
 ) -> Path:
-    """A peft LoRA (random, non-zero) saved as safetensors plus a Tiller manifest with tags."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
+    """A random peft LoRA (``build_random_lora``) plus a Tiller manifest with tags."""
     from tiller.server.manifest import Conditioning, Manifest, write_manifest
+    from tiller.server.tiny_model import build_random_lora
 
-    torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    cfg = LoraConfig(
-        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False
-    )
-    peft_model = get_peft_model(base, cfg)
-    with torch.no_grad():
-        for n, p in peft_model.named_parameters():
-            if "lora_" in n:
-                p.normal_(0.0, 0.3)
-    out.mkdir(parents=True, exist_ok=True)
-    peft_model.save_pretrained(out, safe_serialization=True)
+    build_random_lora(model_dir, out, seed=seed)
     write_manifest(
         out,
         Manifest(

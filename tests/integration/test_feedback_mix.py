@@ -41,14 +41,6 @@ class Reference:
             rows.append(torch.log_softmax(logits.float(), -1))
         return (weights.view(-1, 1) * torch.stack(rows)).sum(0)
 
-    def greedy(self, prompt: str, mix: dict[str, float], steps: int) -> list[int]:
-        out: list[int] = []
-        for _ in range(steps):
-            out.append(int(self.mixed(prompt, mix, out).argmax()))
-            if out[-1] == self.tok.eos_token_id:
-                break
-        return out
-
     def check(self, prompt: str, mix: dict[str, float], got: Sequence[int]) -> int:
         """Teacher-forced check of a served greedy sequence: every token must be the
         reference's argmax, except where the reference itself has a near-tie (two tokens

@@ -108,6 +108,9 @@ async def test_32_concurrent_requests(target: str) -> None:
 async def test_async_stream(target: str) -> None:
     async with AsyncClient(target) as ac:
         pieces = [c async for c in ac.stream("if x:", max_tokens=10, temperature=0.0)]
-    assert (pieces[-1].final and sum(len(p.token_ids) for p in pieces) == 10) or any(
-        p.finish_reason == "stop" for p in pieces
-    )
+    assert pieces[-1].final
+    finish = [p.finish_reason for p in pieces if p.finish_reason]
+    assert finish in (["length"], ["stop"])
+    produced = sum(len(p.token_ids) for p in pieces)
+    assert produced == pieces[-1].completion_tokens
+    assert produced == 10 or finish == ["stop"]

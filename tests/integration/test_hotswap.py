@@ -9,17 +9,16 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tests.conftest import TAGS, ServerProc, make_lora_version, start_server, stop_server
+from tests.conftest import TAGS, ServerProc, start_server, stop_server
 from tiller.client import Client, TillerClientError
 from tiller.learner.publish import Release, promote, publish, rollback
 from tiller.server.manifest import Conditioning
+from tiller.server.tiny_model import build_random_lora
 
 
 def _trained(model: Path, out: Path, seed: int) -> Path:
     """A peft LoRA as a trainer leaves it (no Tiller manifest yet)."""
-    make_lora_version(model, out, name="detox", version=1, seed=seed)
-    (out / "tiller-manifest.json").unlink()
-    return out
+    return build_random_lora(model, out, seed=seed)
 
 
 def _wait_version(c: Client, version: int, timeout: float = 30.0) -> float:
