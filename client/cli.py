@@ -12,7 +12,7 @@ import click
 
 from .client import Client, TillerClientError
 
-_EXTRA = {"annotate": "learner", "log": "learner", "registry": "learner"}
+_EXTRA = {"annotate": "learner", "log": "learner", "registry": "learner", "learn": "learner"}
 _LAZY = {
     "serve": "tiller.server.cli:serve",
     "up": "tiller.server.cli:up",
@@ -20,6 +20,7 @@ _LAZY = {
     "annotate": "tiller.learner.annotate.cli:annotate",
     "log": "tiller.learner.logcli:log",
     "registry": "tiller.learner.registry_cli:registry",
+    "learn": "tiller.learner.learn.cli:learn",
 }
 
 

@@ -295,3 +295,23 @@ class AsyncClient(_Base):
             lambda: self._stub.GetServerStatus(pb.GetServerStatusRequest(), **self._kw(timeout))
         )
         return convert.status(resp)
+
+    async def load_adapter(
+        self, name: str, path: str, *, timeout: float | None = None
+    ) -> list[AdapterInfo]:
+        """Admin: load the version directory ``path`` (it holds a manifest) as adapter ``name``;
+        it becomes routable as ``name@v<manifest version>``. Returns the adapter listing."""
+        admin = pb_grpc.TillerAdminStub(self._channel)
+        req = pb.LoadAdapterRequest(name=name, path=path)
+        await self._call(lambda: admin.LoadAdapter(req, **self._kw(timeout)))
+        return await self.adapters(timeout=timeout)
+
+    async def activate_adapter(
+        self, name: str, version: int, *, timeout: float | None = None
+    ) -> list[AdapterInfo]:
+        """Admin: route new requests for ``name`` to the loaded ``version``; versions beyond
+        the active and the previous one are removed once drained."""
+        admin = pb_grpc.TillerAdminStub(self._channel)
+        req = pb.ActivateAdapterRequest(name=name, version=version)
+        await self._call(lambda: admin.ActivateAdapter(req, **self._kw(timeout)))
+        return await self.adapters(timeout=timeout)

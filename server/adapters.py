@@ -183,5 +183,6 @@ class AdapterTable:
         rows = [("base", 0, [self._base], self._default is None)]
         for name in sorted(self._versions):
             versions = [self._versions[name][v] for v in sorted(self._versions[name])]
-            rows.append((name, self._active[name], versions, self._default == name))
+            # 0: loaded but never activated (LoadAdapter without activation; pinned use only)
+            rows.append((name, self._active.get(name, 0), versions, self._default == name))
         return rows

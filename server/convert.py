@@ -165,7 +165,8 @@ def adapters_to_pb(
         info = out.adapters.add(
             name=name, base_model=base_model, active_version=active, is_default=is_default
         )
-        top = next(v for v in versions if v.version == active)
+        # The active version describes the name; the newest one if none is active yet.
+        top = next((v for v in versions if v.version == active), versions[-1])
         if top.conditioning is not None:
             info.feedback_tags.extend(top.conditioning.tags)
             info.prompt_template = top.conditioning.template

@@ -1,0 +1,1 @@
+"""``tiller learn``: the continuous learner (trigger, train, gate, publish, promote)."""

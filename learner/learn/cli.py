@@ -1,0 +1,104 @@
+"""``tiller learn``: the continuous learner process, and its history."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from dataclasses import replace
+from pathlib import Path
+
+import click
+
+from .config import LearnConfig, load_config
+
+
+async def _main(config: LearnConfig, progress: bool) -> int:
+    from rich.console import Console
+
+    from tiller.server.logstore import connect
+
+    from .loop import Learner
+
+    console = Console(stderr=True)
+    db = connect(config.db)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    learner = Learner(
+        config, db, report=lambda line: console.log(line, highlight=False), progress=progress
+    )
+    console.log(
+        f"learning {config.adapter} ({config.train.objective} on {config.data.kind} data) "
+        f"from {config.db}; registry {config.registry}"
+    )
+    return await learner.run(stop)
+
+
+@click.group(invoke_without_command=True)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="Learner TOML config (see tiller.learner.learn.config).",
+)
+@click.option("--max-iterations", type=int, default=None, help="Stop after this many.")
+@click.option("--no-progress", is_flag=True, help="No training progress bars.")
+@click.pass_context
+def learn(
+    ctx: click.Context, config_path: Path | None, max_iterations: int | None, no_progress: bool
+) -> None:
+    """Train, gate, publish and promote adapter versions from the annotated log, continuously."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if config_path is None:
+        raise click.UsageError("--config is required")
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        config = load_config(config_path, os.environ)
+    except (ValueError, OSError) as e:
+        raise click.ClickException(f"{config_path}: {e}") from None
+    if max_iterations is not None:
+        config = replace(config, max_iterations=max_iterations)
+    done = asyncio.run(_main(config, progress=not no_progress))
+    click.echo(f"{done} iterations recorded", err=True)
+
+
+@learn.command()
+@click.option(
+    "--db", "db_path", type=click.Path(path_type=Path, dir_okay=False, exists=True), required=True
+)
+@click.option("--adapter", default=None, help="Only this adapter.")
+def history(db_path: Path, adapter: str | None) -> None:
+    """The learner's iterations: status, data, loss, gate numbers."""
+    import sqlite_utils
+    from rich.console import Console
+    from rich.table import Table
+
+    from .runs import iterations
+
+    rows = iterations(sqlite_utils.Database(db_path), adapter)
+    table = Table("adapter", "iter", "status", "version", "examples", "loss", "gate", "reason")
+    for r in rows:
+        gate = (
+            ""
+            if r["gate_passed"] is None
+            else f"{_num(r['candidate_value'])} vs {_num(r['incumbent_value'])}"
+        )
+        table.add_row(
+            r["adapter"],
+            str(r["iteration"]),
+            r["status"],
+            f"v{r['version']}" if r["version"] is not None else "",
+            str(r["examples"]),
+            _num(r["final_loss"]),
+            gate,
+            (r["reason"] or "")[:60],
+        )
+    Console().print(table)
+
+
+def _num(v: float | None) -> str:
+    return "" if v is None else f"{v:.3f}"

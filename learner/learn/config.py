@@ -1,0 +1,246 @@
+"""``tiller learn`` configuration: a TOML file turned into frozen dataclasses at the CLI edge.
+
+Example (paths relative to the file's directory)::
+
+    db = "run/log.sqlite"            # the generation log the server writes
+    registry = "run/registry"        # where versions are published
+    workdir = "run/learner"          # training runs, checkpoints, gate candidates
+    adapter = "critic"               # the adapter this learner improves
+    model = "models/smollm2"         # base model directory (HF format)
+    base_model = "SmolLM2-135M-Instruct"
+    server = "127.0.0.1:50051"       # for active sampling and the gate (admin RPCs)
+
+    [trigger]                        # train on N new annotations or after T seconds
+    min_annotations = 64
+    max_interval_s = 600
+    min_examples = 16
+
+    [sample]                         # active mode: sample the prompt pool each iteration
+    prompts_file = "prompts.txt"
+    per_iteration = 32
+    n = 2
+    feedback = "Most Negative"       # used once the adapter has a conditioning
+
+    [data]
+    kind = "pairs"                   # "pairs" (DPO family) or "alt" (conditional SFT)
+    source = "score"                 # pairs from: judge | score | feedback
+    provider = "sentiment"
+    higher_is_better = false
+
+    [train]                          # learner.trainer.TrainConfig fields
+    objective = "dpo"
+    lora_r = 16
+    [train.objective_config]         # the objective's config fields (e.g. DPOConfig)
+    beta = 0.1
+
+    [gate]                           # learner.learn.gate.GateConfig fields
+    prompts_file = "heldout.txt"
+    scorer = "sentiment"
+    higher_is_better = false
+    min_distinct2_ratio = 0.8
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from ..annotate.judge import JudgeConfig
+from ..trainer import OBJECTIVES, TrainConfig
+from .gate import GateConfig
+
+PairSource = Literal["judge", "score", "feedback"]
+
+
+@dataclass(frozen=True)
+class TriggerConfig:
+    """Train when ``min_annotations`` new annotations (of the data's provider) arrived, or when
+    ``max_interval_s`` passed since the last iteration and at least one did."""
+
+    min_annotations: int = 32
+    max_interval_s: float = 600.0
+    min_examples: int = 8
+    poll_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.min_annotations < 1 or self.min_examples < 1:
+            raise ValueError("trigger.min_annotations and trigger.min_examples must be >= 1")
+        if self.max_interval_s <= 0 or self.poll_s <= 0:
+            raise ValueError("trigger.max_interval_s and trigger.poll_s must be > 0")
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """Active mode: each iteration first samples ``per_iteration`` prompts from the pool (in a
+    seeded rotation) through the server, logged, ``n`` samples each."""
+
+    prompts: tuple[str, ...]
+    per_iteration: int = 32
+    n: int = 2
+    feedback: str = ""
+    max_tokens: int = 48
+    temperature: float = 1.0
+    top_p: float = 1.0
+    repetition_penalty: float | None = None
+    concurrency: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.prompts:
+            raise ValueError("sample.prompts is empty")
+        if self.per_iteration < 1 or self.n < 1 or self.concurrency < 1:
+            raise ValueError("sample.per_iteration, sample.n and sample.concurrency must be >= 1")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which dataset each iteration builds from the log.
+
+    ``kind='alt'``: the ``provider``'s tag annotations become feedback-conditioned SFT examples
+    under ``tags``/``template`` (the conditioning the published versions carry), over a replay
+    window of the ``replay_versions`` latest adapter versions. ``kind='pairs'``: preference
+    pairs from ``source``; ``on_policy`` keeps only pairs sampled from the version being
+    served (the base model before the first promotion), as in online DPO.
+    """
+
+    kind: Literal["alt", "pairs"] = "pairs"
+    provider: str = ""
+    source: PairSource = "score"
+    higher_is_better: bool = True
+    min_margin: float = 0.0
+    pairing: Literal["all", "best_worst"] = "best_worst"
+    on_policy: bool = True
+    allow_truncated: bool = True
+    tags: tuple[str, ...] = ()
+    template: str = ""
+    balance: Literal["none", "downsample", "weight"] = "weight"
+    replay_versions: int | None = None
+    max_examples: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("alt", "pairs"):
+            raise ValueError(f"data.kind {self.kind!r} is not one of: alt, pairs")
+        if self.source not in ("judge", "score", "feedback"):
+            raise ValueError(f"data.source {self.source!r} is not one of: judge, score, feedback")
+        if self.kind == "alt" and not self.tags:
+            raise ValueError("data.kind 'alt' needs data.tags (the feedback vocabulary)")
+        if (self.kind == "alt" or self.source != "feedback") and not self.provider:
+            raise ValueError("data.provider (the annotation provider) is required")
+
+
+@dataclass(frozen=True)
+class LearnConfig:
+    db: Path
+    registry: Path
+    workdir: Path
+    adapter: str
+    model: Path
+    base_model: str
+    train: TrainConfig
+    data: DataConfig
+    trigger: TriggerConfig = field(default_factory=TriggerConfig)
+    server: str = ""
+    token: str | None = None
+    sample: SampleConfig | None = None
+    gate: GateConfig | None = None
+    continue_training: bool = True
+    max_iterations: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.sample is not None or self.gate is not None) and not self.server:
+            raise ValueError("[sample] and [gate] need server (the Tiller address)")
+        wants = "alt" if self.data.kind == "alt" else None
+        if wants == "alt" and self.train.objective not in ("alt", "sft"):
+            raise ValueError("data.kind 'alt' trains with train.objective 'alt' or 'sft'")
+        if self.data.kind == "pairs" and self.train.objective in ("alt", "sft"):
+            raise ValueError(f"data.kind 'pairs' cannot train objective {self.train.objective!r}")
+
+
+def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
+    known = {f.name for f in fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"[{where}]: unknown keys {sorted(unknown)}; allowed: {sorted(known)}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+def _lines(path: Path) -> tuple[str, ...]:
+    return tuple(s for s in (line.strip() for line in path.read_text().splitlines()) if s)
+
+
+def _prompts(raw: dict[str, Any], base: Path, where: str) -> dict[str, Any]:
+    out = dict(raw)
+    if "prompts_file" in out:
+        if "prompts" in out:
+            raise ValueError(f"[{where}]: give prompts or prompts_file, not both")
+        out["prompts"] = _lines(base / Path(str(out.pop("prompts_file"))).expanduser())
+    return out
+
+
+def _train(raw: Mapping[str, Any], base: Path) -> TrainConfig:
+    t = dict(raw)
+    objective = str(t.get("objective", "dpo"))
+    if objective not in OBJECTIVES:
+        raise ValueError(f"[train]: objective {objective!r} is not one of {sorted(OBJECTIVES)}")
+    if "objective_config" in t:
+        t["objective_config"] = _build(
+            OBJECTIVES[objective], t["objective_config"], "train.objective_config"
+        )
+    for key in ("checkpoint_dir", "checkpoint_every"):
+        if key in t:
+            raise ValueError(f"[train]: {key} is managed by the learner (per iteration)")
+    return _build(TrainConfig, t, "train")
+
+
+def parse_config(data: Mapping[str, Any], base: Path, env: Mapping[str, str]) -> LearnConfig:
+    """Build the config; relative paths resolve against ``base``; ``env`` supplies secrets
+    named by ``token_env`` and the gate judge's ``api_key_env``."""
+    d = dict(data)
+
+    def path(key: str) -> Path:
+        if key not in d:
+            raise ValueError(f"the learner config needs {key}")
+        return base / Path(str(d.pop(key))).expanduser()
+
+    top = {k: path(k) for k in ("db", "registry", "workdir", "model")}
+    sample = gate = None
+    if "sample" in d:
+        sample = _build(SampleConfig, _prompts(d.pop("sample"), base, "sample"), "sample")
+    if "gate" in d:
+        g = _prompts(d.pop("gate"), base, "gate")
+        if "judge" in g:
+            j = dict(g["judge"])
+            key_env = j.pop("api_key_env", None)
+            if key_env:
+                j["api_key"] = env.get(key_env, "unused")
+            j.setdefault("name", "gate-judge")
+            j.setdefault("mode", "pairwise")
+            g["judge"] = _build(JudgeConfig, j, "gate.judge")
+        gate = _build(GateConfig, g, "gate")
+    token_env = d.pop("token_env", None)
+    cfg = LearnConfig(
+        **top,
+        adapter=str(d.pop("adapter", "")),
+        base_model=str(d.pop("base_model", "")),
+        train=_train(d.pop("train", {}), base),
+        data=_build(DataConfig, d.pop("data", {}), "data"),
+        trigger=_build(TriggerConfig, d.pop("trigger", {}), "trigger"),
+        server=str(d.pop("server", "")),
+        token=env.get(token_env) if token_env else None,
+        sample=sample,
+        gate=gate,
+        continue_training=bool(d.pop("continue_training", True)),
+        max_iterations=d.pop("max_iterations", None),
+    )
+    if d:
+        raise ValueError(f"the learner config has unknown keys {sorted(d)}")
+    if not cfg.adapter or not cfg.base_model:
+        raise ValueError("the learner config needs adapter and base_model")
+    return cfg
+
+
+def load_config(path: Path, env: Mapping[str, str]) -> LearnConfig:
+    return parse_config(tomllib.loads(path.read_text()), path.parent.resolve(), env)

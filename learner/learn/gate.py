@@ -1,0 +1,279 @@
+"""The eval gate: a candidate adapter version against the one being served, on held-out prompts.
+
+Both sides generate through the running Tiller server (``log=False``: gate traffic never
+enters the training data) with the same prompts, seeds and sampling settings. The incumbent
+is the active version of the adapter, or the base model before the first promotion; for the
+base, a feedback-conditioned prompt is sent already rendered (the base has no vocabulary).
+
+A side's evaluation yields:
+
+- ``value``: with ``metric='mean'``, the mean scorer value of its generations (conditioned on
+  ``feedback`` when set); with ``metric='spread'``, mean(score | ``high_tag``) −
+  mean(score | ``low_tag``): ALT's promise that one adapter moves the property with the tag.
+  The sign is flipped when ``higher_is_better`` is false, so a larger ``value`` is better.
+- ``distinct2``: unique word bigrams ÷ all word bigrams over the side's texts (a collapse into
+  repeated words drives it down: the reward-hacking guard).
+- ``win_rate``: with a pairwise ``judge``, the candidate's share of wins over the incumbent on
+  the same prompt and seed (both orders asked; ties count one half; unparseable verdicts are
+  left out).
+
+``decide`` passes a candidate when every configured check holds: ``value`` not below the
+incumbent's by more than ``margin``; ``distinct2`` at least ``min_distinct2_ratio`` × the
+incumbent's; ``win_rate`` at least ``min_win_rate``. The verdict records every number.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from tiller.client import AsyncClient
+from tiller.server.manifest import Conditioning
+from tiller.server.prompt import render_text
+
+from ..annotate.base import GenerationView
+from ..annotate.judge import JudgeConfig, LLMJudge
+from ..annotate.scorers import make_scorer
+
+Metric = Literal["mean", "spread"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class GateConfig:
+    """What the gate generates and how it decides (module docstring)."""
+
+    prompts: tuple[str, ...]
+    scorer: str | None = None
+    higher_is_better: bool = True
+    metric: Metric = "mean"
+    feedback: str = ""
+    high_tag: str = ""
+    low_tag: str = ""
+    margin: float = 0.0
+    min_distinct2_ratio: float = 0.0
+    judge: JudgeConfig | None = None
+    min_win_rate: float = 0.5
+    samples: int = 2
+    max_tokens: int = 48
+    temperature: float = 1.0
+    top_p: float = 1.0
+    repetition_penalty: float | None = None
+    seed: int = 1234
+    concurrency: int = 16
+
+    def __post_init__(self) -> None:
+        if not self.prompts:
+            raise ValueError("gate.prompts is empty: the gate needs held-out prompts")
+        if self.metric not in ("mean", "spread"):
+            raise ValueError(f"gate.metric {self.metric!r} is not one of: mean, spread")
+        if self.metric == "spread" and not (self.high_tag and self.low_tag):
+            raise ValueError("gate.metric 'spread' needs gate.high_tag and gate.low_tag")
+        if self.scorer is None and self.judge is None:
+            raise ValueError("gate needs a scorer, a judge, or both")
+        if self.judge is not None and self.judge.mode != "pairwise":
+            raise ValueError(f"gate.judge.mode must be 'pairwise', got {self.judge.mode!r}")
+        for name in ("samples", "max_tokens", "concurrency"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"gate.{name} must be >= 1")
+        if not (math.isfinite(self.margin) and self.margin >= 0):
+            raise ValueError(f"gate.margin must be a finite number >= 0, got {self.margin}")
+
+
+@dataclass(frozen=True)
+class Side:
+    """Who generates: an adapter pinned to a version; ``name=''`` is the base model."""
+
+    name: str
+    version: int = 0
+    conditioning: Conditioning | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}@v{self.version}" if self.name else "base"
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    side: str
+    value: float | None
+    distinct2: float
+    scores: dict[str, float]  # tag ('' without one) -> mean raw score
+    texts: tuple[tuple[str, str, str], ...] = field(repr=False)  # (tag, prompt, text)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    passed: bool
+    reasons: tuple[str, ...]
+    candidate: dict[str, Any]
+    incumbent: dict[str, Any]
+    win_rate: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def distinct_n(texts: Sequence[str], n: int = 2) -> float:
+    """Unique word n-grams ÷ all word n-grams over ``texts`` (1.0 when there are none)."""
+    grams = [
+        tuple(words[i : i + n])
+        for words in (t.split() for t in texts)
+        for i in range(len(words) - n + 1)
+    ]
+    return len(set(grams)) / len(grams) if grams else 1.0
+
+
+def _tags(cfg: GateConfig) -> tuple[str, ...]:
+    return (cfg.high_tag, cfg.low_tag) if cfg.metric == "spread" else (cfg.feedback,)
+
+
+async def _generate(
+    client: AsyncClient, side: Side, tag: str, prompt: str, cfg: GateConfig, index: int
+) -> list[str]:
+    kw: dict[str, Any] = {
+        "n": cfg.samples,
+        "max_tokens": cfg.max_tokens,
+        "temperature": cfg.temperature,
+        "top_p": cfg.top_p,
+        "seed": cfg.seed + index,
+        "repetition_penalty": cfg.repetition_penalty,
+        "log": False,
+    }
+    if side.name:
+        kw |= {"adapter": side.name, "adapter_version": side.version, "feedback": tag}
+    elif tag:
+        if side.conditioning is None:
+            raise ValueError("the gate needs a conditioning to render tags for the base model")
+        prompt = render_text(prompt, tag, side.conditioning)
+    gen = await client.generate(prompt, **kw)
+    return [c.text for c in gen.completions]
+
+
+async def generate_side(
+    client: AsyncClient, side: Side, cfg: GateConfig
+) -> list[tuple[str, str, str]]:
+    """(tag, prompt, text) for every gate prompt × tag × sample, in a stable order."""
+    sem = asyncio.Semaphore(cfg.concurrency)
+    jobs = [(tag, i, p) for tag in _tags(cfg) for i, p in enumerate(cfg.prompts)]
+
+    async def one(tag: str, i: int, prompt: str) -> list[tuple[str, str, str]]:
+        async with sem:
+            return [(tag, prompt, t) for t in await _generate(client, side, tag, prompt, cfg, i)]
+
+    results = await asyncio.gather(*(one(*j) for j in jobs))
+    return [row for rows in results for row in rows]
+
+
+def evaluate(side: Side, texts: Sequence[tuple[str, str, str]], cfg: GateConfig) -> Evaluation:
+    """Score one side's generations (module docstring)."""
+    by_tag: dict[str, float] = {}
+    value: float | None = None
+    if cfg.scorer is not None:
+        scorer = make_scorer(cfg.scorer)
+        for tag in _tags(cfg):
+            vals = [scorer.score(t) for g, _, t in texts if g == tag]
+            by_tag[tag] = sum(vals) / len(vals) if vals else float("nan")
+        sign = 1.0 if cfg.higher_is_better else -1.0
+        if cfg.metric == "spread":
+            value = sign * (by_tag[cfg.high_tag] - by_tag[cfg.low_tag])
+        else:
+            value = sign * by_tag[cfg.feedback]
+    return Evaluation(
+        side=side.label,
+        value=value,
+        distinct2=distinct_n([t for _, _, t in texts]),
+        scores=by_tag,
+        texts=tuple(texts),
+    )
+
+
+def _view(i: int, group: str, prompt: str, text: str, side: str) -> GenerationView:
+    return GenerationView(
+        seq=i,
+        id=f"gate-{side}-{i}",
+        group_id=group,
+        sample_index=0,
+        prompt=prompt,
+        chat_json="",
+        rendered_prompt=prompt,
+        feedback="",
+        adapter="",
+        adapter_version=0,
+        output_text=text,
+        finish_reason="stop",
+        created_at=0.0,
+    )
+
+
+async def judge_win_rate(
+    judge: LLMJudge,
+    candidate: Sequence[tuple[str, str, str]],
+    incumbent: Sequence[tuple[str, str, str]],
+) -> tuple[float | None, int]:
+    """The candidate's win rate over the incumbent, row by row (same prompt, tag and sample);
+    returns (rate or None when no verdict parsed, verdicts counted)."""
+    views = []
+    for i, ((_, prompt, a), (_, _, b)) in enumerate(zip(candidate, incumbent, strict=True)):
+        views += [_view(2 * i, f"g{i}", prompt, a, "c"), _view(2 * i + 1, f"g{i}", prompt, b, "i")]
+    notes = await judge.annotate(views)
+    points = []
+    for note in notes:
+        if note.error or not isinstance(note.value, dict):
+            continue
+        winner = note.value.get("winner")
+        points.append(1.0 if winner == "a" else 0.0 if winner == "b" else 0.5)
+    return (sum(points) / len(points) if points else None), len(points)
+
+
+def decide(
+    candidate: Evaluation, incumbent: Evaluation, cfg: GateConfig, win_rate: float | None = None
+) -> Verdict:
+    """Apply the gate's checks (module docstring); the reasons list the failed ones."""
+    reasons: list[str] = []
+    if cfg.scorer is not None:
+        c, i = candidate.value, incumbent.value
+        if c is None or i is None or math.isnan(c) or math.isnan(i):
+            reasons.append("score: no value to compare")
+        elif c < i - cfg.margin:
+            reasons.append(f"score: {c:.4f} < incumbent {i:.4f} - margin {cfg.margin}")
+    if cfg.min_distinct2_ratio > 0:
+        floor = cfg.min_distinct2_ratio * incumbent.distinct2
+        if candidate.distinct2 < floor:
+            reasons.append(
+                f"fluency: distinct-2 {candidate.distinct2:.3f} < {cfg.min_distinct2_ratio} × "
+                f"incumbent {incumbent.distinct2:.3f}"
+            )
+    if cfg.judge is not None:
+        if win_rate is None:
+            reasons.append("judge: no parseable verdict")
+        elif win_rate < cfg.min_win_rate:
+            reasons.append(f"judge: win rate {win_rate:.3f} < {cfg.min_win_rate}")
+
+    def summary(e: Evaluation) -> dict[str, Any]:
+        scores = {k: (v if math.isfinite(v) else None) for k, v in e.scores.items()}
+        return {"side": e.side, "value": e.value, "distinct2": e.distinct2, "scores": scores}
+
+    return Verdict(
+        passed=not reasons,
+        reasons=tuple(reasons),
+        candidate=summary(candidate),
+        incumbent=summary(incumbent),
+        win_rate=win_rate,
+    )
+
+
+async def run_gate(
+    client: AsyncClient, candidate: Side, incumbent: Side, cfg: GateConfig
+) -> Verdict:
+    """Generate with both sides, score, judge, decide."""
+    cand_texts = await generate_side(client, candidate, cfg)
+    inc_texts = await generate_side(client, incumbent, cfg)
+    win_rate = None
+    if cfg.judge is not None:
+        win_rate, _ = await judge_win_rate(LLMJudge(cfg.judge), cand_texts, inc_texts)
+    return decide(
+        evaluate(candidate, cand_texts, cfg), evaluate(incumbent, inc_texts, cfg), cfg, win_rate
+    )

@@ -1,0 +1,434 @@
+"""``tiller learn``'s loop: (sample) → wait for the trigger → build data → train → gate →
+publish → promote, one iteration at a time, each recorded in ``learner_iterations``.
+
+An iteration:
+
+1. Active mode (``[sample]``): sample prompts from the pool through the server, logged, with
+   the version being served (and its feedback tag when it has a conditioning).
+2. Wait until ``trigger.min_annotations`` new annotations of the data's provider arrived (or
+   ``max_interval_s`` passed with at least one).
+3. Build the dataset (``DataConfig``); fewer than ``trigger.min_examples`` examples → the
+   iteration is recorded as ``skipped`` and the next one starts (sampling again).
+4. Train a LoRA (continuing the active version's adapter when ``continue_training``), with
+   checkpoints in ``workdir/iter-NNNN/ckpt``: a learner killed mid-training resumes there.
+5. Gate (``[gate]``): the candidate is loaded into the server as ``<adapter>-candidate`` pinned
+   to the iteration number (admin ``LoadAdapter``) and compared with the served version.
+6. Publish an immutable version with the verdict, the training metrics, the objective and its
+   hyper-parameters and the data window in its manifest; promote it only if the gate passed
+   (no gate → always), then wait until the server serves it.
+
+The annotation cursor is the ``annotation_seq`` of the last recorded iteration, so a restart
+continues after the last finished iteration. One learner per adapter at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from tiller.client import AsyncClient
+from tiller.server.manifest import (
+    DEFAULT_TEMPLATE,
+    Conditioning,
+    Manifest,
+    load_manifest,
+    write_manifest,
+)
+
+from ..data.alt import AltConfig, ReplayWindow, build_alt
+from ..data.examples import PreferencePair, SFTExample
+from ..data.pairs import feedback_pairs, generations_by_id, judge_pairs, score_pairs
+from ..publish import Release, promote, publish, read_state, version_path
+from ..trainer import TrainResult, train
+from . import runs
+from .config import LearnConfig
+from .gate import Side, Verdict, run_gate
+
+log = logging.getLogger("tiller.learn")
+
+
+class Stopped(Exception):
+    """The learner was asked to stop while waiting."""
+
+
+CANDIDATE_SUFFIX = "-candidate"
+
+
+@dataclass(frozen=True)
+class Served:
+    """The version being served: ``version=None`` before the first promotion (the base)."""
+
+    version: int | None
+    path: Path | None
+    manifest: Manifest | None
+
+
+def conditioning(cfg: LearnConfig) -> Conditioning | None:
+    if cfg.data.kind != "alt":
+        return None
+    return Conditioning(tags=cfg.data.tags, template=cfg.data.template or DEFAULT_TEMPLATE)
+
+
+def served(cfg: LearnConfig) -> Served:
+    active = read_state(cfg.registry, cfg.adapter).active
+    if active is None:
+        return Served(None, None, None)
+    path = version_path(cfg.registry, cfg.adapter, active)
+    return Served(active, path, load_manifest(path))
+
+
+def new_annotations(db: sqlite_utils.Database, cfg: LearnConfig, after: int) -> tuple[int, int]:
+    """(count, highest seq) of usable labels after ``after``: annotations of the data's
+    provider, or app feedback rows for ``source='feedback'`` (their seq in the feedback table)."""
+    if cfg.data.kind == "pairs" and cfg.data.source == "feedback":
+        sql = "SELECT count(*), max(seq) FROM feedback WHERE seq > ?"
+        args: list[Any] = [after]
+    else:
+        sql = (
+            "SELECT count(*), max(seq) FROM annotations "
+            "WHERE seq > ? AND provider = ? AND coalesce(error, '') = ''"
+        )
+        args = [after, cfg.data.provider]
+    n, hi = db.execute(sql, args).fetchone()
+    return int(n), int(hi) if hi is not None else after
+
+
+def _pair_ids(p: PreferencePair) -> tuple[str, str] | None:
+    head, _, ids = p.source.rpartition(":")
+    chosen, sep, rejected = ids.partition(">")
+    return (chosen, rejected) if head and sep else None
+
+
+def on_policy(
+    db: sqlite_utils.Database, pairs: list[PreferencePair], adapter: str, version: int
+) -> list[PreferencePair]:
+    """The pairs whose two generations were both sampled from ``adapter@v{version}``."""
+    ids = {p: _pair_ids(p) for p in pairs}
+    gens = generations_by_id(db, (i for pair in ids.values() if pair for i in pair))
+
+    def fresh(i: str) -> bool:
+        g = gens.get(i)
+        return g is not None and g.adapter == adapter and g.adapter_version == version
+
+    return [p for p, pair in ids.items() if pair and fresh(pair[0]) and fresh(pair[1])]
+
+
+def build_dataset(
+    db: sqlite_utils.Database, cfg: LearnConfig, now: Served, skipped: Counter[str]
+) -> list[SFTExample] | list[PreferencePair]:
+    d = cfg.data
+    if d.kind == "alt":
+        cond = conditioning(cfg)
+        assert cond is not None
+        alt = AltConfig(
+            conditioning=cond,
+            provider=d.provider,
+            window=ReplayWindow(last_versions=d.replay_versions),
+            allow_truncated=d.allow_truncated,
+            unknown_tags="skip",
+            balance=d.balance,
+            seed=cfg.train.seed,
+        )
+        examples: list[SFTExample] = build_alt(db, alt, skipped=skipped)
+        return examples[-d.max_examples :] if d.max_examples else examples
+    if d.source == "judge":
+        pairs = judge_pairs(db, d.provider, allow_truncated=d.allow_truncated, skipped=skipped)
+    elif d.source == "score":
+        pairs = score_pairs(
+            db,
+            d.provider,
+            higher_is_better=d.higher_is_better,
+            min_margin=d.min_margin,
+            pairing=d.pairing,
+            allow_truncated=d.allow_truncated,
+            skipped=skipped,
+        )
+    else:
+        pairs = feedback_pairs(db, allow_truncated=d.allow_truncated, skipped=skipped)
+    if d.on_policy and d.source != "feedback":
+        name = cfg.adapter if now.version is not None else ""
+        kept = on_policy(db, pairs, name, now.version or 0)
+        skipped["off_policy"] += len(pairs) - len(kept)
+        pairs = kept
+    return pairs[-d.max_examples :] if d.max_examples else pairs
+
+
+def candidate_dir(cfg: LearnConfig, iteration: int, adapter_dir: Path) -> Path:
+    """A loadable copy of the trained adapter, named ``<adapter>-candidate`` v``iteration``."""
+    out = adapter_dir.parent / "candidate"
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(adapter_dir, out)
+    manifest = Manifest(
+        name=cfg.adapter + CANDIDATE_SUFFIX,
+        version=iteration,
+        base_model=cfg.base_model,
+        conditioning=conditioning(cfg),
+        has_lora=True,
+    )
+    write_manifest(out, manifest)
+    return out
+
+
+class Learner:
+    """Runs iterations until ``stop`` is set or ``max_iterations`` were recorded.
+
+    ``report`` receives one human-readable line per event (the CLI shows them); ``progress``
+    turns the trainer's progress bar on. Not thread-safe; one learner per adapter.
+    """
+
+    def __init__(
+        self,
+        cfg: LearnConfig,
+        db: sqlite_utils.Database,
+        *,
+        report: Callable[[str], None] = log.info,
+        progress: bool = True,
+    ) -> None:
+        self.cfg = cfg
+        self.db = db
+        self.report = report
+        self.progress = progress
+        self._client: AsyncClient | None = None
+
+    # -------------------------------------------------------------------- server calls
+
+    @property
+    def client(self) -> AsyncClient:
+        if self._client is None:
+            self._client = AsyncClient(self.cfg.server, token=self.cfg.token, timeout=300.0)
+        return self._client
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+
+    async def sample(self, iteration: int, now: Served) -> int:
+        s = self.cfg.sample
+        assert s is not None
+        rng = random.Random(s.seed * 1_000_003 + iteration)
+        prompts = rng.sample(s.prompts, min(s.per_iteration, len(s.prompts)))
+        kw: dict[str, Any] = {
+            "n": s.n,
+            "max_tokens": s.max_tokens,
+            "temperature": s.temperature,
+            "top_p": s.top_p,
+            "repetition_penalty": s.repetition_penalty,
+        }
+        if now.version is not None:
+            kw |= {"adapter": self.cfg.adapter, "adapter_version": now.version}
+            has_tags = now.manifest is not None and now.manifest.conditioning is not None
+            if s.feedback and has_tags:
+                kw["feedback"] = s.feedback
+        sem = asyncio.Semaphore(s.concurrency)
+
+        async def one(p: str) -> int:
+            async with sem:
+                g = await self.client.generate(p, **kw)
+                return len(g.completions)
+
+        return sum(await asyncio.gather(*(one(p) for p in prompts)))
+
+    async def wait_served(self, version: int, timeout_s: float = 120.0) -> float:
+        """Seconds until the server's active version of the adapter is ``version``."""
+        began = time.monotonic()
+        while True:
+            for a in await self.client.adapters():
+                if a.name == self.cfg.adapter and a.active_version == version:
+                    return time.monotonic() - began
+            if time.monotonic() - began > timeout_s:
+                raise TimeoutError(f"the server did not serve {self.cfg.adapter}@v{version}")
+            await asyncio.sleep(0.2)
+
+    async def gate(self, iteration: int, cand: Path, now: Served) -> Verdict:
+        g = self.cfg.gate
+        assert g is not None
+        name = self.cfg.adapter + CANDIDATE_SUFFIX
+        await self.client.load_adapter(name, str(cand))
+        # Activating the candidate name retires its older candidates (memory stays bounded).
+        await self.client.activate_adapter(name, iteration)
+        candidate = Side(name, iteration)
+        incumbent = (
+            Side(self.cfg.adapter, now.version)
+            if now.version is not None
+            else Side("", 0, conditioning(self.cfg))
+        )
+        return await run_gate(self.client, candidate, incumbent, g)
+
+    # -------------------------------------------------------------------- one iteration
+
+    async def wait_for_trigger(self, cursor: int, since: float, stop: asyncio.Event) -> int:
+        t = self.cfg.trigger
+        while not stop.is_set():
+            n, hi = new_annotations(self.db, self.cfg, cursor)
+            if n >= t.min_annotations or (n > 0 and time.time() - since >= t.max_interval_s):
+                return hi
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), t.poll_s)
+        return cursor
+
+    def _train(self, iteration: int, data: list[Any], now: Served) -> TrainResult:
+        work = self.cfg.workdir / f"iter-{iteration:04d}"
+        init = None
+        if self.cfg.continue_training and now.manifest is not None and now.manifest.has_lora:
+            init = now.path
+        tc = replace(
+            self.cfg.train,
+            checkpoint_dir=work / "ckpt",
+            checkpoint_every=max(1, (self.cfg.train.max_steps or 8) // 4),
+            progress=self.progress,
+        )
+        return train(self.cfg.model, data, tc, work / "adapter", init_adapter=init, resume=True)
+
+    async def iteration(
+        self, iteration: int, cursor: int, stop: asyncio.Event
+    ) -> runs.IterationRecord:
+        cfg = self.cfg
+        started = runs.now()
+        now = served(cfg)
+        record = partial(
+            runs.IterationRecord, adapter=cfg.adapter, iteration=iteration, started_at=started
+        )
+        if cfg.sample is not None:
+            n = await self.sample(iteration, now)
+            self.report(f"iteration {iteration}: sampled {n} generations from {_label(cfg, now)}")
+        last = runs.last(self.db, cfg.adapter)
+        since = float(last["finished_at"]) if last else started
+        hi = await self.wait_for_trigger(cursor, since, stop)
+        if stop.is_set():
+            raise Stopped
+        skipped: Counter[str] = Counter()
+        data = build_dataset(self.db, cfg, now, skipped)
+        if len(data) < cfg.trigger.min_examples:
+            reason = f"{len(data)} examples < min_examples {cfg.trigger.min_examples}"
+            self.report(f"iteration {iteration}: skipped ({reason}; skipped: {dict(skipped)})")
+            return record(
+                status="skipped",
+                finished_at=runs.now(),
+                annotation_seq=hi,
+                examples=len(data),
+                reason=reason,
+                details={"skipped": dict(skipped)},
+            )
+        self.report(
+            f"iteration {iteration}: training {cfg.train.objective} on {len(data)} examples"
+        )
+        result = await asyncio.to_thread(self._train, iteration, data, now)
+        metrics: dict[str, Any] = {
+            "final_loss": result.final_loss,
+            "samples_per_s": result.samples_per_s,
+            "steps": result.steps,
+            "last_step": result.history[-1] if result.history else {},
+        }
+        verdict = None
+        if cfg.gate is not None:
+            cand = candidate_dir(cfg, iteration, result.adapter_dir)
+            verdict = await self.gate(iteration, cand, now)
+            metrics["gate"] = verdict.to_json()
+            self.report(
+                f"iteration {iteration}: gate {'passed' if verdict.passed else 'FAILED'} "
+                f"(candidate {verdict.candidate['value']}, served {verdict.incumbent['value']}"
+                f"{'; ' + '; '.join(verdict.reasons) if verdict.reasons else ''})"
+            )
+        release = Release(
+            base_model=cfg.base_model,
+            base_model_dir=cfg.model,
+            conditioning=conditioning(cfg),
+            objective=cfg.train.objective,
+            hyperparameters=_hyperparameters(cfg),
+            data_window={
+                "annotation_seq": [cursor, hi],
+                "examples": len(data),
+                "served_version": now.version,
+                "skipped": dict(skipped),
+            },
+            metrics=metrics,
+        )
+        path = publish(cfg.registry, cfg.adapter, result.adapter_dir, release)
+        version = load_manifest(path).version
+        status: runs.Status = "published"
+        swap_s = None
+        if verdict is None or verdict.passed:
+            promote(cfg.registry, cfg.adapter, version)
+            status = "promoted"
+            if cfg.server:
+                swap_s = await self.wait_served(version)
+        elif verdict is not None:
+            status = "rejected"
+        self.report(f"iteration {iteration}: {status} {cfg.adapter}@v{version}")
+        return record(
+            status=status,
+            finished_at=runs.now(),
+            annotation_seq=hi,
+            examples=len(data),
+            steps=result.steps,
+            final_loss=result.final_loss,
+            samples_per_s=result.samples_per_s,
+            version=version,
+            gate_passed=None if verdict is None else verdict.passed,
+            candidate_value=None if verdict is None else verdict.candidate["value"],
+            incumbent_value=None if verdict is None else verdict.incumbent["value"],
+            candidate_distinct2=None if verdict is None else verdict.candidate["distinct2"],
+            win_rate=None if verdict is None else verdict.win_rate,
+            reason="; ".join(verdict.reasons) if verdict else "",
+            details={"swap_s": swap_s, "skipped": dict(skipped), "history": result.history[-1:]},
+        )
+
+    async def run(self, stop: asyncio.Event) -> int:
+        """Iterate until ``stop`` or ``max_iterations``; returns the iterations recorded."""
+        done = 0
+        try:
+            while not stop.is_set():
+                last = runs.last(self.db, self.cfg.adapter)
+                iteration = int(last["iteration"]) + 1 if last else 1
+                if self.cfg.max_iterations is not None and iteration > self.cfg.max_iterations:
+                    break
+                cursor = int(last["annotation_seq"]) if last else 0
+                started = runs.now()
+                try:
+                    rec = await self.iteration(iteration, cursor, stop)
+                except Stopped:
+                    break
+                except Exception as e:  # recorded, then retried with the same data
+                    log.exception("iteration %d failed", iteration)
+                    self.report(f"iteration {iteration}: FAILED: {type(e).__name__}: {e}")
+                    rec = runs.IterationRecord(
+                        adapter=self.cfg.adapter,
+                        iteration=iteration,
+                        status="failed",
+                        started_at=started,
+                        finished_at=runs.now(),
+                        annotation_seq=cursor,
+                        reason=f"{type(e).__name__}: {e}",
+                    )
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), self.cfg.trigger.poll_s)
+                runs.record(self.db, rec)
+                done += 1
+        finally:
+            await self.close()
+        return done
+
+
+def _label(cfg: LearnConfig, now: Served) -> str:
+    return f"{cfg.adapter}@v{now.version}" if now.version is not None else "the base model"
+
+
+def _hyperparameters(cfg: LearnConfig) -> dict[str, Any]:
+    t = asdict(cfg.train)
+    for key in ("checkpoint_dir", "progress", "device"):
+        t.pop(key, None)
+    return json.loads(json.dumps(t, default=str))

@@ -1,0 +1,277 @@
+"""``tiller learn`` on a live server: sample → annotate → train → gate → publish → promote → the
+server serves the new version; a failing gate publishes but never promotes.
+
+Everything is real: a ``tiller serve`` process following a registry, the annotator's score and
+quantile providers over the SQLite log, the trainer on the tiny model, admin ``LoadAdapter``
+for the gate's candidate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ServerProc, start_server, stop_server
+from tiller.client import Client
+from tiller.learner.annotate.quantile import (
+    QuantileConfig,
+    QuantileTagProvider,
+    ScoreConfig,
+    ScoreProvider,
+)
+from tiller.learner.annotate.runner import Annotator
+from tiller.learner.learn import runs
+from tiller.learner.learn.config import (
+    DataConfig,
+    LearnConfig,
+    SampleConfig,
+    TriggerConfig,
+    parse_config,
+)
+from tiller.learner.learn.gate import GateConfig
+from tiller.learner.learn.loop import Learner
+from tiller.learner.publish import read_state, version_path
+from tiller.learner.trainer import TrainConfig
+from tiller.server.logstore import connect
+from tiller.server.manifest import load_manifest
+
+PROMPTS = tuple(f"Tell me about item number {i}." for i in range(8))
+HELD_OUT = ("Describe the sea.", "Describe a forest.", "Describe a city.")
+
+
+@pytest.fixture(scope="module")
+def learn_server(
+    tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[ServerProc, Path, Path]]:
+    root = tmp_path_factory.mktemp("learn")
+    db, registry = root / "log.sqlite", root / "registry"
+    registry.mkdir()
+    srv = start_server(
+        tiny_model,
+        root / "server",
+        "--log-db",
+        str(db),
+        "--registry",
+        str(registry),
+        "--registry-poll",
+        "0.2",
+        "--enable-admin",
+    )
+    yield srv, db, registry
+    stop_server(srv)
+
+
+def _config(
+    tiny_model: Path, srv: ServerProc, db: Path, registry: Path, work: Path, **kw: object
+) -> LearnConfig:
+    base = LearnConfig(
+        db=db,
+        registry=registry,
+        workdir=work,
+        adapter="critic",
+        model=tiny_model,
+        base_model="tiny-llama",
+        server=srv.target,
+        train=TrainConfig(
+            objective="dpo",
+            lora_r=4,
+            lora_alpha=8,
+            target_modules=("q_proj", "v_proj"),
+            batch_size=4,
+            max_steps=2,
+            max_length=64,
+            lr=1e-3,
+            progress=False,
+        ),
+        data=DataConfig(kind="pairs", source="score", provider="len", higher_is_better=True),
+        trigger=TriggerConfig(min_annotations=4, min_examples=2, poll_s=0.1),
+        sample=SampleConfig(prompts=PROMPTS, per_iteration=8, n=2, max_tokens=8),
+        gate=GateConfig(prompts=HELD_OUT, scorer="length", margin=1e6, samples=1, max_tokens=8),
+        max_iterations=2,
+    )
+    return replace(base, **kw)  # type: ignore[arg-type]
+
+
+async def _run(cfg: LearnConfig, providers: list[object]) -> list[str]:
+    """Run the learner with an annotator beside it (as the sidecar would be) until done."""
+    db = connect(cfg.db)
+    annotator = Annotator(connect(cfg.db), providers, batch_size=64)  # type: ignore[arg-type]
+    lines: list[str] = []
+    stop = asyncio.Event()
+
+    async def annotate() -> None:
+        while not stop.is_set():
+            await annotator.drain()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.1)
+
+    side = asyncio.create_task(annotate())
+    try:
+        await asyncio.wait_for(Learner(cfg, db, report=lines.append, progress=False).run(stop), 300)
+    finally:
+        stop.set()
+        await side
+    return lines
+
+
+async def test_learn_loop_promotes_and_server_swaps(
+    tiny_model: Path, learn_server: tuple[ServerProc, Path, Path], tmp_path: Path
+) -> None:
+    srv, db, registry = learn_server
+    cfg = _config(tiny_model, srv, db, registry, tmp_path / "work")
+    lines = await _run(cfg, [ScoreProvider(ScoreConfig(scorer="length", provider_name="len"))])
+
+    rows = runs.iterations(connect(db), "critic")
+    assert [(r["iteration"], r["status"], r["version"]) for r in rows] == [
+        (1, "promoted", 1),
+        (2, "promoted", 2),
+    ], lines
+    assert read_state(registry, "critic").active == 2
+    with Client(srv.target) as c:
+        served = {a.name: a.active_version for a in c.adapters()}
+    assert served["critic"] == 2
+
+    extra = load_manifest(version_path(registry, "critic", 2)).extra
+    assert extra["objective"] == "dpo" and extra["hyperparameters"]["lora_r"] == 4
+    assert extra["metrics"]["gate"]["passed"] is True
+    assert extra["metrics"]["gate"]["candidate"]["side"] == "critic-candidate@v2"
+    assert extra["metrics"]["gate"]["incumbent"]["side"] == "critic@v1"
+    assert extra["data_window"]["served_version"] == 1
+    assert extra["data_window"]["examples"] >= 2
+
+    # Sampling is logged (iteration 1 from the base, 2 from critic@v1); gate traffic is not.
+    gens = (
+        connect(db)
+        .execute("SELECT adapter, adapter_version, count(*) FROM generations GROUP BY 1, 2")
+        .fetchall()
+    )
+    assert sorted(gens) == [("", 0, 16), ("critic", 1, 16)]
+
+
+async def test_failing_gate_publishes_but_does_not_promote(
+    tiny_model: Path, learn_server: tuple[ServerProc, Path, Path], tmp_path: Path
+) -> None:
+    srv, db, registry = learn_server
+    gate = GateConfig(prompts=HELD_OUT, scorer="length", min_distinct2_ratio=100.0, max_tokens=8)
+    cfg = _config(
+        tiny_model,
+        srv,
+        db,
+        registry,
+        tmp_path / "work",
+        adapter="strict",
+        gate=gate,
+        max_iterations=1,
+    )
+    await _run(cfg, [ScoreProvider(ScoreConfig(scorer="length", provider_name="len"))])
+    (row,) = runs.iterations(connect(db), "strict")
+    assert row["status"] == "rejected" and row["gate_passed"] == 0
+    assert "fluency" in row["reason"]
+    assert read_state(registry, "strict").active is None
+    verdict = load_manifest(version_path(registry, "strict", row["version"])).extra["metrics"][
+        "gate"
+    ]
+    assert verdict["passed"] is False and verdict["reasons"]
+    with Client(srv.target) as c:
+        assert "strict" not in {a.name for a in c.adapters()}
+
+
+async def test_alt_loop_conditions_on_tags(
+    tiny_model: Path, learn_server: tuple[ServerProc, Path, Path], tmp_path: Path
+) -> None:
+    srv, db, registry = learn_server
+    tags = ("Short", "Long")
+    cfg = _config(
+        tiny_model,
+        srv,
+        db,
+        registry,
+        tmp_path / "work",
+        adapter="alt",
+        train=TrainConfig(
+            objective="alt",
+            lora_r=4,
+            lora_alpha=8,
+            target_modules=("q_proj", "v_proj"),
+            batch_size=4,
+            max_steps=2,
+            max_length=64,
+            progress=False,
+        ),
+        data=DataConfig(kind="alt", provider="len-tags", tags=tags, balance="none"),
+        sample=SampleConfig(prompts=PROMPTS, per_iteration=8, n=2, max_tokens=8, feedback="Long"),
+        gate=GateConfig(
+            prompts=HELD_OUT,
+            scorer="length",
+            metric="spread",
+            high_tag="Long",
+            low_tag="Short",
+            margin=1e6,
+            max_tokens=8,
+        ),
+        max_iterations=2,
+    )
+    tagger = QuantileTagProvider(
+        QuantileConfig(scorer="length", tags=tags, mode="global", provider_name="len-tags")
+    )
+    await _run(cfg, [tagger])
+    rows = runs.iterations(connect(db), "alt")
+    assert [r["status"] for r in rows] == ["promoted", "promoted"]
+    manifest = load_manifest(version_path(registry, "alt", 2))
+    assert manifest.conditioning is not None and manifest.conditioning.tags == tags
+    # Iteration 2 sampled alt@v1 with its best tag: the rendered prompt carries the feedback.
+    rendered = (
+        connect(db)
+        .execute(
+            "SELECT DISTINCT feedback FROM generations "
+            "WHERE adapter = 'alt' AND adapter_version = 1"
+        )
+        .fetchall()
+    )
+    assert rendered == [("Long",)]
+    gate = manifest.extra["metrics"]["gate"]
+    assert set(gate["candidate"]["scores"]) == {"Long", "Short"}
+
+
+def test_config_file_round_trip(tmp_path: Path) -> None:
+    (tmp_path / "prompts.txt").write_text("a\n\nb\n")
+    data = {
+        "db": "log.sqlite",
+        "registry": "reg",
+        "workdir": "work",
+        "model": "m",
+        "adapter": "critic",
+        "base_model": "tiny",
+        "server": "127.0.0.1:1",
+        "sample": {"prompts_file": "prompts.txt", "n": 3},
+        "data": {"kind": "pairs", "source": "judge", "provider": "j"},
+        "train": {"objective": "dpo", "objective_config": {"beta": 0.2}, "lora_r": 8},
+        "gate": {
+            "prompts": ["x"],
+            "judge": {"base_url": "http://h/v1", "model": "m", "api_key_env": "K"},
+        },
+    }
+    cfg = parse_config(data, tmp_path, {"K": "secret"})
+    assert cfg.sample is not None and cfg.sample.prompts == ("a", "b") and cfg.sample.n == 3
+    assert cfg.db == tmp_path / "log.sqlite"
+    assert cfg.train.loss_config.beta == 0.2  # type: ignore[union-attr]
+    assert (
+        cfg.gate is not None and cfg.gate.judge is not None and cfg.gate.judge.api_key == "secret"
+    )
+    for bad, needle in (
+        ({**data, "bogus": 1}, "bogus"),
+        ({**data, "data": {"kind": "alt", "provider": "p"}}, "data.tags"),
+        ({**data, "train": {"objective": "nope"}}, "nope"),
+        ({**data, "train": {"checkpoint_dir": "x"}}, "managed by the learner"),
+        ({**data, "gate": {"prompts": ["x"], "metric": "spread", "scorer": "length"}}, "high_tag"),
+        ({**data, "server": ""}, "server"),
+    ):
+        with pytest.raises(ValueError, match=needle):
+            parse_config(bad, tmp_path, {})
+    assert json.dumps(str(cfg.registry))
