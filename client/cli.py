@@ -12,7 +12,7 @@ import click
 
 from .client import Client, TillerClientError
 
-_EXTRA = {"annotate": "learner", "log": "learner", "registry": "learner", "learn": "learner"}
+_EXTRA = dict.fromkeys(("annotate", "log", "registry", "learn", "align"), "learner")
 _LAZY = {
     "serve": "tiller.server.cli:serve",
     "up": "tiller.server.cli:up",
@@ -21,6 +21,7 @@ _LAZY = {
     "log": "tiller.learner.logcli:log",
     "registry": "tiller.learner.registry_cli:registry",
     "learn": "tiller.learner.learn.cli:learn",
+    "align": "tiller.learner.align.cli:align",
 }
 
 

@@ -23,6 +23,7 @@ Example::
 
 from __future__ import annotations
 
+import json
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -88,7 +89,9 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str]) -> AnnotatorCo
 
 
 def load_config(path: Path, env: Mapping[str, str]) -> AnnotatorConfig:
-    return parse_config(tomllib.loads(path.read_text()), env)
+    """TOML, or JSON when the file ends in ``.json`` (as ``tiller align`` writes it)."""
+    text = path.read_text()
+    return parse_config(json.loads(text) if path.suffix == ".json" else tomllib.loads(text), env)
 
 
 def build_providers(config: AnnotatorConfig) -> list[Any]:

@@ -42,6 +42,7 @@ Example (paths relative to the file's directory)::
 
 from __future__ import annotations
 
+import json
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -74,13 +75,15 @@ class TriggerConfig:
 
 @dataclass(frozen=True)
 class SampleConfig:
-    """Active mode: each iteration first samples ``per_iteration`` prompts from the pool (in a
-    seeded rotation) through the server, logged, ``n`` samples each."""
+    """Active mode: each iteration first samples ``per_iteration`` prompts from the pool (a
+    seeded draw) through the server, logged, ``n`` samples each. ``feedback`` conditions the
+    samples once the served version has a conditioning: one tag (ALT samples with the best
+    tag), or several used in turn (to keep every tag's data growing)."""
 
     prompts: tuple[str, ...]
     per_iteration: int = 32
     n: int = 2
-    feedback: str = ""
+    feedback: str | tuple[str, ...] = ""  # a tag, or tags taken in turn prompt by prompt
     max_tokens: int = 48
     temperature: float = 1.0
     top_p: float = 1.0
@@ -243,4 +246,7 @@ def parse_config(data: Mapping[str, Any], base: Path, env: Mapping[str, str]) ->
 
 
 def load_config(path: Path, env: Mapping[str, str]) -> LearnConfig:
-    return parse_config(tomllib.loads(path.read_text()), path.parent.resolve(), env)
+    """TOML, or JSON when the file ends in ``.json`` (as ``tiller align`` writes it)."""
+    text = path.read_text()
+    data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    return parse_config(data, path.parent.resolve(), env)

@@ -228,19 +228,21 @@ class Learner:
             "top_p": s.top_p,
             "repetition_penalty": s.repetition_penalty,
         }
+        tags: tuple[str, ...] = ()
         if now.version is not None:
             kw |= {"adapter": self.cfg.adapter, "adapter_version": now.version}
-            has_tags = now.manifest is not None and now.manifest.conditioning is not None
-            if s.feedback and has_tags:
-                kw["feedback"] = s.feedback
+            if now.manifest is not None and now.manifest.conditioning is not None:
+                tags = (s.feedback,) if isinstance(s.feedback, str) else s.feedback
+                tags = tuple(t for t in tags if t)
         sem = asyncio.Semaphore(s.concurrency)
 
-        async def one(p: str) -> int:
+        async def one(i: int, p: str) -> int:
+            extra = {"feedback": tags[i % len(tags)]} if tags else {}
             async with sem:
-                g = await self.client.generate(p, **kw)
+                g = await self.client.generate(p, **kw, **extra)
                 return len(g.completions)
 
-        return sum(await asyncio.gather(*(one(p) for p in prompts)))
+        return sum(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
 
     async def wait_served(self, version: int, timeout_s: float = 120.0) -> float:
         """Seconds until the server's active version of the adapter is ``version``."""

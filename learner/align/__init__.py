@@ -1,0 +1,1 @@
+"""``tiller align``: continuous online alignment — server, annotator and learner, supervised."""

@@ -1,0 +1,161 @@
+"""The held-out evaluation after an alignment run: the promoted adapter against the base model.
+
+Generation goes through the running server (``log=False``), same prompts and seeds for every
+condition. Conditions: the base model on the plain prompts; the adapter on the plain prompts
+(no tags configured) or once per extreme tag (ALT). For each: the scorer's mean with a 95%
+Student-t confidence interval, distinct-2, and optionally the perplexity of the generations
+under the base model (fluency: a collapsed policy produces text the base finds unlikely, or
+degenerate repeats it finds too likely; both move it away from the base's own value).
+
+``compare`` gives Welch's t-test between two conditions (two-sided p-value).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from tiller.client import AsyncClient
+
+from ..annotate.scorers import make_scorer
+from ..learn.gate import distinct_n
+from .config import EvalConfig
+
+
+@dataclass(frozen=True)
+class Condition:
+    label: str
+    adapter: str = ""
+    version: int | None = None
+    feedback: str = ""
+
+
+@dataclass(frozen=True)
+class Stats:
+    label: str
+    n: int
+    mean: float
+    ci95: float  # half-width
+    distinct2: float
+    perplexity: float | None
+    scores: tuple[float, ...]
+    examples: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["scores"] = list(self.scores)
+        out["examples"] = list(self.examples[:3])
+        return out
+
+
+def mean_ci(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% Student-t interval."""
+    from scipy import stats
+
+    m = statistics.fmean(values)
+    if len(values) < 2:
+        return m, math.inf
+    sem = statistics.stdev(values) / math.sqrt(len(values))
+    return m, float(stats.t.ppf(0.975, len(values) - 1) * sem)
+
+
+def compare(a: Stats, b: Stats) -> dict[str, float]:
+    """Welch's t-test of ``a`` vs ``b`` scores: difference of means and two-sided p-value."""
+    from scipy import stats
+
+    t = stats.ttest_ind(a.scores, b.scores, equal_var=False)
+    return {"diff": a.mean - b.mean, "t": float(t.statistic), "p": float(t.pvalue)}
+
+
+async def _texts(client: AsyncClient, cond: Condition, cfg: EvalConfig) -> list[tuple[str, str]]:
+    sem = asyncio.Semaphore(16)
+
+    async def one(i: int, prompt: str) -> list[tuple[str, str]]:
+        kw: dict[str, Any] = {
+            "n": cfg.samples,
+            "max_tokens": cfg.max_tokens,
+            "temperature": cfg.temperature,
+            "top_p": cfg.top_p,
+            "repetition_penalty": cfg.repetition_penalty,
+            "seed": cfg.seed + i,
+            "log": False,
+        }
+        if cond.adapter:
+            kw |= {"adapter": cond.adapter, "adapter_version": cond.version}
+        if cond.feedback:
+            kw["feedback"] = cond.feedback
+        async with sem:
+            g = await client.generate(prompt, **kw)
+        return [(prompt, c.text) for c in g.completions]
+
+    rows = await asyncio.gather(*(one(i, p) for i, p in enumerate(cfg.prompts)))
+    return [r for group in rows for r in group]
+
+
+def perplexity(model_dir: Path, pairs: list[tuple[str, str]]) -> float:
+    """exp(mean NLL per token) of the completions given their prompts under the base model."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    nll, count = 0.0, 0
+    with torch.inference_mode():
+        for prompt, text in pairs:
+            p = tok(prompt, return_tensors="pt").input_ids
+            c = tok(text, add_special_tokens=False, return_tensors="pt").input_ids
+            if c.shape[1] == 0:
+                continue
+            ids = torch.cat([p, c], dim=1)
+            logits = model(ids).logits[0, p.shape[1] - 1 : -1]
+            nll += float(torch.nn.functional.cross_entropy(logits, c[0], reduction="sum"))
+            count += c.shape[1]
+    return math.exp(nll / count) if count else math.nan
+
+
+async def evaluate(
+    client: AsyncClient,
+    conditions: list[Condition],
+    cfg: EvalConfig,
+    model_dir: Path | None,
+) -> list[Stats]:
+    scorer = make_scorer(cfg.scorer)
+    out = []
+    for cond in conditions:
+        pairs = await _texts(client, cond, cfg)
+        scores = [scorer.score(t) for _, t in pairs]
+        m, ci = mean_ci(scores)
+        ppl = (
+            await asyncio.to_thread(perplexity, model_dir, pairs)
+            if cfg.perplexity and model_dir
+            else None
+        )
+        out.append(
+            Stats(
+                label=cond.label,
+                n=len(scores),
+                mean=m,
+                ci95=ci,
+                distinct2=distinct_n([t for _, t in pairs]),
+                perplexity=ppl,
+                scores=tuple(scores),
+                examples=tuple(t for _, t in pairs[:3]),
+            )
+        )
+    return out
+
+
+def conditions(cfg: EvalConfig, adapter: str, version: int | None) -> list[Condition]:
+    out = [Condition("base")]
+    if version is None:
+        return out
+    label = f"{adapter}@v{version}"
+    if cfg.tags:
+        out += [Condition(f"{label} [{t}]", adapter, version, t) for t in cfg.tags]
+    else:
+        out.append(Condition(label, adapter, version))
+    return out

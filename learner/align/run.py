@@ -1,0 +1,348 @@
+"""One alignment run: server, (judge,) annotator and learner as supervised processes, a live view,
+then the held-out evaluation, the plots and ``report.json`` in the run directory.
+
+Run directory::
+
+    config.toml  annotator.json  learner.json   the configs as run
+    server.port  log.sqlite  registry/  learner/  the live state
+    logs/{server,annotator,learner,judge}.log
+    plots/*.png  report.json                      written at the end
+
+The run ends when ``duration_s`` has passed, the learner finished its ``max_iterations``, a
+SIGINT/SIGTERM arrives, or a child keeps crashing (``ChildFailed``: exit status 1). The learner
+and the annotator are stopped first, the evaluation uses the still-running server, then the
+server (and judge) stop. Children never outlive the run (``supervisor``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import AlignConfig
+from .supervisor import ChildFailed, ChildSpec, Supervisor, wait_for_file
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    root: Path
+
+    @property
+    def db(self) -> Path:
+        return self.root / "log.sqlite"
+
+    @property
+    def registry(self) -> Path:
+        return self.root / "registry"
+
+    @property
+    def plots(self) -> Path:
+        return self.root / "plots"
+
+    def log(self, name: str) -> Path:
+        return self.root / "logs" / f"{name}.log"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def resolve_model(name: str, base: Path, cache_dir: Path) -> Path:
+    if name == "smollm2":
+        from tiller.server.models import prepare_smollm2
+
+        return prepare_smollm2(cache_dir)
+    path = (base / name).expanduser()
+    if not path.is_dir():
+        raise ValueError(f"model {name!r}: no such directory {path}")
+    return path
+
+
+def _health(target: str, timeout_s: float) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with grpc.insecure_channel(target) as ch:
+                resp = health_pb2_grpc.HealthStub(ch).Check(
+                    health_pb2.HealthCheckRequest(service=""), timeout=10
+                )
+                if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+        except grpc.RpcError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{target} not SERVING after {timeout_s:.0f} s")
+        time.sleep(0.5)
+
+
+def _http_ready(url: str, timeout_s: float) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} not up after {timeout_s:.0f} s") from None
+            time.sleep(1.0)
+
+
+def tiller_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "tiller.client.cli", *args]
+
+
+class AlignRun:
+    def __init__(self, cfg: AlignConfig, root: Path, model: Path, report: Any) -> None:
+        self.cfg = cfg
+        self.paths = RunPaths(root)
+        self.model = model
+        self.report = report
+        self.sup = Supervisor(report=report)
+        self.port = free_port()
+        self.target = f"127.0.0.1:{self.port}"
+        self.started = time.time()
+
+    # ----------------------------------------------------------------- children
+
+    def _start_judge(self) -> str | None:
+        j = self.cfg.judge
+        if j is None:
+            return None
+        port = free_port()
+        model = resolve_model(j.model, self.cfg.base, Path.home() / ".cache" / "tiller")
+        argv = [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", str(model), "--served-model-name", "judge",
+            "--host", "127.0.0.1", "--port", str(port),
+            "--gpu-memory-utilization", "0.1", "--enforce-eager", *j.args,
+        ]  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        self.sup.start(
+            ChildSpec(
+                "judge", argv, self.paths.log("judge"), lambda: _http_ready(url + "/health", 600)
+            )
+        )
+        return url + "/v1"
+
+    def start(self) -> None:
+        from .config import annotator_section, learner_section
+
+        p = self.paths
+        p.registry.mkdir(parents=True, exist_ok=True)
+        judge_url = self._start_judge()
+        port_file = p.root / "server.port"
+        port_file.unlink(missing_ok=True)
+        server_argv = tiller_argv(
+            "serve", "--model", str(self.model), "--port", str(self.port),
+            "--port-file", str(port_file), "--log-db", str(p.db),
+            "--registry", str(p.registry), "--registry-poll", "0.5", "--enable-admin",
+            *self.cfg.server_args,
+        )  # fmt: skip
+
+        def server_ready() -> None:
+            server = next(c for c in self.sup.children if c.spec.name == "server")
+            assert server.proc is not None
+            wait_for_file(port_file, server.proc.poll, 600)
+            _health(self.target, 120)
+
+        self.sup.start(ChildSpec("server", server_argv, p.log("server"), server_ready))
+        (p.root / "annotator.json").write_text(
+            json.dumps(annotator_section(self.cfg, db=p.db, judge_url=judge_url), indent=2)
+        )
+        learner = learner_section(
+            self.cfg,
+            db=p.db,
+            registry=p.registry,
+            workdir=p.root / "learner",
+            model=self.model,
+            server=self.target,
+        )
+        (p.root / "learner.json").write_text(json.dumps(learner, indent=2))
+        self.sup.start(
+            ChildSpec(
+                "annotator",
+                tiller_argv("annotate", "--config", str(p.root / "annotator.json")),
+                p.log("annotator"),
+            )
+        )
+        self.sup.start(
+            ChildSpec(
+                "learner",
+                tiller_argv("learn", "--config", str(p.root / "learner.json"), "--no-progress"),
+                p.log("learner"),
+                finishes=learner.get("max_iterations") is not None,
+                stop_grace_s=120.0,
+            )
+        )
+
+    def stop_children(self, *names: str) -> None:
+        keep = [c for c in self.sup.children if c.spec.name not in names]
+        self.sup.children = [c for c in self.sup.children if c.spec.name in names]
+        self.sup.stop_all()
+        self.sup.children = keep
+
+    # ----------------------------------------------------------------- the loop
+
+    def watch(self, stop: list[bool]) -> str:
+        """Poll children and show progress until the run should end; returns why it ended."""
+        from rich.console import Console
+        from rich.live import Live
+
+        from tiller.server.logstore import connect
+
+        from .dashboard import line, snapshot, table
+
+        db = connect(self.paths.db)
+        console = Console(stderr=True)
+        deadline = self.started + self.cfg.duration_s
+        last_line = 0.0
+        with Live(console=console, refresh_per_second=1, transient=False) as live:
+            while True:
+                if stop:
+                    return "interrupted"
+                finished = self.sup.poll()
+                if "learner" in finished:
+                    return "learner finished its iterations"
+                now = time.time()
+                snap = snapshot(db, self.cfg.adapter, now - self.started)
+                if console.is_terminal:
+                    live.update(table(snap, self.cfg.duration_s, self.cfg.name))
+                elif now - last_line >= 30:
+                    console.print(line(snap, self.cfg.duration_s))
+                    last_line = now
+                if now >= deadline:
+                    return "duration reached"
+                time.sleep(1.0)
+
+    # ----------------------------------------------------------------- the end
+
+    def finish(self, reason: str) -> dict[str, Any]:
+        from tiller.client import AsyncClient
+        from tiller.server.logstore import connect
+
+        from ..learn.runs import iterations
+        from ..publish import read_state
+        from . import plots
+        from .evaluate import compare, conditions, evaluate
+
+        p = self.paths
+        p.plots.mkdir(exist_ok=True)
+        db = connect(p.db)
+        cfg = self.cfg
+        active = read_state(p.registry, cfg.adapter).active
+        rows = iterations(db, cfg.adapter)
+        report: dict[str, Any] = {
+            "name": cfg.name,
+            "ended": reason,
+            "wall_s": time.time() - self.started,
+            "adapter": cfg.adapter,
+            "promoted_version": active,
+            "iterations": [
+                {
+                    k: r[k]
+                    for k in (
+                        "iteration",
+                        "status",
+                        "version",
+                        "examples",
+                        "steps",
+                        "final_loss",
+                        "samples_per_s",
+                        "candidate_value",
+                        "incumbent_value",
+                        "candidate_distinct2",
+                        "reason",
+                        "started_at",
+                        "finished_at",
+                    )
+                }
+                for r in rows
+            ],
+            "samples_logged": int(db.execute("SELECT count(*) FROM generations").fetchone()[0]),
+            "plots": [],
+        }
+        if cfg.eval is not None:
+            self.report("evaluating on held-out prompts ...")
+
+            async def run_eval() -> Any:
+                async with AsyncClient(self.target, timeout=600) as client:
+                    conds = conditions(cfg.eval, cfg.adapter, active)  # type: ignore[arg-type]
+                    return await evaluate(client, conds, cfg.eval, self.model)  # type: ignore[arg-type]
+
+            stats = asyncio.run(run_eval())
+            ev: dict[str, Any] = {"conditions": [s.to_json() for s in stats]}
+            base = stats[0]
+            sign = 1.0 if cfg.eval.higher_is_better else -1.0
+            for s in stats[1:]:
+                c = compare(s, base)
+                ev[f"{s.label} vs base"] = c | {"gain": sign * c["diff"]}
+            if len(stats) == 3:
+                c = compare(stats[1], stats[2])
+                ev["tag spread"] = c | {"gain": sign * c["diff"]}
+            report["eval"] = ev
+            report["plots"].append(
+                str(plots.eval_bars(stats, cfg.eval.scorer, p.plots / "heldout_eval.png"))
+            )
+        drawn = report["plots"]
+        if cfg.reward_provider:
+            out = p.plots / "reward_by_version.png"
+            drawn.append(str(plots.reward_by_version(db, cfg.reward_provider, cfg.adapter, out)))
+        data = cfg.learner.get("data", {})
+        if data.get("tags") and data.get("provider"):
+            out = p.plots / "tags_by_version.png"
+            drawn.append(
+                str(plots.tags_by_version(db, data["provider"], cfg.adapter, data["tags"], out))
+            )
+        if rows:
+            out = p.plots / "heldout_vs_time.png"
+            drawn.append(str(plots.heldout_vs_time(db, cfg.adapter, self.started, out)))
+        (p.root / "report.json").write_text(json.dumps(report, indent=2, default=str))
+        return report
+
+
+def run(cfg: AlignConfig, config_path: Path, root: Path, model: Path, report: Any) -> int:
+    """The whole run; returns the process exit status."""
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copy(config_path, root / "config.toml")
+    r = AlignRun(cfg, root, model, report)
+    stop: list[bool] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.append(True))
+    status = 0
+    try:
+        r.start()
+        reason = r.watch(stop)
+        report(f"stopping the loop: {reason}")
+        r.stop_children("learner", "annotator")
+        summary = r.finish(reason)
+        report(f"report: {root / 'report.json'}")
+        for k, v in (summary.get("eval") or {}).items():
+            if k != "conditions":
+                report(f"  {k}: gain {v['gain']:+.4f} (p={v['p']:.2g})")
+        for s in (summary.get("eval") or {}).get("conditions", []):
+            ppl = "-" if s["perplexity"] is None else f"{s['perplexity']:.1f}"
+            report(
+                f"  {s['label']}: mean {s['mean']:+.4f} ± {s['ci95']:.4f} "
+                f"distinct-2 {s['distinct2']:.3f} ppl {ppl}"
+            )
+    except ChildFailed as e:
+        report(f"run failed: {e}")
+        status = 1
+    finally:
+        r.sup.stop_all()
+    return status

@@ -1,0 +1,189 @@
+"""`tiller align` end to end on the tiny model, and its process supervision (real processes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from tiller.learner.align.config import parse_config
+from tiller.learner.align.supervisor import ChildFailed, ChildSpec, Supervisor
+
+QUICK = """
+name = "quick"
+model = "{model}"
+duration_s = 300
+reward_provider = "len"
+[server]
+args = ["--dtype", "float32", "--max-model-len", "512"]
+[annotator]
+batch_size = 64
+[[annotator.providers]]
+name = "len"
+type = "score"
+scorer = "length"
+[learner]
+adapter = "critic"
+base_model = "tiny-llama"
+max_iterations = 2
+[learner.trigger]
+min_annotations = 8
+min_examples = 2
+poll_s = 0.2
+[learner.sample]
+prompts_file = "prompts.txt"
+per_iteration = 6
+n = 2
+max_tokens = 8
+[learner.data]
+kind = "pairs"
+source = "score"
+provider = "len"
+[learner.train]
+objective = "dpo"
+lora_r = 4
+lora_alpha = 8
+target_modules = ["q_proj", "v_proj"]
+batch_size = 4
+max_steps = 2
+max_length = 64
+[learner.gate]
+prompts = ["x y", "z w"]
+scorer = "length"
+margin = 1000.0
+max_tokens = 8
+[eval]
+prompts = ["x y", "z w", "q r"]
+scorer = "length"
+max_tokens = 8
+"""
+
+
+def _alive_with(marker: str) -> list[int]:
+    """Pids whose command line mentions ``marker`` (the run directory)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if marker in cmd:
+                found.append(int(entry.name))
+    return found
+
+
+def test_align_runs_the_loop_and_leaves_a_report(tiny_model: Path, tmp_path: Path) -> None:
+    (tmp_path / "prompts.txt").write_text("\n".join(f"p{i} q{i}" for i in range(6)) + "\n")
+    config = tmp_path / "quick.toml"
+    config.write_text(QUICK.format(model=tiny_model))
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tiller.client.cli", "align", "--config", str(config),
+         "--run-dir", str(run_dir)],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["ended"] == "learner finished its iterations"
+    assert [(i["status"], i["version"]) for i in report["iterations"]] == [
+        ("promoted", 1),
+        ("promoted", 2),
+    ]
+    assert report["promoted_version"] == 2
+    labels = [c["label"] for c in report["eval"]["conditions"]]
+    assert labels == ["base", "critic@v2"]
+    assert all(c["n"] == 6 and c["perplexity"] > 1 for c in report["eval"]["conditions"])
+    for png in ("heldout_eval", "reward_by_version", "heldout_vs_time"):
+        assert (run_dir / "plots" / f"{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("server", "annotator", "learner"):
+        assert (run_dir / "logs" / f"{name}.log").exists()
+    assert "stopped server (exit 0)" in proc.stderr
+    assert _alive_with(str(run_dir)) == []  # no orphans
+
+
+def test_align_config_is_checked_before_anything_starts(tmp_path: Path) -> None:
+    data = {
+        "name": "x",
+        "annotator": {"providers": [{"name": "len", "type": "score", "scorer": "length"}]},
+        "learner": {
+            "adapter": "a",
+            "base_model": "b",
+            "data": {"kind": "pairs", "source": "score", "provider": "len"},
+            "sample": {"prompts": ["p"]},
+        },
+    }
+    assert parse_config(data, tmp_path).mode == "active"
+    bad_cases = [
+        ({**data, "mode": "passive"}, "passive"),
+        ({**data, "learner": {**data["learner"], "train": {"objective": "nope"}}}, "nope"),
+        ({**data, "bogus": 1}, "bogus"),
+        ({**data, "eval": {"prompts": ["p"], "scorer": "length", "tags": ["a"]}}, "two extreme"),
+    ]
+    for bad, needle in bad_cases:
+        with pytest.raises(ValueError, match=needle):
+            parse_config(bad, tmp_path)
+
+
+def _py(code: str) -> list[str]:
+    return [sys.executable, "-c", textwrap.dedent(code)]
+
+
+def test_supervisor_restarts_a_crashing_child_then_gives_up(tmp_path: Path) -> None:
+    sup = Supervisor(report=lambda _: None)
+    sup.start(
+        ChildSpec("crasher", _py("import sys; sys.exit(3)"), tmp_path / "c.log", max_restarts=2)
+    )
+    deadline = time.monotonic() + 30
+    with pytest.raises(ChildFailed, match="crasher exited with 3 after 2 restarts"):
+        while time.monotonic() < deadline:
+            sup.poll()
+            time.sleep(0.05)
+    assert sup.children[0].exits == [3, 3, 3]
+    sup.stop_all()
+
+
+def test_supervisor_stops_grandchildren_and_children_die_with_it(tmp_path: Path) -> None:
+    marker = str(tmp_path / "marker")
+    # A child that spawns a grandchild (like the server's engine process) and ignores nothing.
+    child = f"""
+        import subprocess, sys, time
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "{marker}"])
+        time.sleep(600)
+    """
+    sup = Supervisor(report=lambda _: None)
+    sup.start(ChildSpec("tree", [*_py(child), marker], tmp_path / "t.log", stop_grace_s=5))
+    deadline = time.monotonic() + 20
+    while len(_alive_with(marker)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(_alive_with(marker)) == 2
+    sup.stop_all()
+    assert _alive_with(marker) == []
+
+    # kill -9 of the supervisor: the kernel's parent-death signal stops its children.
+    parent = f"""
+        import sys, time
+        from pathlib import Path
+        from tiller.learner.align.supervisor import ChildSpec, Supervisor
+        sup = Supervisor(report=lambda _: None)
+        sup.start(ChildSpec("sleeper", [sys.executable, "-c", "import time; time.sleep(600)",
+                                        "{marker}"], Path("{tmp_path}") / "s.log"))
+        print("up", flush=True)
+        time.sleep(600)
+    """
+    p = subprocess.Popen(_py(parent), stdout=subprocess.PIPE, text=True)
+    assert p.stdout is not None and p.stdout.readline().strip() == "up"
+    assert len([pid for pid in _alive_with(marker) if pid != p.pid]) == 1  # the sleeper
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    deadline = time.monotonic() + 20
+    while _alive_with(marker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _alive_with(marker) == []
