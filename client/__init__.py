@@ -5,7 +5,7 @@
 ...     print(c.generate("Hello", feedback="Harmless and very helpful").text)
 """
 
-from .client import AsyncClient, Client, TillerClientError
+from .client import AsyncClient, Client, ClientTls, TillerClientError
 from .results import (
     AdapterInfo,
     Completion,
@@ -19,6 +19,7 @@ __all__ = [
     "AdapterInfo",
     "AsyncClient",
     "Client",
+    "ClientTls",
     "Completion",
     "FeedbackReceipt",
     "Generation",

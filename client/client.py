@@ -51,6 +51,40 @@ def _wrap(e: grpc.RpcError) -> TillerClientError:
 
 
 @dataclass(frozen=True)
+class ClientTls:
+    """TLS for the channel. ``ca``: PEM roots to trust (None: the system's); ``cert`` + ``key``:
+    a client certificate for servers that require one (mTLS); ``server_name``: the name to
+    check in the server's certificate when it differs from the target's host."""
+
+    ca: bytes | None = None
+    cert: bytes | None = None
+    key: bytes | None = None
+    server_name: str | None = None
+
+    @classmethod
+    def from_files(
+        cls,
+        ca: str | None = None,
+        cert: str | None = None,
+        key: str | None = None,
+        server_name: str | None = None,
+    ) -> ClientTls:
+        def read(path: str | None) -> bytes | None:
+            if path is None:
+                return None
+            with open(path, "rb") as f:
+                return f.read()
+
+        return cls(read(ca), read(cert), read(key), server_name)
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(self.ca, self.key, self.cert)
+
+    def options(self) -> list[tuple[str, Any]]:
+        return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+
+
+@dataclass(frozen=True)
 class RetryPolicy:
     """Retry UNAVAILABLE up to ``attempts`` times, sleeping base * 2^k (+ jitter), capped."""
 
@@ -118,9 +152,14 @@ class Client(_Base):
         token: str | None = None,
         retry: RetryPolicy | None = None,
         options: Sequence[tuple[str, Any]] = (),
+        tls: ClientTls | None = None,
     ) -> None:
         super().__init__(target, timeout=timeout, token=token, retry=retry)
-        self._channel = grpc.insecure_channel(target, options=list(options))
+        if tls is None:
+            self._channel = grpc.insecure_channel(target, options=list(options))
+        else:
+            opts = [*options, *tls.options()]
+            self._channel = grpc.secure_channel(target, tls.credentials(), options=opts)
         self._stub = pb_grpc.TillerStub(self._channel)
 
     def __enter__(self) -> Client:
@@ -213,9 +252,14 @@ class AsyncClient(_Base):
         token: str | None = None,
         retry: RetryPolicy | None = None,
         options: Sequence[tuple[str, Any]] = (),
+        tls: ClientTls | None = None,
     ) -> None:
         super().__init__(target, timeout=timeout, token=token, retry=retry)
-        self._channel = grpc.aio.insecure_channel(target, options=list(options))
+        if tls is None:
+            self._channel = grpc.aio.insecure_channel(target, options=list(options))
+        else:
+            opts = [*options, *tls.options()]
+            self._channel = grpc.aio.secure_channel(target, tls.credentials(), options=opts)
         self._stub = pb_grpc.TillerStub(self._channel)
 
     async def __aenter__(self) -> AsyncClient:

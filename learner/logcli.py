@@ -327,15 +327,23 @@ def plot(db_path: Path, out: Path, provider: str | None) -> None:
         ).fetchall()
     finally:
         conn.close()
-    if not rows:
+    import sqlite_utils
+
+    from .learn.runs import iterations
+
+    learned = iterations(sqlite_utils.Database(db_path))
+    if not rows and not learned:
         which = f" from provider {provider!r}" if provider else ""
         raise click.ClickException(f"no tag or score annotations{which} in {db_path}")
     panels: dict[tuple[str, str], list[sqlite3.Row]] = {}
     for r in rows:
         panels.setdefault((r["provider"], r["kind"]), []).append(r)
 
-    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 3.8 * len(panels)), squeeze=False)
-    for ax, ((name, kind), prows) in zip(axes[:, 0], panels.items(), strict=True):
+    n = len(panels) + (1 if learned else 0)
+    fig, axes = plt.subplots(n, 1, figsize=(10, 3.8 * n), squeeze=False)
+    if learned:
+        _learner_panel(axes[-1, 0], learned)
+    for ax, ((name, kind), prows) in zip(axes[:, 0], panels.items(), strict=False):
         by_version: dict[str, list[sqlite3.Row]] = {}
         for r in prows:
             by_version.setdefault(_adapter(r["adapter"], r["adapter_version"]), []).append(r)
@@ -370,3 +378,33 @@ def plot(db_path: Path, out: Path, provider: str | None) -> None:
     fig.savefig(out, format="png", dpi=100)
     plt.close(fig)
     click.echo(f"wrote {out}", err=True)
+
+
+def _learner_panel(ax: Any, rows: Sequence[dict[str, Any]]) -> None:
+    """The learner's iterations: each candidate's gate value (o promoted, x rejected, the
+    served version's value dashed) and the final training loss on a second axis."""
+    for adapter in sorted({r["adapter"] for r in rows}):
+        mine = [r for r in rows if r["adapter"] == adapter]
+        gated = [r for r in mine if r["candidate_value"] is not None]
+        ax.plot(
+            [r["iteration"] for r in gated],
+            [r["incumbent_value"] for r in gated],
+            "--",
+            color="gray",
+            label=f"{adapter}: served",
+        )
+        for status, marker in (("promoted", "o"), ("rejected", "x"), ("published", "s")):
+            pts = [(r["iteration"], r["candidate_value"]) for r in gated if r["status"] == status]
+            if pts:
+                xs, ys = zip(*pts, strict=True)
+                ax.scatter(xs, ys, marker=marker, s=50, label=f"{adapter}: candidate {status}")
+        losses = [(r["iteration"], r["final_loss"]) for r in mine if r["final_loss"] is not None]
+        if losses:
+            twin = ax.twinx()
+            xs, ys = zip(*losses, strict=True)
+            twin.plot(xs, ys, ":", color="tab:purple", label=f"{adapter}: loss")
+            twin.set_ylabel("final loss")
+    ax.set_xlabel("learner iteration")
+    ax.set_ylabel("gate value (higher is better)")
+    ax.set_title("learner iterations")
+    ax.legend(fontsize="small")

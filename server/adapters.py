@@ -15,7 +15,7 @@ from pathlib import Path
 from .config import AdapterSource
 from .engine import Engine
 from .errors import FailedPrecondition, InvalidArgument
-from .manifest import Conditioning, Manifest, load_manifest
+from .manifest import Conditioning, Manifest, check_inside, load_manifest
 from .values import AdapterPick, ServedBy
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -69,13 +69,22 @@ class AdapterTable:
     def base_model(self) -> str:
         return self._base_model
 
-    async def load(self, source: AdapterSource, *, activate: bool | None = None) -> LoadedAdapter:
+    async def load(
+        self,
+        source: AdapterSource,
+        *,
+        activate: bool | None = None,
+        roots: tuple[Path, ...] = (),
+    ) -> LoadedAdapter:
         """Verify (sha256 of every file) and load a version directory under a new LoRA id.
 
         ``activate=None`` activates it if it is the newest version of its name. Loading a
         version that is already loaded only (re)activates it: versions are immutable.
+        With ``roots``, the directory must lie inside one of them (``PermissionDenied``).
         """
         name = validate_name(source.name)
+        if roots:
+            check_inside(source.path, roots)
         manifest = load_manifest(source.path)
         if manifest.name != name:
             raise InvalidArgument(

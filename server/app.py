@@ -18,9 +18,12 @@ from tiller.protos.tiller.v1 import tiller_pb2 as pb
 from tiller.protos.tiller.v1 import tiller_pb2_grpc as pb_grpc
 
 from .adapters import AdapterTable
-from .config import ServerConfig
+from .auth import Authenticator
+from .config import SecurityConfig, ServerConfig
+from .edge import Edge
 from .engine import Engine, VllmEngine
 from .logwriter import LogWriter
+from .metrics import Metrics, serve_http
 from .registry import sync_once, watch
 from .service import GenerationService
 from .servicer import TillerAdminServicer, TillerServicer
@@ -44,6 +47,9 @@ class Running:
     log: LogWriter | None
     stop_watch: asyncio.Event
     watcher: asyncio.Task[None] | None
+    admin_server: grpc.aio.Server | None = None
+    admin_port: int | None = None
+    metrics_port: int | None = None
 
 
 async def start(config: ServerConfig, engine: Engine | None = None) -> Running:
@@ -62,27 +68,41 @@ async def start(config: ServerConfig, engine: Engine | None = None) -> Running:
         await writer.start()
     service = GenerationService(engine, adapters, config.limits, writer)
 
-    size = config.limits.max_message_bytes
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", size),
-            ("grpc.max_send_message_length", max(size, 64 * 1024 * 1024)),
-            ("grpc.so_reuseport", 0),
-        ]
-    )
+    sec = config.security
+    metrics = Metrics() if config.observability.metrics_port is not None else None
+    auth = Authenticator(sec.tokens) if sec.tokens is not None else None
+    edge = Edge(auth, config.limits.max_request_s, metrics)
+    server = _grpc_server(config, edge)
     pb_grpc.add_TillerServicer_to_server(TillerServicer(service, adapters), server)
     names = [SERVICE_NAMES[0]]
-    if config.enable_admin:
-        pb_grpc.add_TillerAdminServicer_to_server(TillerAdminServicer(adapters), server)
+    admin = TillerAdminServicer(adapters, sec.adapter_roots)
+    admin_server = None
+    if sec.admin_port is not None:  # admin only there (typically loopback), never on the main port
+        admin_server = _grpc_server(config, edge)
+        pb_grpc.add_TillerAdminServicer_to_server(admin, admin_server)
+    elif config.enable_admin:
+        pb_grpc.add_TillerAdminServicer_to_server(admin, server)
         names.append(SERVICE_NAMES[1])
     health_servicer = AsyncHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names.append(health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
     reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
-    if port == 0:
-        raise OSError(f"could not bind {config.host}:{config.port}")
+    port = _bind(server, config.host, config.port, sec)
+    admin_port = None
+    if admin_server is not None:
+        assert sec.admin_port is not None
+        admin_port = _bind(admin_server, sec.admin_host, sec.admin_port, sec)
+        await admin_server.start()
     await server.start()
+    metrics_port = None
+    obs = config.observability
+    if metrics is not None and obs.metrics_port is not None:
+        metrics.bind(
+            service.status,
+            lambda: [(name, v) for name, v, _, _ in adapters.snapshot() if name != "base"],
+            config.log.path if config.log is not None else None,
+        )
+        metrics_port = serve_http(metrics, obs.metrics_host, obs.metrics_port)
     # As `vllm serve` does: move start-up objects out of the collector's generations, so that
     # full collections on the hot path do not walk the model and engine graphs.
     gc.collect()
@@ -95,7 +115,49 @@ async def start(config: ServerConfig, engine: Engine | None = None) -> Running:
         watcher = asyncio.create_task(
             watch(adapters, config.registry, config.registry_poll_s, stop_watch)
         )
-    return Running(server, port, health_servicer, service, engine, writer, stop_watch, watcher)
+    return Running(
+        server,
+        port,
+        health_servicer,
+        service,
+        engine,
+        writer,
+        stop_watch,
+        watcher,
+        admin_server,
+        admin_port,
+        metrics_port,
+    )
+
+
+def _grpc_server(config: ServerConfig, edge: Edge) -> grpc.aio.Server:
+    size = config.limits.max_message_bytes
+    return grpc.aio.server(
+        interceptors=[edge],
+        options=[
+            ("grpc.max_receive_message_length", size),
+            ("grpc.max_send_message_length", max(size, 64 * 1024 * 1024)),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+
+
+def _bind(server: grpc.aio.Server, host: str, port: int, sec: SecurityConfig) -> int:
+    """Open ``host:port`` (TLS when configured); returns the bound port."""
+    address = f"{host}:{port}"
+    if sec.tls is None:
+        bound = server.add_insecure_port(address)
+    else:
+        t = sec.tls
+        creds = grpc.ssl_server_credentials(
+            [(t.key.read_bytes(), t.cert.read_bytes())],
+            root_certificates=t.client_ca.read_bytes() if t.client_ca else None,
+            require_client_auth=t.client_ca is not None,
+        )
+        bound = server.add_secure_port(address, creds)
+    if bound == 0:
+        raise OSError(f"could not bind {address}")
+    return bound
 
 
 async def drain_and_stop(running: Running, grace_s: float) -> bool:
@@ -109,6 +171,8 @@ async def drain_and_stop(running: Running, grace_s: float) -> bool:
     if not clean:
         log.warning("drain grace of %.1fs ran out; cancelling the rest", grace_s)
     await running.server.stop(grace=1.0)
+    if running.admin_server is not None:
+        await running.admin_server.stop(grace=1.0)
     if running.log is not None:
         await running.log.close()  # every queued generation is written before exit
     running.engine.shutdown()
@@ -124,6 +188,11 @@ async def serve(config: ServerConfig, port_file: Path | None = None) -> None:
         tmp.write_text(str(running.port))
         tmp.replace(port_file)
     print(f"tiller: serving {config.engine.model.name} on {address}", flush=True)
+    if running.admin_port is not None:
+        print(f"tiller: admin on {config.security.admin_host}:{running.admin_port}", flush=True)
+    if running.metrics_port is not None:
+        host = config.observability.metrics_host
+        print(f"tiller: metrics on http://{host}:{running.metrics_port}/metrics", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from .config import AdapterSource, EngineConfig, Limits, LogConfig, ServerConfig
+from .serve_options import edge_configs, edge_options
 
 DEFAULT_CACHE = Path.home() / ".cache" / "tiller"
 _ENGINE_KEYS = (
@@ -151,11 +152,14 @@ def _engine_config(kw: dict[str, Any]) -> tuple[EngineConfig, Path]:
     help="Adapter registry to follow: promoted versions are hot-swapped in.",
 )
 @click.option("--registry-poll", type=float, default=0.5, show_default=True)
+@edge_options
 def serve(**kw: Any) -> None:
     """Serve a model over gRPC until SIGTERM (then drain and exit 0)."""
+    from . import logsetup
     from .app import serve as run_server
 
     engine, cache_dir = _engine_config(kw)
+    edge = edge_configs(kw)
     cap = kw["max_tokens_cap"]
     config = ServerConfig(
         engine=engine,
@@ -167,7 +171,15 @@ def serve(**kw: Any) -> None:
         enable_admin=kw["enable_admin"],
         registry=kw["registry"],
         registry_poll_s=kw["registry_poll"],
-        limits=Limits(max_tokens_cap=cap, default_max_tokens=min(128, cap), max_n=kw["max_n"]),
+        limits=Limits(
+            max_tokens_cap=cap,
+            default_max_tokens=min(128, cap),
+            max_n=kw["max_n"],
+            max_prompt_tokens=edge.max_prompt_tokens,
+            max_request_s=edge.max_request_s,
+        ),
+        security=edge.security,
+        observability=edge.observability,
         log=None
         if kw["no_log"]
         else LogConfig(
@@ -175,6 +187,7 @@ def serve(**kw: Any) -> None:
             synchronous=kw["log_sync"],
         ),
     )
+    logsetup.configure(config.observability)
     _apply_process_settings(engine)
     _run(run_server(config, kw["port_file"]))
 

@@ -53,6 +53,8 @@ class Limits:
     max_feedback_mix: int = 8
     max_attributes: int = 16
     max_attribute_weight: float = 10.0
+    max_prompt_tokens: int | None = None  # None: the model's context is the only bound
+    max_request_s: float | None = None  # server-side cap on one RPC's duration (DEADLINE_EXCEEDED)
 
     def __post_init__(self) -> None:
         if not 0 < self.default_max_tokens <= self.max_tokens_cap:
@@ -73,6 +75,44 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class TokenGrant:
+    """One bearer token, kept only as its sha256. ``max_concurrent`` RPCs at once (0: no cap)."""
+
+    name: str
+    sha256: str
+    roles: frozenset[str]
+    max_concurrent: int = 0
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """PEM files for the gRPC ports. With ``client_ca``, clients must present a cert it signed."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    """Who may call what. ``tokens=None``: no authentication (local development)."""
+
+    tokens: tuple[TokenGrant, ...] | None = None
+    tls: TlsConfig | None = None
+    admin_host: str = "127.0.0.1"
+    admin_port: int | None = None  # set: TillerAdmin is served only there, not on the main port
+    adapter_roots: tuple[Path, ...] = ()  # LoadAdapter paths must lie inside one (empty: any)
+
+
+@dataclass(frozen=True)
+class ObservabilityConfig:
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = None  # set: Prometheus text format on http://host:port/metrics
+    log_format: Literal["text", "json"] = "text"
+    log_level: str = "INFO"
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """Everything ``tiller serve`` runs with."""
 
@@ -87,3 +127,5 @@ class ServerConfig:
     log: LogConfig | None = None  # None: the server-wide switch is off
     registry: Path | None = None  # follow promoted versions here and hot-swap them
     registry_poll_s: float = 0.5
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)

@@ -50,6 +50,18 @@ class EngineFailure(TillerError):
     """The engine failed while serving an accepted request."""
 
 
+class Unauthenticated(TillerError):
+    """No bearer token, or one the server does not know (the token is never echoed)."""
+
+
+class PermissionDenied(TillerError):
+    """The token is valid but lacks the role this RPC needs."""
+
+
+class DeadlineExceeded(TillerError):
+    """The request ran past the server's cap on request duration."""
+
+
 STATUS_TABLE: dict[type[TillerError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -59,6 +71,9 @@ STATUS_TABLE: dict[type[TillerError], grpc.StatusCode] = {
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     Aborted: grpc.StatusCode.ABORTED,
     EngineFailure: grpc.StatusCode.INTERNAL,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 
 

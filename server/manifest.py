@@ -13,11 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import InvalidArgument
+from .errors import InvalidArgument, PermissionDenied
 
 MANIFEST_FILE = "tiller-manifest.json"
 DEFAULT_TEMPLATE = "{feedback} input: {prompt}"
 DEFAULT_SEPARATOR = "<|separator|>"
+# Weights that unpickle (run code) when loaded: a version directory holding one is refused.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 Placement = Literal["prefix", "system"]
 
 
@@ -161,7 +163,32 @@ def load_manifest(version_dir: Path, *, verify: bool = True) -> Manifest:
                 raise ManifestError(f"sha256 of {rel!r} does not match the manifest")
         if manifest.has_lora and "adapter_model.safetensors" not in manifest.files:
             raise ManifestError("a LoRA version must list adapter_model.safetensors in files")
+        pickled = sorted(
+            str(p.relative_to(version_dir))
+            for p in version_dir.rglob("*")
+            if p.suffix.lower() in PICKLE_SUFFIXES
+        )
+        if pickled:
+            raise ManifestError(
+                f"{version_dir} holds pickled weights ({', '.join(pickled)}); only safetensors "
+                "are loaded"
+            )
     return manifest
+
+
+def check_inside(path: Path, roots: tuple[Path, ...]) -> Path:
+    """``path`` resolved (symlinks followed) if it lies inside one of ``roots``; else
+    ``PermissionDenied`` naming the roots."""
+    resolved = path.resolve()
+    for root in roots:
+        r = root.resolve()
+        if resolved == r or r in resolved.parents:
+            return resolved
+    raise PermissionDenied(
+        f"adapter path {str(path)!r} is outside the adapter roots: "
+        + ", ".join(str(r) for r in roots),
+        field="path",
+    )
 
 
 def write_manifest(version_dir: Path, manifest: Manifest) -> Manifest:

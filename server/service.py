@@ -15,7 +15,13 @@ from dataclasses import dataclass, field, replace
 from .adapters import AdapterTable, LoadedAdapter
 from .config import Limits
 from .engine import Engine
-from .errors import FailedPrecondition, InvalidArgument, Unavailable, Unimplemented
+from .errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    LimitExceeded,
+    Unavailable,
+    Unimplemented,
+)
 from .lockstep import LockstepLost, mixed_deltas
 from .logrecords import (
     FeedbackInput,
@@ -175,6 +181,12 @@ class GenerationService:
     ) -> tuple[int, ...]:
         special = req.chat is None  # chat templates carry their own special tokens
         ids = self._engine.tokenizer.encode(rendered, add_special_tokens=special)
+        cap = self._limits.max_prompt_tokens
+        if cap is not None and len(ids) > cap:
+            raise LimitExceeded(
+                f"prompt is {len(ids)} tokens after conditioning; the server limit is {cap}",
+                field="chat" if req.chat is not None else "prompt",
+            )
         limit = self._engine.max_model_len
         if len(ids) >= limit:
             raise InvalidArgument(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import TypeVar
 
 import grpc
@@ -77,10 +78,11 @@ class TillerServicer(pb_grpc.TillerServicer):
 
 
 class TillerAdminServicer(pb_grpc.TillerAdminServicer):
-    """Adapter version management (served only with --enable-admin)."""
+    """Adapter version management (served only with --enable-admin or on --admin-port)."""
 
-    def __init__(self, adapters: AdapterTable) -> None:
+    def __init__(self, adapters: AdapterTable, roots: tuple[Path, ...] = ()) -> None:
         self._adapters = adapters
+        self._roots = roots  # LoadAdapter paths must lie inside one of these (empty: any)
 
     def _info(self, name: str) -> pb.AdapterInfo:
         return convert.adapter_info(self._adapters.snapshot(), name, self._adapters.base_model)
@@ -90,7 +92,7 @@ class TillerAdminServicer(pb_grpc.TillerAdminServicer):
     ) -> pb.LoadAdapterResponse:
         async def call() -> pb.LoadAdapterResponse:
             source = convert.adapter_source(request)
-            await self._adapters.load(source, activate=False)
+            await self._adapters.load(source, activate=False, roots=self._roots)
             return pb.LoadAdapterResponse(adapter=self._info(source.name))
 
         return await _unary(context, call)

@@ -71,8 +71,15 @@ class ServerProc:
         return self.log.read_text(errors="replace")
 
 
-def start_server(model: Path, workdir: Path, *extra: str) -> ServerProc:
-    """Run ``tiller serve`` as a real process on a free port; wait until health says SERVING."""
+def start_server(
+    model: Path,
+    workdir: Path,
+    *extra: str,
+    credentials: grpc.ChannelCredentials | None = None,
+    channel_options: tuple[tuple[str, str], ...] = (),
+) -> ServerProc:
+    """Run ``tiller serve`` as a real process on a free port; wait until health says SERVING.
+    ``credentials``: check health over TLS with these (a server started with --tls-cert)."""
     workdir.mkdir(parents=True, exist_ok=True)
     port_file = workdir / "port"
     log = workdir / "server.log"
@@ -108,7 +115,12 @@ def start_server(model: Path, workdir: Path, *extra: str) -> ServerProc:
             raise RuntimeError(f"server did not start:\n{log.read_text()[-4000:]}")
         time.sleep(0.2)
     target = f"127.0.0.1:{port_file.read_text().strip()}"
-    with grpc.insecure_channel(target) as ch:
+    ch = (
+        grpc.insecure_channel(target)
+        if credentials is None
+        else grpc.secure_channel(target, credentials, options=channel_options)
+    )
+    with ch:
         stub = health_pb2_grpc.HealthStub(ch)
         status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=30).status
         assert status == health_pb2.HealthCheckResponse.SERVING

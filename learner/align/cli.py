@@ -57,6 +57,7 @@ def align(
     if max_iterations is not None:
         cfg = replace(cfg, learner={**cfg.learner, "max_iterations": max_iterations})
     root = run_dir or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    root = root.resolve()
     console = Console(stderr=True)
     try:
         model = resolve_model(cfg.model, cfg.base, cache_dir)

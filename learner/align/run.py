@@ -321,8 +321,14 @@ def run(cfg: AlignConfig, config_path: Path, root: Path, model: Path, report: An
     shutil.copy(config_path, root / "config.toml")
     r = AlignRun(cfg, root, model, report)
     stop: list[bool] = []
+
+    def on_signal(*_: object) -> None:
+        if stop:  # a second signal: skip the evaluation, stop everything now
+            raise KeyboardInterrupt
+        stop.append(True)
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.append(True))
+        signal.signal(sig, on_signal)
     status = 0
     try:
         r.start()
@@ -343,6 +349,9 @@ def run(cfg: AlignConfig, config_path: Path, root: Path, model: Path, report: An
     except ChildFailed as e:
         report(f"run failed: {e}")
         status = 1
+    except KeyboardInterrupt:
+        report("interrupted twice: stopping without the evaluation")
+        status = 130
     finally:
         r.sup.stop_all()
     return status

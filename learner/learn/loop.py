@@ -29,13 +29,14 @@ import json
 import logging
 import random
 import shutil
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlite_utils
 
@@ -50,6 +51,7 @@ from tiller.server.manifest import (
 
 from ..data.alt import AltConfig, ReplayWindow, build_alt
 from ..data.examples import PreferencePair, SFTExample
+from ..data.jsonl import load_pairs, load_sft, save_pairs, save_sft
 from ..data.pairs import feedback_pairs, generations_by_id, judge_pairs, score_pairs
 from ..publish import Release, promote, publish, read_state, version_path
 from ..trainer import TrainResult, train
@@ -58,6 +60,7 @@ from .config import LearnConfig
 from .gate import Side, Verdict, run_gate
 
 log = logging.getLogger("tiller.learn")
+T = TypeVar("T")
 
 
 class Stopped(Exception):
@@ -164,6 +167,46 @@ def build_dataset(
         skipped["off_policy"] += len(pairs) - len(kept)
         pairs = kept
     return pairs[-d.max_examples :] if d.max_examples else pairs
+
+
+@dataclass(frozen=True)
+class Frozen:
+    """An iteration's inputs, written before training so a restarted learner trains on the
+    same examples from the same served version (and resumes from its checkpoint)."""
+
+    data: list[Any]
+    annotation_seq: int
+    skipped: Counter[str]
+    served: Served
+
+
+def freeze(work: Path, data: list[Any], hi: int, skipped: Counter[str], now: Served) -> None:
+    work.mkdir(parents=True, exist_ok=True)
+    pairs = bool(data) and isinstance(data[0], PreferencePair)
+    (save_pairs if pairs else save_sft)(work / "data.jsonl", data)
+    meta = {
+        "kind": "pairs" if pairs else "sft",
+        "annotation_seq": hi,
+        "skipped": dict(skipped),
+        "served_version": now.version,
+        "served_path": str(now.path) if now.path else None,
+    }
+    tmp = work / "frozen.json.tmp"
+    tmp.write_text(json.dumps(meta))
+    tmp.replace(work / "frozen.json")  # the marker: data.jsonl is complete once this exists
+
+
+def load_frozen(work: Path) -> Frozen | None:
+    marker = work / "frozen.json"
+    if not marker.exists():
+        return None
+    meta = json.loads(marker.read_text())
+    load = load_pairs if meta["kind"] == "pairs" else load_sft
+    path = Path(meta["served_path"]) if meta["served_path"] else None
+    now = Served(meta["served_version"], path, load_manifest(path) if path else None)
+    return Frozen(
+        list(load(work / "data.jsonl")), int(meta["annotation_seq"]), Counter(meta["skipped"]), now
+    )
 
 
 def candidate_dir(cfg: LearnConfig, iteration: int, adapter_dir: Path) -> Path:
@@ -304,31 +347,45 @@ class Learner:
         record = partial(
             runs.IterationRecord, adapter=cfg.adapter, iteration=iteration, started_at=started
         )
-        if cfg.sample is not None:
-            n = await self.sample(iteration, now)
-            self.report(f"iteration {iteration}: sampled {n} generations from {_label(cfg, now)}")
-        last = runs.last(self.db, cfg.adapter)
-        since = float(last["finished_at"]) if last else started
-        hi = await self.wait_for_trigger(cursor, since, stop)
-        if stop.is_set():
-            raise Stopped
-        skipped: Counter[str] = Counter()
-        data = build_dataset(self.db, cfg, now, skipped)
-        if len(data) < cfg.trigger.min_examples:
-            reason = f"{len(data)} examples < min_examples {cfg.trigger.min_examples}"
-            self.report(f"iteration {iteration}: skipped ({reason}; skipped: {dict(skipped)})")
-            return record(
-                status="skipped",
-                finished_at=runs.now(),
-                annotation_seq=hi,
-                examples=len(data),
-                reason=reason,
-                details={"skipped": dict(skipped)},
+        work = cfg.workdir / f"iter-{iteration:04d}"
+        frozen = load_frozen(work)
+        if frozen is not None:  # a restarted iteration: same data, same starting point
+            data, hi, skipped, now = (
+                frozen.data,
+                frozen.annotation_seq,
+                frozen.skipped,
+                frozen.served,
             )
+            self.report(f"iteration {iteration}: resuming with its {len(data)} frozen examples")
+        else:
+            if cfg.sample is not None:
+                n = await self.sample(iteration, now)
+                self.report(
+                    f"iteration {iteration}: sampled {n} generations from {_label(cfg, now)}"
+                )
+            last = runs.last(self.db, cfg.adapter)
+            since = float(last["finished_at"]) if last else started
+            hi = await self.wait_for_trigger(cursor, since, stop)
+            if stop.is_set():
+                raise Stopped
+            skipped = Counter()
+            data = build_dataset(self.db, cfg, now, skipped)
+            if len(data) < cfg.trigger.min_examples:
+                reason = f"{len(data)} examples < min_examples {cfg.trigger.min_examples}"
+                self.report(f"iteration {iteration}: skipped ({reason}; skipped: {dict(skipped)})")
+                return record(
+                    status="skipped",
+                    finished_at=runs.now(),
+                    annotation_seq=hi,
+                    examples=len(data),
+                    reason=reason,
+                    details={"skipped": dict(skipped)},
+                )
+            freeze(work, data, hi, skipped, now)
         self.report(
             f"iteration {iteration}: training {cfg.train.objective} on {len(data)} examples"
         )
-        result = await asyncio.to_thread(self._train, iteration, data, now)
+        result = await in_daemon_thread(self._train, iteration, data, now)
         metrics: dict[str, Any] = {
             "final_loss": result.final_loss,
             "samples_per_s": result.samples_per_s,
@@ -386,8 +443,30 @@ class Learner:
             candidate_distinct2=None if verdict is None else verdict.candidate["distinct2"],
             win_rate=None if verdict is None else verdict.win_rate,
             reason="; ".join(verdict.reasons) if verdict else "",
-            details={"swap_s": swap_s, "skipped": dict(skipped), "history": result.history[-1:]},
+            details={
+                "swap_s": swap_s,
+                "skipped": dict(skipped),
+                "history": result.history[-1:],
+                "resumed_from_step": result.resumed_from_step,
+            },
         )
+
+    @staticmethod
+    async def _until_stopped(work: Any, stop: asyncio.Event) -> runs.IterationRecord:
+        """Await ``work`` unless ``stop`` comes first: then cancel it (sampling and gate calls
+        end at once; a training thread runs on, its checkpoints make the next start resume)."""
+        task = asyncio.ensure_future(work)
+        waiter = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        raise Stopped
 
     async def run(self, stop: asyncio.Event) -> int:
         """Iterate until ``stop`` or ``max_iterations``; returns the iterations recorded."""
@@ -401,7 +480,7 @@ class Learner:
                 cursor = int(last["annotation_seq"]) if last else 0
                 started = runs.now()
                 try:
-                    rec = await self.iteration(iteration, cursor, stop)
+                    rec = await self._until_stopped(self.iteration(iteration, cursor, stop), stop)
                 except Stopped:
                     break
                 except Exception as e:  # recorded, then retried with the same data
@@ -423,6 +502,34 @@ class Learner:
         finally:
             await self.close()
         return done
+
+
+async def in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
+    """Run ``fn`` in a daemon thread: a stopping learner does not wait for a training run
+    (unlike ``asyncio.to_thread``, whose executor is joined at exit); its checkpoints make
+    the next start resume it."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def work() -> None:
+        try:
+            out = fn(*args)
+        except BaseException as e:  # handed to the awaiting coroutine
+            loop.call_soon_threadsafe(_settle, future, None, e)
+        else:
+            loop.call_soon_threadsafe(_settle, future, out, None)
+
+    threading.Thread(target=work, name="tiller-train", daemon=True).start()
+    return await future
+
+
+def _settle(future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(value)
 
 
 def _label(cfg: LearnConfig, now: Served) -> str:

@@ -86,9 +86,10 @@ def test_align_runs_the_loop_and_leaves_a_report(tiny_model: Path, tmp_path: Pat
     config.write_text(QUICK.format(model=tiny_model))
     run_dir = tmp_path / "run"
     proc = subprocess.run(
+        # A relative run directory (from another cwd): every child must see the same files.
         [sys.executable, "-m", "tiller.client.cli", "align", "--config", str(config),
-         "--run-dir", str(run_dir)],
-        capture_output=True, text=True, timeout=900,
+         "--run-dir", "run"],
+        capture_output=True, text=True, timeout=900, cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads((run_dir / "report.json").read_text())

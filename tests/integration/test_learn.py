@@ -275,3 +275,21 @@ def test_config_file_round_trip(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match=needle):
             parse_config(bad, tmp_path, {})
     assert json.dumps(str(cfg.registry))
+
+
+def test_log_plot_shows_the_learner_table(
+    learn_server: tuple[ServerProc, Path, Path], tmp_path: Path
+) -> None:
+    from click.testing import CliRunner
+
+    from tiller.learner.learn.cli import learn
+    from tiller.learner.logcli import log
+
+    _, db, _ = learn_server
+    assert runs.iterations(connect(db))  # written by the tests above
+    out = tmp_path / "plot.png"
+    result = CliRunner().invoke(log, ["plot", "--db", str(db), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    history = CliRunner().invoke(learn, ["history", "--db", str(db), "--adapter", "critic"])
+    assert history.exit_code == 0 and "promoted" in history.output and "v2" in history.output

@@ -1,0 +1,235 @@
+"""The RPC edge: one grpc.aio interceptor in front of every Tiller RPC.
+
+In order, per RPC: authenticate the bearer token and check the method's role (``auth``), parse
+the request bytes (a message that does not parse is INVALID_ARGUMENT, not UNKNOWN), take one of
+the token's concurrency permits (RESOURCE_EXHAUSTED when none is left), run the servicer under
+the server's cap on request duration (DEADLINE_EXCEEDED past it), and record the outcome in the
+metrics. Failures are ``TillerError``s mapped by ``errors.grpc_status``, like the servicer's.
+Health checks and reflection pass through untouched. Used from the event loop only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from .auth import Authenticator, bearer
+from .config import TokenGrant
+from .errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    PermissionDenied,
+    TillerError,
+    Unauthenticated,
+    grpc_status,
+)
+from .metrics import Metrics, completion_tokens, steering_kind
+
+log = logging.getLogger("tiller.edge")
+_GUARDED_PREFIX = "/tiller.v1."
+_GENERATE = ("/tiller.v1.Tiller/Generate", "/tiller.v1.Tiller/GenerateStream")
+
+Decode = Callable[[bytes], Any]
+
+
+class _Rpc:
+    """One RPC passing the edge: its admission, its permit and its outcome."""
+
+    def __init__(self, edge: Edge, method: str, context: grpc.aio.ServicerContext) -> None:
+        self.edge = edge
+        self.method = method
+        self.context = context
+        self.start = time.perf_counter()
+        self.grant: TokenGrant | None = None
+        self.code = "OK"
+
+    def admit(self, token: str | None, raw: bytes, decode: Decode) -> Any:
+        """Authorize, parse, take a permit. Raises ``TillerError``."""
+        auth = self.edge.auth
+        if auth is not None:
+            grant = auth.authorize(self.method, token)
+        try:
+            request = decode(raw)
+        except Exception:  # DecodeError, or bad UTF-8 in a string field
+            name = self.method.rsplit("/", 1)[-1]
+            raise InvalidArgument(
+                f"the request bytes are not a valid message for {name}", field="request"
+            ) from None
+        if auth is not None:
+            auth.acquire(grant)
+            self.grant = grant
+        if self.edge.metrics is not None and self.method in _GENERATE:
+            self.edge.metrics.steering.labels(steering_kind(request)).inc()
+        return request
+
+    def deadline(self) -> float | None:
+        cap = self.edge.max_request_s
+        return None if cap is None else asyncio.get_running_loop().time() + cap
+
+    async def fail(self, error: TillerError) -> None:
+        code = grpc_status(error)
+        self.code = code.name
+        if isinstance(error, (Unauthenticated, PermissionDenied)):
+            # The message names the token's name at most, never its value.
+            log.info(
+                "%s refused for %s: %s",
+                self.method,
+                self.context.peer(),
+                error.message,
+                extra={"method": self.method, "code": code.name},
+            )
+        await self.context.abort(code, error.message)
+
+    def failed(self, error: BaseException) -> None:
+        if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
+            self.code = "CANCELLED"
+        else:
+            code = self.context.code()
+            self.code = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+
+    def finish(self) -> None:
+        if self.grant is not None and self.edge.auth is not None:
+            self.edge.auth.release(self.grant)
+        seconds = time.perf_counter() - self.start
+        if self.edge.metrics is not None:
+            self.edge.metrics.observe(self.method, self.code, seconds)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "%s %s in %.3fs",
+                self.method,
+                self.code,
+                seconds,
+                extra={
+                    "method": self.method,
+                    "code": self.code,
+                    "seconds": round(seconds, 6),
+                    "token_name": self.grant.name if self.grant else None,
+                },
+            )
+
+
+def _expired(what: str, cap: float | None) -> DeadlineExceeded:
+    return DeadlineExceeded(f"{what} ran past the server's request time cap of {cap}s")
+
+
+class Edge(grpc.aio.ServerInterceptor):
+    """Interceptor for ``grpc.aio.server(interceptors=[...])``.
+
+    ``auth=None``: no authentication (every caller may call every served RPC).
+    ``max_request_s=None``: no server-side cap (the client's deadline still applies).
+    """
+
+    def __init__(
+        self,
+        auth: Authenticator | None,
+        max_request_s: float | None,
+        metrics: Metrics | None,
+    ) -> None:
+        self.auth = auth
+        self.max_request_s = max_request_s
+        self.metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        method = details.method
+        if handler is None or not method.startswith(_GUARDED_PREFIX):
+            return handler
+        token = bearer(details.invocation_metadata)
+        decode = handler.request_deserializer or (lambda raw: raw)
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(method, token, decode, handler.unary_unary),
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None and inspect.isasyncgenfunction(handler.unary_stream):
+            return grpc.unary_stream_rpc_method_handler(
+                self._stream(method, token, decode, handler.unary_stream),
+                response_serializer=handler.response_serializer,
+            )
+        return handler  # client-streaming RPCs: none in the Tiller API
+
+    def _unary(
+        self, method: str, token: str | None, decode: Decode, inner: Callable[..., Any]
+    ) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[Any]]:
+        async def behavior(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+            rpc = _Rpc(self, method, context)
+            try:
+                try:
+                    request = rpc.admit(token, raw, decode)
+                    timeout = asyncio.timeout_at(rpc.deadline())
+                    try:
+                        async with timeout:
+                            response = await inner(request, context)
+                    except TimeoutError:
+                        if not timeout.expired():
+                            raise
+                        raise _expired(method, self.max_request_s) from None
+                except TillerError as e:
+                    await rpc.fail(e)
+                if self.metrics is not None:
+                    self.metrics.tokens.inc(completion_tokens(response))
+                return response
+            except BaseException as e:
+                if rpc.code == "OK":
+                    rpc.failed(e)
+                raise
+            finally:
+                rpc.finish()
+
+        return behavior
+
+    def _stream(
+        self, method: str, token: str | None, decode: Decode, inner: Callable[..., Any]
+    ) -> Callable[[bytes, grpc.aio.ServicerContext], AsyncIterator[Any]]:
+        async def behavior(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            rpc = _Rpc(self, method, context)
+            metrics = self.metrics
+            first = True
+            try:
+                try:
+                    request = rpc.admit(token, raw, decode)
+                    deadline = rpc.deadline()
+                    chunks = inner(request, context)
+                    try:
+                        while True:
+                            # Bound the wait for each chunk, never the write of one: a timeout
+                            # must fire inside the servicer (which aborts the engine request).
+                            timeout = asyncio.timeout_at(deadline)
+                            try:
+                                async with timeout:
+                                    chunk = await anext(chunks)
+                            except StopAsyncIteration:
+                                break
+                            except TimeoutError:
+                                if not timeout.expired():
+                                    raise
+                                raise _expired(method, self.max_request_s) from None
+                            if metrics is not None:
+                                n = completion_tokens(chunk)
+                                if n and first:
+                                    metrics.first_chunk.observe(time.perf_counter() - rpc.start)
+                                    first = False
+                                metrics.tokens.inc(n)
+                            yield chunk
+                    finally:
+                        await chunks.aclose()
+                except TillerError as e:
+                    await rpc.fail(e)
+            except BaseException as e:
+                if rpc.code == "OK":
+                    rpc.failed(e)
+                raise
+            finally:
+                rpc.finish()
+
+        return behavior
