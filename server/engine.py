@@ -6,9 +6,11 @@ The service never imports vLLM; it sees ``EngineRequest`` in and ``Delta`` value
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .config import EngineConfig
@@ -67,6 +69,56 @@ class Engine(Protocol):
 
     def shutdown(self) -> None: ...
 
+    @property
+    def steering_dims(self) -> tuple[int, int] | None:
+        """(hidden_size, vocab_size) when attribute heads can be served; None otherwise."""
+        ...
+
+
+def steering_architecture(model: Path) -> str | None:
+    """The Tiller steering architecture that extends ``model``'s, or None if unsupported."""
+    from .steering.plugin import STEER_ARCHITECTURES
+
+    try:
+        archs = json.loads((model / "config.json").read_text()).get("architectures") or []
+    except (OSError, json.JSONDecodeError):
+        return None
+    return STEER_ARCHITECTURES.get(archs[0]) if archs else None
+
+
+def engine_args(config: EngineConfig, **overrides: Any) -> Any:
+    """vLLM ``AsyncEngineArgs`` for ``config``. Supported architectures (Llama, Qwen2, Qwen3) are
+    served through their steering subclass, with the steering processor ahead of mixing."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    from .mixing import FeedbackMixProcessor
+    from .steering.plugin import register
+    from .steering.processor import SteerProcessor
+
+    register()  # the entry point does this in vLLM's processes; here for the front end too
+    steer_arch = steering_architecture(config.model)
+    kw: dict[str, Any] = dict(
+        model=str(config.model),
+        dtype=detect_dtype(config.dtype),
+        max_model_len=config.max_model_len,
+        gpu_memory_utilization=config.gpu_memory_utilization,
+        enforce_eager=config.enforce_eager,
+        enable_prefix_caching=config.enable_prefix_caching,
+        enable_lora=config.enable_lora,
+        max_lora_rank=config.max_lora_rank,
+        max_loras=config.max_loras,
+        max_num_seqs=config.max_num_seqs,
+        seed=config.seed,
+        num_gpu_blocks_override=config.num_kv_blocks,
+        logits_processors=[SteerProcessor, FeedbackMixProcessor]
+        if steer_arch
+        else [FeedbackMixProcessor],
+    )
+    if steer_arch:
+        kw["hf_overrides"] = {"architectures": [steer_arch]}
+    kw.update(overrides)
+    return AsyncEngineArgs(**kw)
+
 
 @dataclass
 class VllmEngine:
@@ -79,27 +131,9 @@ class VllmEngine:
     @classmethod
     def start(cls, config: EngineConfig) -> VllmEngine:
         """Start the engine (tens of seconds). Call from inside the running event loop."""
-        from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        from .mixing import FeedbackMixProcessor
-
-        args = AsyncEngineArgs(
-            model=str(config.model),
-            dtype=detect_dtype(config.dtype),
-            max_model_len=config.max_model_len,
-            gpu_memory_utilization=config.gpu_memory_utilization,
-            enforce_eager=config.enforce_eager,
-            enable_prefix_caching=config.enable_prefix_caching,
-            enable_lora=config.enable_lora,
-            max_lora_rank=config.max_lora_rank,
-            max_loras=config.max_loras,
-            max_num_seqs=config.max_num_seqs,
-            seed=config.seed,
-            num_gpu_blocks_override=config.num_kv_blocks,
-            logits_processors=[FeedbackMixProcessor],
-        )
-        return cls(llm=AsyncLLM.from_engine_args(args), config=config)
+        return cls(llm=AsyncLLM.from_engine_args(engine_args(config)), config=config)
 
     @property
     def max_model_len(self) -> int:
@@ -112,6 +146,13 @@ class VllmEngine:
     @property
     def tokenizer(self) -> Tokenizer:
         return self.llm.get_tokenizer()
+
+    @property
+    def steering_dims(self) -> tuple[int, int] | None:
+        if steering_architecture(self.config.model) is None:
+            return None
+        hf = self.llm.model_config.hf_text_config
+        return int(hf.hidden_size), int(self.llm.model_config.get_vocab_size())
 
     def _sampling_params(self, request: EngineRequest) -> Any:
         from vllm import SamplingParams
@@ -128,8 +169,20 @@ class VllmEngine:
             stop=list(s.stop) or None,
             repetition_penalty=s.repetition_penalty,
             output_kind=RequestOutputKind.DELTA,
-            extra_args={"tiller_mix": asdict(request.mix)} if request.mix else None,
+            extra_args=self._extra_args(request),
         )
+
+    @staticmethod
+    def _extra_args(request: EngineRequest) -> dict[str, Any] | None:
+        extra: dict[str, Any] = {}
+        if request.mix:
+            extra["tiller_mix"] = asdict(request.mix)
+        if request.steer:
+            extra["tiller_steer"] = {
+                "heads": request.steer.heads,
+                "weights": list(request.steer.weights),
+            }
+        return extra or None
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[Sequence[Delta]]:
         from vllm.exceptions import VLLMClientError

@@ -86,6 +86,15 @@ class EngineRequest:
     lora_id: int | None = None
     lora_path: str | None = None
     mix: MixMember | None = None
+    steer: Steer | None = None
+
+
+@dataclass(frozen=True)
+class Steer:
+    """Attribute steering: λ (in the heads' order) over the heads artifact in ``heads``."""
+
+    heads: str
+    weights: tuple[float, ...]
 
 
 @dataclass(frozen=True)
@@ -119,6 +128,7 @@ class Prepared:
     generation_ids: tuple[str, ...]
     accepted_at: float
     siblings: tuple[EngineRequest, ...] = ()  # feedback mix: one engine request per tag
+    attributes: tuple[tuple[str, float], ...] = ()  # the weights applied (defaults filled in)
 
 
 @dataclass(frozen=True)

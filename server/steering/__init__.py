@@ -1,0 +1,1 @@
+"""Attribute steering (CMPO plural heads) served inside vLLM: artifact, model plugin, processor."""
