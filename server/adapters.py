@@ -16,6 +16,7 @@ from .config import AdapterSource
 from .engine import Engine
 from .errors import FailedPrecondition, InvalidArgument
 from .manifest import Conditioning, Manifest, check_inside, load_manifest
+from .steering.heads import HeadsManifest, attach_heads
 from .values import AdapterPick, ServedBy
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -31,6 +32,7 @@ class LoadedAdapter:
     path: Path | None
     lora_id: int | None
     manifest: Manifest | None
+    heads: HeadsManifest | None = None  # attribute steering heads shipped in ``path``
 
     @property
     def conditioning(self) -> Conditioning | None:
@@ -38,6 +40,8 @@ class LoadedAdapter:
 
     @property
     def attributes(self) -> tuple[str, ...]:
+        if self.heads is not None:
+            return self.heads.names
         return self.manifest.attributes if self.manifest else ()
 
 
@@ -92,13 +96,14 @@ class AdapterTable:
             )
         loaded = self._versions.get(name, {}).get(manifest.version)
         if loaded is None:
+            heads = attach_heads(source.path, manifest.attributes, self._engine.steering_dims)
             lora_id = None
             if manifest.has_lora:
                 lora_id = next(self._ids)
                 await self._engine.add_lora(
                     f"{name}@v{manifest.version}", lora_id, str(source.path)
                 )
-            loaded = LoadedAdapter(name, manifest.version, source.path, lora_id, manifest)
+            loaded = LoadedAdapter(name, manifest.version, source.path, lora_id, manifest, heads)
             self._versions.setdefault(name, {})[manifest.version] = loaded
         if activate is None:
             activate = manifest.version >= self._active.get(name, 0)

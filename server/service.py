@@ -20,7 +20,6 @@ from .errors import (
     InvalidArgument,
     LimitExceeded,
     Unavailable,
-    Unimplemented,
 )
 from .lockstep import LockstepLost, mixed_deltas
 from .logrecords import (
@@ -32,6 +31,7 @@ from .logrecords import (
 )
 from .logwriter import LogLoss, LogWriter
 from .prompt import render_chat, render_text
+from .steering.heads import is_identity, resolve_weights
 from .validation import check_attributes, check_feedback, check_input, resolve_sampling
 from .values import (
     ChatTurn,
@@ -43,6 +43,7 @@ from .values import (
     GenerateResult,
     MixMember,
     Prepared,
+    Steer,
     StreamEnd,
     StreamEvent,
     StreamStart,
@@ -137,8 +138,7 @@ class GenerationService:
         adapter = self._adapters.resolve(req.adapter)
         check_feedback(req, adapter, self._limits)
         check_attributes(req, adapter, self._limits)
-        if req.attributes:
-            raise Unimplemented("attribute steering is validated but not served by this server yet")
+        steer, attributes = self._steer(req, adapter)
         request_id = req.request_id or uuid.uuid4().hex
         engine_id = f"{request_id}-{uuid.uuid4().hex[:8]}"
         mix: tuple[tuple[str, float], ...] = req.feedback_mix
@@ -162,6 +162,7 @@ class GenerationService:
                     lora_id=adapter.lora_id,
                     lora_path=str(adapter.path) if adapter.lora_id else None,
                     mix=MixMember(engine_id, member, len(conditions), weight) if mix else None,
+                    steer=steer,
                 )
             )
         self._adapters.acquire(adapter.name, adapter.version)  # released when the stream ends
@@ -174,7 +175,30 @@ class GenerationService:
             generation_ids=tuple(f"gen-{uuid.uuid4().hex}" for _ in range(sampling.n)),
             accepted_at=accepted_at,
             siblings=tuple(siblings) if mix else (),
+            attributes=attributes,
         )
+
+    @staticmethod
+    def _steer(
+        req: GenerateRequest, adapter: LoadedAdapter
+    ) -> tuple[Steer | None, tuple[tuple[str, float], ...]]:
+        """The steering to run (None: leave the logits alone) and the weights it applies.
+        Without ``attributes`` the heads' default weights apply; default weights that select
+        the base head alone cost nothing."""
+        heads = adapter.heads
+        if heads is None:
+            if req.attributes:
+                raise FailedPrecondition(
+                    f"{'adapter ' + repr(adapter.name) if adapter.name else 'the base model'} "
+                    "lists attributes but ships no steering heads (tiller-heads.json)"
+                )
+            return None, ()
+        assert adapter.path is not None
+        weights = resolve_weights(heads, req.attributes)
+        applied = tuple(zip(heads.names, weights, strict=True))
+        if not req.attributes and is_identity(heads, weights):
+            return None, applied
+        return Steer(str(adapter.path.resolve()), weights), applied
 
     def _tokenize_checked(
         self, rendered: str, req: GenerateRequest, max_tokens: int
@@ -220,7 +244,7 @@ class GenerationService:
                 request_id=p.request_id,
                 group_id=p.engine_request.request_id,
                 sample_index=i,
-                request=req,
+                request=replace(req, attributes=p.attributes) if p.attributes else req,
                 rendered_prompt=p.rendered_prompt,
                 adapter=s.name,
                 adapter_version=s.version,
