@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
+_PLACEHOLDER = re.compile(r"\{(\w+)\}")
 _MARKER = re.compile(r"</?\s*(request|response(_[ab])?)\s*>", re.IGNORECASE)
 
 
@@ -25,11 +26,18 @@ def defuse(text: str) -> str:
 
 
 def fill(template: str, **fields: str) -> str:
-    """Substitute ``{name}`` fields; data fields are defused. Unknown braces are left alone."""
-    out = template
-    for name, value in fields.items():
-        out = out.replace("{" + name + "}", defuse(value) if name in _DATA else value)
-    return out
+    """Substitute ``{name}`` fields; data fields are defused. Unknown braces are left alone.
+
+    One pass over the template: text that a field brings in is never searched for placeholders
+    again, so a prompt holding ``{response}`` cannot pull another field into its block."""
+
+    def value(m: re.Match[str]) -> str:
+        name = m.group(1)
+        if name not in fields:
+            return m.group(0)
+        return defuse(fields[name]) if name in _DATA else fields[name]
+
+    return _PLACEHOLDER.sub(value, template)
 
 
 _DATA = {"prompt", "response", "response_a", "response_b"}
