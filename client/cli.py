@@ -23,6 +23,7 @@ _LAZY = {
     "registry": "tiller.learner.registry_cli:registry",
     "learn": "tiller.learner.learn.cli:learn",
     "align": "tiller.learner.align.cli:align",
+    "health": "tiller.client.health:health",
 }
 
 

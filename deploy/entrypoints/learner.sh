@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Learner: trains from the annotated log, gates candidates on the live server ($TILLER_TARGET),
+# publishes and promotes versions into $TILLER_REGISTRY, which every server replica follows.
+# Config: $TILLER_LEARN_CONFIG (a template). Extra arguments go to `tiller learn`.
+set -euo pipefail
+source "$(dirname "$0")/defaults.sh"
+template=${TILLER_LEARN_CONFIG:-$TILLER_CONFIG_DIR/learn.toml}
+export TILLER_ADAPTER=${TILLER_ADAPTER:-steer}
+export TILLER_LEARN_WORKDIR=${TILLER_LEARN_WORKDIR:-$TILLER_DATA/learner}
+mkdir -p "$TILLER_REGISTRY" "$TILLER_LEARN_WORKDIR"
+config=$(render "$template" learn.toml)
+exec tiller learn --config "$config" --no-progress "$@"

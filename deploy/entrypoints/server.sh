@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Tiller server: gRPC on 0.0.0.0:$TILLER_PORT, this replica's log shard, hot-swap from the registry.
+# Extra arguments go to `tiller serve` (compose `command:`, Kubernetes `args:`).
+set -euo pipefail
+source "$(dirname "$0")/defaults.sh"
+mkdir -p "$(dirname "$TILLER_LOG_DB")" "$TILLER_REGISTRY"
+args=(
+  serve
+  --model "$TILLER_MODEL"
+  --host "${TILLER_HOST:-0.0.0.0}"
+  --port "$TILLER_PORT"
+  --log-db "$TILLER_LOG_DB"
+  --registry "$TILLER_REGISTRY"
+  --enable-admin
+  --drain-grace "${TILLER_DRAIN_GRACE:-30}"
+)
+if [[ -n "${TILLER_METRICS_PORT:-}" ]]; then
+  args+=(--metrics-host "${TILLER_METRICS_HOST:-0.0.0.0}" --metrics-port "$TILLER_METRICS_PORT")
+fi
+exec tiller "${args[@]}" "$@"

@@ -1,0 +1,273 @@
+"""The images' entrypoint scripts, run outside docker exactly as the Dockerfile and compose.yaml
+name them (paths under /opt/tiller mapped to this checkout), on the tiny model with temp dirs:
+the server becomes healthy by the image's HEALTHCHECK command, logs to its shard, serves
+/metrics and hot-swaps from the registry; the judge answers; the annotator labels the shard
+with the shipped providers through that judge; the learner starts on the shipped config and
+stops cleanly; the server drains and exits 0 on SIGTERM.
+
+The two engines (server, judge) load at the same time to keep this module near a minute.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tiller.client import Client
+
+from .files import DEPLOY, DOCKERFILES, entrypoint_command, healthcheck_command, in_repo
+
+pytestmark = pytest.mark.integration
+
+COMPOSE = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
+SHARD = COMPOSE["server"]["environment"]["TILLER_LOG_SHARD"]
+START_TIMEOUT_S = 300.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def image_command(dockerfile: Path = DOCKERFILES[0]) -> list[str]:
+    """What the CPU image runs: its ENTRYPOINT, as files of this checkout."""
+    return [
+        str(in_repo(a)) if a.startswith("/") else a
+        for a in entrypoint_command(dockerfile.read_text())
+    ]
+
+
+def image_healthcheck(dockerfile: Path = DOCKERFILES[0]) -> list[str]:
+    return [str(in_repo(a)) for a in healthcheck_command(dockerfile.read_text())]
+
+
+def service_command(name: str) -> list[str]:
+    """What compose runs for a service: its entrypoint plus its command."""
+    s = COMPOSE[name]
+    return [str(in_repo(s["entrypoint"][0])), *s["entrypoint"][1:], *s.get("command", [])]
+
+
+def service_healthcheck(name: str) -> list[str]:
+    test = COMPOSE[name]["healthcheck"]["test"]
+    assert test[0] == "CMD"
+    return [str(in_repo(test[1])), *test[2:]]
+
+
+@dataclass
+class Stack:
+    root: Path
+    env: dict[str, str]
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    @property
+    def data(self) -> Path:
+        return Path(self.env["TILLER_DATA"])
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.env['TILLER_PORT']}"
+
+    @property
+    def shard(self) -> Path:
+        return self.data / "logs" / f"{SHARD}.sqlite"
+
+    def log(self, name: str) -> str:
+        return (self.root / f"{name}.log").read_text(errors="replace")[-4000:]
+
+    def start(self, name: str, argv: list[str], **env: str) -> subprocess.Popen[bytes]:
+        with (self.root / f"{name}.log").open("wb") as out:
+            proc = subprocess.Popen(
+                argv,
+                env={**self.env, **env},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.procs[name] = proc
+        return proc
+
+    def run(self, argv: list[str], timeout: float, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            argv, env={**self.env, **env}, capture_output=True, text=True, timeout=timeout
+        )
+
+    def wait_healthy(self, name: str, check: list[str]) -> None:
+        """Wait until ``name`` answers its probe, then run ``check`` (the image's or compose's
+        healthcheck command), which must exit 0. Polling happens in this process: a Python
+        start-up per second would slow the engines' loading on a 2-core machine."""
+        t0 = time.monotonic()
+        while not self._answers(name):
+            proc = self.procs[name]
+            if proc.poll() is not None:
+                raise AssertionError(f"{name} exited {proc.returncode}:\n{self.log(name)}")
+            if time.monotonic() - t0 > START_TIMEOUT_S:
+                raise AssertionError(f"{name} not up after {START_TIMEOUT_S} s:\n{self.log(name)}")
+            time.sleep(0.5)
+        r = self.run(check, timeout=30)
+        assert r.returncode == 0, f"{check} exited {r.returncode}: {r.stdout}{r.stderr}"
+
+    def _answers(self, name: str) -> bool:
+        import grpc
+
+        from tiller.client.health import SERVING, check
+
+        try:
+            if name == "server":
+                return check(self.target, timeout=2) == SERVING
+            url = f"http://127.0.0.1:{self.env['JUDGE_PORT']}/health"
+            with urllib.request.urlopen(url, timeout=2):
+                return True
+        except (grpc.RpcError, OSError):
+            return False
+
+    def stop(self, name: str, timeout: float = 60.0) -> int:
+        proc = self.procs[name]
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        return proc.returncode
+
+
+def base_env(root: Path, model: Path, outer: Mapping[str, str]) -> dict[str, str]:
+    """The container's environment, outside docker: nothing TILLER_/JUDGE_ leaks in from the
+    caller; this interpreter's `tiller` and `python` come first on PATH."""
+    env = {k: v for k, v in outer.items() if not k.startswith(("TILLER_", "JUDGE_"))}
+    bindir = str(Path(sys.executable).parent)
+    env.update(
+        PATH=f"{bindir}{os.pathsep}{env.get('PATH', '')}",
+        PYTHON=sys.executable,
+        HOME=str(root / "home"),
+        TILLER_DATA=str(root / "data"),
+        TILLER_CACHE_DIR=str(root / "cache"),
+        TILLER_MODEL=str(model),
+        TILLER_PORT=str(_free_port()),
+        TILLER_LOG_SHARD=SHARD,
+        TILLER_METRICS_PORT=str(_free_port()),
+        JUDGE_PORT=str(_free_port()),
+        JUDGE_DTYPE="float32",
+        JUDGE_MAX_MODEL_LEN="1024",
+        VLLM_CPU_KVCACHE_SPACE="1",
+    )
+    env["TILLER_JUDGE_URL"] = f"http://127.0.0.1:{env['JUDGE_PORT']}/v1"
+    (root / "home").mkdir(parents=True, exist_ok=True)
+    return env
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    root = tmp_path_factory.mktemp("deploy-stack")
+    st = Stack(root, base_env(root, tiny_model, os.environ))
+    st.start("server", image_command())
+    st.start("judge", service_command("judge"))
+    yield st
+    for name in list(st.procs):
+        st.stop(name)
+
+
+def test_healthcheck_fails_without_a_server(tmp_path: Path, tiny_model: Path) -> None:
+    env = base_env(tmp_path, tiny_model, os.environ)
+    r = subprocess.run(image_healthcheck(), env=env, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1, r.stdout + r.stderr
+
+
+def test_server_becomes_healthy(stack: Stack) -> None:
+    stack.wait_healthy("server", image_healthcheck())
+    r = stack.run(["tiller", "health", "--target", stack.target], timeout=30)
+    assert r.returncode == 0 and "SERVING" in r.stdout, r.stdout + r.stderr
+
+
+def test_server_logs_to_its_shard_and_serves_metrics(stack: Stack) -> None:
+    stack.wait_healthy("server", image_healthcheck())
+    with Client(stack.target, timeout=120) as c:
+        for prompt in ("The movie was", "I think the food", "Service today"):
+            g = c.generate(prompt, max_tokens=8, n=2, seed=1)
+            assert g.logged
+    with sqlite3.connect(stack.shard) as db:
+        assert db.execute("select count(*) from generations").fetchone()[0] >= 6
+    url = f"http://127.0.0.1:{stack.env['TILLER_METRICS_PORT']}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as r:
+        assert b"tiller_" in r.read()
+
+
+def test_server_follows_the_registry(stack: Stack, tmp_path: Path) -> None:
+    from tiller.learner.publish import Release, promote, publish
+    from tiller.server.manifest import Conditioning
+    from tiller.server.tiny_model import build_random_lora
+
+    stack.wait_healthy("server", image_healthcheck())
+    model = Path(stack.env["TILLER_MODEL"])
+    lora = build_random_lora(model, tmp_path / "trained", seed=3)
+    release = Release(
+        base_model=model.name, conditioning=Conditioning(tags=("Good", "Bad")), objective="test"
+    )
+    registry = stack.data / "registry"  # the default the learner entrypoint publishes into
+    publish(registry, "steer", lora, release)
+    promote(registry, "steer", 1)
+    deadline = time.monotonic() + 60
+    with Client(stack.target, timeout=60) as c:
+        while "steer" not in [a.name for a in c.adapters()]:
+            assert time.monotonic() < deadline, stack.log("server")
+            time.sleep(0.2)
+        g = c.generate("Hello", adapter="steer", feedback="Good", max_tokens=4, log=False)
+    assert g.adapter == "steer" and g.adapter_version == 1
+
+
+def test_judge_becomes_healthy(stack: Stack) -> None:
+    stack.wait_healthy("judge", service_healthcheck("judge"))
+    url = f"http://127.0.0.1:{stack.env['JUDGE_PORT']}/v1/models"
+    with urllib.request.urlopen(url, timeout=10) as r:
+        assert b'"judge"' in r.read()
+
+
+def test_annotator_labels_the_shard_with_the_shipped_providers(stack: Stack) -> None:
+    stack.wait_healthy("server", image_healthcheck())
+    stack.wait_healthy("judge", service_healthcheck("judge"))
+    r = stack.run([*service_command("annotator"), "--once", "--timeout", "120"], timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr[-4000:]
+    with sqlite3.connect(stack.shard) as db:
+        n = db.execute("select count(*) from generations").fetchone()[0]
+        counts = dict(db.execute("select provider, count(*) from annotations group by provider"))
+    assert n >= 6
+    assert counts == {"sentiment": n, "sentiment-tags": n, "judge-tags": n}
+
+
+def test_a_missing_template_variable_stops_the_entrypoint(stack: Stack, tmp_path: Path) -> None:
+    template = tmp_path / "annotate.toml"
+    template.write_text('db = "${TILLER_NO_SUCH_SETTING}"\n')
+    r = stack.run(service_command("annotator"), timeout=60, TILLER_ANNOTATE_CONFIG=str(template))
+    assert r.returncode != 0
+    assert "TILLER_NO_SUCH_SETTING" in r.stderr
+
+
+def test_learner_starts_on_the_shipped_config_and_stops_cleanly(stack: Stack) -> None:
+    stack.wait_healthy("server", image_healthcheck())
+    proc = stack.start("learner", service_command("learner"), TILLER_TARGET=stack.target)
+    deadline = time.monotonic() + 120
+    while "learning steer" not in stack.log("learner"):
+        assert proc.poll() is None, stack.log("learner")
+        assert time.monotonic() < deadline, stack.log("learner")
+        time.sleep(0.5)
+    assert stack.stop("learner", timeout=60) == 0, stack.log("learner")
+    assert (stack.data / "learner").is_dir()
+
+
+def test_server_drains_and_exits_0_on_sigterm(stack: Stack) -> None:
+    stack.wait_healthy("server", image_healthcheck())
+    assert stack.stop("server") == 0, stack.log("server")
