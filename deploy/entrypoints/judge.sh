@@ -2,6 +2,7 @@
 # The judge: vLLM's own OpenAI-compatible server, model served as "judge" on $JUDGE_PORT.
 # Extra arguments go to vllm.entrypoints.openai.api_server (e.g. --tensor-parallel-size 2).
 set -euo pipefail
+# shellcheck source=deploy/entrypoints/defaults.sh
 source "$(dirname "$0")/defaults.sh"
 # One engine-core process with the worker inside: faster on CPUs; GPU images may set it to 1.
 export VLLM_ENABLE_V1_MULTIPROCESSING=${VLLM_ENABLE_V1_MULTIPROCESSING:-0}

@@ -3,6 +3,7 @@
 # publishes and promotes versions into $TILLER_REGISTRY, which every server replica follows.
 # Config: $TILLER_LEARN_CONFIG (a template). Extra arguments go to `tiller learn`.
 set -euo pipefail
+# shellcheck source=deploy/entrypoints/defaults.sh
 source "$(dirname "$0")/defaults.sh"
 template=${TILLER_LEARN_CONFIG:-$TILLER_CONFIG_DIR/learn.toml}
 export TILLER_ADAPTER=${TILLER_ADAPTER:-steer}

@@ -2,6 +2,7 @@
 # Tiller server: gRPC on 0.0.0.0:$TILLER_PORT, this replica's log shard, hot-swap from the registry.
 # Extra arguments go to `tiller serve` (compose `command:`, Kubernetes `args:`).
 set -euo pipefail
+# shellcheck source=deploy/entrypoints/defaults.sh
 source "$(dirname "$0")/defaults.sh"
 mkdir -p "$(dirname "$TILLER_LOG_DB")" "$TILLER_REGISTRY"
 args=(
