@@ -8,6 +8,7 @@ export TILLER_DATA=${TILLER_DATA:-/data}                      # the shared volum
 export TILLER_LOG_SHARD=${TILLER_LOG_SHARD:-generations}      # one log file per server replica
 export TILLER_LOG_DB=${TILLER_LOG_DB:-$TILLER_DATA/logs/$TILLER_LOG_SHARD.sqlite}
 export TILLER_REGISTRY=${TILLER_REGISTRY:-$TILLER_DATA/registry}
+export TILLER_LEARN_WORKDIR=${TILLER_LEARN_WORKDIR:-$TILLER_DATA/learner}  # gate candidates too
 export TILLER_CACHE_DIR=${TILLER_CACHE_DIR:-$HOME/.cache/tiller}
 export TILLER_MODEL=${TILLER_MODEL:-$TILLER_CACHE_DIR/models/SmolLM2-135M-Instruct}
 export TILLER_BASE_MODEL=${TILLER_BASE_MODEL:-$(basename "$TILLER_MODEL")}

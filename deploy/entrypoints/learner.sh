@@ -7,7 +7,6 @@ set -euo pipefail
 source "$(dirname "$0")/defaults.sh"
 template=${TILLER_LEARN_CONFIG:-$TILLER_CONFIG_DIR/learn.toml}
 export TILLER_ADAPTER=${TILLER_ADAPTER:-steer}
-export TILLER_LEARN_WORKDIR=${TILLER_LEARN_WORKDIR:-$TILLER_DATA/learner}
 mkdir -p "$TILLER_REGISTRY" "$TILLER_LEARN_WORKDIR"
 config=$(render "$template" learn.toml)
 exec tiller learn --config "$config" --no-progress "$@"

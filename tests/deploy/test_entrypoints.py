@@ -3,7 +3,9 @@ name them (paths under /opt/tiller mapped to this checkout), on the tiny model w
 the server becomes healthy by the image's HEALTHCHECK command, logs to its shard, serves
 /metrics and hot-swaps from the registry; the judge answers; the annotator labels the shard
 with the shipped providers through that judge; the learner starts on the shipped config and
-stops cleanly; the server drains and exits 0 on SIGTERM.
+stops cleanly; the server drains and exits 0 on SIGTERM. The server runs with a tokens file
+(TILLER_TOKENS_FILE): health stays open, admin loads only from the registry and the learner's
+work directory.
 
 The two engines (server, judge) load at the same time to keep this module near a minute.
 """
@@ -34,6 +36,19 @@ pytestmark = pytest.mark.integration
 COMPOSE = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
 SHARD = COMPOSE["server"]["environment"]["TILLER_LOG_SHARD"]
 START_TIMEOUT_S = 300.0
+APP_TOKEN = "app-token-for-tests"
+LEARNER_TOKEN = "learner-token-for-tests"
+TOKENS = f"""
+[[tokens]]
+name = "app"
+token = "{APP_TOKEN}"
+roles = ["generate", "feedback"]
+
+[[tokens]]
+name = "learner"
+token = "{LEARNER_TOKEN}"
+roles = ["generate", "admin"]
+"""
 
 
 def _free_port() -> int:
@@ -174,6 +189,8 @@ def base_env(root: Path, model: Path, outer: Mapping[str, str]) -> dict[str, str
 def stack(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("deploy-stack")
     st = Stack(root, base_env(root, tiny_model, os.environ))
+    (root / "tokens.toml").write_text(TOKENS)
+    st.env.update(TILLER_TOKENS_FILE=str(root / "tokens.toml"), TILLER_LEARNER_TOKEN=LEARNER_TOKEN)
     st.start("server", image_command())
     st.start("judge", service_command("judge"))
     yield st
@@ -195,7 +212,7 @@ def test_server_becomes_healthy(stack: Stack) -> None:
 
 def test_server_logs_to_its_shard_and_serves_metrics(stack: Stack) -> None:
     stack.wait_healthy("server", image_healthcheck())
-    with Client(stack.target, timeout=120) as c:
+    with Client(stack.target, timeout=120, token=APP_TOKEN) as c:
         for prompt in ("The movie was", "I think the food", "Service today"):
             g = c.generate(prompt, max_tokens=8, n=2, seed=1)
             assert g.logged
@@ -221,12 +238,46 @@ def test_server_follows_the_registry(stack: Stack, tmp_path: Path) -> None:
     publish(registry, "steer", lora, release)
     promote(registry, "steer", 1)
     deadline = time.monotonic() + 60
-    with Client(stack.target, timeout=60) as c:
+    with Client(stack.target, timeout=60, token=APP_TOKEN) as c:
         while "steer" not in [a.name for a in c.adapters()]:
             assert time.monotonic() < deadline, stack.log("server")
             time.sleep(0.2)
         g = c.generate("Hello", adapter="steer", feedback="Good", max_tokens=4, log=False)
     assert g.adapter == "steer" and g.adapter_version == 1
+
+
+async def test_tokens_and_adapter_roots_are_enforced(stack: Stack, tmp_path: Path) -> None:
+    import grpc
+
+    from tiller.client import AsyncClient, TillerClientError
+    from tiller.server.manifest import Manifest, write_manifest
+    from tiller.server.tiny_model import build_random_lora
+
+    stack.wait_healthy("server", image_healthcheck())
+    model = Path(stack.env["TILLER_MODEL"])
+
+    def candidate(where: Path) -> Path:
+        build_random_lora(model, where, seed=5)
+        manifest = Manifest(name="cand", version=7, base_model=model.name, has_lora=True)
+        write_manifest(where, manifest)
+        return where
+
+    inside = candidate(stack.data / "learner" / "gate" / "v0007")  # the default workdir
+    outside = candidate(tmp_path / "v0007")
+    async with AsyncClient(stack.target, timeout=60) as anonymous:
+        with pytest.raises(TillerClientError) as e:
+            await anonymous.generate("Hello", max_tokens=2)
+        assert e.value.code == grpc.StatusCode.UNAUTHENTICATED
+    async with AsyncClient(stack.target, timeout=60, token=APP_TOKEN) as app:
+        with pytest.raises(TillerClientError) as e:
+            await app.load_adapter("cand", str(inside))
+        assert e.value.code == grpc.StatusCode.PERMISSION_DENIED  # no admin role
+    async with AsyncClient(stack.target, timeout=60, token=LEARNER_TOKEN) as learner:
+        with pytest.raises(TillerClientError) as e:
+            await learner.load_adapter("cand", str(outside))
+        assert e.value.code == grpc.StatusCode.PERMISSION_DENIED  # outside the adapter roots
+        listing = await learner.load_adapter("cand", str(inside))
+        assert "cand" in [a.name for a in listing]
 
 
 def test_judge_becomes_healthy(stack: Stack) -> None:
