@@ -1,0 +1,480 @@
+"""Tiller's online loop vs TRL's online DPO trainer, same model, prompts, reward and budget (#8).
+
+The "critical reviewer" task on SmolLM2-135M-Instruct (float32, CPU): continue movie-review
+openings (``deploy/align/prompts/reviews-train.txt``); reward = -VADER compound of the
+continuation (more critical is better). Both sides: LoRA r=16 alpha=32 on q,k,v,o_proj, DPO
+beta 0.1, lr 5e-4, 2 samples per prompt, 48 new tokens, temperature 1.0, repetition penalty 1.2.
+
+1. Serving baseline: a plain ``tiller serve`` on the same model, 4 concurrent Generate calls
+   (32 tokens, ``log=False``) for ``--baseline-s``: completed tokens/s.
+2. Tiller: ``tiller align --config deploy/align/oaif-critic.toml`` (server + annotator +
+   learner); the budget starts when its server is up (``server.port``), the same client load runs
+   throughout, and SIGINT at the end of the budget stops the loop (the iteration in flight may
+   finish; ``tiller align`` then runs its own evaluation and exits). Samples/s = trained pairs
+   (sum over iterations of ``examples x epochs``) over the loop's wall time, from ``server.port``
+   to the later of the budget's end and the last iteration's end.
+3. TRL: ``bench/trl_online_dpo.py`` in a process of its own, stopped at the first step end after
+   the budget. Samples/s = prompts with a generated pair (steps x batch) over training time.
+4. Held-out evaluation, the same for base, Tiller's promoted adapter and TRL's adapter:
+   transformers + peft, the 64 held-out openings, 2 samples each with fixed seeds: mean reward
+   with a 95% t-interval, distinct-2.
+
+Writes ``bench/out/align_vs_trl.json`` and ``.png``; the runs themselves go to
+``bench/out/align_vs_trl-work/``. Both sides share 2 CPU cores with whatever else runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "deploy" / "align" / "oaif-critic.toml"
+TRAIN = ROOT / "deploy" / "align" / "prompts" / "reviews-train.txt"
+HELDOUT = ROOT / "deploy" / "align" / "prompts" / "reviews-heldout.txt"
+LOAD_CONCURRENCY = 4
+LOAD_TOKENS = 32
+# Both sides' processes (and their children) get this environment. Passive OpenMP waits: on a
+# shared, oversubscribed CPU, spinning OpenMP barriers made a 2-thread torch forward ~20x slower
+# (measured here: 16 x 4 tokens of SmolLM2 generation 89 s spinning vs 3 s passive).
+ENV = {
+    "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+    "HF_HUB_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "TRL_EXPERIMENTAL_SILENCE": "1",
+    "PYTHONUNBUFFERED": "1",
+}
+ITERATION_KEYS = ("iteration", "status", "examples", "steps", "samples_per_s",
+                  "candidate_value", "incumbent_value", "started_at", "finished_at")  # fmt: skip
+
+
+# --------------------------------------------------------------------------- serving load
+
+
+class Load:
+    """``LOAD_CONCURRENCY`` closed-loop Generate streams against ``target`` in a thread of its
+    own until ``stop()``; ``done`` holds (finish time, completion tokens) per finished call."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.done: list[tuple[float, int]] = []
+        self.errors = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    def start(self) -> Load:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=300)
+
+    async def _run(self) -> None:
+        from tiller.client import AsyncClient
+
+        prompts = lines(HELDOUT)
+        async with AsyncClient(self.target, timeout=300) as client:
+
+            async def stream(k: int) -> None:
+                i = k
+                while not self._stop.is_set():
+                    try:
+                        g = await client.generate(
+                            prompts[i % len(prompts)],
+                            max_tokens=LOAD_TOKENS,
+                            temperature=1.0,
+                            seed=i,
+                            log=False,
+                        )
+                        self.done.append((time.time(), g.completion_tokens))
+                    except Exception:  # a server going away at the end; counted, not fatal
+                        self.errors += 1
+                        await asyncio.sleep(1.0)
+                    i += LOAD_CONCURRENCY
+
+            await asyncio.gather(*(stream(k) for k in range(LOAD_CONCURRENCY)))
+
+    def tok_per_s(self, t0: float, t1: float) -> dict[str, float]:
+        inside = [n for t, n in self.done if t0 <= t <= t1]
+        span = max(t1 - t0, 1e-9)
+        return {
+            "tok_per_s": sum(inside) / span,
+            "requests": len(inside),
+            "tokens": sum(inside),
+            "window_s": span,
+            "errors": self.errors,
+        }
+
+
+def lines(path: Path) -> list[str]:
+    return [s.strip() for s in path.read_text().splitlines() if s.strip()]
+
+
+def wait_port(port_file: Path, proc: subprocess.Popen[bytes], log: Path, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while not port_file.exists() or not port_file.read_text().strip():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+            raise RuntimeError(f"{proc.args!r}: no port (rc={proc.poll()}):\n{tail}")
+        time.sleep(0.5)
+    return f"127.0.0.1:{port_file.read_text().strip()}"
+
+
+def wait_serving(target: str, timeout: float) -> None:
+    from tiller.client import Client
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with Client(target, timeout=120) as c:
+                c.generate("Hello", max_tokens=4, log=False)
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
+
+
+def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 120) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def serving_baseline(model: Path, work: Path, seconds: float) -> dict[str, Any]:
+    """A plain ``tiller serve`` of ``model`` under the client load for ``seconds``."""
+    work.mkdir(parents=True, exist_ok=True)
+    port_file, log = work / "server.port", work / "server.log"
+    port_file.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "tiller.client.cli", "serve", "--model", str(model),
+           "--port", "0", "--port-file", str(port_file), "--no-log"]  # fmt: skip
+    with log.open("wb") as f:
+        proc = subprocess.Popen(
+            cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True, env=os.environ | ENV
+        )
+    try:
+        target = wait_port(port_file, proc, log, 600)
+        wait_serving(target, 120)
+        load = Load(target).start()
+        t0 = time.time()
+        time.sleep(seconds)
+        t1 = time.time()
+        load.stop()
+        return load.tok_per_s(t0, t1)
+    finally:
+        stop(proc)
+
+
+# --------------------------------------------------------------------------- the two sides
+
+
+def run_trl(model: Path, budget_s: float, work: Path) -> dict[str, Any]:
+    work.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(ROOT / "bench" / "trl_online_dpo.py"), "--model", str(model),
+           "--prompts", str(TRAIN), "--budget-s", str(budget_s), "--out", str(work)]  # fmt: skip
+    env = os.environ | ENV
+    began = time.time()
+    with (work / "trl.log").open("wb") as f:
+        subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, check=True)
+    out: dict[str, Any] = json.loads((work / "trl.json").read_text())
+    out["process_wall_s"] = time.time() - began
+    return out
+
+
+def run_tiller(model: Path, budget_s: float, work: Path) -> dict[str, Any]:
+    """``tiller align`` with the client load on its server; see the module docstring."""
+    run_dir = work / "run"
+    if run_dir.exists():
+        import shutil
+
+        shutil.rmtree(run_dir)
+    log = work / "align.log"
+    work.mkdir(parents=True, exist_ok=True)
+    # --duration is only a backstop: SIGINT ends the loop ``budget_s`` after the server is up.
+    cmd = [sys.executable, "-m", "tiller.client.cli", "align", "--config", str(CONFIG),
+           "--run-dir", str(run_dir), "--duration", str(budget_s + 900)]  # fmt: skip
+    began = time.time()
+    with log.open("wb") as f:
+        proc = subprocess.Popen(
+            cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True, env=os.environ | ENV
+        )
+    try:
+        target = wait_port(run_dir / "server.port", proc, log, 900)
+        ready = time.time()
+        load = Load(target).start()
+        while time.time() < ready + budget_s and proc.poll() is None:
+            time.sleep(1.0)
+        end = time.time()
+        os.kill(proc.pid, signal.SIGINT)  # the align process only: it stops its children
+        load.stop()
+        serving = load.tok_per_s(ready, end)
+        proc.wait(timeout=1800)
+    finally:
+        stop(proc)
+    if proc.returncode != 0:
+        raise RuntimeError(f"tiller align exited {proc.returncode}; see {log}")
+    return tiller_figures(run_dir, ready, end, budget_s) | {
+        "serving": serving,
+        "startup_s": ready - began,
+        "run_dir": str(run_dir),
+    }
+
+
+def tiller_figures(run_dir: Path, ready: float, end: float, budget_s: float) -> dict[str, Any]:
+    cfg = tomllib.loads(CONFIG.read_text())
+    epochs = int(cfg["learner"]["train"].get("epochs", 1))
+    adapter = cfg["learner"]["adapter"]
+    db = sqlite3.connect(run_dir / "log.sqlite")
+    db.row_factory = sqlite3.Row
+    have = db.execute("SELECT name FROM sqlite_master WHERE name='learner_iterations'").fetchone()
+    rows = (
+        [dict(r) for r in db.execute("SELECT * FROM learner_iterations ORDER BY iteration")]
+        if have
+        else []
+    )
+    trained = [r for r in rows if r["status"] in ("promoted", "rejected", "published")]
+    pairs = sum(int(r["examples"]) * epochs for r in trained)
+    last_end = max((float(r["finished_at"]) for r in rows), default=end)
+    wall = max(end, last_end) - ready
+    gens = db.execute(
+        "SELECT count(*), count(DISTINCT group_id), min(created_at), max(created_at) "
+        "FROM generations"
+    ).fetchone()
+    n_gen, n_groups = int(gens[0]), int(gens[1])
+    state_file = run_dir / "registry" / adapter / "state.json"  # absent until a publish
+    active = json.loads(state_file.read_text()).get("active") if state_file.exists() else None
+    report = run_dir / "report.json"
+    return {
+        "adapter_dir": str(run_dir / "registry" / adapter / f"v{active:04d}") if active else None,
+        "active_version": active,
+        "iterations": [{k: r[k] for k in ITERATION_KEYS} for r in rows],
+        "budget_s": budget_s,
+        "wall_s": wall,
+        "trained_pairs": pairs,
+        "epochs": epochs,
+        "samples_per_s": pairs / wall if wall > 0 else 0.0,
+        "generations": n_gen,
+        "sampled_prompts": n_groups,
+        "generations_per_s": n_gen / wall if wall > 0 else 0.0,
+        "sampled_prompts_per_s": n_groups / wall if wall > 0 else 0.0,
+        "generations_span_s": (gens[3] - gens[2]) if n_gen else 0.0,
+        "align_report": json.loads(report.read_text()).get("eval") if report.exists() else None,
+    }
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def evaluate(
+    model_dir: Path, adapter: Path | None, prompts: list[str], samples: int, seed: int = 1234
+) -> dict[str, Any]:
+    """Sample ``samples`` continuations of each prompt (seeded per sample round) and score them."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tiller.learner.align.evaluate import mean_ci
+    from tiller.learner.annotate.scorers import make_scorer
+    from tiller.learner.learn.gate import distinct_n
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.padding_side = "left"
+    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    model.eval()
+    texts: list[str] = []
+    with torch.inference_mode():
+        for s in range(samples):
+            torch.manual_seed(seed + s)
+            for i in range(0, len(prompts), 32):
+                enc = tok(prompts[i : i + 32], return_tensors="pt", padding=True)
+                out = model.generate(
+                    **enc,
+                    do_sample=True,
+                    temperature=1.0,
+                    top_p=1.0,
+                    top_k=0,
+                    repetition_penalty=1.2,
+                    max_new_tokens=48,
+                    pad_token_id=tok.pad_token_id,
+                )
+                new = out[:, enc["input_ids"].shape[1] :]
+                texts += tok.batch_decode(new, skip_special_tokens=True)
+    scorer = make_scorer("sentiment")
+    rewards = [-scorer.score(t) for t in texts]
+    m, ci = mean_ci(rewards)
+    return {
+        "adapter": None if adapter is None else str(adapter),
+        "n": len(rewards),
+        "mean_reward": m,
+        "ci95": ci,
+        "distinct2": distinct_n(texts),
+        "rewards": rewards,
+        "examples": texts[:4],
+    }
+
+
+# --------------------------------------------------------------------------- report
+
+
+def ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
+def summarize(res: dict[str, Any]) -> list[str]:
+    ev, out = res["eval"], []
+    base = ev["base"]["mean_reward"]
+    t, r = res.get("tiller"), res.get("trl")
+    te, re_ = ev.get("tiller"), ev.get("trl")
+    if te and re_:
+        tm, rm = te["mean_reward"], re_["mean_reward"]
+        out.append(
+            f"Tiller/TRL held-out reward ratio: {ratio(tm, rm):.2f} (reward = -VADER; Tiller "
+            f"{tm:+.3f} ± {te['ci95']:.3f}, TRL {rm:+.3f} ± {re_['ci95']:.3f}, "
+            f"n={te['n']}, Welch p={res['tiller_vs_trl_p']:.2g})"
+        )
+        out.append(
+            f"Tiller/TRL held-out reward gain ratio: {ratio(tm - base, rm - base):.2f} "
+            f"(gain over base, Tiller vs TRL: {tm - base:+.3f} vs {rm - base:+.3f}; "
+            f"base {base:+.3f} ± {ev['base']['ci95']:.3f})"
+        )
+    if t and r:
+        out.append(
+            f"Tiller/TRL samples/s ratio: {ratio(t['samples_per_s'], r['samples_per_s']):.2f} "
+            f"(Tiller {t['samples_per_s']:.3f} trained pairs/s = examples x {t['epochs']} epochs "
+            f"over {t['wall_s']:.0f} s; TRL {r['samples_per_s']:.3f} prompts with a trained pair"
+            f"/s over {r['wall_s']:.0f} s)"
+        )
+        out.append(
+            f"Tiller/TRL sampled pairs/s ratio: "
+            f"{ratio(t['sampled_prompts_per_s'], r['samples_per_s']):.2f} (Tiller "
+            f"{t['sampled_prompts_per_s']:.3f} prompts sampled x2 /s, "
+            f"{t['generations_per_s']:.3f} generations/s; TRL {r['samples_per_s']:.3f})"
+        )
+    if t and res.get("baseline"):
+        kept, b = t["serving"]["tok_per_s"], res["baseline"]["tok_per_s"]
+        out.append(
+            f"Tiller serving kept during training: {ratio(kept, b):.2f} of baseline "
+            f"({kept:.1f} vs {b:.1f} tok/s, {LOAD_CONCURRENCY} concurrent, {LOAD_TOKENS} tokens)"
+        )
+    d2 = ", ".join(f"{k} {v['distinct2']:.3f}" for k, v in ev.items())
+    out.append(f"held-out distinct-2: {d2}")
+    return out
+
+
+def plot(res: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ev = res["eval"]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    names = list(ev)
+    axes[0].bar(names, [ev[k]["mean_reward"] for k in names],
+                yerr=[ev[k]["ci95"] for k in names], capsize=6,
+                color=["grey", "tab:blue", "tab:orange"][: len(names)])  # fmt: skip
+    axes[0].axhline(0, color="black", lw=0.5)
+    axes[0].set_title("held-out reward (-VADER), 95% CI")
+    sides = [k for k in ("tiller", "trl") if res.get(k)]
+    axes[1].bar(sides, [res[k]["samples_per_s"] for k in sides],
+                color=["tab:blue", "tab:orange"][: len(sides)])  # fmt: skip
+    axes[1].set_title("training samples/s (pairs)")
+    if res.get("tiller") and res.get("baseline"):
+        axes[2].bar(["idle server", "during training"],
+                    [res["baseline"]["tok_per_s"], res["tiller"]["serving"]["tok_per_s"]],
+                    color=["grey", "tab:blue"])  # fmt: skip
+    axes[2].set_title(f"Tiller serving tok/s ({LOAD_CONCURRENCY} concurrent)")
+    fig.suptitle(f"critical reviewer, SmolLM2-135M, CPU, budget {res['budget_s']:.0f} s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    p.add_argument("--budget-s", type=float, default=480.0)
+    p.add_argument("--quick", action="store_true", help="smoke run: 60 s budget, 16 eval prompts")
+    p.add_argument("--skip-tiller", action="store_true")
+    p.add_argument("--skip-trl", action="store_true")
+    p.add_argument("--baseline-s", type=float, default=45.0)
+    p.add_argument("--reuse", action="store_true", help="reuse finished sides from the work dir")
+    p.add_argument("--eval-samples", type=int, default=2)
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "align_vs_trl.json")
+    a = p.parse_args()
+    os.environ.update(ENV)  # before torch is imported, for the evaluation in this process
+    budget = 60.0 if a.quick else a.budget_s
+    baseline_s = 15.0 if a.quick else a.baseline_s
+    prompts = lines(HELDOUT)[: 16 if a.quick else None]
+
+    from tiller.server.models import prepare_smollm2
+
+    model = prepare_smollm2(Path.home() / ".cache" / "tiller")
+    work = a.out.with_name(a.out.stem + "-work")
+    res: dict[str, Any] = {"budget_s": budget, "quick": a.quick, "model": str(model)}
+
+    def side(name: str, what: str, fn: Callable[[], dict[str, Any]]) -> None:
+        saved = work / f"{name}.json"
+        if a.reuse and saved.exists():
+            res[name] = json.loads(saved.read_text())
+            return
+        print(f"{what} ...", flush=True)
+        res[name] = fn()
+        saved.write_text(json.dumps(res[name], indent=2, default=str))
+
+    work.mkdir(parents=True, exist_ok=True)
+    if not a.skip_tiller:
+        side("baseline", f"serving baseline ({baseline_s:.0f} s)",
+             lambda: serving_baseline(model, work / "baseline", baseline_s))  # fmt: skip
+        side("tiller", f"tiller align ({budget:.0f} s budget)",
+             lambda: run_tiller(model, budget, work / "tiller"))  # fmt: skip
+    if not a.skip_trl:
+        side("trl", f"TRL online DPO ({budget:.0f} s budget)",
+             lambda: run_trl(model, budget, work / "trl"))  # fmt: skip
+    print(f"held-out evaluation ({len(prompts)} prompts x {a.eval_samples}) ...", flush=True)
+    ev = {"base": evaluate(model, None, prompts, a.eval_samples)}
+    if res.get("tiller"):
+        adapter = res["tiller"]["adapter_dir"]
+        # Nothing promoted: Tiller serves the base model, so its held-out figures are the base's.
+        ev["tiller"] = (
+            evaluate(model, Path(adapter), prompts, a.eval_samples)
+            if adapter
+            else ev["base"] | {"note": "no promoted adapter: the base model"}
+        )
+    if res.get("trl"):
+        ev["trl"] = evaluate(model, Path(res["trl"]["adapter"]), prompts, a.eval_samples)
+    res["eval"] = ev
+    if "tiller" in ev and "trl" in ev:
+        from scipy import stats
+
+        t = stats.ttest_ind(ev["tiller"]["rewards"], ev["trl"]["rewards"], equal_var=False)
+        res["tiller_vs_trl_p"] = float(t.pvalue)
+    res["summary"] = summarize(res)
+    for line in res["summary"]:
+        print(line)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(res, indent=2, default=str))
+    plot(res, a.out.with_suffix(".png"))
+    print(f"wrote {a.out} and {a.out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
