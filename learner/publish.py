@@ -52,6 +52,7 @@ from tiller.server.manifest import (
     parse_manifest,
     write_manifest,
 )
+from tiller.server.steering.heads import HEADS_MANIFEST
 
 STATE_FILE = "state.json"
 STAGING_PREFIX = ".staging-"
@@ -183,8 +184,9 @@ def check_safetensors(path: Path) -> None:
 
 def adapter_files(adapter_dir: Path) -> list[Path]:
     """The files of a trained peft adapter to publish, checked: a flat directory of regular
-    files with suffixes in ``ALLOWED_SUFFIXES``, holding ``REQUIRED_LORA_FILES``, whose
-    safetensors files look like safetensors. Pickled weights are refused by name."""
+    files with suffixes in ``ALLOWED_SUFFIXES``, holding ``REQUIRED_LORA_FILES`` (or, for a
+    heads-only version, steering heads and no LoRA), whose safetensors files look like
+    safetensors. Pickled weights are refused by name."""
     if not adapter_dir.is_dir():
         raise PublishError(f"adapter directory {adapter_dir} does not exist")
     files = []
@@ -204,7 +206,10 @@ def adapter_files(adapter_dir: Path) -> list[Path]:
             check_safetensors(p)
         files.append(p)
     missing = [n for n in REQUIRED_LORA_FILES if not (adapter_dir / n).is_file()]
-    if missing:
+    heads_only = (
+        len(missing) == len(REQUIRED_LORA_FILES) and (adapter_dir / HEADS_MANIFEST).is_file()
+    )
+    if missing and not heads_only:
         raise PublishError(f"adapter directory {adapter_dir} lacks {', '.join(missing)}")
     return files
 
@@ -290,7 +295,7 @@ def publish(registry: Path, name: str, adapter_dir: Path | None, release: Releas
             base_model=release.base_model,
             conditioning=release.conditioning,
             attributes=release.attributes,
-            has_lora=adapter_dir is not None,
+            has_lora=adapter_dir is not None and (adapter_dir / "adapter_config.json").is_file(),
             created_at=_now(),
             extra=extra,
         )

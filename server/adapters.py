@@ -149,9 +149,15 @@ class AdapterTable:
                 await self._retire(name)
 
     async def _retire(self, name: str) -> None:
-        keep = set(self._history.get(name, [])[-self._keep :]) | {self._active.get(name)}
+        """Remove drained versions older than the active one beyond the kept ones. Versions
+        loaded without activation that are newer than the active one (or of a name never
+        activated) are staged on purpose (pinned use, a gate's candidate): they stay."""
+        active = self._active.get(name)
+        keep = set(self._history.get(name, [])[-self._keep :]) | {active}
         for version in sorted(self._versions.get(name, {})):
             if version in keep or self._inflight.get((name, version)):
+                continue
+            if active is None or version > active:
                 continue
             gone = self._versions[name].pop(version)
             if gone.lora_id is not None:

@@ -151,6 +151,8 @@ class AlignRun:
             "serve", "--model", str(self.model), "--port", str(self.port),
             "--port-file", str(port_file), "--log-db", str(p.db),
             "--registry", str(p.registry), "--registry-poll", "0.5", "--enable-admin",
+            # the learner's gate loads candidates from its workdir; nothing else is loadable
+            "--adapter-root", str(p.registry), "--adapter-root", str(p.root / "learner"),
             *self.cfg.server_args,
         )  # fmt: skip
 

@@ -102,3 +102,61 @@ def history(db_path: Path, adapter: str | None) -> None:
 
 def _num(v: float | None) -> str:
     return "" if v is None else f"{v:.3f}"
+
+
+@learn.command()
+@click.option(
+    "--model",
+    "model_dir",
+    type=click.Path(path_type=Path, file_okay=False, exists=True),
+    required=True,
+    help="Base model directory (the trunk stays frozen).",
+)
+@click.option(
+    "--pairs",
+    "pairs_path",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    required=True,
+    help="JSONL preference pairs with attribute_weights (CMPO power-set λ).",
+)
+@click.option(
+    "--attribute", "attributes", multiple=True, required=True, help="Head names, in order."
+)
+@click.option("--base-model", default="", help="Base model id recorded in the heads manifest.")
+@click.option("--rank", type=int, default=8, show_default=True)
+@click.option("--epochs", type=int, default=3, show_default=True)
+@click.option("--lr", type=float, default=5e-3, show_default=True)
+@click.option("--beta", type=float, default=0.5, show_default=True)
+@click.option("--label-smoothing", type=float, default=0.1, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), required=True)
+def heads(
+    model_dir: Path,
+    pairs_path: Path,
+    attributes: tuple[str, ...],
+    base_model: str,
+    rank: int,
+    epochs: int,
+    lr: float,
+    beta: float,
+    label_smoothing: float,
+    out: Path,
+) -> None:
+    """Train CMPO plural heads (low-rank, frozen trunk) into OUT, ready to publish or serve."""
+    from ..data.jsonl import load_pairs
+    from ..heads_trainer import HeadsTrainConfig, train_heads
+    from ..objectives.cmpo import CMPOConfig
+
+    try:
+        cfg = HeadsTrainConfig(
+            attributes=attributes,
+            base_model=base_model or model_dir.name,
+            rank=rank,
+            epochs=epochs,
+            lr=lr,
+            objective=CMPOConfig(beta=beta, label_smoothing=label_smoothing),
+        )
+        result = train_heads(model_dir, load_pairs(pairs_path), cfg, out)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    last = result.history[-1]
+    click.echo(f"wrote {out}: {result.steps} steps, final loss {last['loss']:.4f}", err=True)

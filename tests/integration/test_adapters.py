@@ -15,7 +15,8 @@ def client(target: str) -> Client:
 
 def test_list_adapters(client: Client) -> None:
     rows = {a.name: a for a in client.adapters()}
-    assert set(rows) == {"base", "detox"}
+    # The session server's own adapters (other tests may load more through the admin RPCs).
+    assert {"base", "detox"} <= set(rows)
     assert rows["base"].is_default and rows["base"].feedback_tags == ()
     detox = rows["detox"]
     assert detox.versions == (1, 2) and detox.active_version == 2

@@ -1,0 +1,174 @@
+"""CMPO plural-head training: low-rank attribute heads on a frozen trunk, written in the format
+the server's steering processor loads (``tiller.server.steering.heads``).
+
+The trunk (and any LoRA already merged into the given model) stays frozen, so every
+completion's last hidden states are computed once, without gradients; training then
+touches only the head factors A_j [r, H] and B_j [V, r] (W_j = W_0 + B_j·A_j), which is cheap
+enough for many epochs on a CPU. B starts at zero: before the first step every λ with Σλ = 1
+reproduces the base model, the reference of the cDPO loss (``objectives.cmpo``).
+
+Each ``PreferencePair`` must carry ``attribute_weights`` (CMPO's power-set λ, see
+``data.cmpo``); attributes outside ``HeadsTrainConfig.attributes`` raise ``ValueError``.
+Seeded and reproducible on CPU; not resumable (a run takes seconds to minutes).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tiller.server.steering.heads import HeadsManifest, HeadSpec, save_heads
+
+from .data.examples import PreferencePair
+from .objectives.cmpo import CMPOConfig, cmpo_loss, mixed_logits
+from .trainer import TrainConfig, _encode
+
+
+@dataclass(frozen=True)
+class HeadsTrainConfig:
+    attributes: tuple[str, ...]
+    base_model: str
+    rank: int = 8
+    objective: CMPOConfig = field(default_factory=CMPOConfig)
+    lr: float = 5e-3
+    epochs: int = 3
+    batch_size: int = 8
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    max_length: int = 256
+    init_std: float = 0.02
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.attributes or len(set(self.attributes)) != len(self.attributes):
+            raise ValueError("attributes must be distinct names, at least one")
+        for name in ("rank", "epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+
+
+@dataclass(frozen=True)
+class HeadsResult:
+    out_dir: Path
+    steps: int
+    history: tuple[dict[str, float], ...]
+    samples_per_s: float
+
+
+@dataclass(frozen=True)
+class _Seq:
+    h: Tensor  # [T, H] hidden states predicting the completion tokens
+    targets: Tensor  # [T]
+    ref_logp: float  # summed log-prob under the base head
+
+
+def _weights(pair: PreferencePair, names: Sequence[str]) -> list[float]:
+    given = dict(pair.attribute_weights)
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise ValueError(f"pair {pair.source!r}: unknown attribute {unknown[0]!r}; heads: {names}")
+    if not given:
+        raise ValueError(f"pair {pair.source!r} has no attribute_weights (CMPO needs them)")
+    return [float(given.get(n, 0.0)) for n in names]
+
+
+def _hidden(model: Any, tok: Any, prompt: str, completion: str, tc: TrainConfig) -> _Seq:
+    p, c = _encode(tok, prompt, completion, tc)
+    ids = torch.tensor([list(p) + list(c)])
+    out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
+    h = out.hidden_states[-1][0, len(p) - 1 : -1]  # the final (normed) states before each target
+    targets = torch.tensor(c)
+    ref = torch.log_softmax(out.logits[0, len(p) - 1 : -1].float(), -1)
+    return _Seq(h.float().clone(), targets, float(ref.gather(1, targets[:, None]).sum()))
+
+
+def _policy_logps(seqs: Sequence[_Seq], lam: Tensor, w0: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """Summed log-probs of each sequence under its row of ``lam`` ([S, k])."""
+    h = torch.cat([s.h for s in seqs])
+    rows = torch.cat([lam[i].expand(len(s.targets), -1) for i, s in enumerate(seqs)])
+    logp = torch.log_softmax(mixed_logits(h, w0, a, b, rows), -1)
+    tok = logp.gather(1, torch.cat([s.targets for s in seqs])[:, None])[:, 0]
+    return torch.stack([part.sum() for part in tok.split([len(s.targets) for s in seqs])])
+
+
+def train_heads(
+    model_dir: Path, pairs: Sequence[PreferencePair], cfg: HeadsTrainConfig, out_dir: Path
+) -> HeadsResult:
+    """Train k low-rank heads on ``pairs`` and save them (``tiller-heads.json`` +
+    ``heads.safetensors``) into ``out_dir``; default weights are uniform (1/k each)."""
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not pairs:
+        raise ValueError("no training pairs")
+    torch.manual_seed(cfg.seed)
+    names = list(cfg.attributes)
+    lam = torch.tensor([_weights(p, names) for p in pairs])  # [P, k]
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tc = TrainConfig(objective="cdpo", max_length=cfg.max_length, progress=False)
+    with torch.no_grad():  # not inference_mode: these tensors feed autograd later
+        chosen = [_hidden(model, tok, p.prompt, p.chosen, tc) for p in pairs]
+        rejected = [_hidden(model, tok, p.prompt, p.rejected, tc) for p in pairs]
+    w0 = model.get_output_embeddings().weight.detach().float().clone()
+    vocab, hidden = w0.shape
+    del model
+    k, r = len(names), cfg.rank
+    gen = torch.Generator().manual_seed(cfg.seed)
+    a = (torch.randn(k, r, hidden, generator=gen) * cfg.init_std).requires_grad_()
+    b = torch.zeros(k, vocab, r, requires_grad=True)
+    optimizer = torch.optim.AdamW([a, b], lr=cfg.lr, weight_decay=0.0)
+    conf = torch.tensor([p.label_confidence for p in pairs])
+    ref_c = torch.tensor([s.ref_logp for s in chosen])
+    ref_r = torch.tensor([s.ref_logp for s in rejected])
+    per_epoch = math.ceil(len(pairs) / cfg.batch_size)
+    history: list[dict[str, float]] = []
+    bar = tqdm(total=cfg.epochs * per_epoch, disable=not cfg.progress, desc="cmpo heads")
+    began = time.perf_counter()
+    for epoch in range(cfg.epochs):
+        order = torch.randperm(
+            len(pairs), generator=torch.Generator().manual_seed(cfg.seed + epoch)
+        )
+        for start in range(0, len(pairs), cfg.batch_size):
+            idx = order[start : start + cfg.batch_size].tolist()
+            pol_c = _policy_logps([chosen[i] for i in idx], lam[idx], w0, a, b)
+            pol_r = _policy_logps([rejected[i] for i in idx], lam[idx], w0, a, b)
+            loss, metrics = cmpo_loss(
+                pol_c, pol_r, ref_c[idx], ref_r[idx], cfg.objective, label_confidence=conf[idx]
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.max_grad_norm is not None:
+                metrics["grad_norm"] = float(
+                    torch.nn.utils.clip_grad_norm_([a, b], cfg.max_grad_norm)
+                )
+            optimizer.step()
+            history.append({"step": float(len(history) + 1), **metrics})
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+            bar.update(1)
+    bar.close()
+    elapsed = time.perf_counter() - began
+    manifest = HeadsManifest(
+        base_model=cfg.base_model,
+        hidden_size=hidden,
+        vocab_size=vocab,
+        heads=tuple(HeadSpec(n, "lowrank", r, 1.0 / k) for n in names),
+    )
+    tensors = {}
+    for j, n in enumerate(names):
+        tensors[f"{n}.A"] = a[j].detach().clone()
+        tensors[f"{n}.B"] = b[j].detach().clone()
+    save_heads(Path(out_dir), manifest, tensors)
+    return HeadsResult(
+        out_dir=Path(out_dir),
+        steps=len(history),
+        history=tuple(history),
+        samples_per_s=cfg.epochs * len(pairs) / elapsed if elapsed > 0 else 0.0,
+    )
