@@ -293,3 +293,65 @@ def test_log_plot_shows_the_learner_table(
     assert out.read_bytes()[:4] == b"\x89PNG"
     history = CliRunner().invoke(learn, ["history", "--db", str(db), "--adapter", "critic"])
     assert history.exit_code == 0 and "promoted" in history.output and "v2" in history.output
+
+
+@pytest.mark.timeout(1200)
+def test_learner_killed_mid_training_resumes_the_same_run(
+    tiny_model: Path, learn_server: tuple[ServerProc, Path, Path], tmp_path: Path
+) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    srv, db, registry = learn_server
+    work = tmp_path / "work"
+    config = {
+        "db": str(db),
+        "registry": str(registry),
+        "workdir": str(work),
+        "model": str(tiny_model),
+        "adapter": "resume",
+        "base_model": "tiny-llama",
+        "server": srv.target,
+        "max_iterations": 1,
+        "trigger": {"min_annotations": 1, "min_examples": 2, "poll_s": 0.1},
+        "data": {"kind": "pairs", "source": "score", "provider": "len"},
+        "train": {
+            "objective": "dpo", "lora_r": 4, "lora_alpha": 8,
+            "target_modules": ["q_proj", "v_proj"], "batch_size": 2, "max_steps": 200,
+            "max_length": 64,
+        },
+    }  # fmt: skip
+    path = tmp_path / "learn.json"
+    path.write_text(json.dumps(config))
+    # The 'len' annotations of the earlier tests' base-model samples are the data.
+    argv = [
+        sys.executable,
+        "-m",
+        "tiller.client.cli",
+        "learn",
+        "--config",
+        str(path),
+        "--no-progress",
+    ]
+    log = (tmp_path / "learn.log").open("wb")
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    ckpt = work / "iter-0001" / "ckpt"
+    while not any(ckpt.glob("step-*")):
+        assert proc.poll() is None, (tmp_path / "learn.log").read_text()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert runs.iterations(connect(db), "resume") == []  # nothing recorded, nothing published
+    assert not (registry / "resume").exists() or read_state(registry, "resume").active is None
+
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming with its" in done.stderr
+    (row,) = runs.iterations(connect(db), "resume")
+    assert row["status"] == "promoted" and row["version"] == 1 and row["steps"] == 200
+    assert json.loads(row["details_json"])["resumed_from_step"] >= 50
+    assert read_state(registry, "resume").active == 1
