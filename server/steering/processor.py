@@ -109,6 +109,8 @@ class SteerProcessor(LogitsProcessor):
         self._device = device
         self._rows: dict[int, _Row] = {}
         self._heads: OrderedDict[str, LoadedHeads] = OrderedDict()
+        # Per heads artifact: (row indices, λ rows), rebuilt only when the batch changes.
+        self._plan: list[tuple[LoadedHeads, torch.Tensor, torch.Tensor, int]] | None = None
 
     def is_argmax_invariant(self) -> bool:
         return False
@@ -126,6 +128,7 @@ class SteerProcessor(LogitsProcessor):
     def update_state(self, batch_update: BatchUpdate | None) -> None:
         if batch_update is None:
             return
+        self._plan = None
         for index in batch_update.removed:
             self._rows.pop(index, None)
         for index, params, _prompt, _output in batch_update.added:
@@ -156,14 +159,26 @@ class SteerProcessor(LogitsProcessor):
                 f"({None if hidden is None else tuple(hidden.shape)} vs {tuple(logits.shape)}); "
                 "is the model served through a Tiller steering architecture?"
             )
-        groups: dict[str, list[tuple[int, _Row]]] = {}
-        for row, r in self._rows.items():
-            if row < logits.shape[0]:
-                groups.setdefault(r.heads, []).append((row, r))
-        for key, members in groups.items():
-            heads = self._loaded(key)
-            idx = torch.tensor([row for row, _ in members], device=logits.device)
-            lam = torch.stack([r.weights for _, r in members])
+        if self._plan is None:
+            self._plan = self._make_plan()
+        for heads, idx, lam, last in self._plan:
+            if last >= logits.shape[0]:  # rows beyond this step's batch: plan per row
+                keep = idx < logits.shape[0]
+                idx, lam = idx[keep], lam[keep]
             h = hidden[idx].to(torch.float32)
             logits[idx] = heads.mix(logits[idx].float(), h, lam).to(logits.dtype)
         return logits
+
+    def _make_plan(self) -> list[tuple[LoadedHeads, torch.Tensor, torch.Tensor, int]]:
+        groups: dict[str, list[tuple[int, _Row]]] = {}
+        for row, r in sorted(self._rows.items()):
+            groups.setdefault(r.heads, []).append((row, r))
+        return [
+            (
+                self._loaded(key),
+                torch.tensor([row for row, _ in members], device=self._device),
+                torch.stack([r.weights for _, r in members]),
+                members[-1][0],
+            )
+            for key, members in groups.items()
+        ]
