@@ -1,13 +1,15 @@
 """The images' entrypoint scripts, run outside docker exactly as the Dockerfile and compose.yaml
 name them (paths under /opt/tiller mapped to this checkout), on the tiny model with temp dirs:
-the server becomes healthy by the image's HEALTHCHECK command, logs to its shard, serves
-/metrics and hot-swaps from the registry; the judge answers; the annotator labels the shard
+the server becomes healthy by the image's HEALTHCHECK command, logs to its shard and serves
+/metrics; a second replica writes its own shard, and one publish into the registry is served
+by both; the judge answers; the annotator labels the shard
 with the shipped providers through that judge; the learner starts on the shipped config and
 stops cleanly; the server drains and exits 0 on SIGTERM. The server runs with a tokens file
 (TILLER_TOKENS_FILE): health stays open, admin loads only from the registry and the learner's
 work directory.
 
-The two engines (server, judge) load at the same time to keep this module near a minute.
+The server and the judge load at the same time; the second replica starts once the judge is
+stopped (never three engines at once on 2 cores).
 """
 
 from __future__ import annotations
@@ -86,6 +88,7 @@ class Stack:
     root: Path
     env: dict[str, str]
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    overrides: dict[str, dict[str, str]] = field(default_factory=dict)  # per process
 
     @property
     def data(self) -> Path:
@@ -93,7 +96,13 @@ class Stack:
 
     @property
     def target(self) -> str:
-        return f"127.0.0.1:{self.env['TILLER_PORT']}"
+        return self.target_of("server")
+
+    def target_of(self, name: str) -> str:
+        return f"127.0.0.1:{self.env_of(name)['TILLER_PORT']}"
+
+    def env_of(self, name: str) -> dict[str, str]:
+        return {**self.env, **self.overrides.get(name, {})}
 
     @property
     def shard(self) -> Path:
@@ -103,10 +112,11 @@ class Stack:
         return (self.root / f"{name}.log").read_text(errors="replace")[-4000:]
 
     def start(self, name: str, argv: list[str], **env: str) -> subprocess.Popen[bytes]:
+        self.overrides[name] = env
         with (self.root / f"{name}.log").open("wb") as out:
             proc = subprocess.Popen(
                 argv,
-                env={**self.env, **env},
+                env=self.env_of(name),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -131,7 +141,7 @@ class Stack:
             if time.monotonic() - t0 > START_TIMEOUT_S:
                 raise AssertionError(f"{name} not up after {START_TIMEOUT_S} s:\n{self.log(name)}")
             time.sleep(0.5)
-        r = self.run(check, timeout=30)
+        r = self.run(check, timeout=30, **self.overrides.get(name, {}))
         assert r.returncode == 0, f"{check} exited {r.returncode}: {r.stdout}{r.stderr}"
 
     def _answers(self, name: str) -> bool:
@@ -140,13 +150,28 @@ class Stack:
         from tiller.client.health import SERVING, check
 
         try:
-            if name == "server":
-                return check(self.target, timeout=2) == SERVING
+            if name.startswith("server"):
+                return check(self.target_of(name), timeout=2) == SERVING
             url = f"http://127.0.0.1:{self.env['JUDGE_PORT']}/health"
             with urllib.request.urlopen(url, timeout=2):
                 return True
         except (grpc.RpcError, OSError):
             return False
+
+    def second_replica(self) -> str:
+        """Start ``server-1`` (same volume and registry, its own port and log shard) once,
+        after stopping the judge: on 2 cores three engines at once slow everything down."""
+        if "server-1" not in self.procs:
+            self.stop("judge")
+            self.start(
+                "server-1",
+                image_command(),
+                TILLER_PORT=str(_free_port()),
+                TILLER_METRICS_PORT=str(_free_port()),
+                TILLER_LOG_SHARD="server-1",
+            )
+        self.wait_healthy("server-1", image_healthcheck())
+        return "server-1"
 
     def stop(self, name: str, timeout: float = 60.0) -> int:
         proc = self.procs[name]
@@ -223,29 +248,6 @@ def test_server_logs_to_its_shard_and_serves_metrics(stack: Stack) -> None:
         assert b"tiller_" in r.read()
 
 
-def test_server_follows_the_registry(stack: Stack, tmp_path: Path) -> None:
-    from tiller.learner.publish import Release, promote, publish
-    from tiller.server.manifest import Conditioning
-    from tiller.server.tiny_model import build_random_lora
-
-    stack.wait_healthy("server", image_healthcheck())
-    model = Path(stack.env["TILLER_MODEL"])
-    lora = build_random_lora(model, tmp_path / "trained", seed=3)
-    release = Release(
-        base_model=model.name, conditioning=Conditioning(tags=("Good", "Bad")), objective="test"
-    )
-    registry = stack.data / "registry"  # the default the learner entrypoint publishes into
-    publish(registry, "steer", lora, release)
-    promote(registry, "steer", 1)
-    deadline = time.monotonic() + 60
-    with Client(stack.target, timeout=60, token=APP_TOKEN) as c:
-        while "steer" not in [a.name for a in c.adapters()]:
-            assert time.monotonic() < deadline, stack.log("server")
-            time.sleep(0.2)
-        g = c.generate("Hello", adapter="steer", feedback="Good", max_tokens=4, log=False)
-    assert g.adapter == "steer" and g.adapter_version == 1
-
-
 async def test_tokens_and_adapter_roots_are_enforced(stack: Stack, tmp_path: Path) -> None:
     import grpc
 
@@ -307,6 +309,43 @@ def test_a_missing_template_variable_stops_the_entrypoint(stack: Stack, tmp_path
     assert "TILLER_NO_SUCH_SETTING" in r.stderr
 
 
+def test_replicas_write_their_own_shards(stack: Stack) -> None:
+    stack.second_replica()
+    with Client(stack.target_of("server-1"), timeout=120, token=APP_TOKEN) as c:
+        g = c.generate("Replica one says", max_tokens=4, seed=2)
+    assert g.logged
+    own = stack.data / "logs" / "server-1.sqlite"
+    with sqlite3.connect(own) as one, sqlite3.connect(stack.shard) as zero:
+        q = "select count(*) from generations where id = ?"
+        assert one.execute(q, (g.generation_id,)).fetchone()[0] == 1
+        assert zero.execute(q, (g.generation_id,)).fetchone()[0] == 0
+
+
+def test_one_publish_every_replica_swaps(stack: Stack, tmp_path: Path) -> None:
+    from tiller.learner.publish import Release, promote, publish
+    from tiller.server.manifest import Conditioning
+    from tiller.server.tiny_model import build_random_lora
+
+    replicas = ("server", stack.second_replica())
+    stack.wait_healthy("server", image_healthcheck())
+    model = Path(stack.env["TILLER_MODEL"])
+    lora = build_random_lora(model, tmp_path / "trained", seed=3)
+    release = Release(
+        base_model=model.name, conditioning=Conditioning(tags=("Good", "Bad")), objective="test"
+    )
+    registry = stack.data / "registry"  # the default the learner entrypoint publishes into
+    publish(registry, "steer", lora, release)
+    promote(registry, "steer", 1)
+    for name in replicas:
+        deadline = time.monotonic() + 60
+        with Client(stack.target_of(name), timeout=60, token=APP_TOKEN) as c:
+            while "steer" not in [a.name for a in c.adapters()]:
+                assert time.monotonic() < deadline, stack.log(name)
+                time.sleep(0.2)
+            g = c.generate("Hello", adapter="steer", feedback="Good", max_tokens=4, log=False)
+        assert g.adapter == "steer" and g.adapter_version == 1, name
+
+
 def test_learner_starts_on_the_shipped_config_and_stops_cleanly(stack: Stack) -> None:
     stack.wait_healthy("server", image_healthcheck())
     proc = stack.start("learner", service_command("learner"), TILLER_TARGET=stack.target)
@@ -319,6 +358,7 @@ def test_learner_starts_on_the_shipped_config_and_stops_cleanly(stack: Stack) ->
     assert (stack.data / "learner").is_dir()
 
 
-def test_server_drains_and_exits_0_on_sigterm(stack: Stack) -> None:
-    stack.wait_healthy("server", image_healthcheck())
-    assert stack.stop("server") == 0, stack.log("server")
+def test_servers_drain_and_exit_0_on_sigterm(stack: Stack) -> None:
+    for name in ("server", stack.second_replica()):
+        stack.wait_healthy(name, image_healthcheck())
+        assert stack.stop(name) == 0, stack.log(name)
