@@ -57,7 +57,15 @@ OBJECTIVES: dict[str, type[Any]] = {
 }
 PAIR_OBJECTIVES = frozenset({"dpo", "ipo", "slic", "cdpo"})
 # Fields that may change between a run and its resumption without changing the result.
-_RESUME_FREE = ("device", "checkpoint_dir", "checkpoint_every", "keep_checkpoints", "progress")
+# (gradient_checkpointing recomputes the same float32 ops in the same order: the same weights.)
+_RESUME_FREE = (
+    "device",
+    "checkpoint_dir",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "progress",
+    "gradient_checkpointing",
+)
 
 
 @dataclass(frozen=True)
@@ -68,7 +76,9 @@ class TrainConfig:
     ``max_steps`` (optimizer steps) overrides ``epochs``; one step consumes
     ``batch_size * grad_accum`` examples (pairs count as one). LoRA fields are ignored when
     ``train`` continues an ``init_adapter`` (its own config applies). ``checkpoint_every=0``
-    disables checkpoints.
+    disables checkpoints. ``gradient_checkpointing`` keeps only each decoder layer's input for the
+    backward pass and recomputes the rest (~1/3 more compute, far less memory: SmolLM2-135M at 32
+    sequences x 128 tokens needs ~8 GB RSS without it); it does not change the result.
     """
 
     objective: str = "dpo"
@@ -95,6 +105,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
     progress: bool = True
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         expected = OBJECTIVES.get(self.objective)
@@ -289,6 +300,10 @@ def _load_model(model_dir: Path, cfg: TrainConfig, init_adapter: Path | None) ->
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     dtype = torch.bfloat16 if bf16 else torch.float32
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+    if cfg.gradient_checkpointing:
+        # Non-reentrant: works although no input requires grad (only the LoRA weights do). It is
+        # active in train mode only, so the reference pass (eval, no grad) is not recomputed.
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if init_adapter is not None:
         return PeftModel.from_pretrained(base, str(init_adapter), is_trainable=True)
     lora = LoraConfig(

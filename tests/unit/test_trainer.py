@@ -154,6 +154,15 @@ def test_same_seed_same_weights(tiny_model: Path, tmp_path: Path) -> None:
     assert any(not torch.equal(wa[k], wc[k]) for k in wa)
 
 
+def test_gradient_checkpointing_gives_the_same_weights(tiny_model: Path, tmp_path: Path) -> None:
+    # It is resume-free (not in the checkpoint fingerprint), so it must not change the result;
+    # LoRA dropout inside the recomputed layers must draw the same masks twice.
+    base = {"objective": "dpo", "lora_dropout": 0.1, "batch_size": 3, "max_steps": 2, **QUIET}
+    train(tiny_model, PAIRS, TrainConfig(**base), tmp_path / "plain")
+    train(tiny_model, PAIRS, TrainConfig(**base, gradient_checkpointing=True), tmp_path / "gc")
+    _assert_same_weights(tmp_path / "plain", tmp_path / "gc")
+
+
 def test_truncation_keeps_the_completion_and_cuts_the_prompt_left(tiny_model: Path) -> None:
     from transformers import AutoTokenizer
 
