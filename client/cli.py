@@ -168,6 +168,47 @@ def adapters(target: str, token: str | None) -> None:
 
 
 @main.command()
+@click.argument("generation_id")
+@click.option("--target", default="127.0.0.1:50051", show_default=True, envvar="TILLER_TARGET")
+@click.option("--token", default=None, envvar="TILLER_TOKEN")
+@click.option("--score", type=float, default=None, help="A numeric rating.")
+@click.option("--tag", default="", help="A feedback tag.")
+@click.option("--critique", default="")
+@click.option("--refinement", default="", help="A better answer.")
+@click.option("--preferred-over", default=None, help="This generation beats that one.")
+@click.option("--key", "idempotency_key", default="", help="Idempotency key.")
+@click.option("--source", default="cli")
+def feedback(
+    generation_id: str,
+    target: str,
+    token: str | None,
+    score: float | None,
+    tag: str,
+    critique: str,
+    refinement: str,
+    preferred_over: str | None,
+    idempotency_key: str,
+    source: str,
+) -> None:
+    """Send app feedback on a logged generation (it joins the learner's data)."""
+    try:
+        with Client(target, token=token) as client:
+            receipt = client.submit_feedback(
+                generation_id,
+                score=score,
+                tag=tag,
+                critique=critique,
+                refinement=refinement,
+                preferred_over=preferred_over,
+                idempotency_key=idempotency_key,
+                source=source,
+            )
+    except TillerClientError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"{receipt.feedback_id}{' (duplicate)' if receipt.duplicate else ''}")
+
+
+@main.command()
 @click.option("--target", default="127.0.0.1:50051", show_default=True, envvar="TILLER_TARGET")
 def status(target: str) -> None:
     """Show a running server's status."""

@@ -176,3 +176,19 @@ def test_bad_feedback(
         client.submit_feedback(kw.pop("generation_id"), **kw)
     assert info.value.code == code and needle in info.value.message
     assert _rows(log_db, "SELECT count(*) AS n FROM feedback")[0]["n"] == before
+
+
+def test_feedback_cli_stores_once_and_names_unknown_ids(client: Client, target: str) -> None:
+    from click.testing import CliRunner
+
+    from tiller.client.cli import main
+
+    g = client.generate("CLI feedback please", max_tokens=4)
+    args = ["feedback", g.generation_id, "--target", target, "--score", "0.9", "--key", "cli-1"]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0 and first.output.strip().startswith("fb"), first.output
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0 and again.output.split()[0] == first.output.split()[0]
+    assert "(duplicate)" in again.output
+    missing = CliRunner().invoke(main, ["feedback", "gen-nope", "--target", target, "--score", "1"])
+    assert missing.exit_code != 0 and "NOT_FOUND" in missing.output
