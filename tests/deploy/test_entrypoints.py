@@ -292,12 +292,14 @@ def test_judge_becomes_healthy(stack: Stack) -> None:
 def test_annotator_labels_the_shard_with_the_shipped_providers(stack: Stack) -> None:
     stack.wait_healthy("server", image_healthcheck())
     stack.wait_healthy("judge", service_healthcheck("judge"))
+    with Client(stack.target, timeout=120, token=APP_TOKEN) as c:
+        assert c.generate("The soup was", max_tokens=8, n=2, seed=4).logged
     r = stack.run([*service_command("annotator"), "--once", "--timeout", "120"], timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr[-4000:]
     with sqlite3.connect(stack.shard) as db:
         n = db.execute("select count(*) from generations").fetchone()[0]
         counts = dict(db.execute("select provider, count(*) from annotations group by provider"))
-    assert n >= 6
+    assert n >= 2
     assert counts == {"sentiment": n, "sentiment-tags": n, "judge-tags": n}
 
 
