@@ -7,9 +7,11 @@ check that every Dockerfile, compose service and Kubernetes container runs one o
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import sys
 import sysconfig
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,3 +118,20 @@ def entrypoint_command(text: str) -> list[str]:
     entries = [i for i in final_stage(text) if i.keyword == "ENTRYPOINT"]
     assert entries, "the final stage has no ENTRYPOINT"
     return exec_form(entries[-1].args)
+
+
+def known_settings() -> set[str]:
+    """Every TILLER_/JUDGE_ variable the entrypoints or the config templates read (VLLM_ ones
+    are vLLM's own)."""
+    texts = [p.read_text() for p in (DEPLOY / "entrypoints").glob("*.sh")]
+    texts += [p.read_text() for p in (DEPLOY / "config").glob("*.toml")]
+    found = set()
+    for text in texts:
+        found |= set(re.findall(r"\$\{?((?:TILLER|JUDGE)_[A-Z0-9_]+)", text))
+        found |= set(re.findall(r'"((?:TILLER|JUDGE)_[A-Z0-9_]+)"', text))  # *_env keys
+    return found
+
+
+def ours(names: Iterable[object]) -> set[str]:
+    """The TILLER_/JUDGE_ names among ``names``."""
+    return {n for n in names if isinstance(n, str) and n.startswith(("TILLER_", "JUDGE_"))}

@@ -12,7 +12,7 @@ import jsonschema
 import pytest
 import yaml
 
-from .files import DEPLOY, ENTRYPOINTS, entrypoint_name
+from .files import DEPLOY, ENTRYPOINTS, entrypoint_name, known_settings, ours
 
 SCHEMA = json.loads((DEPLOY / "schemas" / "compose-spec.json").read_text())
 FILES = (DEPLOY / "compose.yaml", DEPLOY / "compose.gpu.yaml")
@@ -102,3 +102,16 @@ def test_gpu_override_names_existing_services(compose: dict[str, Any]) -> None:
     assert {s["build"]["dockerfile"] for s in gpu["services"].values()} == {
         "deploy/docker/Dockerfile.gpu"
     }
+
+
+def test_every_setting_is_read_by_an_entrypoint(compose: dict[str, Any]) -> None:
+    known = known_settings()
+    for path in FILES:
+        for name, service in _load(path)["services"].items():
+            unknown = ours(service.get("environment", {})) - known
+            assert not unknown, f"{path.name}: {name} sets {unknown}, which nothing reads"
+
+
+def test_the_settings_check_can_fail() -> None:
+    assert "TILLER_LOG_SHARD" in known_settings()
+    assert "TILLER_LOG_SHRAD" not in known_settings()

@@ -15,7 +15,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from .files import DEPLOY, ENTRYPOINTS, entrypoint_name, tool
+from .files import DEPLOY, ENTRYPOINTS, entrypoint_name, known_settings, ours, tool
 
 K8S = DEPLOY / "k8s"
 KUSTOMIZATIONS = (K8S / "base", K8S / "overlays" / "cpu", K8S / "overlays" / "gpu")
@@ -161,3 +161,17 @@ def test_workers_share_the_server_volume_and_node(built: dict[str, list[dict[str
             )
     learner = _get(base, "Deployment", "tiller-learner")
     assert learner["spec"]["replicas"] == 1  # one publisher; every replica follows the registry
+
+
+@pytest.mark.parametrize("name", IDS)
+def test_every_setting_is_read_by_an_entrypoint(
+    built: dict[str, list[dict[str, Any]]], name: str
+) -> None:
+    known = known_settings()
+    objs = built[name]
+    configmap = _get(objs, "ConfigMap", _configmap_name(objs))
+    assert not ours(configmap["data"]) - known
+    for d in (o for o in objs if o["kind"] == "Deployment"):
+        for c in d["spec"]["template"]["spec"]["containers"]:
+            unknown = ours(e["name"] for e in c.get("env", [])) - known
+            assert not unknown, f"{d['metadata']['name']} sets {unknown}, which nothing reads"
