@@ -23,7 +23,7 @@ import json
 import re
 import tomllib
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +106,7 @@ def load_tokens(path: Path) -> tuple[TokenGrant, ...]:
     return grants
 
 
-def bearer(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
+def bearer(metadata: Iterable[Any] | None) -> str | None:
     """The token of an ``authorization: Bearer <token>`` header, or None."""
     for key, value in metadata or ():
         if key.lower() == "authorization":

@@ -15,7 +15,7 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -36,6 +36,7 @@ _GUARDED_PREFIX = "/tiller.v1."
 _GENERATE = ("/tiller.v1.Tiller/Generate", "/tiller.v1.Tiller/GenerateStream")
 
 Decode = Callable[[bytes], Any]
+T = TypeVar("T")
 
 
 class _Rpc:
@@ -114,8 +115,51 @@ class _Rpc:
             )
 
 
-def _expired(what: str, cap: float | None) -> DeadlineExceeded:
-    return DeadlineExceeded(f"{what} ran past the server's request time cap of {cap}s")
+class _Watchdog:
+    """The server's cap on one RPC's duration, with one timer per RPC.
+
+    At the deadline, if the RPC is waiting on the servicer (``wait``), its task is cancelled
+    there, so the servicer's cleanup runs (the engine request is aborted) and ``wait`` raises
+    ``DeadlineExceeded``; if it is elsewhere (grpc writing a chunk), the next ``wait`` raises.
+    """
+
+    def __init__(self, method: str, cap: float | None) -> None:
+        self.method = method
+        self.cap = cap
+        self.expired = self.fired = self.waiting = False
+        self.handle: asyncio.TimerHandle | None = None
+        if cap is not None:
+            self.task = asyncio.current_task()
+            loop = asyncio.get_running_loop()
+            self.handle = loop.call_at(loop.time() + cap, self._fire)
+
+    def _fire(self) -> None:
+        self.expired = True
+        if self.waiting and self.task is not None:
+            self.fired = True
+            self.task.cancel()
+
+    def _error(self) -> DeadlineExceeded:
+        return DeadlineExceeded(
+            f"{self.method} ran past the server's request time cap of {self.cap}s"
+        )
+
+    async def wait(self, awaitable: Awaitable[T]) -> T:
+        if self.expired:
+            raise self._error()
+        self.waiting = True
+        try:
+            return await awaitable
+        except asyncio.CancelledError:
+            if self.fired and self.task is not None and self.task.uncancel() == 0:
+                raise self._error() from None
+            raise
+        finally:
+            self.waiting = False
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
 
 
 class Edge(grpc.aio.ServerInterceptor):
@@ -134,46 +178,46 @@ class Edge(grpc.aio.ServerInterceptor):
         self.auth = auth
         self.max_request_s = max_request_s
         self.metrics = metrics
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}  # wrapped once per method
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
         method = details.method
+        wrapped = self._handlers.get(method)
+        if wrapped is not None:
+            return wrapped
+        handler = await continuation(details)
         if handler is None or not method.startswith(_GUARDED_PREFIX):
             return handler
-        token = bearer(details.invocation_metadata)
         decode = handler.request_deserializer or (lambda raw: raw)
         if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary(method, token, decode, handler.unary_unary),
+            wrapped = grpc.unary_unary_rpc_method_handler(
+                self._unary(method, decode, handler.unary_unary),
                 response_serializer=handler.response_serializer,
             )
-        if handler.unary_stream is not None and inspect.isasyncgenfunction(handler.unary_stream):
-            return grpc.unary_stream_rpc_method_handler(
-                self._stream(method, token, decode, handler.unary_stream),
+        elif handler.unary_stream is not None and inspect.isasyncgenfunction(handler.unary_stream):
+            wrapped = grpc.unary_stream_rpc_method_handler(
+                self._stream(method, decode, handler.unary_stream),
                 response_serializer=handler.response_serializer,
             )
-        return handler  # client-streaming RPCs: none in the Tiller API
+        else:
+            return handler  # client-streaming RPCs: none in the Tiller API
+        self._handlers[method] = wrapped
+        return wrapped
 
     def _unary(
-        self, method: str, token: str | None, decode: Decode, inner: Callable[..., Any]
+        self, method: str, decode: Decode, inner: Callable[..., Any]
     ) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[Any]]:
         async def behavior(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
             rpc = _Rpc(self, method, context)
+            watchdog = _Watchdog(method, self.max_request_s)
             try:
                 try:
-                    request = rpc.admit(token, raw, decode)
-                    timeout = asyncio.timeout_at(rpc.deadline())
-                    try:
-                        async with timeout:
-                            response = await inner(request, context)
-                    except TimeoutError:
-                        if not timeout.expired():
-                            raise
-                        raise _expired(method, self.max_request_s) from None
+                    request = rpc.admit(_token(context), raw, decode)
+                    response = await watchdog.wait(inner(request, context))
                 except TillerError as e:
                     await rpc.fail(e)
                 if self.metrics is not None:
@@ -184,42 +228,34 @@ class Edge(grpc.aio.ServerInterceptor):
                     rpc.failed(e)
                 raise
             finally:
+                watchdog.close()
                 rpc.finish()
 
         return behavior
 
     def _stream(
-        self, method: str, token: str | None, decode: Decode, inner: Callable[..., Any]
+        self, method: str, decode: Decode, inner: Callable[..., Any]
     ) -> Callable[[bytes, grpc.aio.ServicerContext], AsyncIterator[Any]]:
         async def behavior(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             rpc = _Rpc(self, method, context)
+            watchdog = _Watchdog(method, self.max_request_s)
             metrics = self.metrics
-            first = True
+            tokens = 0
             try:
                 try:
-                    request = rpc.admit(token, raw, decode)
-                    deadline = rpc.deadline()
+                    request = rpc.admit(_token(context), raw, decode)
                     chunks = inner(request, context)
                     try:
                         while True:
-                            # Bound the wait for each chunk, never the write of one: a timeout
-                            # must fire inside the servicer (which aborts the engine request).
-                            timeout = asyncio.timeout_at(deadline)
                             try:
-                                async with timeout:
-                                    chunk = await anext(chunks)
+                                chunk = await watchdog.wait(anext(chunks))
                             except StopAsyncIteration:
                                 break
-                            except TimeoutError:
-                                if not timeout.expired():
-                                    raise
-                                raise _expired(method, self.max_request_s) from None
                             if metrics is not None:
                                 n = completion_tokens(chunk)
-                                if n and first:
+                                if n and not tokens:
                                     metrics.first_chunk.observe(time.perf_counter() - rpc.start)
-                                    first = False
-                                metrics.tokens.inc(n)
+                                tokens += n
                             yield chunk
                     finally:
                         await chunks.aclose()
@@ -230,6 +266,13 @@ class Edge(grpc.aio.ServerInterceptor):
                     rpc.failed(e)
                 raise
             finally:
+                watchdog.close()
+                if metrics is not None and tokens:
+                    metrics.tokens.inc(tokens)
                 rpc.finish()
 
         return behavior
+
+
+def _token(context: grpc.aio.ServicerContext) -> str | None:
+    return bearer(context.invocation_metadata())
