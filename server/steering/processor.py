@@ -65,8 +65,17 @@ class LoadedHeads:
 
     def mix(self, x: torch.Tensor, h: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
         """Σ_j λ_j·h·W_jᵀ for rows ``x`` = h·W_0ᵀ [n, V], hidden ``h`` [n, H], ``lam`` [n, k]."""
+        c = (lam @ self.shared).unsqueeze(1)
+        if self.full_W is None and bool((c > 0).all()):
+            # Fast path (two passes over the rows): c > 0 keeps -inf at -inf by itself.
+            out = x * c
+            if self.lowrank_A is not None:
+                assert self.lowrank_B is not None and self.lowrank_owner is not None
+                z = (h @ self.lowrank_A.T) * lam[:, self.lowrank_owner]
+                out = torch.addmm(out, z, self.lowrank_B.T)
+            return out
         forbidden = torch.isneginf(x)
-        out = x.masked_fill(forbidden, 0.0) * (lam @ self.shared).unsqueeze(1)
+        out = x.masked_fill(forbidden, 0.0) * c
         if self.lowrank_A is not None:
             assert self.lowrank_B is not None and self.lowrank_owner is not None
             z = (h @ self.lowrank_A.T) * lam[:, self.lowrank_owner]

@@ -130,3 +130,24 @@ def test_difference_of_two_heads(tmp_path: Path, tiny_model: Path) -> None:
     assert full.heads[1].kind == "lowrank"
     w0 = base_head(tiny_model)
     assert w0.shape == (read_heads(a).vocab_size, read_heads(a).hidden_size)
+
+
+def test_low_rank_fast_path_keeps_forbidden_tokens(tmp_path: Path) -> None:
+    """Without full heads and with a positive W_0 coefficient the mix takes its fast path."""
+    from tiller.server.steering.processor import LoadedHeads
+
+    g = torch.Generator().manual_seed(2)
+    specs = (SPECS[0], SPECS[1])
+    t = {"help.A": torch.randn(2, H, generator=g), "help.B": torch.randn(V, 2, generator=g)}
+    heads = LoadedHeads.load(
+        save_heads(tmp_path / "lr", HeadsManifest("m", H, V, specs), t), torch.device("cpu")
+    )
+    w0, h = torch.randn(V, H, generator=g), torch.randn(2, H, generator=g)
+    x = h @ w0.T
+    x[1, 3] = float("-inf")
+    lam = torch.tensor([[1.0, 0.0], [-0.5, 1.5]])
+    got = heads.mix(x.clone(), h, lam)
+    assert torch.equal(got[0], x[0])
+    want = -0.5 * (h[1] @ w0.T) + 1.5 * (h[1] @ (w0 + t["help.B"] @ t["help.A"]).T)
+    want[3] = float("-inf")
+    torch.testing.assert_close(got[1], want, rtol=1e-5, atol=1e-5)
