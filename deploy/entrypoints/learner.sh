@@ -9,4 +9,6 @@ template=${TILLER_LEARN_CONFIG:-$TILLER_CONFIG_DIR/learn.toml}
 export TILLER_ADAPTER=${TILLER_ADAPTER:-steer}
 mkdir -p "$TILLER_REGISTRY" "$TILLER_LEARN_WORKDIR"
 config=$(render "$template" learn.toml)
+# glibc otherwise keeps freed activation buffers: 6.7 vs 3.7 GiB peak RSS (bench/learner_memory.py)
+export MALLOC_MMAP_THRESHOLD_="${MALLOC_MMAP_THRESHOLD_:-131072}"
 exec tiller learn --config "$config" --no-progress "$@"

@@ -6,6 +6,8 @@ import asyncio
 import logging
 import os
 import signal
+import sys
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -64,6 +66,12 @@ def learn(
         config = replace(config, max_iterations=max_iterations)
     done = asyncio.run(_main(config, progress=not no_progress))
     click.echo(f"{done} iterations recorded", err=True)
+    if any(t.name == "tiller-train" for t in threading.enumerate()):
+        # Stopped mid-training: the checkpoints hold the run and the next start resumes it.
+        # Leave now; tearing the interpreter down under a running torch thread aborts.
+        click.echo("stopped during training; the next start resumes from its checkpoint", err=True)
+        sys.stderr.flush()
+        os._exit(0)
 
 
 @learn.command()

@@ -110,6 +110,51 @@ def test_align_runs_the_loop_and_leaves_a_report(tiny_model: Path, tmp_path: Pat
     assert _alive_with(str(run_dir)) == []  # no orphans
 
 
+JUDGED = (
+    QUICK.replace('name = "quick"', 'name = "judged"')
+    .replace(
+        "[server]",
+        '[judge]\nmodel = "{model}"\nargs = ["--max-model-len", "1024", "--dtype", "float32"]'
+        "\n[server]",
+    )
+    .replace(
+        "[learner]\n",
+        '[[annotator.providers]]\nname = "judge"\ntype = "llm_judge"\nmode = "pairwise"\n'
+        'base_url = "judge"\nmodel = "judge"\nmax_tokens = 1\n[learner]\n',
+    )
+    .replace('source = "score"\nprovider = "len"', 'source = "judge"\nprovider = "judge"')
+    .replace("min_annotations = 8", "min_annotations = 6")  # 6 pairs per iteration
+    .replace("max_iterations = 2", "max_iterations = 3")  # ties are dropped: data may take 2
+)
+
+
+def test_align_with_a_real_llm_judge(tiny_model: Path, tmp_path: Path) -> None:
+    """vLLM's OpenAI server on the tiny model judges the pairs (both orders); the learner trains
+    DPO on its verdicts: the LLM-judge path end to end."""
+    (tmp_path / "prompts.txt").write_text("\n".join(f"p{i} q{i}" for i in range(6)) + "\n")
+    config = tmp_path / "judged.toml"
+    config.write_text(JUDGED.format(model=tiny_model))
+    proc = subprocess.run(
+        [sys.executable, "-m", "tiller.client.cli", "align", "--config", str(config),
+         "--run-dir", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert "promoted" in [i["status"] for i in report["iterations"]]
+    learner = json.loads((tmp_path / "run" / "learner.json").read_text())
+    assert learner["data"]["source"] == "judge"
+    from tiller.server.logstore import connect
+
+    db = connect(tmp_path / "run" / "log.sqlite")
+    verdicts = db.execute(
+        "SELECT count(*) FROM annotations WHERE provider = 'judge' AND error = ''"
+    ).fetchone()[0]
+    assert verdicts >= 2  # pairwise verdicts from the live judge fed the iteration
+    assert "stopped judge" in proc.stderr
+    assert _alive_with(str(tmp_path / "run")) == []
+
+
 def test_align_config_is_checked_before_anything_starts(tmp_path: Path) -> None:
     data = {
         "name": "x",
