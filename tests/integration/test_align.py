@@ -211,6 +211,9 @@ def test_supervisor_stops_grandchildren_and_children_die_with_it(tmp_path: Path)
         time.sleep(0.1)
     assert len(_alive_with(marker)) == 2
     sup.stop_all()
+    deadline = time.monotonic() + 10  # SIGKILL to the group is delivered asynchronously
+    while _alive_with(marker) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert _alive_with(marker) == []
 
     # kill -9 of the supervisor: the kernel's parent-death signal stops its children.
