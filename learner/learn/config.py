@@ -9,6 +9,7 @@ Example (paths relative to the file's directory)::
     model = "models/smollm2"         # base model directory (HF format)
     base_model = "SmolLM2-135M-Instruct"
     server = "127.0.0.1:50051"       # for active sampling and the gate (admin RPCs)
+    admin_server = "127.0.0.1:50052" # optional: where admin RPCs go (tiller serve --admin-port)
 
     [trigger]                        # train on N new annotations or after T seconds
     min_annotations = 64
@@ -146,6 +147,7 @@ class LearnConfig:
     data: DataConfig
     trigger: TriggerConfig = field(default_factory=TriggerConfig)
     server: str = ""
+    admin_server: str = ""  # admin RPCs' address when the server has --admin-port ("" = server)
     token: str | None = None
     sample: SampleConfig | None = None
     gate: GateConfig | None = None
@@ -232,6 +234,7 @@ def parse_config(data: Mapping[str, Any], base: Path, env: Mapping[str, str]) ->
         data=_build(DataConfig, d.pop("data", {}), "data"),
         trigger=_build(TriggerConfig, d.pop("trigger", {}), "trigger"),
         server=str(d.pop("server", "")),
+        admin_server=str(d.pop("admin_server", "")),
         token=env.get(token_env) if token_env else None,
         sample=sample,
         gate=gate,

@@ -246,6 +246,7 @@ class Learner:
         self.report = report
         self.progress = progress
         self._client: AsyncClient | None = None
+        self._admin: AsyncClient | None = None
 
     # -------------------------------------------------------------------- server calls
 
@@ -255,9 +256,19 @@ class Learner:
             self._client = AsyncClient(self.cfg.server, token=self.cfg.token, timeout=300.0)
         return self._client
 
+    @property
+    def admin(self) -> AsyncClient:
+        """Admin calls go to ``admin_server`` when the server serves admin on its own port."""
+        if not self.cfg.admin_server:
+            return self.client
+        if self._admin is None:
+            self._admin = AsyncClient(self.cfg.admin_server, token=self.cfg.token, timeout=300.0)
+        return self._admin
+
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.close()
+        for c in (self._client, self._admin):
+            if c is not None:
+                await c.close()
 
     async def sample(self, iteration: int, now: Served) -> int:
         s = self.cfg.sample
@@ -302,9 +313,9 @@ class Learner:
         g = self.cfg.gate
         assert g is not None
         name = self.cfg.adapter + CANDIDATE_SUFFIX
-        await self.client.load_adapter(name, str(cand))
+        await self.admin.load_adapter(name, str(cand))
         # Activating the candidate name retires its older candidates (memory stays bounded).
-        await self.client.activate_adapter(name, iteration)
+        await self.admin.activate_adapter(name, iteration)
         candidate = Side(name, iteration)
         incumbent = (
             Side(self.cfg.adapter, now.version)

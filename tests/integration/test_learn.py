@@ -249,6 +249,7 @@ def test_config_file_round_trip(tmp_path: Path) -> None:
         "adapter": "critic",
         "base_model": "tiny",
         "server": "127.0.0.1:1",
+        "admin_server": "127.0.0.1:2",
         "sample": {"prompts_file": "prompts.txt", "n": 3},
         "data": {"kind": "pairs", "source": "judge", "provider": "j"},
         "train": {"objective": "dpo", "objective_config": {"beta": 0.2}, "lora_r": 8},
@@ -259,7 +260,7 @@ def test_config_file_round_trip(tmp_path: Path) -> None:
     }
     cfg = parse_config(data, tmp_path, {"K": "secret"})
     assert cfg.sample is not None and cfg.sample.prompts == ("a", "b") and cfg.sample.n == 3
-    assert cfg.db == tmp_path / "log.sqlite"
+    assert cfg.db == tmp_path / "log.sqlite" and cfg.admin_server == "127.0.0.1:2"
     assert cfg.train.loss_config.beta == 0.2  # type: ignore[union-attr]
     assert (
         cfg.gate is not None and cfg.gate.judge is not None and cfg.gate.judge.api_key == "secret"
