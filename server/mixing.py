@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, process_dict_updates
 
 EXTRA_KEY = "tiller_mix"
 
@@ -40,6 +40,20 @@ def mix_rows(logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     banned = torch.isinf(logp).any(dim=0)
     mixed = (weights.view(-1, 1) * logp.masked_fill(torch.isinf(logp), 0.0)).sum(dim=0)
     return mixed.masked_fill(banned, float("-inf"))
+
+
+def _member(params: Any, _prompt: Any, output_ids: list[int]) -> _Member | None:
+    """A row's mixing state (``output_ids`` is vLLM's live list), or None if it does not mix."""
+    spec = (params.extra_args or {}).get(EXTRA_KEY) if params else None
+    if spec is None:
+        return None
+    return _Member(
+        str(spec["group"]),
+        int(spec["member"]),
+        int(spec["size"]),
+        float(spec["weight"]),
+        output_ids,
+    )
 
 
 class FeedbackMixProcessor(LogitsProcessor):
@@ -63,28 +77,7 @@ class FeedbackMixProcessor(LogitsProcessor):
         return False
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
-        if batch_update is None:
-            return
-        for index in batch_update.removed:
-            self._rows.pop(index, None)
-        for index, params, _prompt, output_ids in batch_update.added:
-            spec = (params.extra_args or {}).get(EXTRA_KEY) if params else None
-            if spec is None:
-                self._rows.pop(index, None)
-                continue
-            self._rows[index] = _Member(
-                str(spec["group"]),
-                int(spec["member"]),
-                int(spec["size"]),
-                float(spec["weight"]),
-                output_ids,
-            )
-        for a, b, direction in batch_update.moved:
-            ra, rb = self._rows.pop(a, None), self._rows.pop(b, None)
-            if ra is not None:
-                self._rows[b] = ra
-            if direction == MoveDirectionality.SWAP and rb is not None:
-                self._rows[a] = rb
+        process_dict_updates(self._rows, batch_update, _member)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if not self._rows:

@@ -35,12 +35,14 @@ from __future__ import annotations
 import copy
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ..annotate.config import build_section
 from ..annotate.config import parse_config as parse_annotator
 from ..learn.config import parse_config as parse_learner
+from ..learn.config import with_prompts
 
 JUDGE_URL = "judge"  # placeholder base_url of providers that use the [judge] server
 
@@ -91,15 +93,6 @@ class AlignConfig:
         return str(self.learner["adapter"])
 
 
-def _lines(path: Path) -> tuple[str, ...]:
-    return tuple(s for s in (line.strip() for line in path.read_text().splitlines()) if s)
-
-
-def _absolute_prompts(section: dict[str, Any], base: Path) -> None:
-    if "prompts_file" in section:
-        section["prompts"] = list(_lines(base / str(section.pop("prompts_file"))))
-
-
 def learner_section(
     cfg: AlignConfig, *, db: Path, registry: Path, workdir: Path, model: Path, server: str
 ) -> dict[str, Any]:
@@ -107,7 +100,7 @@ def learner_section(
     out = copy.deepcopy(dict(cfg.learner))
     for name in ("sample", "gate"):
         if name in out:
-            _absolute_prompts(out[name], cfg.base)
+            out[name] = with_prompts(out[name], cfg.base, f"learner.{name}")
     out.update(
         db=str(db), registry=str(registry), workdir=str(workdir), model=str(model), server=server
     )
@@ -136,15 +129,7 @@ def parse_config(data: Mapping[str, Any], base: Path) -> AlignConfig:
     judge = d.pop("judge", None)
     ev = d.pop("eval", None)
     if ev is not None:
-        ev = dict(ev)
-        _absolute_prompts(ev, base)
-        known = {f.name for f in fields(EvalConfig)}
-        if set(ev) - known:
-            raise ValueError(f"[eval]: unknown keys {sorted(set(ev) - known)}")
-        converted: dict[str, Any] = {
-            k: tuple(v) if isinstance(v, list) else v for k, v in ev.items()
-        }
-        ev = EvalConfig(**converted)
+        ev = build_section(EvalConfig, with_prompts(ev, base, "eval"), "[eval]")
     cfg = AlignConfig(
         name=str(d.pop("name")),
         model=str(d.pop("model", "smollm2")),

@@ -23,6 +23,7 @@ from tiller.client import AsyncClient
 
 from ..annotate.scorers import make_scorer
 from ..learn.gate import distinct_n
+from ..learn.sampling import generate_each
 from .config import EvalConfig
 
 
@@ -72,37 +73,37 @@ def compare(a: Stats, b: Stats) -> dict[str, float]:
 
 
 async def _texts(client: AsyncClient, cond: Condition, cfg: EvalConfig) -> list[tuple[str, str]]:
-    sem = asyncio.Semaphore(16)
-
-    async def one(i: int, prompt: str) -> list[tuple[str, str]]:
-        kw: dict[str, Any] = {
-            "n": cfg.samples,
-            "max_tokens": cfg.max_tokens,
-            "temperature": cfg.temperature,
-            "top_p": cfg.top_p,
-            "repetition_penalty": cfg.repetition_penalty,
-            "seed": cfg.seed + i,
-            "log": False,
-        }
-        if cond.adapter:
-            kw |= {"adapter": cond.adapter, "adapter_version": cond.version}
-        if cond.feedback:
-            kw["feedback"] = cond.feedback
-        async with sem:
-            g = await client.generate(prompt, **kw)
-        return [(prompt, c.text) for c in g.completions]
-
-    rows = await asyncio.gather(*(one(i, p) for i, p in enumerate(cfg.prompts)))
-    return [r for group in rows for r in group]
+    common: dict[str, Any] = {
+        "n": cfg.samples,
+        "max_tokens": cfg.max_tokens,
+        "temperature": cfg.temperature,
+        "top_p": cfg.top_p,
+        "repetition_penalty": cfg.repetition_penalty,
+        "log": False,
+    }
+    if cond.adapter:
+        common |= {"adapter": cond.adapter, "adapter_version": cond.version}
+    if cond.feedback:
+        common["feedback"] = cond.feedback
+    jobs = [(p, common | {"seed": cfg.seed + i}) for i, p in enumerate(cfg.prompts)]
+    texts = await generate_each(client, jobs, 16)
+    return [(p, t) for p, ts in zip(cfg.prompts, texts, strict=True) for t in ts]
 
 
-def perplexity(model_dir: Path, pairs: list[tuple[str, str]]) -> float:
-    """exp(mean NLL per token) of the completions given their prompts under the base model."""
+def load_scoring_model(model_dir: Path) -> tuple[Any, Any]:
+    """(tokenizer, model) of the base model for ``perplexity``; load once per evaluation."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return tok, AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def perplexity(scorer: tuple[Any, Any], pairs: list[tuple[str, str]]) -> float:
+    """exp(mean NLL per token) of the completions given their prompts under the base model."""
+    import torch
+
+    tok, model = scorer
     nll, count = 0.0, 0
     with torch.inference_mode():
         for prompt, text in pairs:
@@ -124,16 +125,15 @@ async def evaluate(
     model_dir: Path | None,
 ) -> list[Stats]:
     scorer = make_scorer(cfg.scorer)
+    base = None
+    if cfg.perplexity and model_dir:
+        base = await asyncio.to_thread(load_scoring_model, model_dir)
     out = []
     for cond in conditions:
         pairs = await _texts(client, cond, cfg)
         scores = [scorer.score(t) for _, t in pairs]
         m, ci = mean_ci(scores)
-        ppl = (
-            await asyncio.to_thread(perplexity, model_dir, pairs)
-            if cfg.perplexity and model_dir
-            else None
-        )
+        ppl = await asyncio.to_thread(perplexity, base, pairs) if base else None
         out.append(
             Stats(
                 label=cond.label,

@@ -71,17 +71,14 @@ def resolve_model(name: str, base: Path, cache_dir: Path) -> Path:
 
 def _health(target: str, timeout_s: float) -> None:
     import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from tiller.client.health import SERVING, check
 
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            with grpc.insecure_channel(target) as ch:
-                resp = health_pb2_grpc.HealthStub(ch).Check(
-                    health_pb2.HealthCheckRequest(service=""), timeout=10
-                )
-                if resp.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
+            if check(target, timeout=10) == SERVING:
+                return
         except grpc.RpcError:
             pass
         if time.monotonic() > deadline:

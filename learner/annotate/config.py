@@ -42,7 +42,9 @@ class AnnotatorConfig:
     retry_delay_s: float = 5.0
 
 
-def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
+def build_section(cls: type, data: Mapping[str, Any], where: str) -> Any:
+    """``cls(**data)`` for a config dataclass: unknown keys are a ``ValueError`` naming
+    ``where`` and the allowed keys; lists become tuples; ``template_path`` is expanded."""
     known = {f.name for f in fields(cls)}
     unknown = set(data) - known
     if unknown:
@@ -66,13 +68,13 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str]) -> AnnotatorCo
             key_env = p.pop("api_key_env", None)
             if key_env:
                 p["api_key"] = env.get(key_env, "unused")
-            providers.append(_build(JudgeConfig, p, where))
+            providers.append(build_section(JudgeConfig, p, where))
         elif kind == "quantile":
             p["provider_name"] = p.pop("name")
-            providers.append(_build(QuantileConfig, p, where))
+            providers.append(build_section(QuantileConfig, p, where))
         elif kind == "score":
             p["provider_name"] = p.pop("name")
-            providers.append(_build(ScoreConfig, p, where))
+            providers.append(build_section(ScoreConfig, p, where))
         else:
             raise ValueError(f"{where}: type {kind!r} is not one of llm_judge, quantile, score")
     if not providers:

@@ -51,6 +51,7 @@ from .pairs import (
     count_skip,
     generations_by_id,
     judge_rows,
+    keep,
     pair_from_verdict,
 )
 
@@ -147,10 +148,7 @@ def cdf_pairs(
             source_prefix=f"cdf:hard:{cfg.preference_provider}",
             allow_truncated=cfg.allow_truncated,
         )
-        if isinstance(p, str):
-            count_skip(skipped, p)
-        else:
-            out.append(p)
+        keep(out, p, skipped)
     return out
 
 

@@ -43,7 +43,7 @@ import sqlite_utils
 
 from ..annotate.base import GenerationView
 from .examples import PreferencePair
-from .pairs import annotation_values, count_skip, generations_by_id, make_pair
+from .pairs import annotation_values, count_skip, generations_by_id, keep, make_pair
 
 Weights = tuple[tuple[str, float], ...]
 
@@ -125,8 +125,5 @@ def cmpo_pairs(
                         attribute_weights=weights,
                         allow_truncated=allow_truncated,
                     )
-                    if isinstance(p, str):
-                        count_skip(skipped, p)
-                    else:
-                        out.append(p)
+                    keep(out, p, skipped)
     return out

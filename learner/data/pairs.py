@@ -89,6 +89,14 @@ def count_skip(skipped: Counter[str] | None, reason: str, n: int = 1) -> None:
         skipped[reason] += n
 
 
+def keep(out: list[PreferencePair], p: PreferencePair | str, skipped: Counter[str] | None) -> None:
+    """Append a pair, or count the reason (a ``make_pair`` slug) it could not be one."""
+    if isinstance(p, str):
+        count_skip(skipped, p)
+    else:
+        out.append(p)
+
+
 def make_pair(
     chosen: GenerationView,
     rejected: GenerationView,
@@ -179,15 +187,12 @@ def judge_pairs(
 ) -> list[PreferencePair]:
     """Pairs from ``provider``'s pairwise verdicts (module docstring). Source:
     ``judge:<provider>:<chosen id>><rejected id>``."""
-    out = []
+    out: list[PreferencePair] = []
     for a, b, value in judge_rows(db, provider):
         p = pair_from_verdict(
             a, b, value, source_prefix=f"judge:{provider}", allow_truncated=allow_truncated
         )
-        if isinstance(p, str):
-            count_skip(skipped, p)
-        else:
-            out.append(p)
+        keep(out, p, skipped)
     return out
 
 
@@ -227,7 +232,7 @@ def score_pairs(
     groups: dict[str, list[GenerationView]] = {}
     for g in sorted(gens.values(), key=lambda g: g.seq):
         groups.setdefault(g.group_id, []).append(g)
-    out = []
+    out: list[PreferencePair] = []
     for members in groups.values():
         members.sort(key=lambda g: g.sample_index)
         if pairing == "best_worst":
@@ -247,10 +252,7 @@ def score_pairs(
                 source=f"score:{provider}:{chosen.id}>{rejected.id}",
                 allow_truncated=allow_truncated,
             )
-            if isinstance(p, str):
-                count_skip(skipped, p)
-            else:
-                out.append(p)
+            keep(out, p, skipped)
     return out
 
 
@@ -277,7 +279,7 @@ def feedback_pairs(
         else:
             first[key] = str(fb_id)
     gens = generations_by_id(db, (i for key in first for i in key))
-    out = []
+    out: list[PreferencePair] = []
     for (chosen_id, rejected_id), fb_id in first.items():
         if (rejected_id, chosen_id) in first:
             count_skip(skipped, "contradictory")
@@ -287,8 +289,5 @@ def feedback_pairs(
             count_skip(skipped, "missing_generation")
             continue
         p = make_pair(chosen, rejected, source=f"feedback:{fb_id}", allow_truncated=allow_truncated)
-        if isinstance(p, str):
-            count_skip(skipped, p)
-        else:
-            out.append(p)
+        keep(out, p, skipped)
     return out

@@ -46,10 +46,11 @@ from __future__ import annotations
 import json
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ..annotate.config import build_section
 from ..annotate.judge import JudgeConfig
 from ..trainer import OBJECTIVES, TrainConfig
 from .gate import GateConfig
@@ -164,19 +165,12 @@ class LearnConfig:
             raise ValueError(f"data.kind 'pairs' cannot train objective {self.train.objective!r}")
 
 
-def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
-    known = {f.name for f in fields(cls)}
-    unknown = set(data) - known
-    if unknown:
-        raise ValueError(f"[{where}]: unknown keys {sorted(unknown)}; allowed: {sorted(known)}")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
-
-
 def _lines(path: Path) -> tuple[str, ...]:
     return tuple(s for s in (line.strip() for line in path.read_text().splitlines()) if s)
 
 
-def _prompts(raw: dict[str, Any], base: Path, where: str) -> dict[str, Any]:
+def with_prompts(raw: Mapping[str, Any], base: Path, where: str) -> dict[str, Any]:
+    """``raw`` with ``prompts_file`` (relative to ``base``) read into ``prompts``."""
     out = dict(raw)
     if "prompts_file" in out:
         if "prompts" in out:
@@ -191,13 +185,13 @@ def _train(raw: Mapping[str, Any], base: Path) -> TrainConfig:
     if objective not in OBJECTIVES:
         raise ValueError(f"[train]: objective {objective!r} is not one of {sorted(OBJECTIVES)}")
     if "objective_config" in t:
-        t["objective_config"] = _build(
-            OBJECTIVES[objective], t["objective_config"], "train.objective_config"
+        t["objective_config"] = build_section(
+            OBJECTIVES[objective], t["objective_config"], "[train.objective_config]"
         )
     for key in ("checkpoint_dir", "checkpoint_every"):
         if key in t:
             raise ValueError(f"[train]: {key} is managed by the learner (per iteration)")
-    return _build(TrainConfig, t, "train")
+    return build_section(TrainConfig, t, "[train]")
 
 
 def parse_config(data: Mapping[str, Any], base: Path, env: Mapping[str, str]) -> LearnConfig:
@@ -213,9 +207,11 @@ def parse_config(data: Mapping[str, Any], base: Path, env: Mapping[str, str]) ->
     top = {k: path(k) for k in ("db", "registry", "workdir", "model")}
     sample = gate = None
     if "sample" in d:
-        sample = _build(SampleConfig, _prompts(d.pop("sample"), base, "sample"), "sample")
+        sample = build_section(
+            SampleConfig, with_prompts(d.pop("sample"), base, "sample"), "[sample]"
+        )
     if "gate" in d:
-        g = _prompts(d.pop("gate"), base, "gate")
+        g = with_prompts(d.pop("gate"), base, "gate")
         if "judge" in g:
             j = dict(g["judge"])
             key_env = j.pop("api_key_env", None)
@@ -223,16 +219,16 @@ def parse_config(data: Mapping[str, Any], base: Path, env: Mapping[str, str]) ->
                 j["api_key"] = env.get(key_env, "unused")
             j.setdefault("name", "gate-judge")
             j.setdefault("mode", "pairwise")
-            g["judge"] = _build(JudgeConfig, j, "gate.judge")
-        gate = _build(GateConfig, g, "gate")
+            g["judge"] = build_section(JudgeConfig, j, "[gate.judge]")
+        gate = build_section(GateConfig, g, "[gate]")
     token_env = d.pop("token_env", None)
     cfg = LearnConfig(
         **top,
         adapter=str(d.pop("adapter", "")),
         base_model=str(d.pop("base_model", "")),
         train=_train(d.pop("train", {}), base),
-        data=_build(DataConfig, d.pop("data", {}), "data"),
-        trigger=_build(TriggerConfig, d.pop("trigger", {}), "trigger"),
+        data=build_section(DataConfig, d.pop("data", {}), "[data]"),
+        trigger=build_section(TriggerConfig, d.pop("trigger", {}), "[trigger]"),
         server=str(d.pop("server", "")),
         admin_server=str(d.pop("admin_server", "")),
         token=env.get(token_env) if token_env else None,

@@ -24,7 +24,6 @@ incumbent's; ``win_rate`` at least ``min_win_rate``. The verdict records every n
 
 from __future__ import annotations
 
-import asyncio
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -37,6 +36,7 @@ from tiller.server.prompt import render_text
 from ..annotate.base import GenerationView
 from ..annotate.judge import JudgeConfig, LLMJudge
 from ..annotate.scorers import make_scorer
+from .sampling import generate_each
 
 Metric = Literal["mean", "spread"]
 
@@ -130,9 +130,9 @@ def _tags(cfg: GateConfig) -> tuple[str, ...]:
     return (cfg.high_tag, cfg.low_tag) if cfg.metric == "spread" else (cfg.feedback,)
 
 
-async def _generate(
-    client: AsyncClient, side: Side, tag: str, prompt: str, cfg: GateConfig, index: int
-) -> list[str]:
+def _job(
+    side: Side, tag: str, prompt: str, cfg: GateConfig, index: int
+) -> tuple[str, dict[str, Any]]:
     kw: dict[str, Any] = {
         "n": cfg.samples,
         "max_tokens": cfg.max_tokens,
@@ -148,23 +148,17 @@ async def _generate(
         if side.conditioning is None:
             raise ValueError("the gate needs a conditioning to render tags for the base model")
         prompt = render_text(prompt, tag, side.conditioning)
-    gen = await client.generate(prompt, **kw)
-    return [c.text for c in gen.completions]
+    return prompt, kw
 
 
 async def generate_side(
     client: AsyncClient, side: Side, cfg: GateConfig
 ) -> list[tuple[str, str, str]]:
     """(tag, prompt, text) for every gate prompt × tag × sample, in a stable order."""
-    sem = asyncio.Semaphore(cfg.concurrency)
-    jobs = [(tag, i, p) for tag in _tags(cfg) for i, p in enumerate(cfg.prompts)]
-
-    async def one(tag: str, i: int, prompt: str) -> list[tuple[str, str, str]]:
-        async with sem:
-            return [(tag, prompt, t) for t in await _generate(client, side, tag, prompt, cfg, i)]
-
-    results = await asyncio.gather(*(one(*j) for j in jobs))
-    return [row for rows in results for row in rows]
+    asked = [(tag, i, p) for tag in _tags(cfg) for i, p in enumerate(cfg.prompts)]
+    jobs = [_job(side, tag, p, cfg, i) for tag, i, p in asked]
+    texts = await generate_each(client, jobs, cfg.concurrency)
+    return [(tag, p, t) for (tag, _, p), ts in zip(asked, texts, strict=True) for t in ts]
 
 
 def evaluate(side: Side, texts: Sequence[tuple[str, str, str]], cfg: GateConfig) -> Evaluation:

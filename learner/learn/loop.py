@@ -58,6 +58,7 @@ from ..trainer import TrainResult, train
 from . import runs
 from .config import LearnConfig
 from .gate import Side, Verdict, run_gate
+from .sampling import generate_each
 
 log = logging.getLogger("tiller.learn")
 T = TypeVar("T")
@@ -288,15 +289,11 @@ class Learner:
             if now.manifest is not None and now.manifest.conditioning is not None:
                 tags = (s.feedback,) if isinstance(s.feedback, str) else s.feedback
                 tags = tuple(t for t in tags if t)
-        sem = asyncio.Semaphore(s.concurrency)
-
-        async def one(i: int, p: str) -> int:
-            extra = {"feedback": tags[i % len(tags)]} if tags else {}
-            async with sem:
-                g = await self.client.generate(p, **kw, **extra)
-                return len(g.completions)
-
-        return sum(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
+        jobs = [
+            (p, kw | ({"feedback": tags[i % len(tags)]} if tags else {}))
+            for i, p in enumerate(prompts)
+        ]
+        return sum(len(t) for t in await generate_each(self.client, jobs, s.concurrency))
 
     async def wait_served(self, version: int, timeout_s: float = 120.0) -> float:
         """Seconds until the server's active version of the adapter is ``version``."""
@@ -353,7 +350,7 @@ class Learner:
         self, iteration: int, cursor: int, stop: asyncio.Event
     ) -> runs.IterationRecord:
         cfg = self.cfg
-        started = runs.now()
+        started = time.time()
         now = served(cfg)
         record = partial(
             runs.IterationRecord, adapter=cfg.adapter, iteration=iteration, started_at=started
@@ -386,7 +383,7 @@ class Learner:
                 self.report(f"iteration {iteration}: skipped ({reason}; skipped: {dict(skipped)})")
                 return record(
                     status="skipped",
-                    finished_at=runs.now(),
+                    finished_at=time.time(),
                     annotation_seq=hi,
                     examples=len(data),
                     reason=reason,
@@ -441,7 +438,7 @@ class Learner:
         self.report(f"iteration {iteration}: {status} {cfg.adapter}@v{version}")
         return record(
             status=status,
-            finished_at=runs.now(),
+            finished_at=time.time(),
             annotation_seq=hi,
             examples=len(data),
             steps=result.steps,
@@ -489,7 +486,7 @@ class Learner:
                 if self.cfg.max_iterations is not None and iteration > self.cfg.max_iterations:
                     break
                 cursor = int(last["annotation_seq"]) if last else 0
-                started = runs.now()
+                started = time.time()
                 try:
                     rec = await self._until_stopped(self.iteration(iteration, cursor, stop), stop)
                 except Stopped:
@@ -502,7 +499,7 @@ class Learner:
                         iteration=iteration,
                         status="failed",
                         started_at=started,
-                        finished_at=runs.now(),
+                        finished_at=time.time(),
                         annotation_seq=cursor,
                         reason=f"{type(e).__name__}: {e}",
                     )

@@ -10,7 +10,6 @@ learner carries on after the last recorded iteration.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -59,7 +58,3 @@ def iterations(db: sqlite_utils.Database, adapter: str | None = None) -> list[di
 def last(db: sqlite_utils.Database, adapter: str) -> dict[str, Any] | None:
     rows = iterations(db, adapter)
     return rows[-1] if rows else None
-
-
-def now() -> float:
-    return time.time()

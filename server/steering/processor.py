@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, process_dict_updates
 
 from .handoff import LAST
 from .heads import HeadsManifest, load_tensors, read_heads
@@ -135,28 +135,20 @@ class SteerProcessor(LogitsProcessor):
         return heads
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
-        if batch_update is None:
-            return
-        self._plan = None
-        for index in batch_update.removed:
-            self._rows.pop(index, None)
-        for index, params, _prompt, _output in batch_update.added:
-            spec = (params.extra_args or {}).get(EXTRA_KEY) if params else None
-            if spec is None:
-                self._rows.pop(index, None)
-                continue
-            key, weights = parse_spec(spec)
-            k = len(self._loaded(key).manifest.heads)
-            if len(weights) != k:
-                raise ValueError(f"{EXTRA_KEY}: {len(weights)} weights for {k} heads in {key}")
-            w = torch.tensor(weights, dtype=torch.float32, device=self._device)
-            self._rows[index] = _Row(key, w)
-        for a, b, direction in batch_update.moved:
-            ra, rb = self._rows.pop(a, None), self._rows.pop(b, None)
-            if ra is not None:
-                self._rows[b] = ra
-            if direction == MoveDirectionality.SWAP and rb is not None:
-                self._rows[a] = rb
+        if batch_update is not None:
+            self._plan = None
+            process_dict_updates(self._rows, batch_update, self._row)
+
+    def _row(self, params: Any, _prompt: Any, _output: Any) -> _Row | None:
+        spec = (params.extra_args or {}).get(EXTRA_KEY) if params else None
+        if spec is None:
+            return None
+        key, weights = parse_spec(spec)
+        k = len(self._loaded(key).manifest.heads)
+        if len(weights) != k:
+            raise ValueError(f"{EXTRA_KEY}: {len(weights)} weights for {k} heads in {key}")
+        w = torch.tensor(weights, dtype=torch.float32, device=self._device)
+        return _Row(key, w)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if not self._rows:
