@@ -5,8 +5,9 @@ An iteration:
 
 1. Active mode (``[sample]``): sample prompts from the pool through the server, logged, with
    the version being served (and its feedback tag when it has a conditioning).
-2. Wait until ``trigger.min_annotations`` new annotations of the data's provider arrived (or
-   ``max_interval_s`` passed with at least one).
+2. Wait until ``trigger.min_annotations`` new annotations of the data's provider arrived and,
+   in active mode, every generation this iteration sampled has been labelled by it (or
+   ``max_interval_s`` passed with at least one new annotation).
 3. Build the dataset (``DataConfig``); fewer than ``trigger.min_examples`` examples → the
    iteration is recorded as ``skipped`` and the next one starts (sampling again).
 4. Train a LoRA (continuing the active version's adapter when ``continue_training``), with
@@ -108,6 +109,21 @@ def new_annotations(db: sqlite_utils.Database, cfg: LearnConfig, after: int) -> 
         args = [after, cfg.data.provider]
     n, hi = db.execute(sql, args).fetchone()
     return int(n), int(hi) if hi is not None else after
+
+
+def unlabelled(db: sqlite_utils.Database, provider: str, after_seq: int, upto_seq: int) -> int:
+    """How many generations logged with ``after_seq < seq <= upto_seq`` have no annotation
+    (a label or an error) of ``provider`` yet, as either side of a pairwise judgement."""
+    sql = (
+        "SELECT count(*) FROM generations g WHERE g.seq > ? AND g.seq <= ? AND NOT EXISTS ("
+        "SELECT 1 FROM annotations a WHERE a.provider = ? "
+        "AND (a.generation_id = g.id OR a.generation_id_b = g.id))"
+    )
+    return int(db.execute(sql, [after_seq, upto_seq, provider]).fetchone()[0])
+
+
+def last_generation_seq(db: sqlite_utils.Database) -> int:
+    return int(db.execute("SELECT coalesce(max(seq), 0) FROM generations").fetchone()[0])
 
 
 def _pair_ids(p: PreferencePair) -> tuple[str, str] | None:
@@ -323,11 +339,20 @@ class Learner:
 
     # -------------------------------------------------------------------- one iteration
 
-    async def wait_for_trigger(self, cursor: int, since: float, stop: asyncio.Event) -> int:
+    async def wait_for_trigger(
+        self, cursor: int, since: float, stop: asyncio.Event, sampled: tuple[int, int] | None
+    ) -> int:
+        """The annotation seq to train up to, once the trigger fired. ``sampled``: the seq
+        range of this iteration's own generations, which must all be labelled first (a
+        dataset built from half of them would be small and, after on-policy filtering,
+        often empty)."""
         t = self.cfg.trigger
         while not stop.is_set():
             n, hi = new_annotations(self.db, self.cfg, cursor)
-            if n >= t.min_annotations or (n > 0 and time.time() - since >= t.max_interval_s):
+            ready = n >= t.min_annotations and (
+                sampled is None or unlabelled(self.db, self.cfg.data.provider, *sampled) == 0
+            )
+            if ready or (n > 0 and time.time() - since >= t.max_interval_s):
                 return hi
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), t.poll_s)
@@ -366,14 +391,18 @@ class Learner:
             )
             self.report(f"iteration {iteration}: resuming with its {len(data)} frozen examples")
         else:
+            sampled = None
             if cfg.sample is not None:
+                before = last_generation_seq(self.db)
                 n = await self.sample(iteration, now)
                 self.report(
                     f"iteration {iteration}: sampled {n} generations from {_label(cfg, now)}"
                 )
+                if cfg.data.source != "feedback":  # app feedback arrives on its own time
+                    sampled = (before, last_generation_seq(self.db))
             last = runs.last(self.db, cfg.adapter)
             since = float(last["finished_at"]) if last else started
-            hi = await self.wait_for_trigger(cursor, since, stop)
+            hi = await self.wait_for_trigger(cursor, since, stop, sampled)
             if stop.is_set():
                 raise Stopped
             skipped = Counter()

@@ -537,3 +537,26 @@ def test_jsonl_sft_weight_must_be_a_number(tmp_path: Path) -> None:
     path.write_text('{"prompt": "p", "completion": "c", "weight": true}\n')
     with pytest.raises(JsonlError, match=r"s\.jsonl:1: field 'weight' must be a finite number"):
         load_sft(path)
+
+
+def test_unlabelled_counts_generations_without_the_providers_label(
+    db: sqlite_utils.Database,
+) -> None:
+    from tiller.learner.learn.loop import last_generation_seq, unlabelled
+
+    assert last_generation_seq(db) == 0
+    gen(db, "u0", "before")  # logged before the range: never counted
+    lo = last_generation_seq(db)
+    for i in range(1, 5):
+        gen(db, f"u{i}", f"o{i}", group="U", index=i)
+    hi = last_generation_seq(db)
+    assert hi == lo + 4
+    assert unlabelled(db, "rm", lo, hi) == 4
+    annotate(db, tag("u1", "Good"), tag("u2", None, error="rm down"))  # an error is a label too
+    assert unlabelled(db, "rm", lo, hi) == 2
+    pref = Annotation("u3", "judge", "preference", {"winner": "a"}, generation_id_b="u4")
+    annotate(db, pref)
+    assert unlabelled(db, "judge", lo, hi) == 2  # u3 as side a, u4 as side b; u1, u2 not
+    assert unlabelled(db, "rm", lo, hi) == 2  # another provider's label does not count
+    annotate(db, tag("u3", "Bad"), tag("u4", "Good"))
+    assert unlabelled(db, "rm", lo, hi) == 0
