@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tiller.learner.align.config import parse_config
+from tiller.learner.align.config import load_config, parse_config
 from tiller.learner.align.supervisor import ChildFailed, ChildSpec, Supervisor
 
 QUICK = """
@@ -176,6 +176,15 @@ def test_align_config_is_checked_before_anything_starts(tmp_path: Path) -> None:
     for bad, needle in bad_cases:
         with pytest.raises(ValueError, match=needle):
             parse_config(bad, tmp_path)
+
+
+SHIPPED = sorted((Path(__file__).parents[2] / "deploy" / "align").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_shipped_align_configs_load(path: Path) -> None:
+    cfg = load_config(path)
+    assert cfg.name == path.stem and cfg.model == "smollm2" and cfg.duration_s <= 1200
 
 
 def _py(code: str) -> list[str]:
