@@ -7,7 +7,10 @@ Student-t confidence interval, distinct-2, and optionally the perplexity of the 
 under the base model (fluency: a collapsed policy produces text the base finds unlikely, or
 degenerate repeats it finds too likely; both move it away from the base's own value).
 
-``compare`` gives Welch's t-test between two conditions (two-sided p-value).
+``compare`` tests the difference between two conditions. Every condition generates from the
+same prompts with the same per-prompt seeds, so score ``i`` of one condition and score ``i`` of
+another come from the same prompt and seed: the paired t-test on those differences (with a 95%
+interval on the mean difference) is the primary figure; Welch's unpaired test is kept beside it.
 """
 
 from __future__ import annotations
@@ -65,11 +68,23 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
 
 
 def compare(a: Stats, b: Stats) -> dict[str, float]:
-    """Welch's t-test of ``a`` vs ``b`` scores: difference of means and two-sided p-value."""
+    """``a`` − ``b``: the mean paired difference, its 95% half-width and the paired t-test's
+    two-sided ``p``; ``p_welch`` is Welch's unpaired test of the same scores."""
     from scipy import stats
 
-    t = stats.ttest_ind(a.scores, b.scores, equal_var=False)
-    return {"diff": a.mean - b.mean, "t": float(t.statistic), "p": float(t.pvalue)}
+    if len(a.scores) != len(b.scores):
+        raise ValueError(f"{a.label} and {b.label} are not paired: {a.n} vs {b.n} scores")
+    diffs = [x - y for x, y in zip(a.scores, b.scores, strict=True)]
+    diff, ci = mean_ci(diffs)
+    paired = stats.ttest_rel(a.scores, b.scores)
+    welch = stats.ttest_ind(a.scores, b.scores, equal_var=False)
+    return {
+        "diff": diff,
+        "ci95": ci,
+        "t": float(paired.statistic),
+        "p": float(paired.pvalue),
+        "p_welch": float(welch.pvalue),
+    }
 
 
 async def _texts(client: AsyncClient, cond: Condition, cfg: EvalConfig) -> list[tuple[str, str]]:

@@ -352,7 +352,10 @@ def run(cfg: AlignConfig, config_path: Path, root: Path, model: Path, report: An
         report(f"report: {root / 'report.json'}")
         for k, v in (summary.get("eval") or {}).items():
             if k != "conditions":
-                report(f"  {k}: gain {v['gain']:+.4f} (p={v['p']:.2g})")
+                report(
+                    f"  {k}: gain {v['gain']:+.4f} ± {v['ci95']:.4f} "
+                    f"(paired p={v['p']:.2g}, Welch p={v['p_welch']:.2g})"
+                )
         for s in (summary.get("eval") or {}).get("conditions", []):
             ppl = "-" if s["perplexity"] is None else f"{s['perplexity']:.1f}"
             report(
