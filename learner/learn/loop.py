@@ -54,7 +54,7 @@ from ..data.alt import AltConfig, ReplayWindow, build_alt
 from ..data.examples import PreferencePair, SFTExample
 from ..data.jsonl import load_pairs, load_sft, save_pairs, save_sft
 from ..data.pairs import feedback_pairs, generations_by_id, judge_pairs, score_pairs
-from ..publish import Release, promote, publish, read_state, version_path
+from ..publish import Release, list_versions, promote, publish, read_state, version_path
 from ..trainer import TrainResult, train
 from . import runs
 from .config import LearnConfig
@@ -124,6 +124,18 @@ def unlabelled(db: sqlite_utils.Database, provider: str, after_seq: int, upto_se
 
 def last_generation_seq(db: sqlite_utils.Database) -> int:
     return int(db.execute("SELECT coalesce(max(seq), 0) FROM generations").fetchone()[0])
+
+
+def published_by(cfg: LearnConfig, window: dict[str, Any]) -> Path | None:
+    """The version this iteration already published, if a learner killed between publishing and
+    recording it left one: the same iteration number over the same annotation window. Reusing
+    it makes a restarted iteration publish exactly once."""
+    for v in reversed(list_versions(cfg.registry, cfg.adapter)):
+        path = version_path(cfg.registry, cfg.adapter, v)
+        got = load_manifest(path, verify=False).extra.get("data_window", {})
+        if all(got.get(k) == window[k] for k in ("iteration", "annotation_seq")):
+            return path
+    return None
 
 
 def _pair_ids(p: PreferencePair) -> tuple[str, str] | None:
@@ -446,6 +458,7 @@ class Learner:
             objective=cfg.train.objective,
             hyperparameters=_hyperparameters(cfg),
             data_window={
+                "iteration": iteration,
                 "annotation_seq": [cursor, hi],
                 "examples": len(data),
                 "served_version": now.version,
@@ -453,7 +466,11 @@ class Learner:
             },
             metrics=metrics,
         )
-        path = publish(cfg.registry, cfg.adapter, result.adapter_dir, release)
+        path = published_by(cfg, dict(release.data_window))
+        if path is None:
+            path = publish(cfg.registry, cfg.adapter, result.adapter_dir, release)
+        else:
+            self.report(f"iteration {iteration}: already published as {path.name} before a crash")
         version = load_manifest(path).version
         status: runs.Status = "published"
         swap_s = None

@@ -37,7 +37,7 @@ from tiller.learner.learn.config import (
 )
 from tiller.learner.learn.gate import GateConfig
 from tiller.learner.learn.loop import Learner
-from tiller.learner.publish import read_state, version_path
+from tiller.learner.publish import list_versions, read_state, version_path
 from tiller.learner.trainer import TrainConfig
 from tiller.server.logstore import connect
 from tiller.server.manifest import load_manifest
@@ -181,6 +181,30 @@ async def test_failing_gate_publishes_but_does_not_promote(
     assert verdict["passed"] is False and verdict["reasons"]
     with Client(srv.target) as c:
         assert "strict" not in {a.name for a in c.adapters()}
+
+
+async def test_a_crash_between_publish_and_record_publishes_once(
+    tiny_model: Path, learn_server: tuple[ServerProc, Path, Path], tmp_path: Path
+) -> None:
+    srv, db, registry = learn_server
+    cfg = _config(
+        tiny_model, srv, db, registry, tmp_path / "work", adapter="once", max_iterations=1
+    )
+    providers = [ScoreProvider(ScoreConfig(scorer="length", provider_name="len"))]
+    await _run(cfg, providers)
+    (row,) = runs.iterations(connect(db), "once")
+    assert row["status"] == "promoted" and row["version"] == 1
+    # The learner dies after publishing v1 and before recording iteration 1: the row is gone,
+    # the frozen data and the checkpoints are on disk. The restart redoes iteration 1 ...
+    connect(db).execute("DELETE FROM learner_iterations WHERE adapter = 'once'")
+    lines = await _run(cfg, providers)
+    assert any("already published as v0001" in line for line in lines), lines
+    # ... and records it against the version it had published, without publishing another.
+    (row,) = runs.iterations(connect(db), "once")
+    assert (row["iteration"], row["status"], row["version"]) == (1, "promoted", 1)
+    assert list_versions(registry, "once") == [1]
+    extra = load_manifest(version_path(registry, "once", 1)).extra
+    assert extra["data_window"]["iteration"] == 1
 
 
 async def test_alt_loop_conditions_on_tags(
