@@ -37,8 +37,12 @@ def read_active(registry: Path, name: str) -> int | None:
 
 
 async def sync_once(table: AdapterTable, registry: Path, failed: set[tuple[str, int]]) -> int:
-    """Bring every adapter's active version in line with the registry; returns swaps made."""
+    """Bring every adapter's active version in line with the registry; returns swaps made.
+    A registry directory that does not exist yet is empty (the learner creates it when it
+    publishes; the server follows from then on)."""
     swaps = 0
+    if not registry.is_dir():
+        return 0
     for adapter_dir in sorted(p for p in registry.iterdir() if p.is_dir()):
         name = adapter_dir.name
         active = read_active(registry, name)

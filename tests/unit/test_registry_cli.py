@@ -30,3 +30,13 @@ def test_list_promote_rollback(tmp_path: Path) -> None:
     r = run(main, ["registry", "promote", "--registry", str(reg), "detox", "7"])
     assert r.exit_code != 0
     assert read_state(reg, "detox").active == 1  # a failed command changes nothing
+
+
+async def test_a_registry_that_does_not_exist_yet_is_followed_as_empty(tmp_path: Path) -> None:
+    from typing import cast
+
+    from tiller.server.adapters import AdapterTable
+    from tiller.server.registry import sync_once
+
+    # Nothing to load and nothing touched: the learner creates the directory when it publishes.
+    assert await sync_once(cast(AdapterTable, None), tmp_path / "not-yet", set()) == 0
