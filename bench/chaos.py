@@ -228,6 +228,7 @@ def checks(work: Path, target: str, load: Load) -> dict[str, Any]:
         "served": served,
         "iterations": [{"iteration": i, "status": s, "version": v} for i, s, v in rows],
         "client_ok": load.ok,
+        "client_failed": len(load.failures),
         "client_failures": load.failures[:20],
         "checks": {
             "no annotation lost or duplicated": all(
@@ -247,30 +248,12 @@ def checks(work: Path, target: str, load: Load) -> dict[str, Any]:
     return result
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=12)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-wait", type=float, default=30.0, help="longest run before a kill (s)")
-    ap.add_argument("--out", type=Path, default=OUT / "chaos.json")
-    a = ap.parse_args()
-
-    from rich.console import Console
+def run_rounds(
+    a: argparse.Namespace, rng: random.Random, work: Path, model: Path, target: str, console: Any
+) -> dict[str, Any]:
+    """Load, annotator and learner; ``a.rounds`` random kills; the final drain and checks."""
     from rich.progress import track
-    from rich.table import Table
 
-    from tiller.server.tiny_model import build_tiny_llama
-
-    console = Console()
-    rng = random.Random(a.seed)
-    work = OUT / "chaos"
-    if work.exists():
-        import shutil
-
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
-    model = build_tiny_llama(Path.home() / ".cache" / "tiller" / "models" / "tiny-llama")
-    server, target = start_server(model, work)
     load = Load(target).start()
     annotate_cfg, learn_cfg = write_configs(work, model, target)
     commands = {
@@ -309,8 +292,40 @@ def main() -> int:
         [*commands["annotator"], "--once", "--timeout", "300"], capture_output=True, text=True
     )
     result = checks(work, target, load) | {"kills": kills, "drain_rc": drain.returncode}
-    server.send_signal(signal.SIGTERM)
-    server.wait(timeout=120)
+    return result
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-wait", type=float, default=30.0, help="longest run before a kill (s)")
+    ap.add_argument("--out", type=Path, default=OUT / "chaos.json")
+    a = ap.parse_args()
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from tiller.server.tiny_model import build_tiny_llama
+
+    console = Console()
+    rng = random.Random(a.seed)
+    work = OUT / "chaos"
+    if work.exists():
+        import shutil
+
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    model = build_tiny_llama(Path.home() / ".cache" / "tiller" / "models" / "tiny-llama")
+    server, target = start_server(model, work)
+    try:
+        result = run_rounds(a, rng, work, model, target, console)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            kill9(server)
 
     table = Table(title=f"chaos: {a.rounds} random kill -9 rounds (seed {a.seed})")
     table.add_column("check")
@@ -318,11 +333,11 @@ def main() -> int:
     for name, ok in result["checks"].items():
         table.add_row(name, "[green]ok[/]" if ok else "[red]FAILED[/]")
     console.print(table)
-    victims = Counter(k["victim"] for k in kills)
+    victims = Counter(k["victim"] for k in result["kills"])
     console.print(
         f"kills: {dict(victims)}; generations {result['generations']}; client requests ok "
-        f"{result['client_ok']}, failed {len(load.failures)}; versions {result['versions']}, "
-        f"active {result['active']}; iterations "
+        f"{result['client_ok']}, failed {result['client_failed']}; "
+        f"versions {result['versions']}, active {result['active']}; iterations "
         f"{[(i['iteration'], i['status']) for i in result['iterations']]}"
     )
     a.out.parent.mkdir(parents=True, exist_ok=True)
