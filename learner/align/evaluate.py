@@ -25,6 +25,7 @@ from typing import Any
 from tiller.client import AsyncClient
 
 from ..annotate.scorers import make_scorer
+from ..fluency import load_scoring_model, perplexity
 from ..learn.gate import distinct_n
 from ..learn.sampling import generate_each
 from .config import EvalConfig
@@ -103,34 +104,6 @@ async def _texts(client: AsyncClient, cond: Condition, cfg: EvalConfig) -> list[
     jobs = [(p, common | {"seed": cfg.seed + i}) for i, p in enumerate(cfg.prompts)]
     texts = await generate_each(client, jobs, 16)
     return [(p, t) for p, ts in zip(cfg.prompts, texts, strict=True) for t in ts]
-
-
-def load_scoring_model(model_dir: Path) -> tuple[Any, Any]:
-    """(tokenizer, model) of the base model for ``perplexity``; load once per evaluation."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    return tok, AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-
-
-def perplexity(scorer: tuple[Any, Any], pairs: list[tuple[str, str]]) -> float:
-    """exp(mean NLL per token) of the completions given their prompts under the base model."""
-    import torch
-
-    tok, model = scorer
-    nll, count = 0.0, 0
-    with torch.inference_mode():
-        for prompt, text in pairs:
-            p = tok(prompt, return_tensors="pt").input_ids
-            c = tok(text, add_special_tokens=False, return_tensors="pt").input_ids
-            if c.shape[1] == 0:
-                continue
-            ids = torch.cat([p, c], dim=1)
-            logits = model(ids).logits[0, p.shape[1] - 1 : -1]
-            nll += float(torch.nn.functional.cross_entropy(logits, c[0], reduction="sum"))
-            count += c.shape[1]
-    return math.exp(nll / count) if count else math.nan
 
 
 async def evaluate(

@@ -13,19 +13,24 @@ A side's evaluation yields:
   The sign is flipped when ``higher_is_better`` is false, so a larger ``value`` is better.
 - ``distinct2``: unique word bigrams ÷ all word bigrams over the side's texts (a collapse into
   repeated words drives it down: the reward-hacking guard).
+- ``perplexity`` (with ``max_perplexity_ratio``): of the side's texts given their prompts under
+  the base model (``learner.fluency``). The other face of reward hacking: text that drifted into
+  glued tokens and invented words keeps a high distinct-2 but is unlikely under the base.
 - ``win_rate``: with a pairwise ``judge``, the candidate's share of wins over the incumbent on
   the same prompt and seed (both orders asked; ties count one half; unparseable verdicts are
   left out).
 
 ``decide`` passes a candidate when every configured check holds: ``value`` not below the
 incumbent's by more than ``margin``; ``distinct2`` at least ``min_distinct2_ratio`` × the
-incumbent's; ``win_rate`` at least ``min_win_rate``. The verdict records every number.
+incumbent's; ``perplexity`` at most ``max_perplexity_ratio`` × the incumbent's; ``win_rate`` at
+least ``min_win_rate``. The verdict records every number.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -36,6 +41,7 @@ from tiller.server.prompt import render_text
 from ..annotate.base import GenerationView
 from ..annotate.judge import JudgeConfig, LLMJudge
 from ..annotate.scorers import make_scorer
+from ..fluency import Scorer, perplexity
 from .sampling import generate_each
 
 Metric = Literal["mean", "spread"]
@@ -54,6 +60,7 @@ class GateConfig:
     low_tag: str = ""
     margin: float = 0.0
     min_distinct2_ratio: float = 0.0
+    max_perplexity_ratio: float = 0.0  # 0: off
     judge: JudgeConfig | None = None
     min_win_rate: float = 0.5
     samples: int = 2
@@ -80,6 +87,9 @@ class GateConfig:
                 raise ValueError(f"gate.{name} must be >= 1")
         if not (math.isfinite(self.margin) and self.margin >= 0):
             raise ValueError(f"gate.margin must be a finite number >= 0, got {self.margin}")
+        r = self.max_perplexity_ratio
+        if not (math.isfinite(r) and (r == 0 or r >= 1)):
+            raise ValueError(f"gate.max_perplexity_ratio must be 0 (off) or >= 1, got {r}")
 
 
 @dataclass(frozen=True)
@@ -102,6 +112,7 @@ class Evaluation:
     distinct2: float
     scores: dict[str, float]  # tag ('' without one) -> mean raw score
     texts: tuple[tuple[str, str, str], ...] = field(repr=False)  # (tag, prompt, text)
+    perplexity: float | None = None  # under the base model, when the gate measures it
 
 
 @dataclass(frozen=True)
@@ -161,7 +172,12 @@ async def generate_side(
     return [(tag, p, t) for (tag, _, p), ts in zip(asked, texts, strict=True) for t in ts]
 
 
-def evaluate(side: Side, texts: Sequence[tuple[str, str, str]], cfg: GateConfig) -> Evaluation:
+def evaluate(
+    side: Side,
+    texts: Sequence[tuple[str, str, str]],
+    cfg: GateConfig,
+    perplexity: float | None = None,
+) -> Evaluation:
     """Score one side's generations (module docstring)."""
     by_tag: dict[str, float] = {}
     value: float | None = None
@@ -181,6 +197,7 @@ def evaluate(side: Side, texts: Sequence[tuple[str, str, str]], cfg: GateConfig)
         distinct2=distinct_n([t for _, _, t in texts]),
         scores=by_tag,
         texts=tuple(texts),
+        perplexity=perplexity,
     )
 
 
@@ -240,6 +257,15 @@ def decide(
                 f"fluency: distinct-2 {candidate.distinct2:.3f} < {cfg.min_distinct2_ratio} × "
                 f"incumbent {incumbent.distinct2:.3f}"
             )
+    if cfg.max_perplexity_ratio > 0:
+        cp, ip = candidate.perplexity, incumbent.perplexity
+        if cp is None or ip is None or not (math.isfinite(cp) and math.isfinite(ip)):
+            reasons.append("fluency: no perplexity to compare")
+        elif cp > cfg.max_perplexity_ratio * ip:
+            reasons.append(
+                f"fluency: perplexity under the base {cp:.1f} > {cfg.max_perplexity_ratio} × "
+                f"incumbent {ip:.1f}"
+            )
     if cfg.judge is not None:
         if win_rate is None:
             reasons.append("judge: no parseable verdict")
@@ -248,7 +274,13 @@ def decide(
 
     def summary(e: Evaluation) -> dict[str, Any]:
         scores = {k: (v if math.isfinite(v) else None) for k, v in e.scores.items()}
-        return {"side": e.side, "value": e.value, "distinct2": e.distinct2, "scores": scores}
+        return {
+            "side": e.side,
+            "value": e.value,
+            "distinct2": e.distinct2,
+            "perplexity": e.perplexity,
+            "scores": scores,
+        }
 
     return Verdict(
         passed=not reasons,
@@ -260,14 +292,30 @@ def decide(
 
 
 async def run_gate(
-    client: AsyncClient, candidate: Side, incumbent: Side, cfg: GateConfig
+    client: AsyncClient,
+    candidate: Side,
+    incumbent: Side,
+    cfg: GateConfig,
+    fluency: Callable[[], Scorer] | None = None,
 ) -> Verdict:
-    """Generate with both sides, score, judge, decide."""
+    """Generate with both sides, score, judge, decide. ``fluency`` returns the base model for
+    the perplexity check (called only when ``max_perplexity_ratio`` is set; may cache)."""
     cand_texts = await generate_side(client, candidate, cfg)
     inc_texts = await generate_side(client, incumbent, cfg)
     win_rate = None
     if cfg.judge is not None:
         win_rate, _ = await judge_win_rate(LLMJudge(cfg.judge), cand_texts, inc_texts)
+    ppl: list[float | None] = [None, None]
+    if cfg.max_perplexity_ratio > 0:
+        if fluency is None:
+            raise ValueError("gate.max_perplexity_ratio needs the base model to score with")
+        model = await asyncio.to_thread(fluency)
+        for k, texts in enumerate((cand_texts, inc_texts)):
+            pairs = [(p, t) for _, p, t in texts]
+            ppl[k] = await asyncio.to_thread(perplexity, model, pairs)
     return decide(
-        evaluate(candidate, cand_texts, cfg), evaluate(incumbent, inc_texts, cfg), cfg, win_rate
+        evaluate(candidate, cand_texts, cfg, ppl[0]),
+        evaluate(incumbent, inc_texts, cfg, ppl[1]),
+        cfg,
+        win_rate,
     )

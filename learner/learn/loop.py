@@ -54,6 +54,7 @@ from ..data.alt import AltConfig, ReplayWindow, build_alt
 from ..data.examples import PreferencePair, SFTExample
 from ..data.jsonl import load_pairs, load_sft, save_pairs, save_sft
 from ..data.pairs import feedback_pairs, generations_by_id, judge_pairs, score_pairs
+from ..fluency import Scorer, load_scoring_model
 from ..publish import Release, list_versions, promote, publish, read_state, version_path
 from ..trainer import TrainResult, train
 from . import runs
@@ -276,6 +277,7 @@ class Learner:
         self.progress = progress
         self._client: AsyncClient | None = None
         self._admin: AsyncClient | None = None
+        self._fluency: Scorer | None = None
 
     # -------------------------------------------------------------------- server calls
 
@@ -347,7 +349,13 @@ class Learner:
             if now.version is not None
             else Side("", 0, conditioning(self.cfg))
         )
-        return await run_gate(self.client, candidate, incumbent, g)
+        return await run_gate(self.client, candidate, incumbent, g, self.fluency_model)
+
+    def fluency_model(self) -> Scorer:
+        """The base model for the gate's perplexity check, loaded on first use."""
+        if self._fluency is None:
+            self._fluency = load_scoring_model(self.cfg.model)
+        return self._fluency
 
     # -------------------------------------------------------------------- one iteration
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 import pytest
 
+from tiller.learner.fluency import load_scoring_model, perplexity
 from tiller.learner.learn.gate import Evaluation, GateConfig, Side, decide, distinct_n, evaluate
 
 
@@ -50,3 +54,43 @@ def test_gate_config_errors() -> None:
         GateConfig(prompts=("p",))
     with pytest.raises(ValueError, match="high_tag"):
         GateConfig(prompts=("p",), scorer="length", metric="spread")
+    with pytest.raises(ValueError, match="max_perplexity_ratio"):
+        GateConfig(prompts=("p",), scorer="length", max_perplexity_ratio=0.5)
+
+
+def test_decide_rejects_text_the_base_model_finds_unlikely() -> None:
+    cfg = GateConfig(prompts=("p",), scorer="length", max_perplexity_ratio=2.0)
+
+    def ev(value: float, ppl: float | None) -> Evaluation:
+        return Evaluation("x", value, 0.95, {}, (), perplexity=ppl)
+
+    assert decide(ev(2.0, 59.0), ev(1.0, 30.0), cfg).passed  # 1.97x: within the bound
+    v = decide(ev(2.0, 97.4), ev(1.0, 31.6), cfg)  # better reward, glued-token gibberish
+    assert not v.passed and v.reasons == ("fluency: perplexity under the base 97.4 > 2.0 × "
+                                          "incumbent 31.6",)  # fmt: skip
+    assert v.candidate["perplexity"] == 97.4 and v.incumbent["perplexity"] == 31.6
+    assert "no perplexity" in decide(ev(2.0, None), ev(1.0, 30.0), cfg).reasons[0]
+    off = GateConfig(prompts=("p",), scorer="length")
+    assert decide(ev(2.0, 1e6), ev(1.0, 1.0), off).passed  # not configured: not checked
+
+
+def test_perplexity_under_the_base_model_separates_its_own_text_from_noise(
+    tiny_model: Path,
+) -> None:
+    import random
+
+    import torch
+    from transformers import AutoTokenizer
+
+    scorer = load_scoring_model(tiny_model)
+    tok, model = scorer
+    prompt = "the quick brown"
+    ids = tok(prompt, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        greedy = model.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1] :]
+    own = tok.decode(greedy, skip_special_tokens=True)
+    rng = random.Random(0)
+    vocab = AutoTokenizer.from_pretrained(tiny_model).vocab_size
+    noise = tok.decode([rng.randrange(3, vocab) for _ in range(24)], skip_special_tokens=True)
+    assert perplexity(scorer, [(prompt, own)]) < perplexity(scorer, [(prompt, noise)])
+    assert math.isnan(perplexity(scorer, [(prompt, "")]))  # nothing to score
