@@ -93,7 +93,14 @@ def _config(
         data=DataConfig(kind="pairs", source="score", provider="len", higher_is_better=True),
         trigger=TriggerConfig(min_annotations=4, min_examples=2, poll_s=0.1),
         sample=SampleConfig(prompts=PROMPTS, per_iteration=8, n=2, max_tokens=8),
-        gate=GateConfig(prompts=HELD_OUT, scorer="length", margin=1e6, samples=1, max_tokens=8),
+        gate=GateConfig(
+            prompts=HELD_OUT,
+            scorer="length",
+            margin=1e6,
+            max_perplexity_ratio=1e6,  # measured (the path runs), never binding
+            samples=1,
+            max_tokens=8,
+        ),
         max_iterations=2,
     )
     return replace(base, **kw)  # type: ignore[arg-type]
@@ -143,6 +150,9 @@ async def test_learn_loop_promotes_and_server_swaps(
     assert extra["metrics"]["gate"]["passed"] is True
     assert extra["metrics"]["gate"]["candidate"]["side"] == "critic-candidate@v2"
     assert extra["metrics"]["gate"]["incumbent"]["side"] == "critic@v1"
+    assert all(
+        extra["metrics"]["gate"][side]["perplexity"] > 1.0 for side in ("candidate", "incumbent")
+    )
     assert extra["data_window"]["served_version"] == 1
     assert extra["data_window"]["examples"] >= 2
 
