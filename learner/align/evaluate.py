@@ -137,13 +137,33 @@ async def evaluate(
     return out
 
 
-def conditions(cfg: EvalConfig, adapter: str, version: int | None) -> list[Condition]:
+def conditions(
+    cfg: EvalConfig, adapter: str, version: int | None, prompted: int | None = None
+) -> list[Condition]:
+    """base; then the adapter's ``version`` (per extreme tag for ALT); then, for ALT, the
+    conditioning-only version ``prompted`` per tag (the base prompted with the tag words, no
+    training), when it is not ``version`` itself."""
     out = [Condition("base")]
     if version is None:
         return out
     label = f"{adapter}@v{version}"
     if cfg.tags:
         out += [Condition(f"{label} [{t}]", adapter, version, t) for t in cfg.tags]
+        if prompted is not None and prompted != version:
+            out += [
+                Condition(f"prompted {adapter}@v{prompted} [{t}]", adapter, prompted, t)
+                for t in cfg.tags
+            ]
     else:
         out.append(Condition(label, adapter, version))
     return out
+
+
+def spread(high: Stats, low: Stats, label: str) -> Stats:
+    """Per prompt-and-seed differences ``high − low`` as a condition of their own (so that two
+    spreads can be compared pairwise)."""
+    if high.n != low.n:
+        raise ValueError(f"{high.label} and {low.label} are not paired: {high.n} vs {low.n}")
+    diffs = [h - lo for h, lo in zip(high.scores, low.scores, strict=True)]
+    m, ci = mean_ci(diffs)
+    return Stats(label, len(diffs), m, ci, math.nan, None, tuple(diffs), ())

@@ -245,13 +245,15 @@ class AlignRun:
     # ----------------------------------------------------------------- the end
 
     def finish(self, reason: str) -> dict[str, Any]:
+        """Evaluate, plot, write ``report.json``; returns the report."""
         from tiller.client import AsyncClient
         from tiller.server.logstore import connect
 
+        from ..learn.loop import bootstrap_version
         from ..learn.runs import iterations
         from ..publish import read_state
         from . import plots
-        from .evaluate import compare, conditions, evaluate
+        from .evaluate import compare, conditions, evaluate, spread
 
         p = self.paths
         p.plots.mkdir(exist_ok=True)
@@ -292,9 +294,12 @@ class AlignRun:
         if cfg.eval is not None:
             self.report("evaluating on held-out prompts ...")
 
+            prompted = bootstrap_version(p.registry, cfg.adapter)
+            report["prompted_version"] = prompted
+
             async def run_eval() -> Any:
                 async with AsyncClient(self.target, timeout=600) as client:
-                    conds = conditions(cfg.eval, cfg.adapter, active)  # type: ignore[arg-type]
+                    conds = conditions(cfg.eval, cfg.adapter, active, prompted)  # type: ignore[arg-type]
                     return await evaluate(client, conds, cfg.eval, self.model)  # type: ignore[arg-type]
 
             stats = asyncio.run(run_eval())
@@ -304,9 +309,15 @@ class AlignRun:
             for s in stats[1:]:
                 c = compare(s, base)
                 ev[f"{s.label} vs base"] = c | {"gain": sign * c["diff"]}
-            if len(stats) == 3:
+            if len(stats) >= 3:  # ALT: the two extreme tags, then (maybe) prompted-only
+                trained = spread(stats[1], stats[2], "tag spread")
                 c = compare(stats[1], stats[2])
                 ev["tag spread"] = c | {"gain": sign * c["diff"]}
+                if len(stats) == 5:
+                    c = compare(stats[3], stats[4])
+                    ev["tag spread, prompted only"] = c | {"gain": sign * c["diff"]}
+                    c = compare(trained, spread(stats[3], stats[4], "prompted spread"))
+                    ev["tag spread, trained over prompted"] = c | {"gain": sign * c["diff"]}
             report["eval"] = ev
             report["plots"].append(
                 str(plots.eval_bars(stats, cfg.eval.scorer, p.plots / "heldout_eval.png"))

@@ -18,6 +18,11 @@ An iteration:
    hyper-parameters and the data window in its manifest; promote it only if the gate passed
    (no gate → always), then wait until the server serves it.
 
+ALT in active mode starts from a *conditioning-only* version (v1: the base weights with the tag
+template, no LoRA), published and promoted before the first iteration. ALT samples with
+exemplar feedback from the start, and the first candidate is gated against the base *prompted*
+with the tags, so a trained version must beat what the tag words alone already do.
+
 The annotation cursor is the ``annotation_seq`` of the last recorded iteration, so a restart
 continues after the last finished iteration. One learner per adapter at a time.
 """
@@ -136,6 +141,15 @@ def published_by(cfg: LearnConfig, window: dict[str, Any]) -> Path | None:
         got = load_manifest(path, verify=False).extra.get("data_window", {})
         if all(got.get(k) == window[k] for k in ("iteration", "annotation_seq")):
             return path
+    return None
+
+
+def bootstrap_version(registry: Path, adapter: str) -> int | None:
+    """The adapter's conditioning-only bootstrap version (ALT), if one was published."""
+    for v in list_versions(registry, adapter):
+        extra = load_manifest(version_path(registry, adapter, v), verify=False).extra
+        if extra.get("data_window", {}).get("bootstrap"):
+            return v
     return None
 
 
@@ -530,10 +544,35 @@ class Learner:
             await task
         raise Stopped
 
+    async def bootstrap(self) -> None:
+        """ALT in active mode with nothing served yet: publish and promote the conditioning-only
+        version (module docstring), reusing one a crashed start published."""
+        cfg = self.cfg
+        if cfg.data.kind != "alt" or cfg.sample is None or served(cfg).version is not None:
+            return
+        version = bootstrap_version(cfg.registry, cfg.adapter)
+        if version is None:
+            release = Release(
+                base_model=cfg.base_model,
+                base_model_dir=cfg.model,
+                conditioning=conditioning(cfg),
+                objective="none",
+                data_window={"bootstrap": True},
+            )
+            version = load_manifest(publish(cfg.registry, cfg.adapter, None, release)).version
+        promote(cfg.registry, cfg.adapter, version)
+        if cfg.server:
+            await self.wait_served(version)
+        self.report(
+            f"bootstrap: {cfg.adapter}@v{version} serves the base model with the tag template "
+            "(no LoRA): ALT samples with exemplar feedback from the first iteration"
+        )
+
     async def run(self, stop: asyncio.Event) -> int:
         """Iterate until ``stop`` or ``max_iterations``; returns the iterations recorded."""
         done = 0
         try:
+            await self.bootstrap()
             while not stop.is_set():
                 last = runs.last(self.db, self.cfg.adapter)
                 iteration = int(last["iteration"]) + 1 if last else 1

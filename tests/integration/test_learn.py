@@ -246,12 +246,19 @@ async def test_alt_loop_conditions_on_tags(
     tagger = QuantileTagProvider(
         QuantileConfig(scorer="length", tags=tags, mode="global", provider_name="len-tags")
     )
-    await _run(cfg, [tagger])
+    lines = await _run(cfg, [tagger])
+    assert any(line.startswith("bootstrap: alt@v1") for line in lines), lines
+    # v1 is the conditioning-only bootstrap (base weights + tag template); iterations make v2, v3.
+    boot = load_manifest(version_path(registry, "alt", 1))
+    assert not boot.has_lora and boot.conditioning is not None and boot.conditioning.tags == tags
     rows = runs.iterations(connect(db), "alt")
-    assert [r["status"] for r in rows] == ["promoted", "promoted"]
+    assert [(r["status"], r["version"]) for r in rows] == [("promoted", 2), ("promoted", 3)]
     manifest = load_manifest(version_path(registry, "alt", 2))
     assert manifest.conditioning is not None and manifest.conditioning.tags == tags
-    # Iteration 2 sampled alt@v1 with its best tag: the rendered prompt carries the feedback.
+    assert manifest.has_lora
+    # Iteration 1 sampled the bootstrap alt@v1 with exemplar feedback (server-rendered), and
+    # its gate compared the candidate with that prompted base.
+    assert manifest.extra["metrics"]["gate"]["incumbent"]["side"] == "alt@v1"
     rendered = (
         connect(db)
         .execute(

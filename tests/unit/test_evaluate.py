@@ -39,3 +39,23 @@ def test_compare_pairs_scores_by_prompt_and_seed() -> None:
 def test_compare_refuses_unpaired_conditions() -> None:
     with pytest.raises(ValueError, match="not paired"):
         compare(stats("a", [1.0, 2.0, 3.0]), stats("b", [1.0, 2.0]))
+
+
+def test_spread_is_a_paired_condition_and_conditions_add_the_prompted_version() -> None:
+
+    from tiller.learner.align.config import EvalConfig
+    from tiller.learner.align.evaluate import conditions, spread
+
+    s = spread(stats("hi", [3.0, 2.0, 5.0]), stats("lo", [1.0, 2.0, 1.0]), "tag spread")
+    assert s.scores == (2.0, 0.0, 4.0) and s.mean == 2.0 and s.n == 3
+    with pytest.raises(ValueError, match="not paired"):
+        spread(stats("hi", [1.0]), stats("lo", [1.0, 2.0]), "x")
+
+    cfg = EvalConfig(prompts=("p",), scorer="length", tags=("Hi", "Lo"))
+    labels = [c.label for c in conditions(cfg, "steer", 3, prompted=1)]
+    assert labels == [
+        "base", "steer@v3 [Hi]", "steer@v3 [Lo]",
+        "prompted steer@v1 [Hi]", "prompted steer@v1 [Lo]",
+    ]  # fmt: skip
+    assert len(conditions(cfg, "steer", 1, prompted=1)) == 3  # nothing trained was promoted
+    assert [c.label for c in conditions(cfg, "steer", None)] == ["base"]
