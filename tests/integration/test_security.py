@@ -251,9 +251,13 @@ def test_prompt_token_cap_and_request_time_cap(secured: Secured) -> None:
     with secured.client("app") as c:
         e = _err(lambda: c.generate("word " * 60, max_tokens=2))
         assert e.code == CODE.RESOURCE_EXHAUSTED and "server limit is 40" in e.message
-        # The cap must not depend on how fast the machine generates: the client stops reading
-        # after the first chunk for longer than the 8 s cap, so HTTP/2 flow control holds the
-        # server's stream open (1990 chunks overflow the window) until the cap ends the RPC.
+    # The cap must not depend on how fast the machine generates: this client stops reading
+    # after the first chunk for longer than the 8 s cap, and advertises a 1 KiB stream window
+    # with no BDP probing (gRPC would otherwise grow the window until a fast server had sent
+    # all 1990 chunks), so HTTP/2 flow control holds the server's stream open until the cap
+    # ends the RPC.
+    small_window = (("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024))
+    with secured.client("app", options=small_window) as c:
         chunks: list[object] = []
         with pytest.raises(TillerClientError) as info:
             for ch in c.stream("go on", max_tokens=1990, temperature=0.0):
@@ -261,7 +265,7 @@ def test_prompt_token_cap_and_request_time_cap(secured: Secured) -> None:
                     time.sleep(10)
                 chunks.append(ch)
         assert info.value.code == CODE.DEADLINE_EXCEEDED
-        assert chunks  # it was streaming when the cap ended it
+        assert 0 < len(chunks) < 1990  # it was streaming, held back, when the cap ended it
         # ... and the engine request went with it (other tests' cancelled RPCs may still be
         # winding down on a loaded machine: wait for the server to settle, boundedly).
         settle = time.monotonic() + 120
