@@ -132,25 +132,31 @@ def last_generation_seq(db: sqlite_utils.Database) -> int:
     return int(db.execute("SELECT coalesce(max(seq), 0) FROM generations").fetchone()[0])
 
 
+def _find_version(
+    registry: Path, adapter: str, match: Callable[[dict[str, Any]], bool]
+) -> int | None:
+    """The newest version whose manifest's ``data_window`` satisfies ``match``."""
+    for v in reversed(list_versions(registry, adapter)):
+        extra = load_manifest(version_path(registry, adapter, v), verify=False).extra
+        if match(extra.get("data_window", {})):
+            return v
+    return None
+
+
 def published_by(cfg: LearnConfig, window: dict[str, Any]) -> Path | None:
     """The version this iteration already published, if a learner killed between publishing and
     recording it left one: the same iteration number over the same annotation window. Reusing
     it makes a restarted iteration publish exactly once."""
-    for v in reversed(list_versions(cfg.registry, cfg.adapter)):
-        path = version_path(cfg.registry, cfg.adapter, v)
-        got = load_manifest(path, verify=False).extra.get("data_window", {})
-        if all(got.get(k) == window[k] for k in ("iteration", "annotation_seq")):
-            return path
-    return None
+    keys = ("iteration", "annotation_seq")
+    v = _find_version(
+        cfg.registry, cfg.adapter, lambda got: all(got.get(k) == window[k] for k in keys)
+    )
+    return None if v is None else version_path(cfg.registry, cfg.adapter, v)
 
 
 def bootstrap_version(registry: Path, adapter: str) -> int | None:
     """The adapter's conditioning-only bootstrap version (ALT), if one was published."""
-    for v in list_versions(registry, adapter):
-        extra = load_manifest(version_path(registry, adapter, v), verify=False).extra
-        if extra.get("data_window", {}).get("bootstrap"):
-            return v
-    return None
+    return _find_version(registry, adapter, lambda got: bool(got.get("bootstrap")))
 
 
 def _pair_ids(p: PreferencePair) -> tuple[str, str] | None:
