@@ -26,19 +26,19 @@ Writes ``bench/out/align_vs_trl.json`` and ``.png``; the runs themselves go to
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import signal
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from closed_loop import ClosedLoop
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "deploy" / "align" / "oaif-critic.toml"
@@ -66,49 +66,18 @@ ITERATION_KEYS = ("iteration", "status", "examples", "steps", "samples_per_s",
 # --------------------------------------------------------------------------- serving load
 
 
-class Load:
-    """``LOAD_CONCURRENCY`` closed-loop Generate streams against ``target`` in a thread of its
-    own until ``stop()``; ``done`` holds (finish time, completion tokens) per finished call."""
+class Load(ClosedLoop):
+    """``LOAD_CONCURRENCY`` closed-loop Generate streams (``log=False``) on the held-out prompts."""
 
     def __init__(self, target: str) -> None:
-        self.target = target
-        self.done: list[tuple[float, int]] = []
-        self.errors = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
-
-    def start(self) -> Load:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=300)
-
-    async def _run(self) -> None:
-        from tiller.client import AsyncClient
-
-        prompts = lines(HELDOUT)
-        async with AsyncClient(self.target, timeout=300) as client:
-
-            async def stream(k: int) -> None:
-                i = k
-                while not self._stop.is_set():
-                    try:
-                        g = await client.generate(
-                            prompts[i % len(prompts)],
-                            max_tokens=LOAD_TOKENS,
-                            temperature=1.0,
-                            seed=i,
-                            log=False,
-                        )
-                        self.done.append((time.time(), g.completion_tokens))
-                    except Exception:  # a server going away at the end; counted, not fatal
-                        self.errors += 1
-                        await asyncio.sleep(1.0)
-                    i += LOAD_CONCURRENCY
-
-            await asyncio.gather(*(stream(k) for k in range(LOAD_CONCURRENCY)))
+        super().__init__(
+            target,
+            lines(HELDOUT),
+            LOAD_CONCURRENCY,
+            max_tokens=LOAD_TOKENS,
+            temperature=1.0,
+            log=False,
+        )
 
     def tok_per_s(self, t0: float, t1: float) -> dict[str, float]:
         inside = [n for t, n in self.done if t0 <= t <= t1]
@@ -118,7 +87,7 @@ class Load:
             "requests": len(inside),
             "tokens": sum(inside),
             "window_s": span,
-            "errors": self.errors,
+            "errors": len(self.failures),
         }
 
 

@@ -27,7 +27,6 @@ Prints a table and writes ``bench/out/chaos.json``; exit status 1 when a check f
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import random
@@ -35,11 +34,12 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
+
+from closed_loop import ClosedLoop
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
@@ -84,42 +84,6 @@ def start_server(model: Path, work: Path) -> tuple[subprocess.Popen[bytes], str]
             raise RuntimeError((work / "server.log").read_text()[-3000:])
         time.sleep(0.5)
     return proc, target
-
-
-class Load:
-    """Two closed-loop logged Generate streams; every failure is counted and kept."""
-
-    def __init__(self, target: str) -> None:
-        self.target = target
-        self.ok = 0
-        self.failures: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
-
-    def start(self) -> Load:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=120)
-
-    async def _run(self) -> None:
-        from tiller.client import AsyncClient
-
-        async with AsyncClient(self.target, timeout=120) as client:
-
-            async def stream(k: int) -> None:
-                i = k
-                while not self._stop.is_set():
-                    try:
-                        await client.generate(PROMPTS[i % len(PROMPTS)], max_tokens=8, n=2, seed=i)
-                        self.ok += 1
-                    except Exception as e:
-                        self.failures.append(f"{type(e).__name__}: {e}")
-                    i += 2
-
-            await asyncio.gather(stream(0), stream(1))
 
 
 def write_configs(work: Path, model: Path, target: str) -> tuple[Path, Path]:
@@ -182,7 +146,7 @@ def iteration_rows(db: sqlite3.Connection) -> list[tuple[int, str, int | None]]:
         return []
 
 
-def checks(work: Path, target: str, load: Load) -> dict[str, Any]:
+def checks(work: Path, target: str, load: ClosedLoop) -> dict[str, Any]:
     from tiller.client import Client
     from tiller.learner.publish import list_versions, read_state, version_path
     from tiller.server.manifest import load_manifest
@@ -227,7 +191,7 @@ def checks(work: Path, target: str, load: Load) -> dict[str, Any]:
         "active": active,
         "served": served,
         "iterations": [{"iteration": i, "status": s, "version": v} for i, s, v in rows],
-        "client_ok": load.ok,
+        "client_ok": len(load.done),
         "client_failed": len(load.failures),
         "client_failures": load.failures[:20],
         "checks": {
@@ -254,7 +218,7 @@ def run_rounds(
     """Load, annotator and learner; ``a.rounds`` random kills; the final drain and checks."""
     from rich.progress import track
 
-    load = Load(target).start()
+    load = ClosedLoop(target, PROMPTS, 2, max_tokens=8, n=2).start()
     annotate_cfg, learn_cfg = write_configs(work, model, target)
     commands = {
         "annotator": tiller("annotate", "--config", str(annotate_cfg)),
