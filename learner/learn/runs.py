@@ -41,7 +41,33 @@ class IterationRecord:
     details: dict[str, Any] | None = None
 
 
+# Declared column types: sqlite-utils infers a column's type from the first row it inserts, and
+# a first row with ``final_loss=None`` (a skipped iteration) made the column TEXT, so later
+# losses came back as strings.
+COLUMNS: dict[str, type] = {
+    "adapter": str,
+    "iteration": int,
+    "status": str,
+    "started_at": float,
+    "finished_at": float,
+    "annotation_seq": int,
+    "examples": int,
+    "steps": int,
+    "final_loss": float,
+    "samples_per_s": float,
+    "version": int,
+    "gate_passed": int,
+    "candidate_value": float,
+    "incumbent_value": float,
+    "candidate_distinct2": float,
+    "win_rate": float,
+    "reason": str,
+    "details_json": str,
+}
+
+
 def record(db: sqlite_utils.Database, rec: IterationRecord) -> None:
+    db.table(TABLE).create(COLUMNS, pk=("adapter", "iteration"), if_not_exists=True)
     row = asdict(rec)
     row["details_json"] = json.dumps(row.pop("details") or {}, allow_nan=False, default=str)
     db.table(TABLE).insert(row, pk=("adapter", "iteration"), replace=True, alter=True)

@@ -119,8 +119,13 @@ def test_likert_critique_refinement(
 def test_garbage_answers_are_recorded_as_errors_not_retried(
     log_db: Path, generations: list[str], judge_server: JudgeServer
 ) -> None:
-    # Without structured outputs the random tiny model answers with noise.
-    a = _run(log_db, _judge(judge_server, "judge-garbage", "tag", structured=False))
+    # Without structured outputs the random tiny model answers with noise. 16 tokens of it are
+    # as unparseable as 256 and keep each call far below the timeout on a loaded machine (CI
+    # failed here once: 256-token answers timed out and opened the breaker).
+    garbage = _judge(
+        judge_server, "judge-garbage", "tag", structured=False, max_tokens=16, timeout_s=120.0
+    )
+    a = _run(log_db, garbage)
     rows = [r for r in _annotations(log_db, "judge-garbage") if r["generation_id"] in generations]
     assert len(rows) == len(generations)
     errors = [r for r in rows if r["error"]]
