@@ -21,7 +21,11 @@ A side's evaluation yields:
   left out).
 
 ``decide`` passes a candidate when every configured check holds: ``value`` not below the
-incumbent's by more than ``margin``; ``distinct2`` at least ``min_distinct2_ratio`` × the
+incumbent's by more than ``margin`` (with ``confidence`` c > 0, a non-inferiority test instead:
+the candidate fails only when the one-sided c upper confidence bound of the paired per-prompt
+difference, candidate − incumbent, lies below −``margin``; both sides use the same prompts and
+seeds, so the pairing removes the prompt-to-prompt variance a point comparison of two noisy
+means would act on); ``distinct2`` at least ``min_distinct2_ratio`` × the
 incumbent's; ``perplexity`` at most ``max_perplexity_ratio`` × the incumbent's; ``win_rate`` at
 least ``min_win_rate``. The verdict records every number.
 """
@@ -30,9 +34,12 @@ from __future__ import annotations
 
 import asyncio
 import math
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
+
+from scipy import stats as scipy_stats
 
 from tiller.client import AsyncClient
 from tiller.server.manifest import Conditioning
@@ -59,6 +66,7 @@ class GateConfig:
     high_tag: str = ""
     low_tag: str = ""
     margin: float = 0.0
+    confidence: float = 0.0  # 0: point comparison; else one-sided non-inferiority level
     min_distinct2_ratio: float = 0.0
     max_perplexity_ratio: float = 0.0  # 0: off
     judge: JudgeConfig | None = None
@@ -87,6 +95,10 @@ class GateConfig:
                 raise ValueError(f"gate.{name} must be >= 1")
         if not (math.isfinite(self.margin) and self.margin >= 0):
             raise ValueError(f"gate.margin must be a finite number >= 0, got {self.margin}")
+        if not (self.confidence == 0 or 0.5 <= self.confidence < 1):
+            raise ValueError(
+                f"gate.confidence must be 0 (off) or in [0.5, 1), got {self.confidence}"
+            )
         r = self.max_perplexity_ratio
         if not (math.isfinite(r) and (r == 0 or r >= 1)):
             raise ValueError(f"gate.max_perplexity_ratio must be 0 (off) or >= 1, got {r}")
@@ -113,6 +125,7 @@ class Evaluation:
     scores: dict[str, float]  # tag ('' without one) -> mean raw score
     texts: tuple[tuple[str, str, str], ...] = field(repr=False)  # (tag, prompt, text)
     perplexity: float | None = None  # under the base model, when the gate measures it
+    per_prompt: tuple[float, ...] = ()  # the value per gate prompt (same order on both sides)
 
 
 @dataclass(frozen=True)
@@ -122,6 +135,7 @@ class Verdict:
     candidate: dict[str, Any]
     incumbent: dict[str, Any]
     win_rate: float | None = None
+    paired_upper: float | None = None  # with ``confidence``: the bound the test used
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -181,16 +195,26 @@ def evaluate(
     """Score one side's generations (module docstring)."""
     by_tag: dict[str, float] = {}
     value: float | None = None
+    per_prompt: tuple[float, ...] = ()
     if cfg.scorer is not None:
         scorer = make_scorer(cfg.scorer)
-        for tag in _tags(cfg):
-            vals = [scorer.score(t) for g, _, t in texts if g == tag]
-            by_tag[tag] = sum(vals) / len(vals) if vals else float("nan")
         sign = 1.0 if cfg.higher_is_better else -1.0
+        # tag -> prompt -> scores; prompts keep the gate's order
+        cells: dict[str, dict[str, list[float]]] = {tag: {} for tag in _tags(cfg)}
+        for g, p, t in texts:
+            if g in cells:
+                cells[g].setdefault(p, []).append(scorer.score(t))
+        for tag, row in cells.items():
+            vals = [v for vs in row.values() for v in vs]
+            by_tag[tag] = sum(vals) / len(vals) if vals else float("nan")
+        means = {tag: {p: sum(v) / len(v) for p, v in row.items()} for tag, row in cells.items()}
         if cfg.metric == "spread":
             value = sign * (by_tag[cfg.high_tag] - by_tag[cfg.low_tag])
+            hi, lo = means[cfg.high_tag], means[cfg.low_tag]
+            per_prompt = tuple(sign * (hi[p] - lo[p]) for p in hi if p in lo)
         else:
             value = sign * by_tag[cfg.feedback]
+            per_prompt = tuple(sign * v for v in means[cfg.feedback].values())
     return Evaluation(
         side=side.label,
         value=value,
@@ -198,7 +222,21 @@ def evaluate(
         scores=by_tag,
         texts=tuple(texts),
         perplexity=perplexity,
+        per_prompt=per_prompt,
     )
+
+
+def paired_upper_bound(
+    candidate: Sequence[float], incumbent: Sequence[float], level: float
+) -> float:
+    """One-sided ``level`` upper confidence bound of mean(candidate − incumbent), paired by
+    position (Student t); +inf when there are fewer than two pairs."""
+    diffs = [c - i for c, i in zip(candidate, incumbent, strict=True)]
+    if len(diffs) < 2:
+        return math.inf
+    mean = statistics.fmean(diffs)
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return mean + float(scipy_stats.t.ppf(level, len(diffs) - 1)) * se
 
 
 def _view(i: int, group: str, prompt: str, text: str, side: str) -> GenerationView:
@@ -244,10 +282,23 @@ def decide(
 ) -> Verdict:
     """Apply the gate's checks (module docstring); the reasons list the failed ones."""
     reasons: list[str] = []
+    upper: float | None = None
     if cfg.scorer is not None:
         c, i = candidate.value, incumbent.value
         if c is None or i is None or math.isnan(c) or math.isnan(i):
             reasons.append("score: no value to compare")
+        elif cfg.confidence > 0:
+            if len(candidate.per_prompt) != len(incumbent.per_prompt):
+                reasons.append("score: the sides scored different prompts")
+            else:
+                upper = paired_upper_bound(
+                    candidate.per_prompt, incumbent.per_prompt, cfg.confidence
+                )
+                if upper < -cfg.margin:
+                    reasons.append(
+                        f"score: {c:.4f} vs incumbent {i:.4f}: worse at {cfg.confidence:.0%} "
+                        f"confidence (paired upper bound {upper:+.4f} < -margin {cfg.margin})"
+                    )
         elif c < i - cfg.margin:
             reasons.append(f"score: {c:.4f} < incumbent {i:.4f} - margin {cfg.margin}")
     if cfg.min_distinct2_ratio > 0:
@@ -288,6 +339,7 @@ def decide(
         candidate=summary(candidate),
         incumbent=summary(incumbent),
         win_rate=win_rate,
+        paired_upper=upper if upper is None or math.isfinite(upper) else None,
     )
 
 

@@ -8,7 +8,15 @@ from pathlib import Path
 import pytest
 
 from tiller.learner.fluency import load_scoring_model, perplexity
-from tiller.learner.learn.gate import Evaluation, GateConfig, Side, decide, distinct_n, evaluate
+from tiller.learner.learn.gate import (
+    Evaluation,
+    GateConfig,
+    Side,
+    decide,
+    distinct_n,
+    evaluate,
+    paired_upper_bound,
+)
 
 
 def test_distinct_n_by_hand() -> None:
@@ -45,6 +53,52 @@ def test_evaluate_spread_and_direction() -> None:
     e = evaluate(Side("x", 1), texts, cfg)
     assert e.scores == {"Long": 3.0, "Short": 1.0}
     assert e.value == -2.0  # lower is better: the spread counts against
+    assert e.per_prompt == (-2.0,)
+
+
+def test_evaluate_per_prompt_values_keep_the_prompt_order() -> None:
+    cfg = GateConfig(
+        prompts=("p", "q"), scorer="length", metric="spread", high_tag="H", low_tag="L"
+    )
+    texts = [
+        ("H", "p", "a b c"),
+        ("H", "p", "a"),
+        ("H", "q", "a"),
+        ("L", "p", "a"),
+        ("L", "q", "a b c d"),
+    ]
+    e = evaluate(Side("x", 1), texts, cfg)
+    assert e.per_prompt == (1.0, -3.0)  # p: mean(3, 1) - 1; q: 1 - 4
+
+
+def test_paired_upper_bound_by_hand() -> None:
+    # diffs 1, 2, 3: mean 2, sd 1, se 1/sqrt(3); t(0.95, df=2) = 2.919986
+    upper = paired_upper_bound([2.0, 4.0, 6.0], [1.0, 2.0, 3.0], 0.95)
+    assert upper == pytest.approx(2 + 2.919986 / math.sqrt(3), rel=1e-5)
+    assert paired_upper_bound([1.0], [0.0], 0.95) == math.inf
+
+
+def _pp(value: float, per_prompt: list[float]) -> Evaluation:
+    return Evaluation(
+        side="x", value=value, distinct2=1.0, scores={}, texts=(), per_prompt=tuple(per_prompt)
+    )
+
+
+def test_non_inferiority_passes_noise_and_rejects_a_clear_loss() -> None:
+    cfg = GateConfig(prompts=("p",), scorer="length", confidence=0.9)
+    incumbent = _pp(0.3, [0.9, -0.3, 0.6, 0.0])
+    # Lower point value, but the paired differences straddle zero: not shown to be worse.
+    noisy = decide(_pp(0.2, [0.5, 0.1, 0.2, 0.0]), incumbent, cfg)
+    assert noisy.passed and noisy.paired_upper is not None and noisy.paired_upper > 0
+    point = GateConfig(prompts=("p",), scorer="length")
+    assert not decide(_pp(0.2, [0.5, 0.1, 0.2, 0.0]), incumbent, point).passed
+    worse = decide(_pp(-0.7, [-0.1, -1.3, -0.4, -1.0]), incumbent, cfg)  # every prompt -1
+    assert not worse.passed and "confidence" in worse.reasons[0]
+    # a margin the loss stays within passes
+    lenient = GateConfig(prompts=("p",), scorer="length", confidence=0.9, margin=1.5)
+    assert decide(_pp(-0.7, [-0.1, -1.3, -0.4, -1.0]), incumbent, lenient).passed
+    mismatch = decide(_pp(0.3, [0.3]), incumbent, cfg)
+    assert not mismatch.passed and "different prompts" in mismatch.reasons[0]
 
 
 def test_gate_config_errors() -> None:
@@ -56,6 +110,8 @@ def test_gate_config_errors() -> None:
         GateConfig(prompts=("p",), scorer="length", metric="spread")
     with pytest.raises(ValueError, match="max_perplexity_ratio"):
         GateConfig(prompts=("p",), scorer="length", max_perplexity_ratio=0.5)
+    with pytest.raises(ValueError, match="confidence must be"):
+        GateConfig(prompts=("p",), scorer="length", confidence=1.0)
 
 
 def test_decide_rejects_text_the_base_model_finds_unlikely() -> None:
