@@ -80,6 +80,12 @@ class TrainConfig:
     backward pass and recomputes the rest (~1/3 more compute, less memory: SmolLM2-135M, 32
     sequences x 128 tokens, peaked above 7.3 GiB RSS without it and at 6.7 GiB with it); it does
     not change the result.
+
+    ``precision``: ``fp32`` trains in float32; ``bf16`` keeps float32 weights on the CPU and runs
+    the forward and backward passes under bfloat16 autocast (CPUs with native bf16 matmuls:
+    SmolLM2-135M, 16 x 80 tokens, LoRA q,k,v,o, one DPO-sized step 7.5 s → 5.1 s on this
+    machine's avx512_bf16 cores), and loads the model in bfloat16 on CUDA. ``auto``: bf16 on a
+    CUDA device that supports it, fp32 on the CPU (bit-exact resumption, float32 references).
     """
 
     objective: str = "dpo"
@@ -102,6 +108,7 @@ class TrainConfig:
     max_length: int = 512
     append_eos: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     checkpoint_dir: Path | None = None
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
@@ -128,6 +135,8 @@ class TrainConfig:
             raise ValueError(f"max_length must be >= 2 (got {self.max_length})")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device {self.device!r} is not one of: auto, cpu, cuda")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision {self.precision!r} is not one of: auto, fp32, bf16")
         if self.checkpoint_every < 0 or (self.checkpoint_every and self.checkpoint_dir is None):
             raise ValueError("checkpoint_every must be >= 0 and needs checkpoint_dir when > 0")
 
@@ -236,17 +245,25 @@ def _collate(seqs: Sequence[_Seq], pad: int) -> _Batch:
     )
 
 
-def _completion_logits(model: Any, b: _Batch) -> Tensor:
-    """``[B, T, V]`` logits aligned with ``b.labels`` (computed only at completion positions)."""
+def _bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    if cfg.precision == "auto":
+        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return cfg.precision == "bf16"
+
+
+def _completion_logits(model: Any, b: _Batch, autocast: bool = False) -> Tensor:
+    """``[B, T, V]`` logits aligned with ``b.labels`` (computed only at completion positions),
+    float32; ``autocast``: the forward runs under CPU bfloat16 autocast."""
     t = b.labels.shape[1]
-    out = model(
-        input_ids=b.input_ids,
-        attention_mask=b.attention_mask,
-        position_ids=b.position_ids,
-        use_cache=False,
-        logits_to_keep=t + 1,
-    )
-    return out.logits[:, :-1]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(
+            input_ids=b.input_ids,
+            attention_mask=b.attention_mask,
+            position_ids=b.position_ids,
+            use_cache=False,
+            logits_to_keep=t + 1,
+        )
+    return out.logits[:, :-1].float()
 
 
 @contextmanager
@@ -267,19 +284,22 @@ def _loss(
     obj = cfg.loss_config
     seqs = [it.seqs[0] for it in items] + [it.seqs[1] for it in items if len(it.seqs) == 2]
     b = _collate(seqs, pad).to(device)
+    # CUDA bf16 is the model's dtype (``_load_model``); on the CPU it is autocast.
+    amp = device.type == "cpu" and _bf16(cfg, device)
     if isinstance(obj, ALTConfig | SFTConfig):
         weights = torch.tensor([it.weight for it in items], device=device)
-        logits = _completion_logits(model, b)
+        logits = _completion_logits(model, b, amp)
         if isinstance(obj, SFTConfig):
             return sft_loss(logits, b.labels, b.label_mask, obj, weights)
         ref = None
         if obj.beta > 0:
             with _reference(model):
-                ref = _completion_logits(model, b)
+                ref = _completion_logits(model, b, amp)
         return alt_loss(logits, ref, b.labels, b.label_mask, obj, weights)
-    logps = (token_logps(_completion_logits(model, b), b.labels) * b.label_mask).sum(-1)
+    logps = (token_logps(_completion_logits(model, b, amp), b.labels) * b.label_mask).sum(-1)
     with _reference(model):
-        ref_logps = (token_logps(_completion_logits(model, b), b.labels) * b.label_mask).sum(-1)
+        ref_logits = _completion_logits(model, b, amp)
+        ref_logps = (token_logps(ref_logits, b.labels) * b.label_mask).sum(-1)
     pc, pr = logps.chunk(2)
     rc, rr = ref_logps.chunk(2)
     lc, lr = b.label_mask.sum(-1).chunk(2)
@@ -298,8 +318,7 @@ def _load_model(model_dir: Path, cfg: TrainConfig, init_adapter: Path | None) ->
     from transformers import AutoModelForCausalLM
 
     device = _device(cfg)
-    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    dtype = torch.bfloat16 if bf16 else torch.float32
+    dtype = torch.bfloat16 if device.type == "cuda" and _bf16(cfg, device) else torch.float32
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
     if cfg.gradient_checkpointing:
         # Non-reentrant: works although no input requires grad (only the LoRA weights do). It is
