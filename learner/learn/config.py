@@ -50,6 +50,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from tiller.server.manifest import DEFAULT_SEPARATOR
+
 from ..annotate.config import build_section
 from ..annotate.judge import JudgeConfig
 from ..trainer import OBJECTIVES, TrainConfig
@@ -105,10 +107,10 @@ class DataConfig:
     """Which dataset each iteration builds from the log.
 
     ``kind='alt'``: the ``provider``'s tag annotations become feedback-conditioned SFT examples
-    under ``tags``/``template`` (the conditioning the published versions carry), over a replay
-    window of the ``replay_versions`` latest adapter versions. ``kind='pairs'``: preference
-    pairs from ``source``; ``on_policy`` keeps only pairs sampled from the version being
-    served (the base model before the first promotion), as in online DPO.
+    under ``tags``/``template``/``separator`` (the conditioning the published versions carry),
+    over a replay window of the ``replay_versions`` latest adapter versions. ``kind='pairs'``:
+    preference pairs from ``source``; ``on_policy`` keeps only pairs sampled from the version
+    being served (the base model before the first promotion), as in online DPO.
     """
 
     kind: Literal["alt", "pairs"] = "pairs"
@@ -121,6 +123,7 @@ class DataConfig:
     allow_truncated: bool = True
     tags: tuple[str, ...] = ()
     template: str = ""
+    separator: str = DEFAULT_SEPARATOR  # after the rendered prompt ("" for plain continuation)
     balance: Literal["none", "downsample", "weight"] = "weight"
     replay_versions: int | None = None
     max_examples: int | None = None

@@ -90,7 +90,11 @@ class Served:
 def conditioning(cfg: LearnConfig) -> Conditioning | None:
     if cfg.data.kind != "alt":
         return None
-    return Conditioning(tags=cfg.data.tags, template=cfg.data.template or DEFAULT_TEMPLATE)
+    return Conditioning(
+        tags=cfg.data.tags,
+        template=cfg.data.template or DEFAULT_TEMPLATE,
+        separator=cfg.data.separator,
+    )
 
 
 def served(cfg: LearnConfig) -> Served:

@@ -230,7 +230,14 @@ async def test_alt_loop_conditions_on_tags(
         tmp_path / "work",
         adapter="alt",
         train=TrainConfig(objective="alt", **TINY_LORA),
-        data=DataConfig(kind="alt", provider="len-tags", tags=tags, balance="none"),
+        data=DataConfig(
+            kind="alt",
+            provider="len-tags",
+            tags=tags,
+            balance="none",
+            template="Length: {feedback}\nText: {prompt}",
+            separator="",
+        ),
         sample=SampleConfig(prompts=PROMPTS, per_iteration=8, n=2, max_tokens=8, feedback="Long"),
         gate=GateConfig(
             prompts=HELD_OUT,
@@ -251,6 +258,8 @@ async def test_alt_loop_conditions_on_tags(
     # v1 is the conditioning-only bootstrap (base weights + tag template); iterations make v2, v3.
     boot = load_manifest(version_path(registry, "alt", 1))
     assert not boot.has_lora and boot.conditioning is not None and boot.conditioning.tags == tags
+    assert boot.conditioning.template == "Length: {feedback}\nText: {prompt}"
+    assert boot.conditioning.separator == ""
     rows = runs.iterations(connect(db), "alt")
     assert [(r["status"], r["version"]) for r in rows] == [("promoted", 2), ("promoted", 3)]
     manifest = load_manifest(version_path(registry, "alt", 2))
@@ -262,12 +271,13 @@ async def test_alt_loop_conditions_on_tags(
     rendered = (
         connect(db)
         .execute(
-            "SELECT DISTINCT feedback FROM generations "
+            "SELECT DISTINCT feedback, prompt, rendered_prompt FROM generations "
             "WHERE adapter = 'alt' AND adapter_version = 1"
         )
         .fetchall()
     )
-    assert rendered == [("Long",)]
+    assert {r[0] for r in rendered} == {"Long"}
+    assert all(r[2] == f"Length: Long\nText: {r[1]}" for r in rendered), rendered[:2]
     gate = manifest.extra["metrics"]["gate"]
     assert set(gate["candidate"]["scores"]) == {"Long", "Short"}
 
