@@ -23,6 +23,12 @@ Reference sets, by ``mode``:
   batch's scores are appended to the window (in log order) before any of the batch is banded,
   so the first batch seeds the window and banding inside a batch does not depend on order.
 
+- ``fixed`` — no reference set: ``cuts`` (ascending, one fewer than the tags) are absolute
+  score thresholds, ``band = #{c in cuts : c <= s}``. Use it when the tag names carry meaning
+  the model already knows (``"Very negative"`` for VADER compound below -0.5): quantile bands
+  of a skewed score name mildly positive text "Negative", and ALT training on such a label
+  then fights what the words already mean to the model.
+
 The window lives in memory: after a restart it is re-seeded from the next batch, so global tags
 are relative to recent traffic, not reproducible from the log alone. ``annotate`` must not be
 called concurrently on one instance (the annotator never does).
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import itertools
 import math
 from collections import deque
 from collections.abc import Sequence
@@ -41,8 +48,8 @@ from typing import Literal
 from .base import Annotation, GenerationView
 from .scorers import SCORERS, Scorer, make_scorer
 
-Mode = Literal["per_prompt", "global"]
-MODES: tuple[Mode, ...] = ("per_prompt", "global")
+Mode = Literal["per_prompt", "global", "fixed"]
+MODES: tuple[Mode, ...] = ("per_prompt", "global", "fixed")
 
 
 def _check_scorer(provider: str, scorer: str) -> None:
@@ -67,6 +74,7 @@ class QuantileConfig:
     tags: tuple[str, ...]  # lowest-score band first
     mode: Mode
     window: int = 1000
+    cuts: tuple[float, ...] = ()  # mode 'fixed': ascending thresholds, len(tags) - 1 of them
     provider_name: str
 
     def __post_init__(self) -> None:
@@ -78,6 +86,19 @@ class QuantileConfig:
             raise ValueError(f"{where}: unknown mode {self.mode!r}; valid: {', '.join(MODES)}")
         if self.window < 1:
             raise ValueError(f"{where}: window must be >= 1, got {self.window}")
+        if self.mode == "fixed":
+            cuts = self.cuts
+            if len(cuts) != len(self.tags) - 1:
+                raise ValueError(
+                    f"{where}: mode 'fixed' needs cuts, one fewer than the {len(self.tags)} "
+                    f"tags; got {len(cuts)}"
+                )
+            if not all(math.isfinite(c) for c in cuts) or any(
+                a >= b for a, b in itertools.pairwise(cuts)
+            ):
+                raise ValueError(f"{where}: cuts must be finite and strictly ascending: {cuts}")
+        elif self.cuts:
+            raise ValueError(f"{where}: cuts apply to mode 'fixed' only (mode {self.mode!r})")
 
 
 def band(score: float, sorted_ref: Sequence[float], k: int) -> int:
@@ -161,8 +182,9 @@ class QuantileTagProvider:
             if isinstance(s, str):
                 out.append(Annotation(g.id, self.name, "tag", None, error=s))
                 continue
-            ref = refs.get(g.group_id, global_ref)
-            out.append(
-                Annotation(g.id, self.name, "tag", tags[band(s, ref, len(tags))], raw=repr(s))
-            )
+            if self.config.mode == "fixed":
+                k = bisect.bisect_right(self.config.cuts, s)
+            else:
+                k = band(s, refs.get(g.group_id, global_ref), len(tags))
+            out.append(Annotation(g.id, self.name, "tag", tags[k], raw=repr(s)))
         return out

@@ -199,6 +199,31 @@ async def test_global_ranks_against_history_not_just_the_batch() -> None:
     assert [n.value for n in notes] == ["Lowest"]
 
 
+def test_fixed_bands_are_absolute_thresholds_whatever_the_batch() -> None:
+    cfg = QuantileConfig(
+        scorer="sentiment",
+        tags=("Very negative", "Negative", "Positive", "Very positive"),
+        mode="fixed",
+        cuts=(-0.5, 0.0, 0.5),
+        provider_name="s",
+    )
+    q = QuantileTagProvider(cfg)
+    # A batch skewed positive: quantile bands would call 0.3 "Negative"; fixed cuts do not.
+    scores = [0.3, 0.6, 0.9, 0.95, -0.7, 0.0, -0.5, 0.5]
+    b = batch([("a", list(range(1, len(scores) + 1)))])
+    tags = [n.value for n in q.tag(b, list(scores))]
+    assert tags == [
+        "Positive",
+        "Very positive",
+        "Very positive",
+        "Very positive",
+        "Very negative",
+        "Positive",  # a score on a cut belongs to the upper band
+        "Negative",
+        "Very positive",
+    ]
+
+
 def test_failed_scores_become_error_annotations_and_are_not_ranked() -> None:
     q = quantile("per_prompt", tags=("low", "high"))
     b = batch([("a", [1, 2, 3])])
@@ -233,6 +258,10 @@ async def test_score_provider_writes_the_raw_score() -> None:
         ({"tags": ("a", "a")}, r"at least 2 distinct"),
         ({"mode": "local"}, r"unknown mode 'local'; valid: per_prompt, global"),
         ({"window": 0}, r"window must be >= 1"),
+        ({"mode": "fixed"}, r"needs cuts, one fewer than the 2 tags; got 0"),
+        ({"mode": "fixed", "cuts": (1.0, 2.0)}, r"one fewer than the 2 tags; got 2"),
+        ({"mode": "fixed", "tags": ("a", "b", "c"), "cuts": (2.0, 1.0)}, r"strictly ascending"),
+        ({"cuts": (0.0,)}, r"cuts apply to mode 'fixed' only"),
     ],
 )
 def test_config_errors_name_the_field(kw: dict[str, object], message: str) -> None:
