@@ -30,6 +30,11 @@ from .config import load_config
     "--max-iterations", type=int, default=None, help="End after this many learner iterations."
 )
 @click.option(
+    "--evaluate-only",
+    is_flag=True,
+    help="Evaluate an existing --run-dir again (server only, its active version); no training.",
+)
+@click.option(
     "--cache-dir",
     type=click.Path(path_type=Path, file_okay=False),
     default=Path.home() / ".cache" / "tiller",
@@ -41,6 +46,7 @@ def align(
     run_dir: Path | None,
     duration: float | None,
     max_iterations: int | None,
+    evaluate_only: bool,
     cache_dir: Path,
 ) -> None:
     """Serve, annotate, train, gate, publish and hot-swap, continuously; then evaluate."""
@@ -56,6 +62,8 @@ def align(
         cfg = replace(cfg, duration_s=duration)
     if max_iterations is not None:
         cfg = replace(cfg, learner={**cfg.learner, "max_iterations": max_iterations})
+    if evaluate_only and run_dir is None:
+        raise click.UsageError("--evaluate-only needs --run-dir (the run to evaluate)")
     root = run_dir or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     root = root.resolve()
     console = Console(stderr=True)
@@ -64,4 +72,5 @@ def align(
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     console.log(f"tiller align {cfg.name}: {model.name}, {cfg.duration_s:.0f} s, run dir {root}")
-    raise SystemExit(run(cfg, config_path, root, model, lambda m: console.log(m, highlight=False)))
+    log = lambda m: console.log(m, highlight=False)  # noqa: E731
+    raise SystemExit(run(cfg, config_path, root, model, log, evaluate_only=evaluate_only))

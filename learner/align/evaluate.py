@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from tiller.client import AsyncClient
+from tiller.server.manifest import Conditioning
+from tiller.server.prompt import render_text
 
 from ..annotate.scorers import make_scorer
 from ..fluency import load_scoring_model, perplexity
@@ -33,10 +35,15 @@ from .config import EvalConfig
 
 @dataclass(frozen=True)
 class Condition:
+    """What generates: the base model, or ``adapter@version``; ``feedback`` is a tag the server
+    renders, or, with ``render``, a tag rendered here into the prompt sent to the base model
+    (the conditioning-only bootstrap: no server-side version has to stay loaded for it)."""
+
     label: str
     adapter: str = ""
     version: int | None = None
     feedback: str = ""
+    render: Conditioning | None = None
 
 
 @dataclass(frozen=True)
@@ -99,9 +106,12 @@ async def _texts(client: AsyncClient, cond: Condition, cfg: EvalConfig) -> list[
     }
     if cond.adapter:
         common |= {"adapter": cond.adapter, "adapter_version": cond.version}
-    if cond.feedback:
+    sent = list(cfg.prompts)
+    if cond.feedback and cond.render is not None:
+        sent = [render_text(p, cond.feedback, cond.render) for p in cfg.prompts]
+    elif cond.feedback:
         common["feedback"] = cond.feedback
-    jobs = [(p, common | {"seed": cfg.seed + i}) for i, p in enumerate(cfg.prompts)]
+    jobs = [(p, common | {"seed": cfg.seed + i}) for i, p in enumerate(sent)]
     texts = await generate_each(client, jobs, 16)
     return [(p, t) for p, ts in zip(cfg.prompts, texts, strict=True) for t in ts]
 
@@ -138,11 +148,18 @@ async def evaluate(
 
 
 def conditions(
-    cfg: EvalConfig, adapter: str, version: int | None, prompted: int | None = None
+    cfg: EvalConfig,
+    adapter: str,
+    version: int | None,
+    prompted: int | None = None,
+    prompted_conditioning: Conditioning | None = None,
 ) -> list[Condition]:
     """base; then the adapter's ``version`` (per extreme tag for ALT); then, for ALT, the
     conditioning-only version ``prompted`` per tag (the base prompted with the tag words, no
-    training), when it is not ``version`` itself."""
+    training), when it is not ``version`` itself. With ``prompted_conditioning`` (that
+    version's manifest conditioning) the tag is rendered client-side for the base model: the
+    server keeps only the active and the previous version loaded, so after two promotions the
+    bootstrap is no longer servable by number."""
     out = [Condition("base")]
     if version is None:
         return out
@@ -150,10 +167,14 @@ def conditions(
     if cfg.tags:
         out += [Condition(f"{label} [{t}]", adapter, version, t) for t in cfg.tags]
         if prompted is not None and prompted != version:
-            out += [
-                Condition(f"prompted {adapter}@v{prompted} [{t}]", adapter, prompted, t)
-                for t in cfg.tags
-            ]
+            label_p = f"prompted {adapter}@v{prompted}"
+            if prompted_conditioning is not None:
+                out += [
+                    Condition(f"{label_p} [{t}]", feedback=t, render=prompted_conditioning)
+                    for t in cfg.tags
+                ]
+            else:
+                out += [Condition(f"{label_p} [{t}]", adapter, prompted, t) for t in cfg.tags]
     else:
         out.append(Condition(label, adapter, version))
     return out

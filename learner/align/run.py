@@ -22,6 +22,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import sys
 import time
 from dataclasses import dataclass
@@ -145,8 +146,11 @@ class AlignRun:
         return url + "/v1"
 
     def start(self) -> None:
-        from .config import annotator_section, learner_section
+        judge_url = self.start_server()
+        self.start_workers(judge_url)
 
+    def start_server(self) -> str | None:
+        """The judge (with ``[judge]``) and the server; returns the judge's URL."""
         p = self.paths
         p.registry.mkdir(parents=True, exist_ok=True)
         judge_url = self._start_judge()
@@ -171,6 +175,12 @@ class AlignRun:
         # and the server on one machine that over-commits. 2 GiB holds ~90k SmolLM2 tokens.
         kv = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
         self.sup.start(ChildSpec("server", server_argv, p.log("server"), server_ready, env=kv))
+        return judge_url
+
+    def start_workers(self, judge_url: str | None) -> None:
+        from .config import annotator_section, learner_section
+
+        p = self.paths
         (p.root / "annotator.json").write_text(
             json.dumps(annotator_section(self.cfg, db=p.db, judge_url=judge_url), indent=2)
         )
@@ -248,10 +258,11 @@ class AlignRun:
         """Evaluate, plot, write ``report.json``; returns the report."""
         from tiller.client import AsyncClient
         from tiller.server.logstore import connect
+        from tiller.server.manifest import load_manifest
 
         from ..learn.loop import bootstrap_version
         from ..learn.runs import iterations
-        from ..publish import read_state
+        from ..publish import read_state, version_path
         from . import plots
         from .evaluate import compare, conditions, evaluate, spread
 
@@ -296,10 +307,14 @@ class AlignRun:
 
             prompted = bootstrap_version(p.registry, cfg.adapter)
             report["prompted_version"] = prompted
+            rendering = None
+            if prompted is not None:
+                boot = version_path(p.registry, cfg.adapter, prompted)
+                rendering = load_manifest(boot).conditioning
 
             async def run_eval() -> Any:
                 async with AsyncClient(self.target, timeout=600) as client:
-                    conds = conditions(cfg.eval, cfg.adapter, active, prompted)  # type: ignore[arg-type]
+                    conds = conditions(cfg.eval, cfg.adapter, active, prompted, rendering)  # type: ignore[arg-type]
                     return await evaluate(client, conds, cfg.eval, self.model)  # type: ignore[arg-type]
 
             stats = asyncio.run(run_eval())
@@ -339,11 +354,38 @@ class AlignRun:
         return report
 
 
-def run(cfg: AlignConfig, config_path: Path, root: Path, model: Path, report: Any) -> int:
-    """The whole run; returns the process exit status."""
-    root.mkdir(parents=True, exist_ok=True)
-    shutil.copy(config_path, root / "config.toml")
+def first_generation_at(db_path: Path) -> float | None:
+    """When the run's first generation was logged (an existing run's start, near enough)."""
+    if not db_path.exists():
+        return None
+    with sqlite3.connect(db_path) as db:
+        row = db.execute("SELECT min(created_at) FROM generations").fetchone()
+    return float(row[0]) if row and row[0] is not None else None
+
+
+def run(
+    cfg: AlignConfig,
+    config_path: Path,
+    root: Path,
+    model: Path,
+    report: Any,
+    evaluate_only: bool = False,
+) -> int:
+    """The whole run; returns the process exit status. ``evaluate_only``: an existing run
+    directory is evaluated again (server only, on its registry's active version): no sampling,
+    annotating or training."""
+    began = None
+    if evaluate_only:
+        began = first_generation_at(RunPaths(root).db)
+        if began is None:
+            report(f"{root}: no generation log to evaluate")
+            return 2
+    else:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.copy(config_path, root / "config.toml")
     r = AlignRun(cfg, root, model, report)
+    if evaluate_only and began is not None:
+        r.started = began
     stop: list[bool] = []
 
     def on_signal(*_: object) -> None:
@@ -355,10 +397,14 @@ def run(cfg: AlignConfig, config_path: Path, root: Path, model: Path, report: An
         signal.signal(sig, on_signal)
     status = 0
     try:
-        r.start()
-        reason = r.watch(stop)
-        report(f"stopping the loop: {reason}")
-        r.stop_children("learner", "annotator")
+        if evaluate_only:
+            r.start_server()
+            reason = "evaluate only"
+        else:
+            r.start()
+            reason = r.watch(stop)
+            report(f"stopping the loop: {reason}")
+            r.stop_children("learner", "annotator")
         summary = r.finish(reason)
         report(f"report: {root / 'report.json'}")
         for k, v in (summary.get("eval") or {}).items():

@@ -128,6 +128,104 @@ JUDGED = (
 )
 
 
+ALT = """
+name = "alt"
+model = "{model}"
+duration_s = 300
+reward_provider = "len"
+[server]
+args = ["--dtype", "float32", "--max-model-len", "512"]
+[annotator]
+batch_size = 64
+[[annotator.providers]]
+name = "len"
+type = "score"
+scorer = "length"
+[[annotator.providers]]
+name = "len-tags"
+type = "quantile"
+scorer = "length"
+mode = "fixed"
+cuts = [4.0]
+tags = ["Short", "Long"]
+[learner]
+adapter = "steer"
+base_model = "tiny-llama"
+max_iterations = 2
+[learner.trigger]
+min_annotations = 8
+min_examples = 2
+poll_s = 0.2
+[learner.sample]
+prompts_file = "prompts.txt"
+per_iteration = 6
+n = 2
+max_tokens = 8
+feedback = ["Short", "Long"]
+[learner.data]
+kind = "alt"
+provider = "len-tags"
+tags = ["Short", "Long"]
+template = "Length: {{feedback}}\\nText: {{prompt}}"
+separator = ""
+[learner.train]
+objective = "alt"
+lora_r = 4
+lora_alpha = 8
+target_modules = ["q_proj", "v_proj"]
+batch_size = 4
+max_steps = 2
+max_length = 64
+precision = "bf16"
+[learner.gate]
+prompts = ["x y", "z w"]
+scorer = "length"
+metric = "spread"
+high_tag = "Long"
+low_tag = "Short"
+margin = 1000.0
+confidence = 0.9
+max_tokens = 8
+[eval]
+prompts = ["x y", "z w", "q r"]
+scorer = "length"
+tags = ["Long", "Short"]
+max_tokens = 8
+"""
+
+
+def test_alt_align_evaluates_against_the_unloaded_bootstrap_and_again_on_demand(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """Bootstrap v1, then v2 and v3 promoted: the server keeps v2 and v3 only, and the held-out
+    evaluation still measures the prompted bootstrap (rendered client-side). ``--evaluate-only``
+    then evaluates the finished run again, without training."""
+    (tmp_path / "prompts.txt").write_text("\n".join(f"p{i} q{i}" for i in range(6)) + "\n")
+    config = tmp_path / "alt.toml"
+    config.write_text(ALT.format(model=tiny_model))
+    run_dir = tmp_path / "run"
+    argv = [sys.executable, "-m", "tiller.client.cli", "align", "--config", str(config),
+            "--run-dir", str(run_dir)]  # fmt: skip
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["promoted_version"] == 3 and report["prompted_version"] == 1
+    labels = [c["label"] for c in report["eval"]["conditions"]]
+    assert labels == [
+        "base", "steer@v3 [Long]", "steer@v3 [Short]",
+        "prompted steer@v1 [Long]", "prompted steer@v1 [Short]",
+    ]  # fmt: skip
+    assert "tag spread, trained over prompted" in report["eval"]
+    iterations = report["iterations"]
+    again = subprocess.run([*argv, "--evaluate-only"], capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-4000:]
+    second = json.loads((run_dir / "report.json").read_text())
+    assert second["ended"] == "evaluate only" and second["iterations"] == iterations
+    assert [c["label"] for c in second["eval"]["conditions"]] == labels
+    assert [c["n"] for c in second["eval"]["conditions"]] == [6] * 5  # 3 prompts x 2 samples
+    assert "started learner" not in again.stderr and _alive_with(str(run_dir)) == []
+
+
 def test_align_with_a_real_llm_judge(tiny_model: Path, tmp_path: Path) -> None:
     """vLLM's OpenAI server on the tiny model judges the pairs (both orders); the learner trains
     DPO on its verdicts: the LLM-judge path end to end."""

@@ -58,4 +58,15 @@ def test_spread_is_a_paired_condition_and_conditions_add_the_prompted_version() 
         "prompted steer@v1 [Hi]", "prompted steer@v1 [Lo]",
     ]  # fmt: skip
     assert len(conditions(cfg, "steer", 1, prompted=1)) == 3  # nothing trained was promoted
+    # With the bootstrap's conditioning the prompted conditions are the base model with the tag
+    # rendered into the prompt: no version number the server may have unloaded.
+    from tiller.server.manifest import Conditioning
+
+    cond = Conditioning(tags=("Hi", "Lo"), template="{feedback}: {prompt}", separator="")
+    prompted = conditions(cfg, "steer", 3, 1, cond)[3:]
+    assert [(c.label, c.adapter, c.version, c.feedback) for c in prompted] == [
+        ("prompted steer@v1 [Hi]", "", None, "Hi"),
+        ("prompted steer@v1 [Lo]", "", None, "Lo"),
+    ]
+    assert all(c.render == cond for c in prompted)
     assert [c.label for c in conditions(cfg, "steer", None)] == ["base"]
