@@ -126,18 +126,27 @@ def make_pair(
 # ------------------------------------------------------------------------------ judge verdicts
 
 
-def verdict(value: Any) -> tuple[bool, float] | str:
-    """``(a_wins, label_confidence)`` from a preference value, or a skip reason."""
+def verdict(value: Any, tie_margin: float | None = None) -> tuple[bool, float] | str:
+    """``(a_wins, label_confidence)`` from a preference value, or a skip reason.
+
+    ``tie_margin``: a tie (the two orders disagreed) with a ``p_a`` at least this far from 0.5
+    is decided by ``p_a``, the order-averaged probability that A is better. A judge whose every
+    answer follows the position (a small model) makes every verdict a tie; its order-averaged
+    probabilities still carry the preference, with the position bias cancelled."""
     if not isinstance(value, dict) or value.get("winner") not in ("a", "b", "tie"):
         return "malformed"
-    if value["winner"] == "tie":
-        return "tie"
-    a_wins = value["winner"] == "a"
     p_a = value.get("p_a")
+    if p_a is not None and (
+        isinstance(p_a, bool) or not isinstance(p_a, int | float) or not 0.0 <= p_a <= 1.0
+    ):
+        return "malformed"
+    if value["winner"] == "tie":
+        if p_a is None or tie_margin is None or abs(float(p_a) - 0.5) < tie_margin:
+            return "tie"
+        return float(p_a) > 0.5, max(float(p_a), 1.0 - float(p_a))
+    a_wins = value["winner"] == "a"
     if p_a is None:
         return a_wins, 1.0
-    if isinstance(p_a, bool) or not isinstance(p_a, int | float) or not 0.0 <= p_a <= 1.0:
-        return "malformed"
     p_winner = float(p_a) if a_wins else 1.0 - float(p_a)
     return a_wins, max(0.5, p_winner)
 
@@ -159,12 +168,13 @@ def pair_from_verdict(
     *,
     source_prefix: str,
     allow_truncated: bool = True,
+    tie_margin: float | None = None,
 ) -> PreferencePair | str:
     """The pair one verdict row yields (``source = "<prefix>:<chosen>><rejected>"``), or a skip
     reason: ``missing_generation``, ``malformed``, ``tie``, or one of ``make_pair``'s."""
     if a is None or b is None:
         return "missing_generation"
-    v = verdict(value)
+    v = verdict(value, tie_margin)
     if isinstance(v, str):
         return v
     a_wins, confidence = v
@@ -184,13 +194,19 @@ def judge_pairs(
     *,
     allow_truncated: bool = True,
     skipped: Counter[str] | None = None,
+    tie_margin: float | None = None,
 ) -> list[PreferencePair]:
-    """Pairs from ``provider``'s pairwise verdicts (module docstring). Source:
-    ``judge:<provider>:<chosen id>><rejected id>``."""
+    """Pairs from ``provider``'s pairwise verdicts (module docstring; ``tie_margin``: see
+    ``verdict``). Source: ``judge:<provider>:<chosen id>><rejected id>``."""
     out: list[PreferencePair] = []
     for a, b, value in judge_rows(db, provider):
         p = pair_from_verdict(
-            a, b, value, source_prefix=f"judge:{provider}", allow_truncated=allow_truncated
+            a,
+            b,
+            value,
+            source_prefix=f"judge:{provider}",
+            allow_truncated=allow_truncated,
+            tie_margin=tie_margin,
         )
         keep(out, p, skipped)
     return out

@@ -121,6 +121,8 @@ class DataConfig:
     pairing: Literal["all", "best_worst"] = "best_worst"
     on_policy: bool = True
     allow_truncated: bool = True
+    # source 'judge': decide a both-order tie by p_a when |p_a - 0.5| >= this (None: skip ties)
+    judge_tie_margin: float | None = None
     tags: tuple[str, ...] = ()
     template: str = ""
     separator: str = DEFAULT_SEPARATOR  # after the rendered prompt ("" for plain continuation)
@@ -135,6 +137,9 @@ class DataConfig:
             raise ValueError(f"data.source {self.source!r} is not one of: judge, score, feedback")
         if self.kind == "alt" and not self.tags:
             raise ValueError("data.kind 'alt' needs data.tags (the feedback vocabulary)")
+        m = self.judge_tie_margin
+        if m is not None and not (0.0 <= m < 0.5):
+            raise ValueError(f"data.judge_tie_margin must be in [0, 0.5), got {m}")
         if (self.kind == "alt" or self.source != "feedback") and not self.provider:
             raise ValueError("data.provider (the annotation provider) is required")
 

@@ -202,7 +202,13 @@ def build_dataset(
         examples: list[SFTExample] = build_alt(db, alt, skipped=skipped)
         return examples[-d.max_examples :] if d.max_examples else examples
     if d.source == "judge":
-        pairs = judge_pairs(db, d.provider, allow_truncated=d.allow_truncated, skipped=skipped)
+        pairs = judge_pairs(
+            db,
+            d.provider,
+            allow_truncated=d.allow_truncated,
+            skipped=skipped,
+            tie_margin=d.judge_tie_margin,
+        )
     elif d.source == "score":
         pairs = score_pairs(
             db,

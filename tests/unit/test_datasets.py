@@ -290,6 +290,30 @@ def test_judge_pairs(db: sqlite_utils.Database) -> None:
     assert judge_pairs(db, "nobody") == []
 
 
+def test_judge_ties_decided_by_the_order_averaged_probability(db: sqlite_utils.Database) -> None:
+    for n in range(4):
+        gen(db, f"t{2 * n + 1}", f"a{n}", group=f"T{n}", prompt=f"q{n}")
+        gen(db, f"t{2 * n + 2}", f"b{n}", group=f"T{n}", prompt=f"q{n}", index=1)
+
+    def pref(a: str, b: str, value: object) -> Annotation:
+        return Annotation(a, "judge", "preference", value, generation_id_b=b)
+
+    annotate(
+        db,
+        pref("t1", "t2", {"winner": "tie", "p_a": 0.46}),  # B preferred once order is averaged
+        pref("t3", "t4", {"winner": "tie", "p_a": 0.505}),  # too close to call
+        pref("t5", "t6", {"winner": "tie"}),  # no probabilities: stays a tie
+        pref("t7", "t8", {"winner": "tie", "p_a": 1.5}),  # out of range
+    )
+    skipped: Counter[str] = Counter()
+    assert judge_pairs(db, "judge", skipped=skipped) == []
+    assert skipped == {"tie": 3, "malformed": 1}
+    skipped.clear()
+    pairs = judge_pairs(db, "judge", skipped=skipped, tie_margin=0.02)
+    assert pairs == [pp("q0", "b0", "a0", "judge:judge:t2>t1", 0.54)]
+    assert skipped == {"tie": 2, "malformed": 1}
+
+
 def test_score_pairs(db: sqlite_utils.Database) -> None:
     for i in range(3):
         gen(db, f"s{i}", f"S{i}", group="S", index=i, prompt="qs")
