@@ -14,7 +14,7 @@ from typing import Any
 Scorer = tuple[Any, Any]  # (tokenizer, causal LM)
 
 
-def load_scoring_model(model_dir: Path) -> tuple[Any, Any]:
+def load_scoring_model(model_dir: Path) -> Scorer:
     """(tokenizer, model) of the base model for ``perplexity``; load once per evaluation."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -23,7 +23,7 @@ def load_scoring_model(model_dir: Path) -> tuple[Any, Any]:
     return tok, AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
-def perplexity(scorer: tuple[Any, Any], pairs: list[tuple[str, str]]) -> float:
+def perplexity(scorer: Scorer, pairs: list[tuple[str, str]]) -> float:
     """exp(mean NLL per token) of the completions given their prompts under the base model."""
     import torch
 

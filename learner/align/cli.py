@@ -72,5 +72,13 @@ def align(
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     console.log(f"tiller align {cfg.name}: {model.name}, {cfg.duration_s:.0f} s, run dir {root}")
-    log = lambda m: console.log(m, highlight=False)  # noqa: E731
-    raise SystemExit(run(cfg, config_path, root, model, log, evaluate_only=evaluate_only))
+    raise SystemExit(
+        run(
+            cfg,
+            config_path,
+            root,
+            model,
+            lambda m: console.log(m, highlight=False),
+            evaluate_only=evaluate_only,
+        )
+    )

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from ..annotate.scorers import make_scorer
 from ..fluency import load_scoring_model, perplexity
 from ..learn.gate import distinct_n
 from ..learn.sampling import generate_each
+from ..stats import mean_halfwidth
 from .config import EvalConfig
 
 
@@ -66,13 +66,7 @@ class Stats:
 
 def mean_ci(values: list[float]) -> tuple[float, float]:
     """Mean and the half-width of its 95% Student-t interval."""
-    from scipy import stats
-
-    m = statistics.fmean(values)
-    if len(values) < 2:
-        return m, math.inf
-    sem = statistics.stdev(values) / math.sqrt(len(values))
-    return m, float(stats.t.ppf(0.975, len(values) - 1) * sem)
+    return mean_halfwidth(values, 0.975)
 
 
 def compare(a: Stats, b: Stats) -> dict[str, float]:
@@ -80,15 +74,12 @@ def compare(a: Stats, b: Stats) -> dict[str, float]:
     two-sided ``p``; ``p_welch`` is Welch's unpaired test of the same scores."""
     from scipy import stats
 
-    if len(a.scores) != len(b.scores):
-        raise ValueError(f"{a.label} and {b.label} are not paired: {a.n} vs {b.n} scores")
-    diffs = [x - y for x, y in zip(a.scores, b.scores, strict=True)]
-    diff, ci = mean_ci(diffs)
+    d = spread(a, b, f"{a.label} - {b.label}")
     paired = stats.ttest_rel(a.scores, b.scores)
     welch = stats.ttest_ind(a.scores, b.scores, equal_var=False)
     return {
-        "diff": diff,
-        "ci95": ci,
+        "diff": d.mean,
+        "ci95": d.ci95,
         "t": float(paired.statistic),
         "p": float(paired.pvalue),
         "p_welch": float(welch.pvalue),
@@ -151,40 +142,34 @@ def conditions(
     cfg: EvalConfig,
     adapter: str,
     version: int | None,
-    prompted: int | None = None,
-    prompted_conditioning: Conditioning | None = None,
+    prompted: tuple[int, Conditioning] | None = None,
 ) -> list[Condition]:
     """base; then the adapter's ``version`` (per extreme tag for ALT); then, for ALT, the
-    conditioning-only version ``prompted`` per tag (the base prompted with the tag words, no
-    training), when it is not ``version`` itself. With ``prompted_conditioning`` (that
-    version's manifest conditioning) the tag is rendered client-side for the base model: the
-    server keeps only the active and the previous version loaded, so after two promotions the
-    bootstrap is no longer servable by number."""
+    conditioning-only bootstrap ``prompted = (version, its conditioning)`` per tag (the base
+    prompted with the tag words, no training), when it is not ``version`` itself. The tag is
+    rendered client-side for the base model: the server keeps only the active and the previous
+    version loaded, so after two promotions the bootstrap is no longer servable by number."""
     out = [Condition("base")]
     if version is None:
         return out
     label = f"{adapter}@v{version}"
-    if cfg.tags:
-        out += [Condition(f"{label} [{t}]", adapter, version, t) for t in cfg.tags]
-        if prompted is not None and prompted != version:
-            label_p = f"prompted {adapter}@v{prompted}"
-            if prompted_conditioning is not None:
-                out += [
-                    Condition(f"{label_p} [{t}]", feedback=t, render=prompted_conditioning)
-                    for t in cfg.tags
-                ]
-            else:
-                out += [Condition(f"{label_p} [{t}]", adapter, prompted, t) for t in cfg.tags]
-    else:
-        out.append(Condition(label, adapter, version))
+    if not cfg.tags:
+        return [*out, Condition(label, adapter, version)]
+    out += [Condition(f"{label} [{t}]", adapter, version, t) for t in cfg.tags]
+    if prompted is not None and prompted[0] != version:
+        boot, cond = prompted
+        out += [
+            Condition(f"prompted {adapter}@v{boot} [{t}]", feedback=t, render=cond)
+            for t in cfg.tags
+        ]
     return out
 
 
 def spread(high: Stats, low: Stats, label: str) -> Stats:
     """Per prompt-and-seed differences ``high − low`` as a condition of their own (so that two
     spreads can be compared pairwise)."""
-    if high.n != low.n:
-        raise ValueError(f"{high.label} and {low.label} are not paired: {high.n} vs {low.n}")
+    if len(high.scores) != len(low.scores):
+        raise ValueError(f"{high.label} and {low.label} are not paired: {high.n} vs {low.n} scores")
     diffs = [h - lo for h, lo in zip(high.scores, low.scores, strict=True)]
     m, ci = mean_ci(diffs)
     return Stats(label, len(diffs), m, ci, math.nan, None, tuple(diffs), ())

@@ -305,16 +305,16 @@ class AlignRun:
         if cfg.eval is not None:
             self.report("evaluating on held-out prompts ...")
 
-            prompted = bootstrap_version(p.registry, cfg.adapter)
-            report["prompted_version"] = prompted
-            rendering = None
-            if prompted is not None:
-                boot = version_path(p.registry, cfg.adapter, prompted)
-                rendering = load_manifest(boot).conditioning
+            boot = bootstrap_version(p.registry, cfg.adapter)
+            report["prompted_version"] = boot
+            prompted = None
+            if boot is not None:
+                rendering = load_manifest(version_path(p.registry, cfg.adapter, boot)).conditioning
+                prompted = None if rendering is None else (boot, rendering)
 
             async def run_eval() -> Any:
                 async with AsyncClient(self.target, timeout=600) as client:
-                    conds = conditions(cfg.eval, cfg.adapter, active, prompted, rendering)  # type: ignore[arg-type]
+                    conds = conditions(cfg.eval, cfg.adapter, active, prompted)  # type: ignore[arg-type]
                     return await evaluate(client, conds, cfg.eval, self.model)  # type: ignore[arg-type]
 
             stats = asyncio.run(run_eval())

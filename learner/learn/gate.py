@@ -34,12 +34,9 @@ from __future__ import annotations
 
 import asyncio
 import math
-import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
-
-from scipy import stats as scipy_stats
 
 from tiller.client import AsyncClient
 from tiller.server.manifest import Conditioning
@@ -49,6 +46,7 @@ from ..annotate.base import GenerationView
 from ..annotate.judge import JudgeConfig, LLMJudge
 from ..annotate.scorers import make_scorer
 from ..fluency import Scorer, perplexity
+from ..stats import mean_halfwidth
 from .sampling import generate_each
 
 Metric = Literal["mean", "spread"]
@@ -231,12 +229,8 @@ def paired_upper_bound(
 ) -> float:
     """One-sided ``level`` upper confidence bound of mean(candidate − incumbent), paired by
     position (Student t); +inf when there are fewer than two pairs."""
-    diffs = [c - i for c, i in zip(candidate, incumbent, strict=True)]
-    if len(diffs) < 2:
-        return math.inf
-    mean = statistics.fmean(diffs)
-    se = statistics.stdev(diffs) / math.sqrt(len(diffs))
-    return mean + float(scipy_stats.t.ppf(level, len(diffs) - 1)) * se
+    mean, margin = mean_halfwidth([c - i for c, i in zip(candidate, incumbent, strict=True)], level)
+    return mean + margin
 
 
 def _view(i: int, group: str, prompt: str, text: str, side: str) -> GenerationView:

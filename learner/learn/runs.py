@@ -10,8 +10,8 @@ learner carries on after the last recorded iteration.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import sqlite_utils
 
@@ -41,27 +41,24 @@ class IterationRecord:
     details: dict[str, Any] | None = None
 
 
-# Declared column types: sqlite-utils infers a column's type from the first row it inserts, and
-# a first row with ``final_loss=None`` (a skipped iteration) made the column TEXT, so later
-# losses came back as strings.
+def _column_type(hint: Any) -> type:
+    """The SQLite column type of one ``IterationRecord`` field (``X | None`` -> X, bool -> int,
+    a Literal of strings -> str)."""
+    if get_origin(hint) is Literal:
+        return str
+    args = [a for a in get_args(hint) if a is not type(None)] or [hint]
+    base = args[0]
+    return int if base is bool else base
+
+
+# Declared column types, derived from the record: sqlite-utils infers a column's type from the
+# first row it inserts, and a first row with ``final_loss=None`` (a skipped iteration) made the
+# column TEXT, so later losses came back as strings.
+_HINTS = get_type_hints(IterationRecord)
 COLUMNS: dict[str, type] = {
-    "adapter": str,
-    "iteration": int,
-    "status": str,
-    "started_at": float,
-    "finished_at": float,
-    "annotation_seq": int,
-    "examples": int,
-    "steps": int,
-    "final_loss": float,
-    "samples_per_s": float,
-    "version": int,
-    "gate_passed": int,
-    "candidate_value": float,
-    "incumbent_value": float,
-    "candidate_distinct2": float,
-    "win_rate": float,
-    "reason": str,
+    **{
+        f.name: _column_type(_HINTS[f.name]) for f in fields(IterationRecord) if f.name != "details"
+    },
     "details_json": str,
 }
 

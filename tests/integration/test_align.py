@@ -128,70 +128,29 @@ JUDGED = (
 )
 
 
-ALT = """
-name = "alt"
-model = "{model}"
-duration_s = 300
-reward_provider = "len"
-[server]
-args = ["--dtype", "float32", "--max-model-len", "512"]
-[annotator]
-batch_size = 64
-[[annotator.providers]]
-name = "len"
-type = "score"
-scorer = "length"
-[[annotator.providers]]
-name = "len-tags"
-type = "quantile"
-scorer = "length"
-mode = "fixed"
-cuts = [4.0]
-tags = ["Short", "Long"]
-[learner]
-adapter = "steer"
-base_model = "tiny-llama"
-max_iterations = 2
-[learner.trigger]
-min_annotations = 8
-min_examples = 2
-poll_s = 0.2
-[learner.sample]
-prompts_file = "prompts.txt"
-per_iteration = 6
-n = 2
-max_tokens = 8
-feedback = ["Short", "Long"]
-[learner.data]
-kind = "alt"
-provider = "len-tags"
-tags = ["Short", "Long"]
-template = "Length: {{feedback}}\\nText: {{prompt}}"
-separator = ""
-[learner.train]
-objective = "alt"
-lora_r = 4
-lora_alpha = 8
-target_modules = ["q_proj", "v_proj"]
-batch_size = 4
-max_steps = 2
-max_length = 64
-precision = "bf16"
-[learner.gate]
-prompts = ["x y", "z w"]
-scorer = "length"
-metric = "spread"
-high_tag = "Long"
-low_tag = "Short"
-margin = 1000.0
-confidence = 0.9
-max_tokens = 8
-[eval]
-prompts = ["x y", "z w", "q r"]
-scorer = "length"
-tags = ["Long", "Short"]
-max_tokens = 8
-"""
+ALT = (
+    QUICK.replace('name = "quick"', 'name = "alt"')
+    .replace(
+        "[learner]\n",
+        '[[annotator.providers]]\nname = "len-tags"\ntype = "quantile"\nscorer = "length"\n'
+        'mode = "fixed"\ncuts = [4.0]\ntags = ["Short", "Long"]\n[learner]\n',
+    )
+    .replace('adapter = "critic"', 'adapter = "steer"')
+    .replace("[learner.data]", 'feedback = ["Short", "Long"]\n[learner.data]')
+    .replace(
+        'kind = "pairs"\nsource = "score"\nprovider = "len"',
+        'kind = "alt"\nprovider = "len-tags"\ntags = ["Short", "Long"]\n'
+        'template = "Length: {{feedback}}\\nText: {{prompt}}"\nseparator = ""',
+    )
+    .replace('objective = "dpo"', 'objective = "alt"')
+    .replace("max_length = 64\n", 'max_length = 64\nprecision = "bf16"\n')
+    .replace(
+        "margin = 1000.0",
+        'metric = "spread"\nhigh_tag = "Long"\nlow_tag = "Short"\n'
+        "margin = 1000.0\nconfidence = 0.9",
+    )
+    .replace("[eval]\n", '[eval]\ntags = ["Long", "Short"]\n')
+)
 
 
 def test_alt_align_evaluates_against_the_unloaded_bootstrap_and_again_on_demand(

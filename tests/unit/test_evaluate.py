@@ -51,19 +51,20 @@ def test_spread_is_a_paired_condition_and_conditions_add_the_prompted_version() 
     with pytest.raises(ValueError, match="not paired"):
         spread(stats("hi", [1.0]), stats("lo", [1.0, 2.0]), "x")
 
+    from tiller.server.manifest import Conditioning
+
     cfg = EvalConfig(prompts=("p",), scorer="length", tags=("Hi", "Lo"))
-    labels = [c.label for c in conditions(cfg, "steer", 3, prompted=1)]
+    cond = Conditioning(tags=("Hi", "Lo"), template="{feedback}: {prompt}", separator="")
+    labels = [c.label for c in conditions(cfg, "steer", 3, prompted=(1, cond))]
     assert labels == [
         "base", "steer@v3 [Hi]", "steer@v3 [Lo]",
         "prompted steer@v1 [Hi]", "prompted steer@v1 [Lo]",
     ]  # fmt: skip
-    assert len(conditions(cfg, "steer", 1, prompted=1)) == 3  # nothing trained was promoted
-    # With the bootstrap's conditioning the prompted conditions are the base model with the tag
-    # rendered into the prompt: no version number the server may have unloaded.
-    from tiller.server.manifest import Conditioning
-
-    cond = Conditioning(tags=("Hi", "Lo"), template="{feedback}: {prompt}", separator="")
-    prompted = conditions(cfg, "steer", 3, 1, cond)[3:]
+    # nothing trained was promoted
+    assert len(conditions(cfg, "steer", 1, prompted=(1, cond))) == 3
+    # The prompted conditions are the base model with the tag rendered into the prompt: no
+    # version number the server may have unloaded.
+    prompted = conditions(cfg, "steer", 3, (1, cond))[3:]
     assert [(c.label, c.adapter, c.version, c.feedback) for c in prompted] == [
         ("prompted steer@v1 [Hi]", "", None, "Hi"),
         ("prompted steer@v1 [Lo]", "", None, "Lo"),
