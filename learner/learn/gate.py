@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from tiller.client import AsyncClient
@@ -134,6 +134,7 @@ class Verdict:
     incumbent: dict[str, Any]
     win_rate: float | None = None
     paired_upper: float | None = None  # with ``confidence``: the bound the test used
+    incumbent_reused: bool = False  # the incumbent's run came from the gate that promoted it
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -337,31 +338,60 @@ def decide(
     )
 
 
+@dataclass(frozen=True)
+class SideRun:
+    """One side's gate generations and their perplexity under the base (``None``: not measured).
+
+    A promoted candidate's run is the next gate's incumbent run: same prompts, seeds and
+    sampling, same weights, only the adapter name differs (``run_gate``'s ``incumbent_run``)."""
+
+    texts: tuple[tuple[str, str, str], ...]
+    perplexity: float | None = None
+
+
+async def run_side(
+    client: AsyncClient,
+    side: Side,
+    cfg: GateConfig,
+    fluency: Callable[[], Scorer] | None = None,
+) -> SideRun:
+    """Generate with ``side``; with ``max_perplexity_ratio`` set, measure the perplexity too."""
+    texts = tuple(await generate_side(client, side, cfg))
+    if cfg.max_perplexity_ratio <= 0:
+        return SideRun(texts)
+    if fluency is None:
+        raise ValueError("gate.max_perplexity_ratio needs the base model to score with")
+    model = await asyncio.to_thread(fluency)
+    return SideRun(texts, await asyncio.to_thread(perplexity, model, [(p, t) for _, p, t in texts]))
+
+
 async def run_gate(
     client: AsyncClient,
     candidate: Side,
     incumbent: Side,
     cfg: GateConfig,
     fluency: Callable[[], Scorer] | None = None,
-) -> Verdict:
-    """Generate with both sides, score, judge, decide. ``fluency`` returns the base model for
-    the perplexity check (called only when ``max_perplexity_ratio`` is set; may cache)."""
-    cand_texts = await generate_side(client, candidate, cfg)
-    inc_texts = await generate_side(client, incumbent, cfg)
+    *,
+    incumbent_run: SideRun | None = None,
+) -> tuple[Verdict, SideRun]:
+    """Generate with both sides, score, judge, decide; returns the verdict and the candidate's
+    run. ``fluency`` returns the base model for the perplexity check (called only when
+    ``max_perplexity_ratio`` is set; may cache). ``incumbent_run``: the incumbent's run from
+    an earlier gate with this config (it was that gate's promoted candidate); it is used
+    instead of generating again, which halves the gate's cost after a promotion."""
+    cand = await run_side(client, candidate, cfg, fluency)
+    inc = (
+        incumbent_run
+        if incumbent_run is not None
+        else await run_side(client, incumbent, cfg, fluency)
+    )
     win_rate = None
     if cfg.judge is not None:
-        win_rate, _ = await judge_win_rate(LLMJudge(cfg.judge), cand_texts, inc_texts)
-    ppl: list[float | None] = [None, None]
-    if cfg.max_perplexity_ratio > 0:
-        if fluency is None:
-            raise ValueError("gate.max_perplexity_ratio needs the base model to score with")
-        model = await asyncio.to_thread(fluency)
-        for k, texts in enumerate((cand_texts, inc_texts)):
-            pairs = [(p, t) for _, p, t in texts]
-            ppl[k] = await asyncio.to_thread(perplexity, model, pairs)
-    return decide(
-        evaluate(candidate, cand_texts, cfg, ppl[0]),
-        evaluate(incumbent, inc_texts, cfg, ppl[1]),
+        win_rate, _ = await judge_win_rate(LLMJudge(cfg.judge), cand.texts, inc.texts)
+    verdict = decide(
+        evaluate(candidate, cand.texts, cfg, cand.perplexity),
+        evaluate(incumbent, inc.texts, cfg, inc.perplexity),
         cfg,
         win_rate,
     )
+    return replace(verdict, incumbent_reused=incumbent_run is not None), cand

@@ -64,7 +64,7 @@ from ..publish import Release, list_versions, promote, publish, read_state, vers
 from ..trainer import TrainResult, train
 from . import runs
 from .config import LearnConfig
-from .gate import Side, Verdict, run_gate
+from .gate import Side, SideRun, Verdict, run_gate
 from .sampling import generate_each
 
 log = logging.getLogger("tiller.learn")
@@ -308,6 +308,9 @@ class Learner:
         self._client: AsyncClient | None = None
         self._admin: AsyncClient | None = None
         self._fluency: Scorer | None = None
+        # The gate's run of a promoted candidate, as (version, run): the next gate's incumbent.
+        self._promoted_run: tuple[int, SideRun] | None = None
+        self._candidate_run: SideRun | None = None
 
     # -------------------------------------------------------------------- server calls
 
@@ -379,7 +382,16 @@ class Learner:
             if now.version is not None
             else Side("", 0, conditioning(self.cfg))
         )
-        return await run_gate(self.client, candidate, incumbent, g, self.fluency_model)
+        known = self._promoted_run
+        verdict, self._candidate_run = await run_gate(
+            self.client,
+            candidate,
+            incumbent,
+            g,
+            self.fluency_model,
+            incumbent_run=known[1] if known and known[0] == now.version else None,
+        )
+        return verdict
 
     def fluency_model(self) -> Scorer:
         """The base model for the gate's perplexity check, loaded on first use."""
@@ -515,6 +527,8 @@ class Learner:
         if verdict is None or verdict.passed:
             promote(cfg.registry, cfg.adapter, version)
             status = "promoted"
+            if verdict is not None and self._candidate_run is not None:
+                self._promoted_run = (version, self._candidate_run)
             if cfg.server:
                 swap_s = await self.wait_served(version)
         elif verdict is not None:

@@ -16,10 +16,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from tests.conftest import ServerProc, start_server, stop_server
-from tiller.client import Client
+from tiller.client import AsyncClient, Client, TillerClientError
 from tiller.learner.annotate.quantile import (
     QuantileConfig,
     QuantileTagProvider,
@@ -35,7 +36,7 @@ from tiller.learner.learn.config import (
     TriggerConfig,
     parse_config,
 )
-from tiller.learner.learn.gate import GateConfig
+from tiller.learner.learn.gate import GateConfig, Side, run_gate, run_side
 from tiller.learner.learn.loop import Learner
 from tiller.learner.publish import list_versions, read_state, version_path
 from tiller.learner.trainer import TrainConfig
@@ -155,6 +156,13 @@ async def test_learn_loop_promotes_and_server_swaps(
     )
     assert extra["data_window"]["served_version"] == 1
     assert extra["data_window"]["examples"] >= 2
+    # Iteration 2's incumbent (critic@v1) is iteration 1's promoted candidate: its gate run was
+    # reused, not generated again.
+    first = load_manifest(version_path(registry, "critic", 1)).extra["metrics"]["gate"]
+    second = extra["metrics"]["gate"]
+    assert first["incumbent_reused"] is False and second["incumbent_reused"] is True
+    for key in ("value", "distinct2", "perplexity", "scores"):
+        assert second["incumbent"][key] == first["candidate"][key], key
 
     # Sampling is logged (iteration 1 from the base, 2 from critic@v1); gate traffic is not.
     gens = (
@@ -163,6 +171,26 @@ async def test_learn_loop_promotes_and_server_swaps(
         .fetchall()
     )
     assert sorted(gens) == [("", 0, 16), ("critic", 1, 16)]
+
+
+async def test_gate_uses_a_known_incumbent_run_instead_of_generating(
+    learn_server: tuple[ServerProc, Path, Path],
+) -> None:
+    srv = learn_server[0]
+    cfg = GateConfig(prompts=HELD_OUT, scorer="length", samples=1, max_tokens=8)
+    base, ghost = Side("", 0), Side("no-such-adapter", 7)
+    async with AsyncClient(srv.target) as client:
+        known = await run_side(client, base, cfg)
+        verdict, cand = await run_gate(client, base, ghost, cfg, incumbent_run=known)
+        # Without the known run the incumbent is generated, and the server knows no such adapter.
+        with pytest.raises(TillerClientError) as info:
+            await run_gate(client, base, ghost, cfg)
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "unknown adapter 'no-such-adapter'" in info.value.message
+    assert verdict.incumbent_reused and verdict.incumbent["side"] == "no-such-adapter@v7"
+    # Same side, prompts and seeds: the base generates the same texts again, which score alike.
+    assert cand.texts == known.texts and verdict.passed
+    assert verdict.incumbent["value"] == verdict.candidate["value"]
 
 
 async def test_failing_gate_publishes_but_does_not_promote(
