@@ -186,9 +186,14 @@ class AdapterTable:
             raise InvalidArgument(
                 f"unknown adapter {name!r}; loaded: base, {self._names()}", field="adapter.name"
             )
-        version = pick.version if pick.version is not None else self._active[name]
+        have = ", ".join(str(v) for v in sorted(versions))
+        version = pick.version if pick.version is not None else self._active.get(name)
+        if version is None:  # loaded (staged) but never activated
+            raise FailedPrecondition(
+                f"adapter {name!r} has no active version; loaded versions: {have} "
+                "(activate one, or pin it with adapter.version)"
+            )
         if version not in versions:
-            have = ", ".join(str(v) for v in sorted(versions))
             raise InvalidArgument(
                 f"adapter {name!r} has no loaded version {version}; loaded versions: {have}",
                 field="adapter.version",

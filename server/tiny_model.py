@@ -96,10 +96,18 @@ def build_tiny_llama(out_dir: Path, *, seed: int = 0, vocab_size: int = 1024) ->
     return out_dir
 
 
-def build_random_lora(model_dir: Path, out: Path, *, seed: int, std: float = 0.3) -> Path:
+def build_random_lora(
+    model_dir: Path,
+    out: Path,
+    *,
+    seed: int,
+    std: float = 0.3,
+    layers: tuple[int, ...] | None = None,
+) -> Path:
     """A peft LoRA (r=8 on q_proj/v_proj) with seeded N(0, std) weights, saved as safetensors.
 
     Stands in for a trained adapter in tests and benchmarks: large enough to change outputs.
+    ``layers``: only these decoder layers get LoRA (peft's ``layers_to_transform``).
     """
     import torch
     from peft import LoraConfig, get_peft_model
@@ -108,7 +116,11 @@ def build_random_lora(model_dir: Path, out: Path, *, seed: int, std: float = 0.3
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     cfg = LoraConfig(
-        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+        r=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "v_proj"],
+        init_lora_weights=False,
+        layers_to_transform=list(layers) if layers is not None else None,
     )
     peft_model = get_peft_model(base, cfg)
     with torch.no_grad():

@@ -32,13 +32,20 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def make_lora_version(
-    model_dir: Path, out: Path, *, name: str, version: int, seed: int, tags: tuple[str, ...] = TAGS
+    model_dir: Path,
+    out: Path,
+    *,
+    name: str,
+    version: int,
+    seed: int,
+    tags: tuple[str, ...] = TAGS,
+    layers: tuple[int, ...] | None = None,
 ) -> Path:
     """A random peft LoRA (``build_random_lora``) plus a Tiller manifest with tags."""
     from tiller.server.manifest import Conditioning, Manifest, write_manifest
     from tiller.server.tiny_model import build_random_lora
 
-    build_random_lora(model_dir, out, seed=seed)
+    build_random_lora(model_dir, out, seed=seed, layers=layers)
     write_manifest(
         out,
         Manifest(

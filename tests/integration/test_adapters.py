@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import grpc
 import pytest
 
-from tiller.client import Client
+from tests.conftest import make_lora_version
+from tiller.client import AsyncClient, Client, TillerClientError
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +53,43 @@ def test_lora_weights_change_the_output(client: Client) -> None:
         prompt, adapter="detox", adapter_version=1, max_tokens=16, temperature=0.0
     )
     assert again.completions[0].token_ids == v1.completions[0].token_ids
+
+
+async def test_an_adapter_on_some_layers_is_served_as_peft_computes_it(
+    client: Client, target: str, tiny_model: Path, tmp_path: Path
+) -> None:
+    # LoRA on the top decoder layer only (the learner's ``layers_to_transform``, which makes a
+    # training step cheaper): the server applies it there and nowhere else, as peft does.
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = make_lora_version(
+        tiny_model, tmp_path / "top" / "v0001", name="top", version=1, seed=11, layers=(1,)
+    )
+    prompt = "def parse(self, data):"
+    async with AsyncClient(target, timeout=120) as admin:
+        await admin.load_adapter("top", str(out))
+        # Loaded is staged, not routed: an unpinned request names what to do.
+        with pytest.raises(TillerClientError) as info:
+            client.generate(prompt, adapter="top", max_tokens=8)
+        assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert "adapter 'top' has no active version; loaded versions: 1" in info.value.message
+        await admin.activate_adapter("top", 1)
+    served = client.generate(prompt, adapter="top", max_tokens=8, temperature=0.0)
+    base = client.generate(prompt, max_tokens=8, temperature=0.0)
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32), out
+    ).eval()
+    assert {m.split(".layers.")[1].split(".")[0] for m in model.targeted_module_names} == {"1"}
+    ids = torch.tensor([tok(prompt).input_ids])
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None)
+    expected = tuple(ref[0, ids.shape[1] :].tolist())
+    assert served.completions[0].token_ids == expected[: len(served.completions[0].token_ids)]
+    assert served.completions[0].token_ids != base.completions[0].token_ids
 
 
 def test_feedback_in_chat_goes_to_the_last_user_turn(client: Client) -> None:
