@@ -1,9 +1,11 @@
 """Tiller's online loop vs TRL's online DPO trainer, same model, prompts, reward and budget (#8).
 
-The "critical reviewer" task on SmolLM2-135M-Instruct (float32, CPU): continue movie-review
+The "critical reviewer" task on SmolLM2-135M-Instruct (CPU): continue movie-review
 openings (``deploy/align/prompts/reviews-train.txt``); reward = -VADER compound of the
-continuation (more critical is better). Both sides: LoRA r=16 alpha=32 on q,k,v,o_proj, DPO
-beta 0.1, lr 5e-4, 2 samples per prompt, 48 new tokens, temperature 1.0, repetition penalty 1.2.
+continuation (more critical is better). Both sides: the training settings of
+``oaif-critic.toml`` (LoRA r=16 alpha=32 on q,k,v,o_proj of the top 8 layers, bf16 autocast,
+DPO beta 0.1, lr 5e-4, batch 8), 2 samples per prompt, 48 new tokens, temperature 1.0,
+repetition penalty 1.2.
 
 1. Serving baseline: a plain ``tiller serve`` on the same model, 4 concurrent Generate calls
    (32 tokens, ``log=False``) for ``--baseline-s``: completed tokens/s.
@@ -15,6 +17,8 @@ beta 0.1, lr 5e-4, 2 samples per prompt, 48 new tokens, temperature 1.0, repetit
    to the later of the budget's end and the last iteration's end.
 3. TRL: ``bench/trl_online_dpo.py`` in a process of its own, stopped at the first step end after
    the budget. Samples/s = prompts with a generated pair (steps x batch) over training time.
+   TRL trains with Tiller's settings from the same config (``trl_settings``: LoRA rank, alpha,
+   modules and layers, lr, beta, batch size, bf16 autocast).
 4. Held-out evaluation, the same for base, Tiller's promoted adapter and TRL's adapter:
    transformers + peft, the 64 held-out openings, 2 samples each with fixed seeds: mean reward
    with a 95% t-interval, distinct-2.
@@ -157,10 +161,29 @@ def serving_baseline(model: Path, work: Path, seconds: float) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the two sides
 
 
+def trl_settings(config: Path) -> list[str]:
+    """``trl_online_dpo.py`` arguments carrying Tiller's training settings (LoRA shape and
+    layers, lr, DPO beta, bf16 autocast, batch size) from its align config: both sides train
+    the same adapter the same way, only the loops around the trainer differ."""
+    train = tomllib.loads(config.read_text())["learner"]["train"]
+    obj = train.get("objective_config", {})
+    args = ["--lr", str(train.get("lr", 5e-4)), "--beta", str(obj.get("beta", 0.1)),
+            "--lora-r", str(train.get("lora_r", 16)),
+            "--lora-alpha", str(train.get("lora_alpha", 32)),
+            "--targets", ",".join(train.get("target_modules", ["q_proj", "v_proj"])),
+            "--batch-size", str(train.get("batch_size", 8))]  # fmt: skip
+    if train.get("layers_to_transform"):
+        args += ["--layers", ",".join(str(i) for i in train["layers_to_transform"])]
+    if train.get("precision") == "bf16":
+        args.append("--bf16")
+    return args
+
+
 def run_trl(model: Path, budget_s: float, work: Path) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, str(ROOT / "bench" / "trl_online_dpo.py"), "--model", str(model),
-           "--prompts", str(TRAIN), "--budget-s", str(budget_s), "--out", str(work)]  # fmt: skip
+           "--prompts", str(TRAIN), "--budget-s", str(budget_s), "--out", str(work),
+           *trl_settings(CONFIG)]  # fmt: skip
     env = os.environ | ENV
     began = time.time()
     with (work / "trl.log").open("wb") as f:

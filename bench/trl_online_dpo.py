@@ -38,6 +38,14 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--batch-size", type=int, default=8, help="prompts per step")
     p.add_argument("--seed", type=int, default=0)
+    # Training settings; ``align_vs_trl`` passes Tiller's own (from its align config).
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--lora-alpha", type=int, default=32)
+    p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj")
+    p.add_argument("--layers", default="", help="LoRA on these layers only: '22,23,...'")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (TRL's bf16=True)")
     a = p.parse_args()
 
     import torch
@@ -78,11 +86,11 @@ def main() -> None:
         output_dir=str(a.out / "trainer"),
         per_device_train_batch_size=a.batch_size,
         gradient_accumulation_steps=1,
-        learning_rate=5e-4,
+        learning_rate=a.lr,
         lr_scheduler_type="constant",  # the budget, not a step count, ends the run
         warmup_steps=0,
         max_steps=1_000_000,
-        beta=[0.1],
+        beta=[a.beta],
         loss_type="sigmoid",
         max_new_tokens=48,
         max_length=128,
@@ -90,7 +98,7 @@ def main() -> None:
         top_p=1.0,
         top_k=0,
         repetition_penalty=1.2,
-        bf16=False,
+        bf16=a.bf16,
         fp16=False,
         use_cpu=True,
         gradient_checkpointing=False,
@@ -101,10 +109,11 @@ def main() -> None:
         disable_tqdm=True,
     )
     peft = LoraConfig(
-        r=16,
-        lora_alpha=32,
+        r=a.lora_r,
+        lora_alpha=a.lora_alpha,
         lora_dropout=0.0,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        target_modules=a.targets.split(","),
+        layers_to_transform=[int(x) for x in a.layers.split(",")] if a.layers else None,
         task_type="CAUSAL_LM",
     )
     budget = Budget(a.budget_s)
@@ -129,6 +138,7 @@ def main() -> None:
         "budget_s": a.budget_s,
         "steps": steps,
         "batch_size": a.batch_size,
+        "settings": {k: v for k, v in vars(a).items() if k not in ("model", "prompts", "out")},
         "samples": samples,
         "generations": 2 * samples,
         "wall_s": wall,
