@@ -3,7 +3,7 @@
 The "critical reviewer" task on SmolLM2-135M-Instruct (CPU): continue movie-review
 openings (``deploy/align/prompts/reviews-train.txt``); reward = -VADER compound of the
 continuation (more critical is better). Both sides: the training settings of
-``oaif-critic.toml`` (LoRA r=16 alpha=32 on q,k,v,o_proj of the top 8 layers, bf16 autocast,
+``oaif-critic.toml`` (LoRA r=16 alpha=32 on q,k,v,o_proj, bf16 autocast,
 DPO beta 0.1, lr 5e-4, batch 8), 2 samples per prompt, 48 new tokens, temperature 1.0,
 repetition penalty 1.2.
 
