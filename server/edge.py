@@ -49,6 +49,7 @@ class _Rpc:
         self.start = time.perf_counter()
         self.grant: TokenGrant | None = None
         self.code = "OK"
+        self._observed = False
 
     def admit(self, token: str | None, raw: bytes, decode: Decode) -> Any:
         """Authorize, parse, take a permit. Raises ``TillerError``."""
@@ -85,6 +86,9 @@ class _Rpc:
                 error.message,
                 extra={"method": self.method, "code": code.name},
             )
+        # grpc sends the status inside abort(), before it raises: count the RPC first, so a
+        # client that has its error also finds it in the metrics.
+        self._observe()
         await self.context.abort(code, error.message)
 
     def failed(self, error: BaseException) -> None:
@@ -94,12 +98,18 @@ class _Rpc:
             code = self.context.code()
             self.code = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
 
+    def _observe(self) -> float:
+        """Record the RPC's code and duration in the metrics, once; returns the duration."""
+        seconds = time.perf_counter() - self.start
+        if not self._observed and self.edge.metrics is not None:
+            self.edge.metrics.observe(self.method, self.code, seconds)
+        self._observed = True
+        return seconds
+
     def finish(self) -> None:
         if self.grant is not None and self.edge.auth is not None:
             self.edge.auth.release(self.grant)
-        seconds = time.perf_counter() - self.start
-        if self.edge.metrics is not None:
-            self.edge.metrics.observe(self.method, self.code, seconds)
+        seconds = self._observe()
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "%s %s in %.3fs",
