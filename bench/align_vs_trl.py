@@ -164,17 +164,22 @@ def serving_baseline(model: Path, work: Path, seconds: float) -> dict[str, Any]:
 def trl_settings(config: Path) -> list[str]:
     """``trl_online_dpo.py`` arguments carrying Tiller's training settings (LoRA shape and
     layers, lr, DPO beta, bf16 autocast, batch size) from its align config: both sides train
-    the same adapter the same way, only the loops around the trainer differ."""
-    train = tomllib.loads(config.read_text())["learner"]["train"]
-    obj = train.get("objective_config", {})
-    args = ["--lr", str(train.get("lr", 5e-4)), "--beta", str(obj.get("beta", 0.1)),
-            "--lora-r", str(train.get("lora_r", 16)),
-            "--lora-alpha", str(train.get("lora_alpha", 32)),
-            "--targets", ",".join(train.get("target_modules", ["q_proj", "v_proj"])),
-            "--batch-size", str(train.get("batch_size", 8))]  # fmt: skip
-    if train.get("layers_to_transform"):
-        args += ["--layers", ",".join(str(i) for i in train["layers_to_transform"])]
-    if train.get("precision") == "bf16":
+    the same adapter the same way, only the loops around the trainer differ. Keys the config
+    leaves out take ``TrainConfig``'s and ``DPOConfig``'s defaults, as Tiller's learner does."""
+    from dataclasses import fields
+
+    from tiller.learner.objectives.dpo import DPOConfig
+    from tiller.learner.trainer import TrainConfig
+
+    raw = tomllib.loads(config.read_text())["learner"]["train"]
+    t = {f.name: f.default for f in fields(TrainConfig)} | raw
+    beta = raw.get("objective_config", {}).get("beta", DPOConfig().beta)
+    args = ["--lr", str(t["lr"]), "--beta", str(beta), "--lora-r", str(t["lora_r"]),
+            "--lora-alpha", str(t["lora_alpha"]), "--targets", ",".join(t["target_modules"]),
+            "--batch-size", str(t["batch_size"])]  # fmt: skip
+    if t["layers_to_transform"]:
+        args += ["--layers", ",".join(str(i) for i in t["layers_to_transform"])]
+    if t["precision"] == "bf16":
         args.append("--bf16")
     return args
 

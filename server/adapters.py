@@ -186,19 +186,19 @@ class AdapterTable:
             raise InvalidArgument(
                 f"unknown adapter {name!r}; loaded: base, {self._names()}", field="adapter.name"
             )
-        have = ", ".join(str(v) for v in sorted(versions))
         version = pick.version if pick.version is not None else self._active.get(name)
+        if version is not None and version in versions:
+            return versions[version]
+        have = ", ".join(str(v) for v in sorted(versions))  # for the error only: not per request
         if version is None:  # loaded (staged) but never activated
             raise FailedPrecondition(
                 f"adapter {name!r} has no active version; loaded versions: {have} "
                 "(activate one, or pin it with adapter.version)"
             )
-        if version not in versions:
-            raise InvalidArgument(
-                f"adapter {name!r} has no loaded version {version}; loaded versions: {have}",
-                field="adapter.version",
-            )
-        return versions[version]
+        raise InvalidArgument(
+            f"adapter {name!r} has no loaded version {version}; loaded versions: {have}",
+            field="adapter.version",
+        )
 
     def served_by(self, adapter: LoadedAdapter) -> ServedBy:
         return ServedBy(adapter.name, adapter.version, self._base_model)

@@ -310,7 +310,6 @@ class Learner:
         self._fluency: Scorer | None = None
         # The gate's run of a promoted candidate, as (version, run): the next gate's incumbent.
         self._promoted_run: tuple[int, SideRun] | None = None
-        self._candidate_run: SideRun | None = None
 
     # -------------------------------------------------------------------- server calls
 
@@ -369,7 +368,8 @@ class Learner:
                 raise TimeoutError(f"the server did not serve {self.cfg.adapter}@v{version}")
             await asyncio.sleep(0.2)
 
-    async def gate(self, iteration: int, cand: Path, now: Served) -> Verdict:
+    async def gate(self, iteration: int, cand: Path, now: Served) -> tuple[Verdict, SideRun]:
+        """The verdict on the candidate, and the candidate's run (kept if it is promoted)."""
         g = self.cfg.gate
         assert g is not None
         name = self.cfg.adapter + CANDIDATE_SUFFIX
@@ -383,7 +383,7 @@ class Learner:
             else Side("", 0, conditioning(self.cfg))
         )
         known = self._promoted_run
-        verdict, self._candidate_run = await run_gate(
+        return await run_gate(
             self.client,
             candidate,
             incumbent,
@@ -391,7 +391,6 @@ class Learner:
             self.fluency_model,
             incumbent_run=known[1] if known and known[0] == now.version else None,
         )
-        return verdict
 
     def fluency_model(self) -> Scorer:
         """The base model for the gate's perplexity check, loaded on first use."""
@@ -491,10 +490,10 @@ class Learner:
             "steps": result.steps,
             "last_step": result.history[-1] if result.history else {},
         }
-        verdict = None
+        verdict, cand_run = None, None
         if cfg.gate is not None:
             cand = candidate_dir(cfg, iteration, result.adapter_dir)
-            verdict = await self.gate(iteration, cand, now)
+            verdict, cand_run = await self.gate(iteration, cand, now)
             metrics["gate"] = verdict.to_json()
             self.report(
                 f"iteration {iteration}: gate {'passed' if verdict.passed else 'FAILED'} "
@@ -527,8 +526,8 @@ class Learner:
         if verdict is None or verdict.passed:
             promote(cfg.registry, cfg.adapter, version)
             status = "promoted"
-            if verdict is not None and self._candidate_run is not None:
-                self._promoted_run = (version, self._candidate_run)
+            if cand_run is not None:
+                self._promoted_run = (version, cand_run)
             if cfg.server:
                 swap_s = await self.wait_served(version)
         elif verdict is not None:
