@@ -257,9 +257,12 @@ async def asyncllm_load(s: Settings, progress: Callable[[], object]) -> Result:
 
 
 @contextmanager
-def process(cmd: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+def process(
+    cmd: list[str], log: Path, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     """A child in its own process group (output to ``log``); the whole group dies on exit."""
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # what `tiller serve` sets
+    # VLLM_ENABLE_V1_MULTIPROCESSING: what `tiller serve` sets.
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", **(env or {})}
     with log.open("wb") as out:
         proc = subprocess.Popen(
             cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True

@@ -1,8 +1,9 @@
 """A/B two Tiller variants under the same load, in one run, alternating (shared harness).
 
-Used by ``log_overhead.py`` and ``feedback_mix.py``: each starts `tiller serve` with some
-extra options, drives ``--requests`` streamed requests over ``--concurrency`` streams with
-request keyword arguments of its own, and reports tok/s per variant and their ratio.
+Used by ``log_overhead.py``, ``feedback_mix.py`` and ``cpu_lora.py``: each starts `tiller serve`
+with some extra options (and environment), drives ``--requests`` streamed requests over
+``--concurrency`` streams with request keyword arguments of its own, and reports tok/s per
+variant and their ratio.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class Variant:
     serve_args: tuple[str, ...] = ()
     request_kw: dict[str, Any] = field(default_factory=dict)
     tiller_log: bool = True
+    env: dict[str, str] = field(default_factory=dict)  # for the server process
 
 
 def parse(description: str) -> argparse.Namespace:
@@ -95,7 +97,7 @@ def run_variant(v: Variant, s: Settings, rnd: int, work: Path) -> dict[str, Any]
     log = work / f"{v.name}-r{rnd}.log"
     with (
         tqdm(total=s.requests, desc=f"round {rnd} {v.name}", leave=False) as bar,
-        process(cmd, log) as proc,
+        process(cmd, log, v.env) as proc,
     ):
         wait_ready(port_file.exists, proc, log)
         target = f"127.0.0.1:{port_file.read_text().strip()}"
@@ -150,4 +152,4 @@ def ab(
 
 
 if __name__ == "__main__":
-    sys.exit("run log_overhead.py or feedback_mix.py")
+    sys.exit("run log_overhead.py, feedback_mix.py or cpu_lora.py")

@@ -103,8 +103,10 @@ def build_random_lora(
     seed: int,
     std: float = 0.3,
     layers: tuple[int, ...] | None = None,
+    rank: int = 8,
+    targets: tuple[str, ...] = ("q_proj", "v_proj"),
 ) -> Path:
-    """A peft LoRA (r=8 on q_proj/v_proj) with seeded N(0, std) weights, saved as safetensors.
+    """A peft LoRA (default r=8 on q_proj/v_proj) with seeded N(0, std) weights (safetensors).
 
     Stands in for a trained adapter in tests and benchmarks: large enough to change outputs.
     ``layers``: only these decoder layers get LoRA (peft's ``layers_to_transform``).
@@ -116,9 +118,9 @@ def build_random_lora(
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     cfg = LoraConfig(
-        r=8,
-        lora_alpha=16,
-        target_modules=["q_proj", "v_proj"],
+        r=rank,
+        lora_alpha=2 * rank,
+        target_modules=list(targets),
         init_lora_weights=False,
         layers_to_transform=list(layers) if layers is not None else None,
     )

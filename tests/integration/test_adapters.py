@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import grpc
@@ -90,6 +91,35 @@ async def test_an_adapter_on_some_layers_is_served_as_peft_computes_it(
     expected = tuple(ref[0, ids.shape[1] :].tolist())
     assert served.completions[0].token_ids == expected[: len(served.completions[0].token_ids)]
     assert served.completions[0].token_ids != base.completions[0].token_ids
+
+
+async def test_base_requests_stay_base_beside_requests_for_every_lora_slot(
+    target: str, tiny_model: Path, tmp_path: Path
+) -> None:
+    # vLLM's CPU LoRA ops read "no adapter" (index -1) as the last of its max_loras (4) slots:
+    # a base request batched with adapter requests got that slot's delta once four adapters
+    # were in use. tiller.server.cpu_lora's grouped ops give it none.
+    prompt = "def parse(self, data):"
+    async with AsyncClient(target, timeout=120) as c:
+        for i in range(4):
+            out = make_lora_version(
+                tiny_model, tmp_path / f"slot{i}" / "v0001", name=f"slot{i}", version=1, seed=40 + i
+            )
+            await c.load_adapter(f"slot{i}", str(out))
+            await c.activate_adapter(f"slot{i}", 1)
+
+        async def base_beside(adapters: list[str]) -> tuple[int, ...]:
+            # One base request in the same batches as four others (same shapes both times).
+            base, *others = await asyncio.gather(
+                c.generate(prompt, max_tokens=12, temperature=0.0),
+                *(c.generate(prompt, adapter=a, max_tokens=24, temperature=0.0) for a in adapters),
+            )
+            if adapters[0]:
+                assert len({o.completions[0].token_ids for o in others}) == 4
+            return base.completions[0].token_ids
+
+        alone = await base_beside([""] * 4)
+        assert await base_beside([f"slot{i}" for i in range(4)]) == alone
 
 
 def test_feedback_in_chat_goes_to_the_last_user_turn(client: Client) -> None:
