@@ -150,3 +150,20 @@ def test_perplexity_under_the_base_model_separates_its_own_text_from_noise(
     noise = tok.decode([rng.randrange(3, vocab) for _ in range(24)], skip_special_tokens=True)
     assert perplexity(scorer, [(prompt, own)]) < perplexity(scorer, [(prompt, noise)])
     assert math.isnan(perplexity(scorer, [(prompt, "")]))  # nothing to score
+
+
+def test_perplexity_in_padded_batches_equals_one_sequence_at_a_time(tiny_model: Path) -> None:
+    scorer = load_scoring_model(tiny_model)
+    pairs = [
+        ("the quick brown", " fox jumps over the lazy dog"),
+        ("a", " b"),
+        ("once upon a time there was", ""),  # nothing to score: skipped in both
+        ("def f(x):", "\n    return x * 2 + 1  # a longer completion than the others"),
+        ("hello", " world"),
+    ]
+    one_by_one = perplexity(scorer, pairs, batch_size=1)
+    assert math.isfinite(one_by_one)
+    assert perplexity(scorer, pairs, batch_size=3) == pytest.approx(one_by_one, rel=1e-4)
+    assert perplexity(scorer, pairs) == pytest.approx(one_by_one, rel=1e-4)
+    # Each pair's own value differs, so a mix-up of rows or masks would show.
+    assert len({round(perplexity(scorer, [p]), 3) for p in pairs if p[1]}) == 4
