@@ -4,8 +4,9 @@ The "critical reviewer" task on SmolLM2-135M-Instruct (CPU): continue movie-revi
 openings (``deploy/align/prompts/reviews-train.txt``); reward = -VADER compound of the
 continuation (more critical is better). Both sides: the training settings of
 ``oaif-critic.toml`` (LoRA r=16 alpha=32 on q,k,v,o_proj, bf16 autocast,
-DPO beta 0.1, lr 5e-4, batch 8), 2 samples per prompt, 48 new tokens, temperature 1.0,
-repetition penalty 1.2.
+DPO beta 0.1, lr 5e-4, batch 8), 48 new tokens, temperature 1.0, repetition penalty 1.2.
+One trained pair per prompt: TRL samples 2 continuations; Tiller samples 4 (the config's
+``sample.n``: vLLM samples them at little extra cost) and pairs the best with the worst.
 
 1. Serving baseline: a plain ``tiller serve`` on the same model, 4 concurrent Generate calls
    (32 tokens, ``log=False``) for ``--baseline-s``: completed tokens/s.
