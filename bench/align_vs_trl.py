@@ -3,7 +3,8 @@
 The "critical reviewer" task on SmolLM2-135M-Instruct (CPU): continue movie-review
 openings (``deploy/align/prompts/reviews-train.txt``); reward = -VADER compound of the
 continuation (more critical is better). Both sides: the training settings of
-``oaif-critic.toml`` (LoRA r=16 alpha=32 on q,k,v,o_proj, bf16 autocast,
+``oaif-critic.toml`` (LoRA r=16 alpha=32 on q,k,v,o_proj, bf16 autocast where the CPU has
+native bf16, else float32 (``precision = "fast"``),
 DPO beta 0.1, lr 5e-4, batch 8), 48 new tokens, temperature 1.0, repetition penalty 1.2.
 One trained pair per prompt: TRL samples 2 continuations; Tiller samples 4 (the config's
 ``sample.n``: vLLM samples them at little extra cost) and pairs the best with the worst.
@@ -180,7 +181,12 @@ def trl_settings(config: Path) -> list[str]:
             "--batch-size", str(t["batch_size"])]  # fmt: skip
     if t["layers_to_transform"]:
         args += ["--layers", ",".join(str(i) for i in t["layers_to_transform"])]
-    if t["precision"] == "bf16":
+    import torch
+
+    from tiller.learner.trainer import native_bf16
+
+    cpu = torch.device("cpu")
+    if t["precision"] == "bf16" or (t["precision"] == "fast" and native_bf16(cpu)):
         args.append("--bf16")
     return args
 

@@ -291,3 +291,15 @@ def test_kill_9_then_resume_matches_uninterrupted(tiny_model: Path, tmp_path: Pa
     other = TrainConfig(**{**_resume_config(ckpt), "lr": 1e-3})
     with pytest.raises(ValueError, match="another config"):
         train(tiny_model, PAIRS, other, tmp_path / "other", resume=True)
+
+
+def test_fast_precision_is_bf16_only_where_the_cpu_multiplies_bf16_natively() -> None:
+    from tiller.learner.trainer import _bf16, native_bf16
+
+    cpu = torch.device("cpu")
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert native_bf16(cpu) == native
+    assert _bf16(TrainConfig(precision="fast"), cpu) == native
+    assert _bf16(TrainConfig(precision="bf16"), cpu) and not _bf16(TrainConfig(), cpu)
+    with pytest.raises(ValueError, match="one of: auto, fast, fp32, bf16"):
+        TrainConfig(precision="fp16")  # type: ignore[arg-type]
