@@ -98,11 +98,37 @@ def _policy_logps(seqs: Sequence[_Seq], lam: Tensor, w0: Tensor, a: Tensor, b: T
     return torch.stack([part.sum() for part in tok.split([len(s.targets) for s in seqs])])
 
 
+def _initial(
+    directory: Path, names: Sequence[str], rank: int, dims: tuple[int, int]
+) -> tuple[Tensor, Tensor]:
+    """A [k, r, H] and B [k, V, r] stacked from a heads directory, checked against the config."""
+    from tiller.server.steering.heads import load_tensors, read_heads
+
+    manifest = read_heads(directory)
+    got = [(h.name, h.kind, h.rank) for h in manifest.heads]
+    want = [(n, "lowrank", rank) for n in names]
+    if got != want:
+        raise ValueError(f"heads in {directory} are {got}; this run trains {want}")
+    if (manifest.hidden_size, manifest.vocab_size) != dims:
+        raise ValueError(f"heads in {directory} do not fit this model (hidden, vocab) {dims}")
+    t = load_tensors(directory)
+    a = torch.stack([t[f"{n}.A"].float() for n in names])
+    b = torch.stack([t[f"{n}.B"].float() for n in names])
+    return a.clone(), b.clone()
+
+
 def train_heads(
-    model_dir: Path, pairs: Sequence[PreferencePair], cfg: HeadsTrainConfig, out_dir: Path
+    model_dir: Path,
+    pairs: Sequence[PreferencePair],
+    cfg: HeadsTrainConfig,
+    out_dir: Path,
+    *,
+    init_heads: Path | None = None,
 ) -> HeadsResult:
     """Train k low-rank heads on ``pairs`` and save them (``tiller-heads.json`` +
-    ``heads.safetensors``) into ``out_dir``; default weights are uniform (1/k each)."""
+    ``heads.safetensors``) into ``out_dir``; default weights are uniform (1/k each).
+    ``init_heads``: a directory with heads of the same attributes and rank to continue from
+    (the online loop's served version); otherwise A is random and B zero (the base model)."""
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -114,16 +140,25 @@ def train_heads(
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tc = TrainConfig(objective="cdpo", max_length=cfg.max_length, progress=False)
+    # One trunk forward per distinct (prompt, completion): CMPO data repeats each generation in
+    # many pairs (every other sample of its prompt, both directions, each attribute subset).
+    cache: dict[tuple[str, str], _Seq] = {}
     with torch.no_grad():  # not inference_mode: these tensors feed autograd later
-        chosen = [_hidden(model, tok, p.prompt, p.chosen, tc) for p in pairs]
-        rejected = [_hidden(model, tok, p.prompt, p.rejected, tc) for p in pairs]
+        for key in dict.fromkeys((p.prompt, c) for p in pairs for c in (p.chosen, p.rejected)):
+            cache[key] = _hidden(model, tok, *key, tc)
+    chosen = [cache[p.prompt, p.chosen] for p in pairs]
+    rejected = [cache[p.prompt, p.rejected] for p in pairs]
     w0 = model.get_output_embeddings().weight.detach().float().clone()
     vocab, hidden = w0.shape
     del model
     k, r = len(names), cfg.rank
     gen = torch.Generator().manual_seed(cfg.seed)
-    a = (torch.randn(k, r, hidden, generator=gen) * cfg.init_std).requires_grad_()
-    b = torch.zeros(k, vocab, r, requires_grad=True)
+    a = torch.randn(k, r, hidden, generator=gen) * cfg.init_std
+    b = torch.zeros(k, vocab, r)
+    if init_heads is not None:
+        a, b = _initial(init_heads, names, r, (hidden, vocab))
+    a.requires_grad_()
+    b.requires_grad_()
     optimizer = torch.optim.AdamW([a, b], lr=cfg.lr, weight_decay=0.0)
     conf = torch.tensor([p.label_confidence for p in pairs])
     ref_c = torch.tensor([s.ref_logp for s in chosen])

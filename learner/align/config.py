@@ -28,6 +28,11 @@ Layout (paths relative to the file)::
     scorer = "sentiment"
     higher_is_better = false
     tags = ["Most Negative", "Most Positive"]   # ALT: the two extreme tags (best first)
+    attributes = {critical = 1.0}  # CMPO: the weights the adapter is evaluated with
+    [eval.sweep]                   # CMPO: weights {a: λ, b: 1 − λ} for each λ, scored per attribute
+    attributes = ["critical", "concise"]
+    scorers = ["sentiment", "length"]
+    lambdas = [0.0, 0.5, 1.0]
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from ..annotate.config import build_section
 from ..annotate.config import parse_config as parse_annotator
 from ..learn.config import parse_config as parse_learner
 from ..learn.config import with_prompts
+from .sweep import SweepConfig
 
 JUDGE_URL = "judge"  # placeholder base_url of providers that use the [judge] server
 
@@ -60,12 +66,16 @@ class EvalConfig:
     repetition_penalty: float | None = None
     seed: int = 4321
     perplexity: bool = True
+    attributes: Mapping[str, float] = field(default_factory=dict)
+    sweep: SweepConfig | None = None
 
     def __post_init__(self) -> None:
         if not self.prompts:
             raise ValueError("[eval]: prompts is empty")
         if self.tags and len(self.tags) != 2:
             raise ValueError("[eval]: tags must be the two extreme tags (best first)")
+        if self.tags and self.attributes:
+            raise ValueError("[eval]: give tags (ALT) or attributes (CMPO), not both")
 
 
 @dataclass(frozen=True)
@@ -129,7 +139,10 @@ def parse_config(data: Mapping[str, Any], base: Path) -> AlignConfig:
     judge = d.pop("judge", None)
     ev = d.pop("eval", None)
     if ev is not None:
-        ev = build_section(EvalConfig, with_prompts(ev, base, "eval"), "[eval]")
+        ev = with_prompts(ev, base, "eval")
+        if "sweep" in ev:
+            ev["sweep"] = build_section(SweepConfig, ev["sweep"], "[eval.sweep]")
+        ev = build_section(EvalConfig, ev, "[eval]")
     cfg = AlignConfig(
         name=str(d.pop("name")),
         model=str(d.pop("model", "smollm2")),

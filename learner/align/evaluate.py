@@ -44,6 +44,7 @@ class Condition:
     version: int | None = None
     feedback: str = ""
     render: Conditioning | None = None
+    attributes: tuple[tuple[str, float], ...] = ()  # steering weights (CMPO heads)
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,8 @@ async def _texts(client: AsyncClient, cond: Condition, cfg: EvalConfig) -> list[
     }
     if cond.adapter:
         common |= {"adapter": cond.adapter, "adapter_version": cond.version}
+    if cond.attributes:
+        common["attributes"] = dict(cond.attributes)
     sent = list(cfg.prompts)
     if cond.feedback and cond.render is not None:
         sent = [render_text(p, cond.feedback, cond.render) for p in cfg.prompts]
@@ -153,6 +156,10 @@ def conditions(
     if version is None:
         return out
     label = f"{adapter}@v{version}"
+    if cfg.attributes:
+        w = tuple(cfg.attributes.items())
+        shown = ", ".join(f"{k}={v:g}" for k, v in w)
+        return [*out, Condition(f"{label} {{{shown}}}", adapter, version, attributes=w)]
     if not cfg.tags:
         return [*out, Condition(label, adapter, version)]
     out += [Condition(f"{label} [{t}]", adapter, version, t) for t in cfg.tags]

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import AlignConfig
+from .config import AlignConfig, EvalConfig
 from .supervisor import ChildFailed, ChildSpec, Supervisor, wait_for_file
 
 
@@ -337,6 +337,10 @@ class AlignRun:
             report["plots"].append(
                 str(plots.eval_bars(stats, cfg.eval.scorer, p.plots / "heldout_eval.png"))
             )
+            if cfg.eval.sweep is not None and active is not None:
+                self.report("attribute-weight sweep on held-out prompts ...")
+                report["sweep"] = self.sweep(cfg.eval, active)
+                report["plots"].append(report["sweep"]["plot"])
         drawn = report["plots"]
         if cfg.reward_provider:
             out = p.plots / "reward_by_version.png"
@@ -352,6 +356,32 @@ class AlignRun:
             drawn.append(str(plots.heldout_vs_time(db, cfg.adapter, self.started, out)))
         (p.root / "report.json").write_text(json.dumps(report, indent=2, default=str))
         return report
+
+    def sweep(self, ev: EvalConfig, version: int) -> dict[str, Any]:
+        """The CMPO attribute-weight sweep of ``version`` (``sweep`` module); JSON + plot."""
+        from tiller.client import AsyncClient
+
+        from . import sweep
+
+        sc = ev.sweep
+        assert sc is not None
+        sampling = {
+            "n": ev.samples,
+            "max_tokens": ev.max_tokens,
+            "temperature": ev.temperature,
+            "top_p": ev.top_p,
+            "repetition_penalty": ev.repetition_penalty,
+        }
+
+        async def go() -> list[sweep.SweepPoint]:
+            async with AsyncClient(self.target, timeout=600) as client:
+                return await sweep.sweep(
+                    client, sc, self.cfg.adapter, version, ev.prompts, sampling, ev.seed
+                )
+
+        points = asyncio.run(go())
+        out = sweep.plot(points, sc, self.cfg.adapter, self.paths.plots / "sweep.png")
+        return {"points": sweep.to_json(points), "plot": str(out)}
 
 
 def first_generation_at(db_path: Path) -> float | None:

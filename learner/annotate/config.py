@@ -36,7 +36,7 @@ from .judge import JudgeConfig
 @dataclass(frozen=True)
 class AnnotatorConfig:
     db: Path
-    providers: tuple[Any, ...]  # JudgeConfig | QuantileConfig | ScoreConfig
+    providers: tuple[Any, ...]  # JudgeConfig | QuantileConfig | RatingConfig | ScoreConfig
     batch_size: int = 32
     poll_interval_s: float = 1.0
     retry_delay_s: float = 5.0
@@ -58,6 +58,7 @@ def build_section(cls: type, data: Mapping[str, Any], where: str) -> Any:
 def parse_config(data: Mapping[str, Any], env: Mapping[str, str]) -> AnnotatorConfig:
     """Build the config; ``env`` supplies secrets named by ``api_key_env``."""
     from .quantile import QuantileConfig, ScoreConfig
+    from .ratings import RatingConfig
 
     providers: list[Any] = []
     for i, raw in enumerate(data.get("providers", [])):
@@ -75,8 +76,12 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str]) -> AnnotatorCo
         elif kind == "score":
             p["provider_name"] = p.pop("name")
             providers.append(build_section(ScoreConfig, p, where))
+        elif kind == "rating":
+            providers.append(RatingConfig.parse(p, where))
         else:
-            raise ValueError(f"{where}: type {kind!r} is not one of llm_judge, quantile, score")
+            raise ValueError(
+                f"{where}: type {kind!r} is not one of llm_judge, quantile, rating, score"
+            )
     if not providers:
         raise ValueError("the annotator config names no providers")
     if "db" not in data:
@@ -99,6 +104,7 @@ def load_config(path: Path, env: Mapping[str, str]) -> AnnotatorConfig:
 def build_providers(config: AnnotatorConfig) -> list[Any]:
     from .judge import LLMJudge
     from .quantile import QuantileConfig, QuantileTagProvider, ScoreProvider
+    from .ratings import RatingConfig, RatingProvider
 
     out: list[Any] = []
     for p in config.providers:
@@ -106,6 +112,8 @@ def build_providers(config: AnnotatorConfig) -> list[Any]:
             out.append(LLMJudge(p))
         elif isinstance(p, QuantileConfig):
             out.append(QuantileTagProvider(p))
+        elif isinstance(p, RatingConfig):
+            out.append(RatingProvider(p))
         else:
             out.append(ScoreProvider(p))
     return out

@@ -23,7 +23,8 @@ Example (paths relative to the file's directory)::
     feedback = "Most Negative"       # used once the adapter has a conditioning
 
     [data]
-    kind = "pairs"                   # "pairs" (DPO family) or "alt" (conditional SFT)
+    kind = "pairs"                   # "pairs" (DPO family), "alt" (conditional SFT) or
+                                     # "cmpo" (plural heads; [heads] instead of [train])
     source = "score"                 # pairs from: judge | score | feedback
     provider = "sentiment"
     higher_is_better = false
@@ -54,6 +55,8 @@ from tiller.server.manifest import DEFAULT_SEPARATOR
 
 from ..annotate.config import build_section
 from ..annotate.judge import JudgeConfig
+from ..heads_trainer import HeadsTrainConfig
+from ..objectives.cmpo import CMPOConfig
 from ..trainer import OBJECTIVES, TrainConfig
 from .gate import GateConfig
 
@@ -88,6 +91,8 @@ class SampleConfig:
     per_iteration: int = 32
     n: int = 2
     feedback: str | tuple[str, ...] = ""  # a tag, or tags taken in turn prompt by prompt
+    # attribute weights taken in turn prompt by prompt once the served version has heads (CMPO)
+    attributes: tuple[Mapping[str, float], ...] = ()
     max_tokens: int = 48
     temperature: float = 1.0
     top_p: float = 1.0
@@ -100,12 +105,18 @@ class SampleConfig:
             raise ValueError("sample.prompts is empty")
         if self.per_iteration < 1 or self.n < 1 or self.concurrency < 1:
             raise ValueError("sample.per_iteration, sample.n and sample.concurrency must be >= 1")
+        for i, w in enumerate(self.attributes):
+            if not isinstance(w, Mapping) or not w:
+                raise ValueError(f"sample.attributes[{i}] must be a table of attribute weights")
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """Which dataset each iteration builds from the log.
 
+    ``kind='cmpo'``: the ``provider``'s Likert ratings (``attributes``) become CMPO pairs with
+    attribute weight vectors (``data.cmpo``; ``max_subset_size`` caps the power set), trained
+    as plural heads (``[heads]``).
     ``kind='alt'``: the ``provider``'s tag annotations become feedback-conditioned SFT examples
     under ``tags``/``template``/``separator`` (the conditioning the published versions carry),
     over a replay window of the ``replay_versions`` latest adapter versions. ``kind='pairs'``:
@@ -113,7 +124,7 @@ class DataConfig:
     being served (the base model before the first promotion), as in online DPO.
     """
 
-    kind: Literal["alt", "pairs"] = "pairs"
+    kind: Literal["alt", "pairs", "cmpo"] = "pairs"
     provider: str = ""
     source: PairSource = "score"
     higher_is_better: bool = True
@@ -129,10 +140,16 @@ class DataConfig:
     balance: Literal["none", "downsample", "weight"] = "weight"
     replay_versions: int | None = None
     max_examples: int | None = None
+    attributes: tuple[str, ...] = ()  # kind 'cmpo': the steering attributes (head order)
+    max_subset_size: int | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in ("alt", "pairs"):
-            raise ValueError(f"data.kind {self.kind!r} is not one of: alt, pairs")
+        if self.kind not in ("alt", "pairs", "cmpo"):
+            raise ValueError(f"data.kind {self.kind!r} is not one of: alt, cmpo, pairs")
+        if self.kind == "cmpo" and not self.attributes:
+            raise ValueError("data.kind 'cmpo' needs data.attributes (the steering attributes)")
+        if self.attributes and self.kind != "cmpo":
+            raise ValueError("data.attributes applies to data.kind 'cmpo' only")
         if self.source not in ("judge", "score", "feedback"):
             raise ValueError(f"data.source {self.source!r} is not one of: judge, score, feedback")
         if self.kind == "alt" and not self.tags:
@@ -160,6 +177,7 @@ class LearnConfig:
     token: str | None = None
     sample: SampleConfig | None = None
     gate: GateConfig | None = None
+    heads: HeadsTrainConfig | None = None  # data.kind 'cmpo': the plural heads' training
     continue_training: bool = True
     max_iterations: int | None = None
 
@@ -171,6 +189,12 @@ class LearnConfig:
             raise ValueError("data.kind 'alt' trains with train.objective 'alt' or 'sft'")
         if self.data.kind == "pairs" and self.train.objective in ("alt", "sft"):
             raise ValueError(f"data.kind 'pairs' cannot train objective {self.train.objective!r}")
+        if (self.data.kind == "cmpo") != (self.heads is not None):
+            raise ValueError("[heads] goes with data.kind 'cmpo' (and only with it)")
+        if self.heads is not None and self.heads.attributes != self.data.attributes:
+            raise ValueError("heads.attributes must be data.attributes")
+        if self.gate is not None and self.gate.attributes and self.heads is None:
+            raise ValueError("gate.attributes needs data.kind 'cmpo' (a version with heads)")
 
 
 def _lines(path: Path) -> tuple[str, ...]:
@@ -229,19 +253,33 @@ def parse_config(data: Mapping[str, Any], base: Path, env: Mapping[str, str]) ->
             j.setdefault("mode", "pairwise")
             g["judge"] = build_section(JudgeConfig, j, "[gate.judge]")
         gate = build_section(GateConfig, g, "[gate]")
+    data_cfg = build_section(DataConfig, d.pop("data", {}), "[data]")
+    heads = None
+    if data_cfg.kind == "cmpo":
+        if "train" in d:
+            raise ValueError("data.kind 'cmpo' trains plural heads: use [heads], not [train]")
+        h = dict(d.pop("heads", {}))
+        for key in ("attributes", "base_model", "progress"):
+            if key in h:
+                raise ValueError(f"[heads]: {key} is set by the learner")
+        if "objective" in h:
+            h["objective"] = build_section(CMPOConfig, h["objective"], "[heads.objective]")
+        h |= {"attributes": data_cfg.attributes, "base_model": str(d.get("base_model", ""))}
+        heads = build_section(HeadsTrainConfig, h, "[heads]")
     token_env = d.pop("token_env", None)
     cfg = LearnConfig(
         **top,
         adapter=str(d.pop("adapter", "")),
         base_model=str(d.pop("base_model", "")),
         train=_train(d.pop("train", {}), base),
-        data=build_section(DataConfig, d.pop("data", {}), "[data]"),
+        data=data_cfg,
         trigger=build_section(TriggerConfig, d.pop("trigger", {}), "[trigger]"),
         server=str(d.pop("server", "")),
         admin_server=str(d.pop("admin_server", "")),
         token=env.get(token_env) if token_env else None,
         sample=sample,
         gate=gate,
+        heads=heads,
         continue_training=bool(d.pop("continue_training", True)),
         max_iterations=d.pop("max_iterations", None),
     )

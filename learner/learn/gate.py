@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
@@ -61,6 +61,8 @@ class GateConfig:
     higher_is_better: bool = True
     metric: Metric = "mean"
     feedback: str = ""
+    # CMPO: the attribute weights both sides generate with (a side without heads: none)
+    attributes: Mapping[str, float] = field(default_factory=dict)
     high_tag: str = ""
     low_tag: str = ""
     margin: float = 0.0
@@ -109,6 +111,7 @@ class Side:
     name: str
     version: int = 0
     conditioning: Conditioning | None = None
+    attributes: tuple[tuple[str, float], ...] = ()  # steering weights (a version with heads)
 
     @property
     def label(self) -> str:
@@ -168,6 +171,8 @@ def _job(
     }
     if side.name:
         kw |= {"adapter": side.name, "adapter_version": side.version, "feedback": tag}
+        if side.attributes:
+            kw["attributes"] = dict(side.attributes)
     elif tag:
         if side.conditioning is None:
             raise ValueError("the gate needs a conditioning to render tags for the base model")

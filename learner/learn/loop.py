@@ -56,10 +56,12 @@ from tiller.server.manifest import (
 )
 
 from ..data.alt import AltConfig, ReplayWindow, build_alt
+from ..data.cmpo import cmpo_pairs
 from ..data.examples import PreferencePair, SFTExample
 from ..data.jsonl import load_pairs, load_sft, save_pairs, save_sft
 from ..data.pairs import feedback_pairs, generations_by_id, judge_pairs, score_pairs
 from ..fluency import Scorer, load_scoring_model
+from ..heads_trainer import train_heads
 from ..publish import Release, list_versions, promote, publish, read_state, version_path
 from ..trainer import TrainResult, train
 from . import runs
@@ -164,9 +166,14 @@ def bootstrap_version(registry: Path, adapter: str) -> int | None:
 
 
 def _pair_ids(p: PreferencePair) -> tuple[str, str] | None:
-    head, _, ids = p.source.rpartition(":")
-    chosen, sep, rejected = ids.partition(">")
-    return (chosen, rejected) if head and sep else None
+    """(chosen id, rejected id) from a pair's ``source``: ``<kind>:<provider>:<a>><b>``, with
+    ``:<attributes>`` after it for CMPO pairs."""
+    parts = p.source.split(":")
+    for ids in reversed(parts[1:]):
+        chosen, sep, rejected = ids.partition(">")
+        if sep:
+            return chosen, rejected
+    return None
 
 
 def on_policy(
@@ -201,7 +208,16 @@ def build_dataset(
         )
         examples: list[SFTExample] = build_alt(db, alt, skipped=skipped)
         return examples[-d.max_examples :] if d.max_examples else examples
-    if d.source == "judge":
+    if d.kind == "cmpo":
+        pairs = cmpo_pairs(
+            db,
+            d.provider,
+            d.attributes,
+            max_subset_size=d.max_subset_size,
+            allow_truncated=d.allow_truncated,
+            skipped=skipped,
+        )
+    elif d.source == "judge":
         pairs = judge_pairs(
             db,
             d.provider,
@@ -221,7 +237,7 @@ def build_dataset(
         )
     else:
         pairs = feedback_pairs(db, allow_truncated=d.allow_truncated, skipped=skipped)
-    if d.on_policy and d.source != "feedback":
+    if d.on_policy and (d.kind == "cmpo" or d.source != "feedback"):
         name = cfg.adapter if now.version is not None else ""
         kept = on_policy(db, pairs, name, now.version or 0)
         skipped["off_policy"] += len(pairs) - len(kept)
@@ -280,7 +296,8 @@ def candidate_dir(cfg: LearnConfig, iteration: int, adapter_dir: Path) -> Path:
         version=iteration,
         base_model=cfg.base_model,
         conditioning=conditioning(cfg),
-        has_lora=True,
+        attributes=cfg.data.attributes,
+        has_lora=(out / "adapter_config.json").is_file(),
     )
     write_manifest(out, manifest)
     return out
@@ -346,13 +363,21 @@ class Learner:
             "repetition_penalty": s.repetition_penalty,
         }
         tags: tuple[str, ...] = ()
+        weights: tuple[Any, ...] = ()
         if now.version is not None:
             kw |= {"adapter": self.cfg.adapter, "adapter_version": now.version}
             if now.manifest is not None and now.manifest.conditioning is not None:
                 tags = (s.feedback,) if isinstance(s.feedback, str) else s.feedback
                 tags = tuple(t for t in tags if t)
+            if now.manifest is not None and now.manifest.attributes:
+                weights = s.attributes
         jobs = [
-            (p, kw | ({"feedback": tags[i % len(tags)]} if tags else {}))
+            (
+                p,
+                kw
+                | ({"feedback": tags[i % len(tags)]} if tags else {})
+                | ({"attributes": dict(weights[i % len(weights)])} if weights else {}),
+            )
             for i, p in enumerate(prompts)
         ]
         return sum(len(t) for t in await generate_each(self.client, jobs, s.concurrency))
@@ -376,9 +401,11 @@ class Learner:
         await self.admin.load_adapter(name, str(cand))
         # Activating the candidate name retires its older candidates (memory stays bounded).
         await self.admin.activate_adapter(name, iteration)
-        candidate = Side(name, iteration)
+        weights = tuple(g.attributes.items())
+        candidate = Side(name, iteration, attributes=weights if self.cfg.heads else ())
+        has_heads = now.manifest is not None and bool(now.manifest.attributes)
         incumbent = (
-            Side(self.cfg.adapter, now.version)
+            Side(self.cfg.adapter, now.version, attributes=weights if has_heads else ())
             if now.version is not None
             else Side("", 0, conditioning(self.cfg))
         )
@@ -421,6 +448,14 @@ class Learner:
 
     def _train(self, iteration: int, data: list[Any], now: Served) -> TrainResult:
         work = self.cfg.workdir / f"iter-{iteration:04d}"
+        if self.cfg.heads is not None:  # CMPO: plural heads, continuing the served ones
+            heads = replace(self.cfg.heads, progress=self.progress)
+            init = None
+            if self.cfg.continue_training and now.manifest is not None:
+                init = now.path if now.manifest.attributes else None
+            h = train_heads(self.cfg.model, data, heads, work / "adapter", init_heads=init)
+            last = h.history[-1]["loss"] if h.history else float("nan")
+            return TrainResult(h.out_dir, h.steps, last, h.samples_per_s, h.history)
         init = None
         if self.cfg.continue_training and now.manifest is not None and now.manifest.has_lora:
             init = now.path
@@ -480,14 +515,14 @@ class Learner:
                     details={"skipped": dict(skipped)},
                 )
             freeze(work, data, hi, skipped, now)
-        self.report(
-            f"iteration {iteration}: training {cfg.train.objective} on {len(data)} examples"
-        )
+        objective = "cmpo heads" if cfg.heads else cfg.train.objective
+        self.report(f"iteration {iteration}: training {objective} on {len(data)} examples")
         result = await in_daemon_thread(self._train, iteration, data, now)
         metrics: dict[str, Any] = {
             "final_loss": result.final_loss,
             "samples_per_s": result.samples_per_s,
             "steps": result.steps,
+            "first_step": result.history[0] if result.history else {},
             "last_step": result.history[-1] if result.history else {},
         }
         verdict, cand_run = None, None
@@ -504,7 +539,8 @@ class Learner:
             base_model=cfg.base_model,
             base_model_dir=cfg.model,
             conditioning=conditioning(cfg),
-            objective=cfg.train.objective,
+            attributes=cfg.data.attributes,
+            objective="cmpo" if cfg.heads else cfg.train.objective,
             hyperparameters=_hyperparameters(cfg),
             data_window={
                 "iteration": iteration,
@@ -667,7 +703,7 @@ def _label(cfg: LearnConfig, now: Served) -> str:
 
 
 def _hyperparameters(cfg: LearnConfig) -> dict[str, Any]:
-    t = asdict(cfg.train)
+    t = asdict(cfg.heads) if cfg.heads else asdict(cfg.train)
     for key in ("checkpoint_dir", "progress", "device"):
         t.pop(key, None)
     return json.loads(json.dumps(t, default=str))

@@ -185,6 +185,69 @@ def test_alt_align_evaluates_against_the_unloaded_bootstrap_and_again_on_demand(
     assert "started learner" not in again.stderr and _alive_with(str(run_dir)) == []
 
 
+LONG = "{{long = 1.0, plain = 0.0}}"
+CMPO = (
+    QUICK.replace('name = "quick"', 'name = "plural"')
+    .replace(
+        "[learner]\n",
+        '[[annotator.providers]]\nname = "ratings"\ntype = "rating"\n'
+        '[[annotator.providers.attributes]]\nname = "long"\nscorer = "length"\n'
+        "cuts = [2.0, 4.0, 6.0]\n"
+        '[[annotator.providers.attributes]]\nname = "plain"\nscorer = "readability"\n'
+        "cuts = [0.0, 50.0]\n[learner]\n",
+    )
+    .replace('adapter = "critic"', 'adapter = "plural"')
+    .replace(
+        "n = 2\n",
+        "n = 3\nattributes = [{{long = 1.0, plain = 0.0}}, {{long = 0.0, plain = 1.0}}]\n",
+    )
+    .replace(
+        'kind = "pairs"\nsource = "score"\nprovider = "len"',
+        'kind = "cmpo"\nprovider = "ratings"\nattributes = ["long", "plain"]',
+    )
+    .replace(
+        '[learner.train]\nobjective = "dpo"\nlora_r = 4\nlora_alpha = 8\n'
+        'target_modules = ["q_proj", "v_proj"]\nbatch_size = 4\nmax_steps = 2\n',
+        "[learner.heads]\nrank = 2\nepochs = 1\nbatch_size = 16\n",
+    )
+    .replace("margin = 1000.0", "margin = 1000.0\nattributes = {{long = 1.0, plain = 0.0}}")
+    .replace(
+        'scorer = "length"\nmax_tokens = 8\n',
+        'scorer = "length"\nmax_tokens = 8\nattributes = {{long = 1.0, plain = 0.0}}\n'
+        '[eval.sweep]\nattributes = ["long", "plain"]\nscorers = ["length", "readability"]\n'
+        "lambdas = [0.0, 1.0]\n",
+    )
+)
+
+
+def test_cmpo_align_trains_heads_and_sweeps_the_weights(tiny_model: Path, tmp_path: Path) -> None:
+    """The multi-head mode: rating annotations -> CMPO pairs -> plural heads -> gate at the
+    configured weights -> promoted; the evaluation at those weights and the weight sweep."""
+    (tmp_path / "prompts.txt").write_text("\n".join(f"p{i} q{i}" for i in range(6)) + "\n")
+    config = tmp_path / "plural.toml"
+    config.write_text(CMPO.format(model=tiny_model))
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tiller.client.cli", "align", "--config", str(config),
+         "--run-dir", str(run_dir)],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads((run_dir / "report.json").read_text())
+    assert [(i["status"], i["version"]) for i in report["iterations"]] == [
+        ("promoted", 1),
+        ("promoted", 2),
+    ]
+    labels = [c["label"] for c in report["eval"]["conditions"]]
+    assert labels == ["base", "plural@v2 {long=1, plain=0}"]
+    points = report["sweep"]["points"]
+    assert [p["label"] for p in points] == ["base", "λ=0", "λ=1"]
+    assert points[2]["weights"] == {"long": 1.0, "plain": 0.0}
+    assert all(set(p["means"]) == {"length", "readability"} and p["n"] == 6 for p in points)
+    assert (run_dir / "plots" / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert _alive_with(str(run_dir)) == []
+
+
 def test_align_with_a_real_llm_judge(tiny_model: Path, tmp_path: Path) -> None:
     """vLLM's OpenAI server on the tiny model judges the pairs (both orders); the learner trains
     DPO on its verdicts: the LLM-judge path end to end."""
@@ -213,6 +276,7 @@ def test_align_with_a_real_llm_judge(tiny_model: Path, tmp_path: Path) -> None:
 
 
 def test_align_config_is_checked_before_anything_starts(tmp_path: Path) -> None:
+    sweep = {"attributes": ["a"], "scorers": ["length"]}
     data = {
         "name": "x",
         "annotator": {"providers": [{"name": "len", "type": "score", "scorer": "length"}]},
@@ -229,6 +293,13 @@ def test_align_config_is_checked_before_anything_starts(tmp_path: Path) -> None:
         ({**data, "learner": {**data["learner"], "train": {"objective": "nope"}}}, "nope"),
         ({**data, "bogus": 1}, "bogus"),
         ({**data, "eval": {"prompts": ["p"], "scorer": "length", "tags": ["a"]}}, "two extreme"),
+        (
+            {
+                **data,
+                "eval": {"prompts": ["p"], "scorer": "length", "sweep": sweep},
+            },
+            r"\[eval.sweep\]",
+        ),
     ]
     for bad, needle in bad_cases:
         with pytest.raises(ValueError, match=needle):

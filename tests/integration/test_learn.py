@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -27,7 +28,9 @@ from tiller.learner.annotate.quantile import (
     ScoreConfig,
     ScoreProvider,
 )
+from tiller.learner.annotate.ratings import RatedAttribute, RatingConfig, RatingProvider
 from tiller.learner.annotate.runner import Annotator
+from tiller.learner.heads_trainer import HeadsTrainConfig
 from tiller.learner.learn import runs
 from tiller.learner.learn.config import (
     DataConfig,
@@ -308,6 +311,76 @@ async def test_alt_loop_conditions_on_tags(
     assert all(r[2] == f"Length: Long\nText: {r[1]}" for r in rendered), rendered[:2]
     gate = manifest.extra["metrics"]["gate"]
     assert set(gate["candidate"]["scores"]) == {"Long", "Short"}
+
+
+async def test_cmpo_loop_trains_heads_serves_them_and_samples_with_weights(
+    tiny_model: Path, learn_server: tuple[ServerProc, Path, Path], tmp_path: Path
+) -> None:
+    srv, db, registry = learn_server
+    attrs = ("long", "plain")
+    ratings = RatingProvider(
+        RatingConfig(
+            provider_name="ratings",
+            attributes=(
+                RatedAttribute(name="long", scorer="length", cuts=(2.0, 4.0, 6.0)),
+                RatedAttribute(name="plain", scorer="readability", cuts=(0.0, 50.0)),
+            ),
+        )
+    )
+    weights = ({"long": 1.0, "plain": 0.0}, {"long": 0.0, "plain": 1.0})
+    cfg = _config(
+        tiny_model,
+        srv,
+        db,
+        registry,
+        tmp_path / "work",
+        adapter="plural",
+        data=DataConfig(kind="cmpo", provider="ratings", attributes=attrs),
+        heads=HeadsTrainConfig(attributes=attrs, base_model="tiny-llama", rank=2, epochs=1,
+                               batch_size=16, max_length=64, lr=5e-2, progress=False),
+        sample=SampleConfig(prompts=PROMPTS, per_iteration=8, n=3, max_tokens=8,
+                            attributes=weights),
+        gate=GateConfig(prompts=HELD_OUT, scorer="length", attributes=weights[0], margin=1e6,
+                        max_perplexity_ratio=1e6, samples=1, max_tokens=8),
+    )  # fmt: skip
+    lines = await _run(cfg, [ratings])
+    rows = runs.iterations(connect(db), "plural")
+    assert [(r["iteration"], r["status"], r["version"]) for r in rows] == [
+        (1, "promoted", 1),
+        (2, "promoted", 2),
+    ], lines
+    assert any("training cmpo heads" in line for line in lines), lines
+    v1, v2 = (load_manifest(version_path(registry, "plural", v)) for v in (1, 2))
+    for m in (v1, v2):  # heads-only versions, published with their attributes
+        assert not m.has_lora and m.attributes == attrs and m.extra["objective"] == "cmpo"
+        assert m.extra["hyperparameters"]["rank"] == 2
+    # v1's heads start as the base (B = 0: loss log 2); v2 continues from v1's heads.
+    first = [m.extra["metrics"]["first_step"]["loss"] for m in (v1, v2)]
+    assert first[0] == pytest.approx(math.log(2), abs=1e-5)
+    assert abs(first[1] - math.log(2)) > 1e-4, first
+    # The gate generated with the weights on the side with heads: base first, then plural@v1.
+    gates = [m.extra["metrics"]["gate"] for m in (v1, v2)]
+    assert [g["incumbent"]["side"] for g in gates] == ["base", "plural@v1"]
+    assert gates[1]["candidate"]["side"] == "plural-candidate@v2"
+    # Iteration 2 sampled plural@v1 with the configured weight vectors in turn.
+    sampled = (
+        connect(db)
+        .execute(
+            "SELECT DISTINCT attributes_json FROM generations "
+            "WHERE adapter = 'plural' AND adapter_version = 1"
+        )
+        .fetchall()
+    )
+    got = sorted((json.loads(r[0]) for r in sampled), key=json.dumps)
+    assert got == sorted(weights, key=json.dumps)
+    with Client(srv.target) as c:
+        mix = {"long": 0.7, "plain": 0.3}
+        g = c.generate("Describe the sea.", adapter="plural", attributes=mix, max_tokens=4)
+        assert g.adapter_version == 2
+        with pytest.raises(TillerClientError) as info:
+            c.generate("x", adapter="plural", attributes={"loud": 1.0}, max_tokens=2)
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "unknown attribute 'loud'" in info.value.message
 
 
 def test_config_file_round_trip(tmp_path: Path) -> None:

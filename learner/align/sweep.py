@@ -1,0 +1,120 @@
+"""The attribute-weight sweep of a multi-head (CMPO) version: how each attribute's measure moves
+as the request's weights move from one attribute to another.
+
+For each λ in ``lambdas`` the adapter generates the held-out prompts with weights
+``{attributes[0]: λ, attributes[1]: 1 − λ}`` (through the running server, ``log=False``, the
+same per-prompt seeds at every λ); every generation is scored by each attribute's scorer. The
+base model generates once, as the reference line. The result is the steerability curve CMPO
+promises: one served version, a different trade-off per request.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tiller.client import AsyncClient
+
+from ..annotate.scorers import make_scorer
+from ..learn.sampling import generate_each
+from ..stats import mean_halfwidth
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    attributes: tuple[str, str]  # swept from the second (λ = 0) to the first (λ = 1)
+    scorers: tuple[str, str]  # how each attribute is measured
+    lambdas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+    def __post_init__(self) -> None:
+        if len(self.attributes) != 2 or len(set(self.attributes)) != 2:
+            raise ValueError("[eval.sweep]: attributes must be two distinct attribute names")
+        if len(self.scorers) != 2:
+            raise ValueError("[eval.sweep]: scorers must name one scorer per attribute")
+        for s in self.scorers:
+            make_scorer(s)  # ValueError naming the valid scorers
+        if len(self.lambdas) < 2 or not all(math.isfinite(x) for x in self.lambdas):
+            raise ValueError("[eval.sweep]: lambdas must be at least two finite numbers")
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    label: str
+    weights: Mapping[str, float]
+    means: Mapping[str, tuple[float, float]]  # scorer -> (mean, 95% half-width)
+    n: int
+
+
+def weights_at(cfg: SweepConfig, lam: float) -> dict[str, float]:
+    a, b = cfg.attributes
+    return {a: lam, b: 1.0 - lam}
+
+
+async def sweep(
+    client: AsyncClient,
+    cfg: SweepConfig,
+    adapter: str,
+    version: int,
+    prompts: tuple[str, ...],
+    sampling: Mapping[str, Any],
+    seed: int,
+) -> list[SweepPoint]:
+    """The base model first, then the adapter at each λ."""
+    scorers = {name: make_scorer(name) for name in dict.fromkeys(cfg.scorers)}
+    points = []
+    conds: list[tuple[str, dict[str, Any], dict[str, float]]] = [("base", {}, {})]
+    for lam in cfg.lambdas:
+        w = weights_at(cfg, lam)
+        kw = {"adapter": adapter, "adapter_version": version, "attributes": w}
+        conds.append((f"λ={lam:g}", kw, w))
+    for label, kw, w in conds:
+        jobs = [(p, dict(sampling) | kw | {"seed": seed + i, "log": False}) for i, p in
+                enumerate(prompts)]  # fmt: skip
+        texts = [t for ts in await generate_each(client, jobs, 32) for t in ts]
+        means = {}
+        for name, scorer in scorers.items():
+            means[name] = mean_halfwidth([scorer.score(t) for t in texts], 0.975)
+        points.append(SweepPoint(label, w, means, len(texts)))
+    return points
+
+
+def to_json(points: list[SweepPoint]) -> list[dict[str, Any]]:
+    return [
+        {
+            "label": p.label,
+            "weights": dict(p.weights),
+            "n": p.n,
+            "means": {k: {"mean": m, "ci95": h} for k, (m, h) in p.means.items()},
+        }
+        for p in points
+    ]
+
+
+def plot(points: list[SweepPoint], cfg: SweepConfig, adapter: str, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base, swept = points[0], points[1:]
+    lams = [p.weights[cfg.attributes[0]] for p in swept]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    for ax, attr, scorer in zip(axes, cfg.attributes, cfg.scorers, strict=True):
+        m = [p.means[scorer][0] for p in swept]
+        h = [p.means[scorer][1] for p in swept]
+        ax.errorbar(lams, m, yerr=h, marker="o", capsize=4, label=adapter)
+        bm, bh = base.means[scorer]
+        ax.axhline(bm, color="gray", linestyle="--", label="base")
+        ax.axhspan(bm - bh, bm + bh, color="gray", alpha=0.15)
+        ax.set_xlabel(f"λ: weights {{{cfg.attributes[0]}: λ, {cfg.attributes[1]}: 1−λ}}")
+        ax.set_ylabel(f"mean {scorer} (95% CI)")
+        ax.set_title(f"{attr} ({scorer})")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{adapter}: attribute-weight sweep on held-out prompts")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
