@@ -45,6 +45,9 @@ class HeadsTrainConfig:
     max_length: int = 256
     init_std: float = 0.02
     progress: bool = True
+    # Keep the frozen base logits h·W_0ᵀ of every distinct sequence when they fit in this many
+    # GiB (float32 [tokens, vocab]): each step then skips the [tokens, H] x [H, V] matmul.
+    logits_cache_gib: float = 2.0
 
     def __post_init__(self) -> None:
         if not self.attributes or len(set(self.attributes)) != len(self.attributes):
@@ -67,6 +70,7 @@ class _Seq:
     h: Tensor  # [T, H] hidden states predicting the completion tokens
     targets: Tensor  # [T]
     ref_logp: float  # summed log-prob under the base head
+    base: Tensor | None = None  # [T, V] base logits h·W_0ᵀ, kept when they fit the cache budget
 
 
 def _weights(pair: PreferencePair, names: Sequence[str]) -> list[float]:
@@ -79,21 +83,31 @@ def _weights(pair: PreferencePair, names: Sequence[str]) -> list[float]:
     return [float(given.get(n, 0.0)) for n in names]
 
 
-def _hidden(model: Any, tok: Any, prompt: str, completion: str, tc: TrainConfig) -> _Seq:
+def _hidden(
+    model: Any, tok: Any, prompt: str, completion: str, tc: TrainConfig, keep_logits: bool
+) -> _Seq:
     p, c = _encode(tok, prompt, completion, tc)
     ids = torch.tensor([list(p) + list(c)])
     out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
     h = out.hidden_states[-1][0, len(p) - 1 : -1]  # the final (normed) states before each target
     targets = torch.tensor(c)
-    ref = torch.log_softmax(out.logits[0, len(p) - 1 : -1].float(), -1)
-    return _Seq(h.float().clone(), targets, float(ref.gather(1, targets[:, None]).sum()))
+    logits = out.logits[0, len(p) - 1 : -1].float()
+    ref = torch.log_softmax(logits, -1)
+    return _Seq(
+        h.float().clone(),
+        targets,
+        float(ref.gather(1, targets[:, None]).sum()),
+        logits.clone() if keep_logits else None,
+    )
 
 
 def _policy_logps(seqs: Sequence[_Seq], lam: Tensor, w0: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """Summed log-probs of each sequence under its row of ``lam`` ([S, k])."""
     h = torch.cat([s.h for s in seqs])
     rows = torch.cat([lam[i].expand(len(s.targets), -1) for i, s in enumerate(seqs)])
-    logp = torch.log_softmax(mixed_logits(h, w0, a, b, rows), -1)
+    kept = [s.base for s in seqs]
+    base = torch.cat(kept) if all(x is not None for x in kept) else None
+    logp = torch.log_softmax(mixed_logits(h, w0, a, b, rows, base), -1)
     tok = logp.gather(1, torch.cat([s.targets for s in seqs])[:, None])[:, 0]
     return torch.stack([part.sum() for part in tok.split([len(s.targets) for s in seqs])])
 
@@ -143,9 +157,13 @@ def train_heads(
     # One trunk forward per distinct (prompt, completion): CMPO data repeats each generation in
     # many pairs (every other sample of its prompt, both directions, each attribute subset).
     cache: dict[tuple[str, str], _Seq] = {}
+    distinct = list(dict.fromkeys((p.prompt, c) for p in pairs for c in (p.chosen, p.rejected)))
+    vocab = model.get_output_embeddings().weight.shape[0]
+    tokens = sum(len(_encode(tok, prompt, c, tc)[1]) for prompt, c in distinct)
+    keep = tokens * vocab * 4 <= cfg.logits_cache_gib * 2**30
     with torch.no_grad():  # not inference_mode: these tensors feed autograd later
-        for key in dict.fromkeys((p.prompt, c) for p in pairs for c in (p.chosen, p.rejected)):
-            cache[key] = _hidden(model, tok, *key, tc)
+        for prompt, completion in tqdm(distinct, disable=not cfg.progress, desc="cmpo trunk"):
+            cache[prompt, completion] = _hidden(model, tok, prompt, completion, tc, keep)
     chosen = [cache[p.prompt, p.chosen] for p in pairs]
     rejected = [cache[p.prompt, p.rejected] for p in pairs]
     w0 = model.get_output_embeddings().weight.detach().float().clone()

@@ -29,18 +29,22 @@ class CMPOConfig:
         return CDPOConfig(self.beta, self.label_smoothing, self.use_label_confidence)
 
 
-def mixed_logits(h: Tensor, w0: Tensor, a: Tensor, b: Tensor, weights: Tensor) -> Tensor:
+def mixed_logits(
+    h: Tensor, w0: Tensor, a: Tensor, b: Tensor, weights: Tensor, base: Tensor | None = None
+) -> Tensor:
     """Logits of low-rank plural heads under per-row weights.
 
     ``h`` [N, H] hidden states, ``w0`` [V, H] base head, ``a`` [k, r, H], ``b`` [k, V, r]
-    head factors, ``weights`` [N, k] (each row's λ). Returns [N, V].
+    head factors, ``weights`` [N, k] (each row's λ). Returns [N, V]. ``base``: ``h·W_0ᵀ``
+    computed beforehand (the frozen part: a trainer can keep it instead of redoing the
+    [N, H] x [H, V] matmul every step).
     """
     n, (k, r, _) = h.shape[0], a.shape
     c = weights.sum(dim=1, keepdim=True)  # [N, 1]
     low = torch.einsum("nh,krh->nkr", h, a)
     scaled = (weights.unsqueeze(-1) * low).reshape(n, k * r)
     steer = scaled @ b.permute(0, 2, 1).reshape(k * r, b.shape[1])  # [N, V]
-    return c * (h @ w0.T) + steer
+    return c * (h @ w0.T if base is None else base) + steer
 
 
 def cmpo_loss(

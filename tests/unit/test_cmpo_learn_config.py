@@ -4,10 +4,12 @@ pairs for on-policy filtering, and heads training continuing from served heads."
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from tiller.learner.data.examples import PreferencePair
 from tiller.learner.heads_trainer import HeadsTrainConfig, train_heads
@@ -105,3 +107,19 @@ def test_heads_training_continues_from_given_heads(tiny_model: Path, tmp_path: P
     other = HeadsTrainConfig(attributes=("x", "y"), base_model="t", rank=3, progress=False)
     with pytest.raises(ValueError, match=r"heads in .* are \[\('x', 'lowrank', 2\)"):
         train_heads(tiny_model, _pairs(), other, tmp_path / "v3", init_heads=tmp_path / "v1")
+
+
+def test_kept_base_logits_train_the_same_heads_as_recomputing_them(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    cfg = HeadsTrainConfig(attributes=("x", "y"), base_model="t", rank=2, epochs=2, lr=2e-2,
+                           batch_size=4, progress=False)  # fmt: skip
+    kept = train_heads(tiny_model, _pairs(), cfg, tmp_path / "kept")
+    again = train_heads(
+        tiny_model, _pairs(), replace(cfg, logits_cache_gib=0.0), tmp_path / "again"
+    )
+    assert [h["loss"] for h in kept.history] == pytest.approx(
+        [h["loss"] for h in again.history], rel=1e-4
+    )
+    a, b = load_tensors(tmp_path / "kept"), load_tensors(tmp_path / "again")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
