@@ -252,10 +252,11 @@ def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` multiplies bfloat16 natively: a CUDA device with bf16 support, or a CPU
     with AVX512-BF16 or AMX. Elsewhere bf16 autocast is emulated and far slower than float32
     (AVX2-only EPYC here: one SmolLM2 DPO step ~200 s under bf16 autocast vs ~10 s in fp32)."""
+    from tiller.server.device import cpu_has_native_bf16  # the one detector (serving uses it)
+
     if device.type == "cuda":
         return bool(torch.cuda.is_bf16_supported())
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+    return cpu_has_native_bf16()
 
 
 def _bf16(cfg: TrainConfig, device: torch.device) -> bool:

@@ -32,8 +32,9 @@ async def _main(config: LearnConfig, progress: bool) -> int:
     learner = Learner(
         config, db, report=lambda line: console.log(line, highlight=False), progress=progress
     )
+    objective = "cmpo heads" if config.heads else config.train.objective
     console.log(
-        f"learning {config.adapter} ({config.train.objective} on {config.data.kind} data) "
+        f"learning {config.adapter} ({objective} on {config.data.kind} data) "
         f"from {config.db}; registry {config.registry}"
     )
     return await learner.run(stop)

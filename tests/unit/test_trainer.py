@@ -295,9 +295,10 @@ def test_kill_9_then_resume_matches_uninterrupted(tiny_model: Path, tmp_path: Pa
 
 def test_fast_precision_is_bf16_only_where_the_cpu_multiplies_bf16_natively() -> None:
     from tiller.learner.trainer import _bf16, native_bf16
+    from tiller.server.device import cpu_has_native_bf16
 
     cpu = torch.device("cpu")
-    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    native = cpu_has_native_bf16()
     assert native_bf16(cpu) == native
     assert _bf16(TrainConfig(precision="fast"), cpu) == native
     assert _bf16(TrainConfig(precision="bf16"), cpu) and not _bf16(TrainConfig(), cpu)
