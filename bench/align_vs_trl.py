@@ -183,10 +183,9 @@ def trl_settings(config: Path) -> list[str]:
         args += ["--layers", ",".join(str(i) for i in t["layers_to_transform"])]
     import torch
 
-    from tiller.learner.trainer import native_bf16
+    from tiller.learner.trainer import bf16_autocast
 
-    cpu = torch.device("cpu")
-    if t["precision"] == "bf16" or (t["precision"] == "fast" and native_bf16(cpu)):
+    if bf16_autocast(TrainConfig(precision=t["precision"]), torch.device("cpu")):
         args.append("--bf16")
     return args
 

@@ -83,10 +83,8 @@ def _weights(pair: PreferencePair, names: Sequence[str]) -> list[float]:
     return [float(given.get(n, 0.0)) for n in names]
 
 
-def _hidden(
-    model: Any, tok: Any, prompt: str, completion: str, tc: TrainConfig, keep_logits: bool
-) -> _Seq:
-    p, c = _encode(tok, prompt, completion, tc)
+def _hidden(model: Any, p: Sequence[int], c: Sequence[int], keep_logits: bool) -> _Seq:
+    """Hidden states, targets and reference log-prob of prompt ids ``p`` + completion ids ``c``."""
     ids = torch.tensor([list(p) + list(c)])
     out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
     h = out.hidden_states[-1][0, len(p) - 1 : -1]  # the final (normed) states before each target
@@ -156,18 +154,17 @@ def train_heads(
     tc = TrainConfig(objective="cdpo", max_length=cfg.max_length, progress=False)
     # One trunk forward per distinct (prompt, completion): CMPO data repeats each generation in
     # many pairs (every other sample of its prompt, both directions, each attribute subset).
-    cache: dict[tuple[str, str], _Seq] = {}
-    distinct = list(dict.fromkeys((p.prompt, c) for p in pairs for c in (p.chosen, p.rejected)))
-    vocab = model.get_output_embeddings().weight.shape[0]
-    tokens = sum(len(_encode(tok, prompt, c, tc)[1]) for prompt, c in distinct)
-    keep = tokens * vocab * 4 <= cfg.logits_cache_gib * 2**30
-    with torch.no_grad():  # not inference_mode: these tensors feed autograd later
-        for prompt, completion in tqdm(distinct, disable=not cfg.progress, desc="cmpo trunk"):
-            cache[prompt, completion] = _hidden(model, tok, prompt, completion, tc, keep)
-    chosen = [cache[p.prompt, p.chosen] for p in pairs]
-    rejected = [cache[p.prompt, p.rejected] for p in pairs]
     w0 = model.get_output_embeddings().weight.detach().float().clone()
     vocab, hidden = w0.shape
+    distinct = dict.fromkeys((p.prompt, c) for p in pairs for c in (p.chosen, p.rejected))
+    encoded = {key: _encode(tok, *key, tc) for key in distinct}
+    tokens = sum(len(c) for _, c in encoded.values())
+    keep = tokens * vocab * 4 <= cfg.logits_cache_gib * 2**30
+    with torch.no_grad():  # not inference_mode: these tensors feed autograd later
+        bar = tqdm(encoded.items(), disable=not cfg.progress, desc="cmpo trunk")
+        cache = {key: _hidden(model, p, c, keep) for key, (p, c) in bar}
+    chosen = [cache[p.prompt, p.chosen] for p in pairs]
+    rejected = [cache[p.prompt, p.rejected] for p in pairs]
     del model
     k, r = len(names), cfg.rank
     gen = torch.Generator().manual_seed(cfg.seed)

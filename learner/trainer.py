@@ -259,9 +259,10 @@ def native_bf16(device: torch.device) -> bool:
     return cpu_has_native_bf16()
 
 
-def _bf16(cfg: TrainConfig, device: torch.device) -> bool:
+def bf16_autocast(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether a run with ``cfg`` on ``device`` trains under bf16 (``TrainConfig.precision``)."""
     if cfg.precision == "auto":
-        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return device.type == "cuda" and native_bf16(device)
     if cfg.precision == "fast":
         return native_bf16(device)
     return cfg.precision == "bf16"
@@ -294,6 +295,11 @@ def _reference(model: Any) -> Iterator[None]:
         model.train(was_training)
 
 
+def _summed_logps(model: Any, b: _Batch, amp: bool) -> Tensor:
+    """``[B]``: each sequence's summed completion log-prob under ``model`` as it is now."""
+    return (token_logps(_completion_logits(model, b, amp), b.labels) * b.label_mask).sum(-1)
+
+
 def _reference_logps(
     model: Any, items: Sequence[_Item], cfg: TrainConfig, device: torch.device, pad: int
 ) -> Tensor:
@@ -302,14 +308,14 @@ def _reference_logps(
     The reference is fixed, so the DPO family needs these once, not once per epoch (its forward
     is about a quarter of a step's compute). Computed before the first step in fixed batches,
     so a resumed run gets the same values."""
-    amp = device.type == "cpu" and _bf16(cfg, device)
+    amp = device.type == "cpu" and bf16_autocast(cfg, device)
     out = []
     with _reference(model):
         for start in range(0, len(items), cfg.batch_size):
             chunk = items[start : start + cfg.batch_size]
             b = _collate([it.seqs[0] for it in chunk] + [it.seqs[1] for it in chunk], pad)
             b = b.to(device)
-            lp = (token_logps(_completion_logits(model, b, amp), b.labels) * b.label_mask).sum(-1)
+            lp = _summed_logps(model, b, amp)
             out.append(torch.stack(lp.chunk(2), dim=1))
     return torch.cat(out)
 
@@ -327,7 +333,7 @@ def _loss(
     seqs = [it.seqs[0] for it in items] + [it.seqs[1] for it in items if len(it.seqs) == 2]
     b = _collate(seqs, pad).to(device)
     # CUDA bf16 is the model's dtype (``_load_model``); on the CPU it is autocast.
-    amp = device.type == "cpu" and _bf16(cfg, device)
+    amp = device.type == "cpu" and bf16_autocast(cfg, device)
     if isinstance(obj, ALTConfig | SFTConfig):
         weights = torch.tensor([it.weight for it in items], device=device)
         logits = _completion_logits(model, b, amp)
@@ -340,7 +346,7 @@ def _loss(
         return alt_loss(logits, ref, b.labels, b.label_mask, obj, weights)
     if ref_logps is None:
         raise ValueError(f"objective {cfg.objective!r} needs the reference log-probs")
-    logps = (token_logps(_completion_logits(model, b, amp), b.labels) * b.label_mask).sum(-1)
+    logps = _summed_logps(model, b, amp)
     pc, pr = logps.chunk(2)
     rc, rr = ref_logps.to(device).unbind(1)
     lc, lr = b.label_mask.sum(-1).chunk(2)
@@ -359,7 +365,9 @@ def _load_model(model_dir: Path, cfg: TrainConfig, init_adapter: Path | None) ->
     from transformers import AutoModelForCausalLM
 
     device = _device(cfg)
-    dtype = torch.bfloat16 if device.type == "cuda" and _bf16(cfg, device) else torch.float32
+    dtype = (
+        torch.bfloat16 if device.type == "cuda" and bf16_autocast(cfg, device) else torch.float32
+    )
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
     if cfg.gradient_checkpointing:
         # Non-reentrant: works although no input requires grad (only the LoRA weights do). It is

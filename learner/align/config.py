@@ -30,14 +30,15 @@ Layout (paths relative to the file)::
     tags = ["Most Negative", "Most Positive"]   # ALT: the two extreme tags (best first)
     attributes = {critical = 1.0}  # CMPO: the weights the adapter is evaluated with
     [eval.sweep]                   # CMPO: weights {a: λ, b: 1 − λ} for each λ, scored per attribute
-    attributes = ["critical", "concise"]
-    scorers = ["sentiment", "length"]
+    attributes = ["critical", "simple"]
+    scorers = ["sentiment", "readability"]
     lambdas = [0.0, 0.5, 1.0]
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -46,11 +47,30 @@ from typing import Any, Literal
 
 from ..annotate.config import build_section
 from ..annotate.config import parse_config as parse_annotator
+from ..annotate.scorers import make_scorer
 from ..learn.config import parse_config as parse_learner
 from ..learn.config import with_prompts
-from .sweep import SweepConfig
 
 JUDGE_URL = "judge"  # placeholder base_url of providers that use the [judge] server
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """`[eval.sweep]`: the attribute-weight sweep of a multi-head version (`sweep` module)."""
+
+    attributes: tuple[str, str]  # swept from the second (λ = 0) to the first (λ = 1)
+    scorers: tuple[str, str]  # how each attribute is measured
+    lambdas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+    def __post_init__(self) -> None:
+        if len(self.attributes) != 2 or len(set(self.attributes)) != 2:
+            raise ValueError("[eval.sweep]: attributes must be two distinct attribute names")
+        if len(self.scorers) != 2:
+            raise ValueError("[eval.sweep]: scorers must name one scorer per attribute")
+        for s in self.scorers:
+            make_scorer(s)  # ValueError naming the valid scorers
+        if len(self.lambdas) < 2 or not all(math.isfinite(x) for x in self.lambdas):
+            raise ValueError("[eval.sweep]: lambdas must be at least two finite numbers")
 
 
 @dataclass(frozen=True)

@@ -87,7 +87,9 @@ def compare(a: Stats, b: Stats) -> dict[str, float]:
     }
 
 
-async def _texts(client: AsyncClient, cond: Condition, cfg: EvalConfig) -> list[tuple[str, str]]:
+async def condition_texts(
+    client: AsyncClient, cond: Condition, cfg: EvalConfig
+) -> list[tuple[str, str]]:
     common: dict[str, Any] = {
         "n": cfg.samples,
         "max_tokens": cfg.max_tokens,
@@ -122,7 +124,7 @@ async def evaluate(
         base = await asyncio.to_thread(load_scoring_model, model_dir)
     out = []
     for cond in conditions:
-        pairs = await _texts(client, cond, cfg)
+        pairs = await condition_texts(client, cond, cfg)
         scores = [scorer.score(t) for _, t in pairs]
         m, ci = mean_ci(scores)
         ppl = await asyncio.to_thread(perplexity, base, pairs) if base else None

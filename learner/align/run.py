@@ -363,24 +363,14 @@ class AlignRun:
 
         from . import sweep
 
-        sc = ev.sweep
-        assert sc is not None
-        sampling = {
-            "n": ev.samples,
-            "max_tokens": ev.max_tokens,
-            "temperature": ev.temperature,
-            "top_p": ev.top_p,
-            "repetition_penalty": ev.repetition_penalty,
-        }
+        assert ev.sweep is not None
 
         async def go() -> list[sweep.SweepPoint]:
             async with AsyncClient(self.target, timeout=600) as client:
-                return await sweep.sweep(
-                    client, sc, self.cfg.adapter, version, ev.prompts, sampling, ev.seed
-                )
+                return await sweep.sweep(client, ev, self.cfg.adapter, version)
 
         points = asyncio.run(go())
-        out = sweep.plot(points, sc, self.cfg.adapter, self.paths.plots / "sweep.png")
+        out = sweep.plot(points, ev.sweep, self.cfg.adapter, self.paths.plots / "sweep.png")
         return {"points": sweep.to_json(points), "plot": str(out)}
 
 

@@ -10,7 +10,6 @@ promises: one served version, a different trade-off per request.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,25 +18,9 @@ from typing import Any
 from tiller.client import AsyncClient
 
 from ..annotate.scorers import make_scorer
-from ..learn.sampling import generate_each
 from ..stats import mean_halfwidth
-
-
-@dataclass(frozen=True)
-class SweepConfig:
-    attributes: tuple[str, str]  # swept from the second (λ = 0) to the first (λ = 1)
-    scorers: tuple[str, str]  # how each attribute is measured
-    lambdas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
-
-    def __post_init__(self) -> None:
-        if len(self.attributes) != 2 or len(set(self.attributes)) != 2:
-            raise ValueError("[eval.sweep]: attributes must be two distinct attribute names")
-        if len(self.scorers) != 2:
-            raise ValueError("[eval.sweep]: scorers must name one scorer per attribute")
-        for s in self.scorers:
-            make_scorer(s)  # ValueError naming the valid scorers
-        if len(self.lambdas) < 2 or not all(math.isfinite(x) for x in self.lambdas):
-            raise ValueError("[eval.sweep]: lambdas must be at least two finite numbers")
+from .config import EvalConfig, SweepConfig
+from .evaluate import Condition, condition_texts
 
 
 @dataclass(frozen=True)
@@ -54,30 +37,25 @@ def weights_at(cfg: SweepConfig, lam: float) -> dict[str, float]:
 
 
 async def sweep(
-    client: AsyncClient,
-    cfg: SweepConfig,
-    adapter: str,
-    version: int,
-    prompts: tuple[str, ...],
-    sampling: Mapping[str, Any],
-    seed: int,
+    client: AsyncClient, ev: EvalConfig, adapter: str, version: int
 ) -> list[SweepPoint]:
-    """The base model first, then the adapter at each λ."""
+    """The base model first, then the adapter at each λ of ``ev.sweep``; generated as the
+    evaluation's conditions are (``evaluate.condition_texts``: its prompts, seeds, sampling)."""
+    cfg = ev.sweep
+    assert cfg is not None
     scorers = {name: make_scorer(name) for name in dict.fromkeys(cfg.scorers)}
-    points = []
-    conds: list[tuple[str, dict[str, Any], dict[str, float]]] = [("base", {}, {})]
+    conds = [Condition("base")]
     for lam in cfg.lambdas:
-        w = weights_at(cfg, lam)
-        kw = {"adapter": adapter, "adapter_version": version, "attributes": w}
-        conds.append((f"λ={lam:g}", kw, w))
-    for label, kw, w in conds:
-        jobs = [(p, dict(sampling) | kw | {"seed": seed + i, "log": False}) for i, p in
-                enumerate(prompts)]  # fmt: skip
-        texts = [t for ts in await generate_each(client, jobs, 32) for t in ts]
-        means = {}
-        for name, scorer in scorers.items():
-            means[name] = mean_halfwidth([scorer.score(t) for t in texts], 0.975)
-        points.append(SweepPoint(label, w, means, len(texts)))
+        w = tuple(weights_at(cfg, lam).items())
+        conds.append(Condition(f"λ={lam:g}", adapter, version, attributes=w))
+    points = []
+    for cond in conds:
+        texts = [t for _, t in await condition_texts(client, cond, ev)]
+        means = {
+            name: mean_halfwidth([scorer.score(t) for t in texts], 0.975)
+            for name, scorer in scorers.items()
+        }
+        points.append(SweepPoint(cond.label, dict(cond.attributes), means, len(texts)))
     return points
 
 

@@ -110,7 +110,7 @@ def band(score: float, sorted_ref: Sequence[float], k: int) -> int:
     return min(k - 1, (2 * below + equal) * k // (2 * len(sorted_ref)))
 
 
-def _score_all(scorer: Scorer, texts: Sequence[str]) -> list[float | str]:
+def score_all(scorer: Scorer, texts: Sequence[str]) -> list[float | str]:
     """A finite score per text, or the error text for that item."""
     out: list[float | str] = []
     for text in texts:
@@ -125,7 +125,7 @@ def _score_all(scorer: Scorer, texts: Sequence[str]) -> list[float | str]:
 
 async def _scores(scorer: Scorer, batch: Sequence[GenerationView]) -> list[float | str]:
     # Scorers are CPU-bound: keep the event loop (judge providers' HTTP calls) responsive.
-    return await asyncio.to_thread(_score_all, scorer, [g.output_text for g in batch])
+    return await asyncio.to_thread(score_all, scorer, [g.output_text for g in batch])
 
 
 class ScoreProvider:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .base import Annotation, GenerationView
+from .quantile import score_all
 from .scorers import SCORERS, Scorer, make_scorer
 
 
@@ -29,6 +30,9 @@ class RatedAttribute:
     scorer: str
     cuts: tuple[float, ...]
     higher_is_better: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cuts", tuple(float(c) for c in self.cuts))
 
     def rating(self, score: float) -> int:
         up = bisect.bisect_right(self.cuts, score)
@@ -64,52 +68,35 @@ class RatingConfig:
     def parse(cls, raw: Mapping[str, Any], where: str) -> RatingConfig:
         """From a provider table: ``name`` and ``[[attributes]]`` tables (name, scorer, cuts,
         higher_is_better); unknown keys are a ``ValueError`` naming ``where``."""
+        from .config import build_section
+
         d = dict(raw)
-        name = str(d.pop("name", ""))
-        attrs = d.pop("attributes", None)
-        if d:
-            raise ValueError(f"{where}: unknown keys {sorted(d)}; allowed: attributes, name")
+        attrs = d.get("attributes")
         if not isinstance(attrs, list):
             raise ValueError(f"{where}: attributes must be a list of tables")
         built = []
         for i, a in enumerate(attrs):
-            a = dict(a)
-            unknown = set(a) - {"name", "scorer", "cuts", "higher_is_better"}
-            if unknown:
-                raise ValueError(f"{where}: attributes[{i}]: unknown keys {sorted(unknown)}")
-            try:
-                built.append(
-                    RatedAttribute(
-                        name=str(a["name"]),
-                        scorer=str(a["scorer"]),
-                        cuts=tuple(float(c) for c in a.get("cuts", ())),
-                        higher_is_better=bool(a.get("higher_is_better", True)),
-                    )
-                )
-            except KeyError as e:
-                raise ValueError(f"{where}: attributes[{i}] needs {e.args[0]}") from None
-        return cls(provider_name=name, attributes=tuple(built))
+            at = f"{where}: attributes[{i}]"
+            missing = [k for k in ("name", "scorer") if k not in a]
+            if missing:
+                raise ValueError(f"{at} needs {missing[0]}")
+            built.append(build_section(RatedAttribute, a, at))
+        d |= {"provider_name": d.pop("name", ""), "attributes": tuple(built)}
+        return build_section(cls, d, where)
 
 
 def _rate_all(
     attrs: Sequence[RatedAttribute], scorers: Sequence[Scorer], texts: Sequence[str]
 ) -> list[dict[str, int] | str]:
+    """Per text: its ratings, or the first failing attribute's error (``quantile.score_all``
+    scores each attribute with the per-item error handling every score provider uses)."""
+    columns = [score_all(scorer, texts) for scorer in scorers]
     out: list[dict[str, int] | str] = []
-    for text in texts:
-        ratings: dict[str, int] = {}
-        for a, scorer in zip(attrs, scorers, strict=True):
-            try:
-                s = float(scorer.score(text))
-            except Exception as e:  # recorded as the annotation's error, not retried
-                ratings = {}
-                out.append(f"{a.name}: {type(e).__name__}: {e}")
-                break
-            if not math.isfinite(s):
-                out.append(f"{a.name}: scorer returned {s}")
-                break
-            ratings[a.name] = a.rating(s)
-        else:
-            out.append(ratings)
+    for row in zip(*columns, strict=True):
+        failed = [f"{a.name}: {s}" for a, s in zip(attrs, row, strict=True) if isinstance(s, str)]
+        out.append(
+            failed[0] if failed else {a.name: a.rating(s) for a, s in zip(attrs, row, strict=True)}
+        )
     return out
 
 

@@ -80,18 +80,27 @@ def _alive_with(marker: str) -> list[int]:
     return found
 
 
-def test_align_runs_the_loop_and_leaves_a_report(tiny_model: Path, tmp_path: Path) -> None:
+def _align_argv(tmp_path: Path, template: str, model: Path, name: str, run_dir: str) -> list[str]:
+    """Write the prompt pool and ``<name>.toml`` (``template`` on ``model``) into ``tmp_path``;
+    the ``tiller align`` command line for them."""
     (tmp_path / "prompts.txt").write_text("\n".join(f"p{i} q{i}" for i in range(6)) + "\n")
-    config = tmp_path / "quick.toml"
-    config.write_text(QUICK.format(model=tiny_model))
-    run_dir = tmp_path / "run"
-    proc = subprocess.run(
-        # A relative run directory (from another cwd): every child must see the same files.
-        [sys.executable, "-m", "tiller.client.cli", "align", "--config", str(config),
-         "--run-dir", "run"],
-        capture_output=True, text=True, timeout=900, cwd=tmp_path,
-    )  # fmt: skip
+    config = tmp_path / f"{name}.toml"
+    config.write_text(template.format(model=model))
+    return [sys.executable, "-m", "tiller.client.cli", "align", "--config", str(config),
+            "--run-dir", run_dir]  # fmt: skip
+
+
+def _align(argv: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` to the end; it must exit 0."""
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=900, cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def test_align_runs_the_loop_and_leaves_a_report(tiny_model: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    # A relative run directory (from another cwd): every child must see the same files.
+    proc = _align(_align_argv(tmp_path, QUICK, tiny_model, "quick", "run"), cwd=tmp_path)
     report = json.loads((run_dir / "report.json").read_text())
     assert report["ended"] == "learner finished its iterations"
     assert [(i["status"], i["version"]) for i in report["iterations"]] == [
@@ -159,14 +168,9 @@ def test_alt_align_evaluates_against_the_unloaded_bootstrap_and_again_on_demand(
     """Bootstrap v1, then v2 and v3 promoted: the server keeps v2 and v3 only, and the held-out
     evaluation still measures the prompted bootstrap (rendered client-side). ``--evaluate-only``
     then evaluates the finished run again, without training."""
-    (tmp_path / "prompts.txt").write_text("\n".join(f"p{i} q{i}" for i in range(6)) + "\n")
-    config = tmp_path / "alt.toml"
-    config.write_text(ALT.format(model=tiny_model))
     run_dir = tmp_path / "run"
-    argv = [sys.executable, "-m", "tiller.client.cli", "align", "--config", str(config),
-            "--run-dir", str(run_dir)]  # fmt: skip
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    argv = _align_argv(tmp_path, ALT, tiny_model, "alt", str(run_dir))
+    _align(argv)
     report = json.loads((run_dir / "report.json").read_text())
     assert report["promoted_version"] == 3 and report["prompted_version"] == 1
     labels = [c["label"] for c in report["eval"]["conditions"]]
@@ -223,16 +227,8 @@ CMPO = (
 def test_cmpo_align_trains_heads_and_sweeps_the_weights(tiny_model: Path, tmp_path: Path) -> None:
     """The multi-head mode: rating annotations -> CMPO pairs -> plural heads -> gate at the
     configured weights -> promoted; the evaluation at those weights and the weight sweep."""
-    (tmp_path / "prompts.txt").write_text("\n".join(f"p{i} q{i}" for i in range(6)) + "\n")
-    config = tmp_path / "plural.toml"
-    config.write_text(CMPO.format(model=tiny_model))
     run_dir = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "tiller.client.cli", "align", "--config", str(config),
-         "--run-dir", str(run_dir)],
-        capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    _align(_align_argv(tmp_path, CMPO, tiny_model, "plural", str(run_dir)))
     report = json.loads((run_dir / "report.json").read_text())
     assert [(i["status"], i["version"]) for i in report["iterations"]] == [
         ("promoted", 1),
@@ -251,15 +247,7 @@ def test_cmpo_align_trains_heads_and_sweeps_the_weights(tiny_model: Path, tmp_pa
 def test_align_with_a_real_llm_judge(tiny_model: Path, tmp_path: Path) -> None:
     """vLLM's OpenAI server on the tiny model judges the pairs (both orders); the learner trains
     DPO on its verdicts: the LLM-judge path end to end."""
-    (tmp_path / "prompts.txt").write_text("\n".join(f"p{i} q{i}" for i in range(6)) + "\n")
-    config = tmp_path / "judged.toml"
-    config.write_text(JUDGED.format(model=tiny_model))
-    proc = subprocess.run(
-        [sys.executable, "-m", "tiller.client.cli", "align", "--config", str(config),
-         "--run-dir", str(tmp_path / "run")],
-        capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = _align(_align_argv(tmp_path, JUDGED, tiny_model, "judged", str(tmp_path / "run")))
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert "promoted" in [i["status"] for i in report["iterations"]]
     learner = json.loads((tmp_path / "run" / "learner.json").read_text())

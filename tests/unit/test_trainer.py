@@ -293,14 +293,21 @@ def test_kill_9_then_resume_matches_uninterrupted(tiny_model: Path, tmp_path: Pa
         train(tiny_model, PAIRS, other, tmp_path / "other", resume=True)
 
 
-def test_fast_precision_is_bf16_only_where_the_cpu_multiplies_bf16_natively() -> None:
-    from tiller.learner.trainer import _bf16, native_bf16
-    from tiller.server.device import cpu_has_native_bf16
+@pytest.mark.parametrize("native", [False, True])
+def test_fast_precision_is_bf16_only_where_the_cpu_multiplies_bf16_natively(
+    native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tiller.learner.trainer import bf16_autocast, native_bf16
+    from tiller.server import device
 
+    # Both kinds of CPU, whatever this machine is: the detector reads /proc/cpuinfo.
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: native)
     cpu = torch.device("cpu")
-    native = cpu_has_native_bf16()
     assert native_bf16(cpu) == native
-    assert _bf16(TrainConfig(precision="fast"), cpu) == native
-    assert _bf16(TrainConfig(precision="bf16"), cpu) and not _bf16(TrainConfig(), cpu)
+    assert bf16_autocast(TrainConfig(precision="fast"), cpu) == native
+    assert bf16_autocast(TrainConfig(precision="bf16"), cpu)
+    assert not bf16_autocast(TrainConfig(), cpu) and not bf16_autocast(
+        TrainConfig("dpo", precision="fp32"), cpu
+    )
     with pytest.raises(ValueError, match="one of: auto, fast, fp32, bf16"):
         TrainConfig(precision="fp16")  # type: ignore[arg-type]
