@@ -361,13 +361,29 @@ async def run_side(
     fluency: Callable[[], Scorer] | None = None,
 ) -> SideRun:
     """Generate with ``side``; with ``max_perplexity_ratio`` set, measure the perplexity too."""
-    texts = tuple(await generate_side(client, side, cfg))
-    if cfg.max_perplexity_ratio <= 0:
-        return SideRun(texts)
-    if fluency is None:
+    return (await run_sides(client, (side,), cfg, fluency))[0]
+
+
+async def run_sides(
+    client: AsyncClient,
+    sides: Sequence[Side],
+    cfg: GateConfig,
+    fluency: Callable[[], Scorer] | None = None,
+) -> list[SideRun]:
+    """``run_side`` for each of ``sides``. All sides generate at once: the server batches
+    their requests together (one batch of 128 beside the serving load, not two of 64), and
+    only then does the base model score their perplexities, one side after the other."""
+    if cfg.max_perplexity_ratio > 0 and fluency is None:
         raise ValueError("gate.max_perplexity_ratio needs the base model to score with")
+    runs = await asyncio.gather(*(generate_side(client, side, cfg) for side in sides))
+    if cfg.max_perplexity_ratio <= 0 or fluency is None:
+        return [SideRun(tuple(texts)) for texts in runs]
     model = await asyncio.to_thread(fluency)
-    return SideRun(texts, await asyncio.to_thread(perplexity, model, [(p, t) for _, p, t in texts]))
+    out = []
+    for texts in runs:
+        pairs = [(p, t) for _, p, t in texts]
+        out.append(SideRun(tuple(texts), await asyncio.to_thread(perplexity, model, pairs)))
+    return out
 
 
 async def run_gate(
@@ -383,13 +399,12 @@ async def run_gate(
     run. ``fluency`` returns the base model for the perplexity check (called only when
     ``max_perplexity_ratio`` is set; may cache). ``incumbent_run``: the incumbent's run from
     an earlier gate with this config (it was that gate's promoted candidate); it is used
-    instead of generating again, which halves the gate's cost after a promotion."""
-    cand = await run_side(client, candidate, cfg, fluency)
-    inc = (
-        incumbent_run
-        if incumbent_run is not None
-        else await run_side(client, incumbent, cfg, fluency)
-    )
+    instead of generating again, which halves the gate's cost after a promotion; without it,
+    both sides generate at once (``run_sides``)."""
+    if incumbent_run is not None:
+        cand, inc = await run_side(client, candidate, cfg, fluency), incumbent_run
+    else:
+        cand, inc = await run_sides(client, (candidate, incumbent), cfg, fluency)
     win_rate = None
     if cfg.judge is not None:
         win_rate, _ = await judge_win_rate(LLMJudge(cfg.judge), cand.texts, inc.texts)

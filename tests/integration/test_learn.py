@@ -30,6 +30,7 @@ from tiller.learner.annotate.quantile import (
 )
 from tiller.learner.annotate.ratings import RatedAttribute, RatingConfig, RatingProvider
 from tiller.learner.annotate.runner import Annotator
+from tiller.learner.fluency import Scorer, load_scoring_model
 from tiller.learner.heads_trainer import HeadsTrainConfig
 from tiller.learner.learn import runs
 from tiller.learner.learn.config import (
@@ -39,7 +40,7 @@ from tiller.learner.learn.config import (
     TriggerConfig,
     parse_config,
 )
-from tiller.learner.learn.gate import GateConfig, Side, run_gate, run_side
+from tiller.learner.learn.gate import GateConfig, Side, run_gate, run_side, run_sides
 from tiller.learner.learn.loop import Learner
 from tiller.learner.publish import list_versions, read_state, version_path
 from tiller.learner.trainer import TrainConfig
@@ -194,6 +195,33 @@ async def test_gate_uses_a_known_incumbent_run_instead_of_generating(
     # Same side, prompts and seeds: the base generates the same texts again, which score alike.
     assert cand.texts == known.texts and verdict.passed
     assert verdict.incumbent["value"] == verdict.candidate["value"]
+
+
+async def test_gate_sides_generate_together_and_each_gets_its_perplexity(
+    tiny_model: Path, learn_server: tuple[ServerProc, Path, Path]
+) -> None:
+    srv = learn_server[0]
+    cfg = GateConfig(
+        prompts=HELD_OUT, scorer="length", samples=2, max_tokens=8, max_perplexity_ratio=1e6
+    )
+    base = Side("", 0)
+    calls: list[int] = []
+
+    def fluency() -> Scorer:
+        calls.append(1)
+        return load_scoring_model(tiny_model)
+
+    async with AsyncClient(srv.target) as client:
+        alone = await run_side(client, base, cfg, fluency)
+        both = await run_sides(client, (base, base), cfg, fluency)
+        with pytest.raises(ValueError, match="max_perplexity_ratio needs the base model"):
+            await run_sides(client, (base,), cfg)
+    assert len(both) == 2 and len(calls) == 2  # one base-model load per call, not per side
+    # Same side, prompts and seeds, asked at once: the same texts in the gate's order.
+    assert both[0].texts == both[1].texts == alone.texts
+    assert [p for _, p, _ in alone.texts] == [p for p in HELD_OUT for _ in range(2)]
+    assert all(r.perplexity is not None and math.isfinite(r.perplexity) for r in both)
+    assert both[0].perplexity == pytest.approx(alone.perplexity, rel=1e-5)
 
 
 async def test_failing_gate_publishes_but_does_not_promote(
