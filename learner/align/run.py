@@ -101,16 +101,6 @@ def _http_ready(url: str, timeout_s: float) -> None:
             time.sleep(1.0)
 
 
-def learner_threads(cpus: int | None = None) -> str:
-    """The co-located learner's torch threads: half the CPUs (the server computes on the rest).
-
-    Two processes each running a thread per CPU stall in each other's OpenMP barriers. On 2
-    cores beside a 4-stream serving load, one SmolLM2 DPO step took 13.9 s with 1 learner
-    thread vs 15.4 s with 2, and the server kept the same throughput (26.3 vs 26.2 tok/s)."""
-    n = cpus if cpus is not None else len(os.sched_getaffinity(0))
-    return str(max(1, n // 2))
-
-
 def tiller_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "tiller.client.cli", *args]
 
@@ -219,10 +209,7 @@ class AlignRun:
                 stop_grace_s=120.0,
                 # glibc keeps freed activation buffers otherwise: 6.7 vs 3.7 GiB peak RSS for
                 # SmolLM2 LoRA, batch 16 x 128 (bench/learner_memory.py)
-                env={
-                    "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "131072"),
-                    "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", learner_threads()),
-                },
+                env={"MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "131072")},
             )
         )
 

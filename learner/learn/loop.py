@@ -66,7 +66,7 @@ from ..publish import Release, list_versions, promote, publish, read_state, vers
 from ..trainer import TrainResult, train
 from . import runs
 from .config import LearnConfig
-from .gate import Side, SideRun, Verdict, run_gate
+from .gate import Side, SideRun, Verdict, run_gate, run_side
 from .sampling import generate_each
 
 log = logging.getLogger("tiller.learn")
@@ -327,6 +327,8 @@ class Learner:
         self._fluency: Scorer | None = None
         # The gate's run of a promoted candidate, as (version, run): the next gate's incumbent.
         self._promoted_run: tuple[int, SideRun] | None = None
+        # This iteration's incumbent run, started beside its sampling (``incumbent_ahead``).
+        self._ahead: asyncio.Future[SideRun] | None = None
 
     # -------------------------------------------------------------------- server calls
 
@@ -393,8 +395,40 @@ class Learner:
                 raise TimeoutError(f"the server did not serve {self.cfg.adapter}@v{version}")
             await asyncio.sleep(0.2)
 
-    async def gate(self, iteration: int, cand: Path, now: Served) -> tuple[Verdict, SideRun]:
-        """The verdict on the candidate, and the candidate's run (kept if it is promoted)."""
+    def _incumbent(self, now: Served) -> Side:
+        """The gate's incumbent: the served version, or the base model before the first."""
+        g = self.cfg.gate
+        assert g is not None
+        has_heads = now.manifest is not None and bool(now.manifest.attributes)
+        weights = tuple(g.attributes.items())
+        if now.version is None:
+            return Side("", 0, conditioning(self.cfg))
+        return Side(self.cfg.adapter, now.version, attributes=weights if has_heads else ())
+
+    def _known_incumbent_run(self, now: Served) -> SideRun | None:
+        known = self._promoted_run
+        return known[1] if known and known[0] == now.version else None
+
+    def incumbent_ahead(self, now: Served) -> asyncio.Future[SideRun] | None:
+        """Start the gate's incumbent run now (it runs beside this iteration's sampling, in the
+        same server batches) unless the gate already knows it; ``None`` when there is nothing
+        to start."""
+        g = self.cfg.gate
+        if g is None or self._known_incumbent_run(now) is not None:
+            return None
+        return asyncio.ensure_future(
+            run_side(self.client, self._incumbent(now), g, self.fluency_model)
+        )
+
+    async def gate(
+        self,
+        iteration: int,
+        cand: Path,
+        now: Served,
+        incumbent_run: asyncio.Future[SideRun] | None = None,
+    ) -> tuple[Verdict, SideRun]:
+        """The verdict on the candidate, and the candidate's run (kept if it is promoted).
+        ``incumbent_run``: the incumbent's run started by ``incumbent_ahead``."""
         g = self.cfg.gate
         assert g is not None
         name = self.cfg.adapter + CANDIDATE_SUFFIX
@@ -403,21 +437,14 @@ class Learner:
         await self.admin.activate_adapter(name, iteration)
         weights = tuple(g.attributes.items())
         candidate = Side(name, iteration, attributes=weights if self.cfg.heads else ())
-        has_heads = now.manifest is not None and bool(now.manifest.attributes)
-        incumbent = (
-            Side(self.cfg.adapter, now.version, attributes=weights if has_heads else ())
-            if now.version is not None
-            else Side("", 0, conditioning(self.cfg))
-        )
-        known = self._promoted_run
-        return await run_gate(
-            self.client,
-            candidate,
-            incumbent,
-            g,
-            self.fluency_model,
-            incumbent_run=known[1] if known and known[0] == now.version else None,
-        )
+        known, source = self._known_incumbent_run(now), "promoted"
+        if known is None and incumbent_run is not None:
+            known, source = await incumbent_run, "sampling"
+        verdict, run = await run_gate(
+            self.client, candidate, self._incumbent(now), g, self.fluency_model,
+            incumbent_run=known,
+        )  # fmt: skip
+        return replace(verdict, incumbent_source=source if known is not None else ""), run
 
     def fluency_model(self) -> Scorer:
         """The base model for the gate's perplexity check, loaded on first use."""
@@ -489,6 +516,7 @@ class Learner:
         else:
             sampled = None
             if cfg.sample is not None:
+                self._ahead = self.incumbent_ahead(now)
                 before = last_generation_seq(self.db)
                 n = await self.sample(iteration, now)
                 self.report(
@@ -528,7 +556,7 @@ class Learner:
         verdict, cand_run = None, None
         if cfg.gate is not None:
             cand = candidate_dir(cfg, iteration, result.adapter_dir)
-            verdict, cand_run = await self.gate(iteration, cand, now)
+            verdict, cand_run = await self.gate(iteration, cand, now, self._ahead)
             metrics["gate"] = verdict.to_json()
             self.report(
                 f"iteration {iteration}: gate {'passed' if verdict.passed else 'FAILED'} "
@@ -591,6 +619,15 @@ class Learner:
                 "resumed_from_step": result.resumed_from_step,
             },
         )
+
+    async def _drop_ahead(self) -> None:
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and not ahead.done():
+            ahead.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await ahead
+        elif ahead is not None and not ahead.cancelled():
+            ahead.exception()  # retrieved: an unused run's error is not an iteration's
 
     @staticmethod
     async def _until_stopped(work: Any, stop: asyncio.Event) -> runs.IterationRecord:
@@ -663,9 +700,11 @@ class Learner:
                     )
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), self.cfg.trigger.poll_s)
+                await self._drop_ahead()  # a skipped or failed iteration leaves its run unused
                 runs.record(self.db, rec)
                 done += 1
         finally:
+            await self._drop_ahead()
             await self.close()
         return done
 

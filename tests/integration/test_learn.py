@@ -160,11 +160,13 @@ async def test_learn_loop_promotes_and_server_swaps(
     )
     assert extra["data_window"]["served_version"] == 1
     assert extra["data_window"]["examples"] >= 2
-    # Iteration 2's incumbent (critic@v1) is iteration 1's promoted candidate: its gate run was
-    # reused, not generated again.
+    # Iteration 1's incumbent (the base) generated beside its sampling; iteration 2's (critic@v1)
+    # is iteration 1's promoted candidate: its gate run was reused, not generated again.
     first = load_manifest(version_path(registry, "critic", 1)).extra["metrics"]["gate"]
     second = extra["metrics"]["gate"]
-    assert first["incumbent_reused"] is False and second["incumbent_reused"] is True
+    assert first["incumbent_reused"] is True and first["incumbent_source"] == "sampling"
+    assert second["incumbent_reused"] is True and second["incumbent_source"] == "promoted"
+    assert first["incumbent"]["side"] == "base" and first["incumbent"]["perplexity"] > 1.0
     for key in ("value", "distinct2", "perplexity", "scores"):
         assert second["incumbent"][key] == first["candidate"][key], key
 
