@@ -101,6 +101,16 @@ def _http_ready(url: str, timeout_s: float) -> None:
             time.sleep(1.0)
 
 
+def child_env(**extra: str) -> dict[str, str]:
+    """Environment for every child of ``tiller align``, plus ``extra``.
+
+    Passive OpenMP waits (unless ``OMP_WAIT_POLICY`` is set): the server, the learner and the
+    annotator share the CPUs, and spinning OpenMP barriers of one process burn the cores the
+    others wait for (16 x 4 tokens of SmolLM2 generation beside a training process took 89 s
+    spinning vs 3 s passive, bench/align_vs_trl.py)."""
+    return {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")} | extra
+
+
 def tiller_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "tiller.client.cli", *args]
 
@@ -137,10 +147,10 @@ class AlignRun:
                 argv,
                 self.paths.log("judge"),
                 lambda: _http_ready(url + "/health", 600),
-                env={
-                    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # worker in-process: ~1.75x on CPUs
-                    "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-                },
+                env=child_env(
+                    VLLM_ENABLE_V1_MULTIPROCESSING="0",  # worker in-process: ~1.75x on CPUs
+                    VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+                ),
             )
         )
         return url + "/v1"
@@ -173,7 +183,7 @@ class AlignRun:
 
         # On CPUs vLLM sizes its KV cache from free memory unless told: with a judge, a trainer
         # and the server on one machine that over-commits. 2 GiB holds ~90k SmolLM2 tokens.
-        kv = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
+        kv = child_env(VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"))
         self.sup.start(ChildSpec("server", server_argv, p.log("server"), server_ready, env=kv))
         return judge_url
 
@@ -198,6 +208,7 @@ class AlignRun:
                 "annotator",
                 tiller_argv("annotate", "--config", str(p.root / "annotator.json")),
                 p.log("annotator"),
+                env=child_env(),
             )
         )
         self.sup.start(
@@ -209,7 +220,9 @@ class AlignRun:
                 stop_grace_s=120.0,
                 # glibc keeps freed activation buffers otherwise: 6.7 vs 3.7 GiB peak RSS for
                 # SmolLM2 LoRA, batch 16 x 128 (bench/learner_memory.py)
-                env={"MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "131072")},
+                env=child_env(
+                    MALLOC_MMAP_THRESHOLD_=os.environ.get("MALLOC_MMAP_THRESHOLD_", "131072")
+                ),
             )
         )
 
