@@ -218,10 +218,14 @@ class AlignRun:
                 p.log("learner"),
                 finishes=learner.get("max_iterations") is not None,
                 stop_grace_s=120.0,
-                # glibc keeps freed activation buffers otherwise: 6.7 vs 3.7 GiB peak RSS for
-                # SmolLM2 LoRA, batch 16 x 128 (bench/learner_memory.py)
+                # glibc's mmap threshold at its dynamic maximum (32 MiB): only the largest
+                # buffers (the logits) are mapped and unmapped per step. At 128 KiB, every
+                # activation was, and the page faults made a SmolLM2 DPO step 1.44x slower
+                # (9.5 vs 6.6 s; 32 s vs 9 s of system time for 3 steps) for a lower peak (2.5
+                # vs 3.2 GiB, batch 8). The learner container keeps 128 KiB: under a memory
+                # limit, 3.2 vs 6.8 GiB at batch 16 x 128 (bench/learner_memory.py) matters more.
                 env=child_env(
-                    MALLOC_MMAP_THRESHOLD_=os.environ.get("MALLOC_MMAP_THRESHOLD_", "131072")
+                    MALLOC_MMAP_THRESHOLD_=os.environ.get("MALLOC_MMAP_THRESHOLD_", "33554432")
                 ),
             )
         )
