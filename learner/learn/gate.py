@@ -26,7 +26,9 @@ the candidate fails only when the one-sided c upper confidence bound of the pair
 difference, candidate − incumbent, lies below −``margin``; both sides use the same prompts and
 seeds, so the pairing removes the prompt-to-prompt variance a point comparison of two noisy
 means would act on); ``distinct2`` at least ``min_distinct2_ratio`` × the
-incumbent's; ``perplexity`` at most ``max_perplexity_ratio`` × the incumbent's; ``win_rate`` at
+incumbent's; ``perplexity`` at most ``max_perplexity_ratio`` × the incumbent's (per version, so
+drift compounds over promotions) and at most ``max_base_perplexity_ratio`` × the base model's
+perplexity on its own gate texts (an anchor that does not move); ``win_rate`` at
 least ``min_win_rate``. The verdict records every number.
 """
 
@@ -69,6 +71,7 @@ class GateConfig:
     confidence: float = 0.0  # 0: point comparison; else one-sided non-inferiority level
     min_distinct2_ratio: float = 0.0
     max_perplexity_ratio: float = 0.0  # 0: off
+    max_base_perplexity_ratio: float = 0.0  # 0: off; against the base model's own texts
     judge: JudgeConfig | None = None
     min_win_rate: float = 0.5
     samples: int = 2
@@ -99,9 +102,14 @@ class GateConfig:
             raise ValueError(
                 f"gate.confidence must be 0 (off) or in [0.5, 1), got {self.confidence}"
             )
-        r = self.max_perplexity_ratio
-        if not (math.isfinite(r) and (r == 0 or r >= 1)):
-            raise ValueError(f"gate.max_perplexity_ratio must be 0 (off) or >= 1, got {r}")
+        for name in ("max_perplexity_ratio", "max_base_perplexity_ratio"):
+            r = getattr(self, name)
+            if not (math.isfinite(r) and (r == 0 or r >= 1)):
+                raise ValueError(f"gate.{name} must be 0 (off) or >= 1, got {r}")
+
+    @property
+    def measures_perplexity(self) -> bool:
+        return self.max_perplexity_ratio > 0 or self.max_base_perplexity_ratio > 0
 
 
 @dataclass(frozen=True)
@@ -141,6 +149,7 @@ class Verdict:
     # where a given run came from (the learner's word): "promoted" (the gate that promoted the
     # incumbent) or "sampling" (generated beside the iteration's sampling)
     incumbent_source: str = ""
+    base_perplexity: float | None = None  # with ``max_base_perplexity_ratio``: the anchor
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -281,7 +290,11 @@ async def judge_win_rate(
 
 
 def decide(
-    candidate: Evaluation, incumbent: Evaluation, cfg: GateConfig, win_rate: float | None = None
+    candidate: Evaluation,
+    incumbent: Evaluation,
+    cfg: GateConfig,
+    win_rate: float | None = None,
+    base_perplexity: float | None = None,
 ) -> Verdict:
     """Apply the gate's checks (module docstring); the reasons list the failed ones."""
     reasons: list[str] = []
@@ -320,6 +333,14 @@ def decide(
                 f"fluency: perplexity under the base {cp:.1f} > {cfg.max_perplexity_ratio} × "
                 f"incumbent {ip:.1f}"
             )
+    if cfg.max_base_perplexity_ratio > 0:
+        cp, bp, r = candidate.perplexity, base_perplexity, cfg.max_base_perplexity_ratio
+        if cp is None or bp is None or not (math.isfinite(cp) and math.isfinite(bp)):
+            reasons.append("fluency: no perplexity to compare with the base model's")
+        elif cp > r * bp:
+            reasons.append(
+                f"fluency: perplexity under the base {cp:.1f} > {r} × the base model's own {bp:.1f}"
+            )
     if cfg.judge is not None:
         if win_rate is None:
             reasons.append("judge: no parseable verdict")
@@ -343,6 +364,7 @@ def decide(
         incumbent=summary(incumbent),
         win_rate=win_rate,
         paired_upper=upper if upper is None or math.isfinite(upper) else None,
+        base_perplexity=base_perplexity,
     )
 
 
@@ -363,7 +385,7 @@ async def run_side(
     cfg: GateConfig,
     fluency: Callable[[], Scorer] | None = None,
 ) -> SideRun:
-    """Generate with ``side``; with ``max_perplexity_ratio`` set, measure the perplexity too."""
+    """Generate with ``side``; with a perplexity bound set, measure the perplexity too."""
     return (await run_sides(client, (side,), cfg, fluency))[0]
 
 
@@ -376,10 +398,10 @@ async def run_sides(
     """``run_side`` for each of ``sides``. All sides generate at once: the server batches
     their requests together (one batch of 128 beside the serving load, not two of 64), and
     only then does the base model score their perplexities, one side after the other."""
-    if cfg.max_perplexity_ratio > 0 and fluency is None:
+    if cfg.measures_perplexity and fluency is None:
         raise ValueError("gate.max_perplexity_ratio needs the base model to score with")
     runs = await asyncio.gather(*(generate_side(client, side, cfg) for side in sides))
-    if cfg.max_perplexity_ratio <= 0 or fluency is None:
+    if not cfg.measures_perplexity or fluency is None:
         return [SideRun(tuple(texts)) for texts in runs]
     model = await asyncio.to_thread(fluency)
     out = []
@@ -397,17 +419,27 @@ async def run_gate(
     fluency: Callable[[], Scorer] | None = None,
     *,
     incumbent_run: SideRun | None = None,
+    base_run: SideRun | None = None,
 ) -> tuple[Verdict, SideRun]:
     """Generate with both sides, score, judge, decide; returns the verdict and the candidate's
-    run. ``fluency`` returns the base model for the perplexity check (called only when
-    ``max_perplexity_ratio`` is set; may cache). ``incumbent_run``: the incumbent's run from
-    an earlier gate with this config (it was that gate's promoted candidate); it is used
-    instead of generating again, which halves the gate's cost after a promotion; without it,
-    both sides generate at once (``run_sides``)."""
-    if incumbent_run is not None:
-        cand, inc = await run_side(client, candidate, cfg, fluency), incumbent_run
-    else:
-        cand, inc = await run_sides(client, (candidate, incumbent), cfg, fluency)
+    run. ``fluency`` returns the base model for the perplexity checks (called only when one is
+    set; may cache). ``incumbent_run``: the incumbent's run from an earlier gate with this
+    config (it was that gate's promoted candidate); it is used instead of generating again,
+    which halves the gate's cost after a promotion; without it, both sides generate at once
+    (``run_sides``). ``base_run``: the base model's run with this config, for
+    ``max_base_perplexity_ratio`` (when the incumbent is not the base and none is given, the
+    base generates beside the other sides)."""
+    base: Side | None = None
+    if cfg.max_base_perplexity_ratio > 0 and base_run is None and incumbent.name:
+        base = Side("", 0, incumbent.conditioning)
+    todo = [candidate] + ([incumbent] if incumbent_run is None else []) + ([base] if base else [])
+    done = await run_sides(client, [s for s in todo if s is not None], cfg, fluency)
+    cand = done[0]
+    inc = incumbent_run if incumbent_run is not None else done[1]
+    if base is not None:
+        base_run = done[-1]
+    elif base_run is None and not incumbent.name:
+        base_run = inc  # the incumbent is the base model
     win_rate = None
     if cfg.judge is not None:
         win_rate, _ = await judge_win_rate(LLMJudge(cfg.judge), cand.texts, inc.texts)
@@ -416,5 +448,6 @@ async def run_gate(
         evaluate(incumbent, inc.texts, cfg, inc.perplexity),
         cfg,
         win_rate,
+        base_perplexity=base_run.perplexity if base_run is not None else None,
     )
     return replace(verdict, incumbent_reused=incumbent_run is not None), cand

@@ -327,8 +327,10 @@ class Learner:
         self._fluency: Scorer | None = None
         # The gate's run of a promoted candidate, as (version, run): the next gate's incumbent.
         self._promoted_run: tuple[int, SideRun] | None = None
-        # This iteration's incumbent run, started beside its sampling (``incumbent_ahead``).
-        self._ahead: asyncio.Future[SideRun] | None = None
+        # The base model's gate run (for ``max_base_perplexity_ratio``): it never changes.
+        self._base_run: SideRun | None = None
+        # Gate runs started beside this iteration's sampling (``runs_ahead``), by role.
+        self._ahead: dict[str, asyncio.Future[SideRun]] = {}
 
     # -------------------------------------------------------------------- server calls
 
@@ -409,26 +411,35 @@ class Learner:
         known = self._promoted_run
         return known[1] if known and known[0] == now.version else None
 
-    def incumbent_ahead(self, now: Served) -> asyncio.Future[SideRun] | None:
-        """Start the gate's incumbent run now (it runs beside this iteration's sampling, in the
-        same server batches) unless the gate already knows it; ``None`` when there is nothing
-        to start."""
+    def _base(self) -> Side:
+        return Side("", 0, conditioning(self.cfg))
+
+    def runs_ahead(self, now: Served) -> dict[str, asyncio.Future[SideRun]]:
+        """Start the gate runs it does not know yet (they run beside this iteration's sampling,
+        in the same server batches): the incumbent's, and with ``max_base_perplexity_ratio``
+        the base model's when the incumbent is a version."""
         g = self.cfg.gate
-        if g is None or self._known_incumbent_run(now) is not None:
-            return None
-        return asyncio.ensure_future(
-            run_side(self.client, self._incumbent(now), g, self.fluency_model)
-        )
+        if g is None:
+            return {}
+        sides: dict[str, Side] = {}
+        if self._known_incumbent_run(now) is None:
+            sides["incumbent"] = self._incumbent(now)
+        if g.max_base_perplexity_ratio > 0 and self._base_run is None and now.version is not None:
+            sides["base"] = self._base()
+        return {
+            role: asyncio.ensure_future(run_side(self.client, side, g, self.fluency_model))
+            for role, side in sides.items()
+        }
 
     async def gate(
         self,
         iteration: int,
         cand: Path,
         now: Served,
-        incumbent_run: asyncio.Future[SideRun] | None = None,
+        ahead: dict[str, asyncio.Future[SideRun]] | None = None,
     ) -> tuple[Verdict, SideRun]:
         """The verdict on the candidate, and the candidate's run (kept if it is promoted).
-        ``incumbent_run``: the incumbent's run started by ``incumbent_ahead``."""
+        ``ahead``: the runs ``runs_ahead`` started."""
         g = self.cfg.gate
         assert g is not None
         name = self.cfg.adapter + CANDIDATE_SUFFIX
@@ -437,12 +448,19 @@ class Learner:
         await self.admin.activate_adapter(name, iteration)
         weights = tuple(g.attributes.items())
         candidate = Side(name, iteration, attributes=weights if self.cfg.heads else ())
+        ahead = ahead or {}
         known, source = self._known_incumbent_run(now), "promoted"
-        if known is None and incumbent_run is not None:
-            known, source = await incumbent_run, "sampling"
+        if known is None and "incumbent" in ahead:
+            known, source = await ahead["incumbent"], "sampling"
+        if self._base_run is None and "base" in ahead:
+            self._base_run = await ahead["base"]
+        elif self._base_run is None and now.version is None and known is not None:
+            self._base_run = known  # the incumbent is the base model
+        if g.max_base_perplexity_ratio > 0 and self._base_run is None and now.version is not None:
+            self._base_run = await run_side(self.client, self._base(), g, self.fluency_model)
         verdict, run = await run_gate(
             self.client, candidate, self._incumbent(now), g, self.fluency_model,
-            incumbent_run=known,
+            incumbent_run=known, base_run=self._base_run,
         )  # fmt: skip
         return replace(verdict, incumbent_source=source if known is not None else ""), run
 
@@ -516,7 +534,7 @@ class Learner:
         else:
             sampled = None
             if cfg.sample is not None:
-                self._ahead = self.incumbent_ahead(now)
+                self._ahead = self.runs_ahead(now)
                 before = last_generation_seq(self.db)
                 n = await self.sample(iteration, now)
                 self.report(
@@ -621,13 +639,14 @@ class Learner:
         )
 
     async def _drop_ahead(self) -> None:
-        ahead, self._ahead = self._ahead, None
-        if ahead is not None and not ahead.done():
-            ahead.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await ahead
-        elif ahead is not None and not ahead.cancelled():
-            ahead.exception()  # retrieved: an unused run's error is not an iteration's
+        ahead, self._ahead = self._ahead, {}
+        for run in ahead.values():
+            if not run.done():
+                run.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await run
+            elif not run.cancelled():
+                run.exception()  # retrieved: an unused run's error is not an iteration's
 
     @staticmethod
     async def _until_stopped(work: Any, stop: asyncio.Event) -> runs.IterationRecord:

@@ -103,6 +103,7 @@ def _config(
             scorer="length",
             margin=1e6,
             max_perplexity_ratio=1e6,  # measured (the path runs), never binding
+            max_base_perplexity_ratio=1e6,
             samples=1,
             max_tokens=8,
         ),
@@ -167,6 +168,8 @@ async def test_learn_loop_promotes_and_server_swaps(
     assert first["incumbent_reused"] is True and first["incumbent_source"] == "sampling"
     assert second["incumbent_reused"] is True and second["incumbent_source"] == "promoted"
     assert first["incumbent"]["side"] == "base" and first["incumbent"]["perplexity"] > 1.0
+    # The base model's run (iteration 1's incumbent) stays the anchor of the base bound.
+    assert first["base_perplexity"] == second["base_perplexity"] == first["incumbent"]["perplexity"]
     for key in ("value", "distinct2", "perplexity", "scores"):
         assert second["incumbent"][key] == first["candidate"][key], key
 

@@ -110,6 +110,8 @@ def test_gate_config_errors() -> None:
         GateConfig(prompts=("p",), scorer="length", metric="spread")
     with pytest.raises(ValueError, match="max_perplexity_ratio"):
         GateConfig(prompts=("p",), scorer="length", max_perplexity_ratio=0.5)
+    with pytest.raises(ValueError, match="max_base_perplexity_ratio"):
+        GateConfig(prompts=("p",), scorer="length", max_base_perplexity_ratio=0.9)
     with pytest.raises(ValueError, match="confidence must be"):
         GateConfig(prompts=("p",), scorer="length", confidence=1.0)
 
@@ -128,6 +130,29 @@ def test_decide_rejects_text_the_base_model_finds_unlikely() -> None:
     assert "no perplexity" in decide(ev(2.0, None), ev(1.0, 30.0), cfg).reasons[0]
     off = GateConfig(prompts=("p",), scorer="length")
     assert decide(ev(2.0, 1e6), ev(1.0, 1.0), off).passed  # not configured: not checked
+
+
+def test_decide_bounds_drift_from_the_base_models_own_perplexity() -> None:
+    cfg = GateConfig(
+        prompts=("p",), scorer="length", max_perplexity_ratio=2.0, max_base_perplexity_ratio=3.0
+    )
+
+    def ev(value: float, ppl: float | None) -> Evaluation:
+        return Evaluation("x", value, 0.95, {}, (), perplexity=ppl)
+
+    # 1.6x the incumbent passes the per-version bound, but the drift since the base is 3.3x.
+    v = decide(ev(2.0, 208.0), ev(1.0, 130.0), cfg, base_perplexity=63.0)
+    assert not v.passed and v.base_perplexity == 63.0
+    assert v.reasons == ("fluency: perplexity under the base 208.0 > 3.0 × the base model's "
+                         "own 63.0",)  # fmt: skip
+    assert decide(ev(2.0, 180.0), ev(1.0, 130.0), cfg, base_perplexity=63.0).passed  # 2.86x
+    missing = decide(ev(2.0, 180.0), ev(1.0, 130.0), cfg)
+    assert missing.reasons == ("fluency: no perplexity to compare with the base model's",)
+    off = GateConfig(prompts=("p",), scorer="length", max_perplexity_ratio=2.0)
+    assert decide(ev(2.0, 180.0), ev(1.0, 130.0), off).passed  # not configured: not checked
+    assert (
+        off.measures_perplexity and not GateConfig(prompts=("p",), scorer="x").measures_perplexity
+    )
 
 
 def test_perplexity_under_the_base_model_separates_its_own_text_from_noise(
