@@ -694,6 +694,13 @@ class Learner:
         done = 0
         try:
             await self.bootstrap()
+            g = self.cfg.gate
+            if g is not None and g.measures_perplexity:
+                # Load the gate's scoring model here, before any iteration: a gate run started
+                # beside the sampling loads it in a worker thread while the trainer's thread
+                # imports transformers, and transformers' lazy imports are not thread-safe (a
+                # run lost an iteration to "ImportError: cannot import name 'AutoTokenizer'").
+                await asyncio.to_thread(self.fluency_model)
             while not stop.is_set():
                 last = runs.last(self.db, self.cfg.adapter)
                 iteration = int(last["iteration"]) + 1 if last else 1

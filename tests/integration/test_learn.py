@@ -202,6 +202,26 @@ async def test_gate_uses_a_known_incumbent_run_instead_of_generating(
     assert verdict.incumbent["value"] == verdict.candidate["value"]
 
 
+@pytest.mark.parametrize("bound", [0.0, 2.0])
+async def test_learner_loads_the_gates_scoring_model_before_any_iteration_thread(
+    tiny_model: Path, learn_server: tuple[ServerProc, Path, Path], tmp_path: Path, bound: float
+) -> None:
+    # Its gate runs load the model in worker threads beside the trainer's thread; transformers'
+    # lazy imports are not thread-safe, so the first load happens before any iteration.
+    srv = learn_server[0]
+    db, registry = tmp_path / "log.sqlite", tmp_path / "registry"
+    registry.mkdir()
+    cfg = _config(tiny_model, srv, db, registry, tmp_path / "work")
+    assert cfg.gate is not None
+    cfg = replace(cfg, gate=replace(cfg.gate, max_perplexity_ratio=bound,
+                                    max_base_perplexity_ratio=0.0))  # fmt: skip
+    learner = Learner(cfg, connect(db), report=lambda _: None, progress=False)
+    stop = asyncio.Event()
+    stop.set()  # no iteration runs
+    assert await learner.run(stop) == 0
+    assert (learner._fluency is not None) == (bound > 0)
+
+
 async def test_gate_sides_generate_together_and_each_gets_its_perplexity(
     tiny_model: Path, learn_server: tuple[ServerProc, Path, Path]
 ) -> None:
