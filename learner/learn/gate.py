@@ -433,7 +433,7 @@ async def run_gate(
     if cfg.max_base_perplexity_ratio > 0 and base_run is None and incumbent.name:
         base = Side("", 0, incumbent.conditioning)
     todo = [candidate] + ([incumbent] if incumbent_run is None else []) + ([base] if base else [])
-    done = await run_sides(client, [s for s in todo if s is not None], cfg, fluency)
+    done = await run_sides(client, todo, cfg, fluency)
     cand = done[0]
     inc = incumbent_run if incumbent_run is not None else done[1]
     if base is not None:

@@ -398,14 +398,15 @@ class Learner:
             await asyncio.sleep(0.2)
 
     def _incumbent(self, now: Served) -> Side:
-        """The gate's incumbent: the served version, or the base model before the first."""
+        """The gate's incumbent: the served version, or the base model before the first. It
+        carries the conditioning, so the base model's side can be derived from it."""
         g = self.cfg.gate
         assert g is not None
-        has_heads = now.manifest is not None and bool(now.manifest.attributes)
-        weights = tuple(g.attributes.items())
         if now.version is None:
-            return Side("", 0, conditioning(self.cfg))
-        return Side(self.cfg.adapter, now.version, attributes=weights if has_heads else ())
+            return self._base()
+        has_heads = now.manifest is not None and bool(now.manifest.attributes)
+        weights = tuple(g.attributes.items()) if has_heads else ()
+        return Side(self.cfg.adapter, now.version, conditioning(self.cfg), weights)
 
     def _known_incumbent_run(self, now: Served) -> SideRun | None:
         known = self._promoted_run
@@ -456,8 +457,7 @@ class Learner:
             self._base_run = await ahead["base"]
         elif self._base_run is None and now.version is None and known is not None:
             self._base_run = known  # the incumbent is the base model
-        if g.max_base_perplexity_ratio > 0 and self._base_run is None and now.version is not None:
-            self._base_run = await run_side(self.client, self._base(), g, self.fluency_model)
+        # Without a base run (a restarted iteration), run_gate generates it beside the others.
         verdict, run = await run_gate(
             self.client, candidate, self._incumbent(now), g, self.fluency_model,
             incumbent_run=known, base_run=self._base_run,
