@@ -21,9 +21,17 @@ One trained pair per prompt: TRL samples 2 continuations; Tiller samples 4 (the 
    the budget. Samples/s = prompts with a generated pair (steps x batch) over training time.
    TRL trains with Tiller's settings from the same config (``trl_settings``: LoRA rank, alpha,
    modules and layers, lr, beta, batch size, bf16 autocast).
-4. Held-out evaluation, the same for base, Tiller's promoted adapter and TRL's adapter:
+4. TRL beside the same serving load (``--skip-trl-loaded`` leaves it out): step 3 while a plain
+   ``tiller serve`` of the same model answers the client load of step 1 on the same 2 cores, so
+   both learners share the CPU with the same serving work. The issue's comparison is step 3
+   (TRL alone); this one separates what Tiller's loop costs from what serving costs.
+5. Held-out evaluation, the same for base, Tiller's promoted adapter and both TRL adapters:
    transformers + peft, the 64 held-out openings, 2 samples each with fixed seeds: mean reward
    with a 95% t-interval, distinct-2.
+
+Two rates for Tiller: over the budget (the partial iteration at its end counts as time but not as
+pairs) and over its finished iterations only (pairs over the time to the last one's end), the
+same unit as TRL's rate, which stops at a step end.
 
 Writes ``bench/out/align_vs_trl.json`` and ``.png``; the runs themselves go to
 ``bench/out/align_vs_trl-work/``. Both sides share 2 CPU cores with whatever else runs.
@@ -40,7 +48,8 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -136,8 +145,9 @@ def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: floa
             proc.wait()
 
 
-def serving_baseline(model: Path, work: Path, seconds: float) -> dict[str, Any]:
-    """A plain ``tiller serve`` of ``model`` under the client load for ``seconds``."""
+@contextmanager
+def loaded_server(model: Path, work: Path) -> Iterator[Load]:
+    """A plain ``tiller serve`` of ``model`` answering the client load (started) until exit."""
     work.mkdir(parents=True, exist_ok=True)
     port_file, log = work / "server.port", work / "server.log"
     port_file.unlink(missing_ok=True)
@@ -151,13 +161,20 @@ def serving_baseline(model: Path, work: Path, seconds: float) -> dict[str, Any]:
         target = wait_port(port_file, proc, log, 600)
         wait_serving(target, 120)
         load = Load(target).start()
-        t0 = time.time()
-        time.sleep(seconds)
-        t1 = time.time()
-        load.stop()
-        return load.tok_per_s(t0, t1)
+        try:
+            yield load
+        finally:
+            load.stop()
     finally:
         stop(proc)
+
+
+def serving_baseline(model: Path, work: Path, seconds: float) -> dict[str, Any]:
+    """A plain ``tiller serve`` of ``model`` under the client load for ``seconds``."""
+    with loaded_server(model, work) as load:
+        t0 = time.time()
+        time.sleep(seconds)
+        return load.tok_per_s(t0, time.time())
 
 
 # --------------------------------------------------------------------------- the two sides
@@ -188,6 +205,16 @@ def trl_settings(config: Path) -> list[str]:
     if bf16_autocast(TrainConfig(precision=t["precision"]), torch.device("cpu")):
         args.append("--bf16")
     return args
+
+
+def run_trl_loaded(model: Path, budget_s: float, work: Path) -> dict[str, Any]:
+    """``run_trl`` while a plain server answers the client load; ``serving``: its tok/s over
+    TRL's whole process (model load and training)."""
+    with loaded_server(model, work / "server") as load:
+        t0 = time.time()
+        out = run_trl(model, budget_s, work)
+        out["serving"] = load.tok_per_s(t0, time.time())
+    return out
 
 
 def run_trl(model: Path, budget_s: float, work: Path) -> dict[str, Any]:
@@ -259,6 +286,7 @@ def tiller_figures(run_dir: Path, ready: float, end: float, budget_s: float) -> 
     pairs = sum(int(r["examples"]) * epochs for r in trained)
     last_end = max((float(r["finished_at"]) for r in rows), default=end)
     wall = max(end, last_end) - ready
+    done_by = max((float(r["finished_at"]) for r in trained), default=0.0)
     gens = db.execute(
         "SELECT count(*), count(DISTINCT group_id), min(created_at), max(created_at) "
         "FROM generations"
@@ -276,6 +304,9 @@ def tiller_figures(run_dir: Path, ready: float, end: float, budget_s: float) -> 
         "trained_pairs": pairs,
         "epochs": epochs,
         "samples_per_s": pairs / wall if wall > 0 else 0.0,
+        # The TRL side's unit: finished work over the time to finish it (no partial tail).
+        "finished_span_s": done_by - ready if trained else 0.0,
+        "finished_samples_per_s": pairs / (done_by - ready) if trained else 0.0,
         "generations": n_gen,
         "sampled_prompts": n_groups,
         "generations_per_s": n_gen / wall if wall > 0 else 0.0,
@@ -378,12 +409,37 @@ def summarize(res: dict[str, Any]) -> list[str]:
             f"{t['sampled_prompts_per_s']:.3f} prompts sampled x2 /s, "
             f"{t['generations_per_s']:.3f} generations/s; TRL {r['samples_per_s']:.3f})"
         )
+    if t and r and t.get("finished_span_s"):
+        out.append(
+            f"Tiller/TRL samples/s ratio over finished iterations: "
+            f"{ratio(t['finished_samples_per_s'], r['samples_per_s']):.2f} (Tiller "
+            f"{t['finished_samples_per_s']:.3f} pairs/s over {t['finished_span_s']:.0f} s to its "
+            f"last finished iteration; TRL {r['samples_per_s']:.3f} to its last step end)"
+        )
     if t and res.get("baseline"):
         kept, b = t["serving"]["tok_per_s"], res["baseline"]["tok_per_s"]
         out.append(
             f"Tiller serving kept during training: {ratio(kept, b):.2f} of baseline "
             f"({kept:.1f} vs {b:.1f} tok/s, {LOAD_CONCURRENCY} concurrent, {LOAD_TOKENS} tokens)"
         )
+    tl, le = res.get("trl_loaded"), ev.get("trl_loaded")
+    if t and tl and te and le:
+        lm = le["mean_reward"]
+        out.append(
+            f"beside the same serving load: Tiller/TRL held-out reward gain ratio "
+            f"{ratio(te['mean_reward'] - base, lm - base):.2f} ({te['mean_reward'] - base:+.3f} "
+            f"vs {lm - base:+.3f}, Welch p={res.get('tiller_vs_trl_loaded_p', float('nan')):.2g});"
+            f" samples/s ratio {ratio(t['samples_per_s'], tl['samples_per_s']):.2f} (budget), "
+            f"{ratio(t.get('finished_samples_per_s', 0.0), tl['samples_per_s']):.2f} (finished "
+            f"iterations; TRL {tl['samples_per_s']:.3f} pairs/s in {tl['steps']} steps)"
+        )
+        if res.get("baseline"):
+            b = res["baseline"]["tok_per_s"]
+            out.append(
+                f"serving kept: Tiller {ratio(t['serving']['tok_per_s'], b):.2f}, beside TRL "
+                f"{ratio(tl['serving']['tok_per_s'], b):.2f} of baseline "
+                f"({t['serving']['tok_per_s']:.1f} vs {tl['serving']['tok_per_s']:.1f} tok/s)"
+            )
     d2 = ", ".join(f"{k} {v['distinct2']:.3f}" for k, v in ev.items())
     out.append(f"held-out distinct-2: {d2}")
     return out
@@ -396,22 +452,36 @@ def plot(res: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     ev = res["eval"]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    colour = {"base": "grey", "tiller": "tab:blue", "trl": "tab:orange", "trl_loaded": "tab:red"}
+    label = {"tiller": "Tiller\n(+serving)", "trl": "TRL\nalone", "trl_loaded": "TRL\n(+serving)"}
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     names = list(ev)
-    axes[0].bar(names, [ev[k]["mean_reward"] for k in names],
+    axes[0].bar([label.get(k, k) for k in names], [ev[k]["mean_reward"] for k in names],
                 yerr=[ev[k]["ci95"] for k in names], capsize=6,
-                color=["grey", "tab:blue", "tab:orange"][: len(names)])  # fmt: skip
+                color=[colour[k] for k in names])  # fmt: skip
     axes[0].axhline(0, color="black", lw=0.5)
     axes[0].set_title("held-out reward (-VADER), 95% CI")
-    sides = [k for k in ("tiller", "trl") if res.get(k)]
-    axes[1].bar(sides, [res[k]["samples_per_s"] for k in sides],
-                color=["tab:blue", "tab:orange"][: len(sides)])  # fmt: skip
-    axes[1].set_title("training samples/s (pairs)")
-    if res.get("tiller") and res.get("baseline"):
-        axes[2].bar(["idle server", "during training"],
-                    [res["baseline"]["tok_per_s"], res["tiller"]["serving"]["tok_per_s"]],
-                    color=["grey", "tab:blue"])  # fmt: skip
-    axes[2].set_title(f"Tiller serving tok/s ({LOAD_CONCURRENCY} concurrent)")
+    bars: list[tuple[str, float, str]] = []
+    if res.get("tiller"):
+        t = res["tiller"]
+        bars.append(("Tiller\nbudget", t["samples_per_s"], "tab:blue"))
+        if t.get("finished_span_s"):
+            bars.append(("Tiller\nfinished its.", t["finished_samples_per_s"], "tab:cyan"))
+    for k in ("trl", "trl_loaded"):
+        if res.get(k):
+            bars.append((label.get(k, k), res[k]["samples_per_s"], colour[k]))
+    axes[1].bar([b[0] for b in bars], [b[1] for b in bars], color=[b[2] for b in bars])
+    axes[1].set_title("trained pairs/s")
+    if res.get("baseline"):
+        serving = [("idle", res["baseline"]["tok_per_s"], "grey")]
+        for k in ("tiller", "trl_loaded"):
+            if res.get(k) and res[k].get("serving"):
+                serving.append(
+                    (f"beside {label[k].split()[0]}", res[k]["serving"]["tok_per_s"], colour[k])
+                )
+        axes[2].bar([b[0] for b in serving], [b[1] for b in serving],
+                    color=[b[2] for b in serving])  # fmt: skip
+    axes[2].set_title(f"serving tok/s ({LOAD_CONCURRENCY} concurrent)")
     fig.suptitle(f"critical reviewer, SmolLM2-135M, CPU, budget {res['budget_s']:.0f} s")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -423,6 +493,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="smoke run: 60 s budget, 16 eval prompts")
     p.add_argument("--skip-tiller", action="store_true")
     p.add_argument("--skip-trl", action="store_true")
+    p.add_argument("--skip-trl-loaded", action="store_true", help="no TRL beside serving")
     p.add_argument("--baseline-s", type=float, default=45.0)
     p.add_argument("--reuse", action="store_true", help="reuse finished sides from the work dir")
     p.add_argument("--eval-samples", type=int, default=2)
@@ -457,6 +528,9 @@ def main() -> None:
     if not a.skip_trl:
         side("trl", f"TRL online DPO ({budget:.0f} s budget)",
              lambda: run_trl(model, budget, work / "trl"))  # fmt: skip
+    if not a.skip_trl_loaded:
+        side("trl_loaded", f"TRL online DPO beside a loaded server ({budget:.0f} s budget)",
+             lambda: run_trl_loaded(model, budget, work / "trl-loaded"))  # fmt: skip
     print(f"held-out evaluation ({len(prompts)} prompts x {a.eval_samples}) ...", flush=True)
     ev = {"base": evaluate(model, None, prompts, a.eval_samples)}
     if res.get("tiller"):
@@ -469,12 +543,17 @@ def main() -> None:
         )
     if res.get("trl"):
         ev["trl"] = evaluate(model, Path(res["trl"]["adapter"]), prompts, a.eval_samples)
+    if res.get("trl_loaded"):
+        ev["trl_loaded"] = evaluate(
+            model, Path(res["trl_loaded"]["adapter"]), prompts, a.eval_samples
+        )
     res["eval"] = ev
-    if "tiller" in ev and "trl" in ev:
-        from scipy import stats
+    from scipy import stats
 
-        t = stats.ttest_ind(ev["tiller"]["rewards"], ev["trl"]["rewards"], equal_var=False)
-        res["tiller_vs_trl_p"] = float(t.pvalue)
+    for other in ("trl", "trl_loaded"):
+        if "tiller" in ev and other in ev:
+            t = stats.ttest_ind(ev["tiller"]["rewards"], ev[other]["rewards"], equal_var=False)
+            res[f"tiller_vs_{other}_p"] = float(t.pvalue)
     res["summary"] = summarize(res)
     for line in res["summary"]:
         print(line)
