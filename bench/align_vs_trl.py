@@ -208,12 +208,12 @@ def trl_settings(config: Path) -> list[str]:
 
 
 def run_trl_loaded(model: Path, budget_s: float, work: Path) -> dict[str, Any]:
-    """``run_trl`` while a plain server answers the client load; ``serving``: its tok/s over
-    TRL's whole process (model load and training)."""
+    """``run_trl`` while a plain server answers the client load; ``serving``: its tok/s while
+    TRL trained (``train_window``; not during its model load, when the server ran alone)."""
     with loaded_server(model, work / "server") as load:
-        t0 = time.time()
         out = run_trl(model, budget_s, work)
-        out["serving"] = load.tok_per_s(t0, time.time())
+        began, ended = out["train_window"]
+        out["serving"] = load.tok_per_s(began, ended)
     return out
 
 
