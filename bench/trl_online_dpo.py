@@ -63,12 +63,12 @@ def main() -> None:
             self.budget_s = budget_s
             self.began = 0.0
             self.ended = 0.0
-            self.window = (0.0, 0.0)  # wall-clock (time.time) span of the training
+            self.began_at = 0.0  # wall clock (time.time) at the start of training
             self.step_ends: list[float] = []
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             self.began = time.perf_counter()
-            self.window = (time.time(), 0.0)
+            self.began_at = time.time()
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             now = time.perf_counter()
@@ -79,7 +79,6 @@ def main() -> None:
 
         def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             self.ended = time.perf_counter()
-            self.window = (self.window[0], time.time())
 
     torch.manual_seed(a.seed)
     prompts = [s.strip() for s in a.prompts.read_text().splitlines() if s.strip()]
@@ -147,7 +146,7 @@ def main() -> None:
         "wall_s": wall,
         "samples_per_s": samples / wall if wall > 0 else 0.0,
         "step_ends_s": budget.step_ends,
-        "train_window": list(budget.window),
+        "train_window": [budget.began_at, budget.began_at + wall],
         "adapter": str(adapter),
         "log": logs,
     }

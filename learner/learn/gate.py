@@ -38,7 +38,7 @@ import asyncio
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from tiller.client import AsyncClient
 from tiller.server.manifest import Conditioning
@@ -411,6 +411,16 @@ async def run_sides(
     return out
 
 
+class GateOutcome(NamedTuple):
+    """``run_gate``'s result: the verdict, the candidate's run (the next gate's incumbent run
+    if it is promoted) and the base model's run it measured against (``None``: none), which
+    does not change and can be passed back as ``base_run``."""
+
+    verdict: Verdict
+    candidate: SideRun
+    base: SideRun | None
+
+
 async def run_gate(
     client: AsyncClient,
     candidate: Side,
@@ -420,15 +430,15 @@ async def run_gate(
     *,
     incumbent_run: SideRun | None = None,
     base_run: SideRun | None = None,
-) -> tuple[Verdict, SideRun]:
-    """Generate with both sides, score, judge, decide; returns the verdict and the candidate's
-    run. ``fluency`` returns the base model for the perplexity checks (called only when one is
-    set; may cache). ``incumbent_run``: the incumbent's run from an earlier gate with this
-    config (it was that gate's promoted candidate); it is used instead of generating again,
-    which halves the gate's cost after a promotion; without it, both sides generate at once
-    (``run_sides``). ``base_run``: the base model's run with this config, for
-    ``max_base_perplexity_ratio`` (when the incumbent is not the base and none is given, the
-    base generates beside the other sides)."""
+) -> GateOutcome:
+    """Generate with both sides, score, judge, decide. ``fluency`` returns the base model for
+    the perplexity checks (called only when one is set; may cache). ``incumbent_run``: the
+    incumbent's run from an earlier gate with this config (it was that gate's promoted
+    candidate); it is used instead of generating again, which halves the gate's cost after a
+    promotion; without it, both sides generate at once (``run_sides``). ``base_run``: the base
+    model's run with this config, for ``max_base_perplexity_ratio`` (when the incumbent is not
+    the base and none is given, the base generates beside the other sides; when the incumbent
+    is the base, its run is the base's)."""
     base: Side | None = None
     if cfg.max_base_perplexity_ratio > 0 and base_run is None and incumbent.name:
         base = Side("", 0, incumbent.conditioning)
@@ -450,4 +460,4 @@ async def run_gate(
         win_rate,
         base_perplexity=base_run.perplexity if base_run is not None else None,
     )
-    return replace(verdict, incumbent_reused=incumbent_run is not None), cand
+    return GateOutcome(replace(verdict, incumbent_reused=incumbent_run is not None), cand, base_run)

@@ -455,10 +455,9 @@ class Learner:
             known, source = await ahead["incumbent"], "sampling"
         if self._base_run is None and "base" in ahead:
             self._base_run = await ahead["base"]
-        elif self._base_run is None and now.version is None and known is not None:
-            self._base_run = known  # the incumbent is the base model
-        # Without a base run (a restarted iteration), run_gate generates it beside the others.
-        verdict, run = await run_gate(
+        # Without a base run, run_gate makes it (the incumbent's, or beside the other sides);
+        # it is kept, so no later gate generates it again.
+        verdict, run, self._base_run = await run_gate(
             self.client, candidate, self._incumbent(now), g, self.fluency_model,
             incumbent_run=known, base_run=self._base_run,
         )  # fmt: skip

@@ -190,7 +190,7 @@ async def test_gate_uses_a_known_incumbent_run_instead_of_generating(
     base, ghost = Side("", 0), Side("no-such-adapter", 7)
     async with AsyncClient(srv.target) as client:
         known = await run_side(client, base, cfg)
-        verdict, cand = await run_gate(client, base, ghost, cfg, incumbent_run=known)
+        verdict, cand, _ = await run_gate(client, base, ghost, cfg, incumbent_run=known)
         # Without the known run the incumbent is generated, and the server knows no such adapter.
         with pytest.raises(TillerClientError) as info:
             await run_gate(client, base, ghost, cfg)
