@@ -504,7 +504,7 @@ def main() -> None:
     baseline_s = 15.0 if a.quick else a.baseline_s
     prompts = lines(HELDOUT)[: 16 if a.quick else None]
 
-    from tiller.server.models import prepare_smollm2
+    from tiller.server.tools.models import prepare_smollm2
 
     model = prepare_smollm2(Path.home() / ".cache" / "tiller")
     work = a.out.with_name(a.out.stem + "-work")

@@ -148,8 +148,8 @@ def iteration_rows(db: sqlite3.Connection) -> list[tuple[int, str, int | None]]:
 
 def checks(work: Path, target: str, load: ClosedLoop) -> dict[str, Any]:
     from tiller.client import Client
-    from tiller.learner.publish import list_versions, read_state, version_path
-    from tiller.server.manifest import load_manifest
+    from tiller.server.formats.manifest import load_manifest
+    from tiller.server.formats.registry import list_versions, read_state, version_path
 
     db = sqlite3.connect(work / "log.sqlite")
     gens = db.execute("SELECT count(*) FROM generations").fetchone()[0]
@@ -270,7 +270,7 @@ def main() -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from tiller.server.tiny_model import build_tiny_llama
+    from tiller.server.tools.tiny_model import build_tiny_llama
 
     console = Console()
     rng = random.Random(a.seed)

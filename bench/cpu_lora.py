@@ -14,8 +14,8 @@ from pathlib import Path
 
 from tiller_ab import Variant, ab, parse, settings
 
-from tiller.server.manifest import Manifest, write_manifest
-from tiller.server.tiny_model import build_random_lora
+from tiller.server.formats.manifest import Manifest, write_manifest
+from tiller.server.tools.tiny_model import build_random_lora
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from tiller_ab import Variant, ab, parse, settings
 
-from tiller.server.manifest import Conditioning, Manifest, write_manifest
-from tiller.server.models import DEFAULT_TAGS
+from tiller.server.formats.manifest import Conditioning, Manifest, write_manifest
+from tiller.server.tools.models import DEFAULT_TAGS
 
 if __name__ == "__main__":
     args = parse(__doc__ or "")

@@ -20,9 +20,10 @@ from pathlib import Path
 from serve_throughput import process, resolve_model, run_async, wait_ready
 from tqdm import tqdm
 
-from tiller.learner.publish import Release, promote, publish, rollback
-from tiller.server.manifest import Conditioning
-from tiller.server.tiny_model import build_random_lora
+from tiller.server.formats.manifest import Conditioning
+from tiller.server.formats.publish import Release, publish
+from tiller.server.formats.registry import promote, rollback
+from tiller.server.tools.tiny_model import build_random_lora
 
 TAGS = ("good", "bad")
 

@@ -394,11 +394,11 @@ def worker_main(settings_json: str, out: str, ticks: str) -> None:
 def resolve_model(name: str) -> Path:
     cache = Path(os.environ.get("TILLER_CACHE_DIR", Path.home() / ".cache" / "tiller"))
     if name == "smollm2":
-        from tiller.server.models import prepare_smollm2
+        from tiller.server.tools.models import prepare_smollm2
 
         return prepare_smollm2(cache)
     if name == "tiny":
-        from tiller.server.tiny_model import build_tiny_llama
+        from tiller.server.tools.tiny_model import build_tiny_llama
 
         return build_tiny_llama(cache / "models" / "tiny-llama")
     return Path(name).resolve()

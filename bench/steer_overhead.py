@@ -24,7 +24,7 @@ from serve_throughput import cpu_ticks, drive, process, run_async, tiller_serve_
 from tiller_ab import parse, settings
 from tqdm import tqdm
 
-from tiller.server.steering.build import init_heads, write_version
+from tiller.server.tools.heads_build import init_heads, write_version
 
 TARGET = 0.90
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from serve_throughput import PROMPTS, process, resolve_model, tiller_serve_cmd, wait_ready
 from tiller_ab import settings
 
-from tiller.server.steering.build import train_class_head, write_version
+from tiller.server.tools.heads_build import train_class_head, write_version
 
 
 def digit_tokens(model: Path) -> list[int]:

@@ -17,7 +17,7 @@ _LAZY = {
     "serve": "tiller.server.cli:serve",
     "up": "tiller.server.cli:up",
     "model": "tiller.server.cli:model",
-    "heads": "tiller.server.steering.cli:heads",
+    "heads": "tiller.server.tools.heads_cli:heads",
     "annotate": "tiller.learner.annotate.cli:annotate",
     "log": "tiller.learner.logcli:log",
     "registry": "tiller.learner.registry_cli:registry",

@@ -1,5 +1,5 @@
 """CMPO plural-head training: low-rank attribute heads on a frozen trunk, written in the format
-the server's steering processor loads (``tiller.server.steering.heads``).
+the server's steering processor loads (``tiller.server.formats.heads``).
 
 The trunk (and any LoRA already merged into the given model) stays frozen, so every
 completion's last hidden states are computed once, without gradients; training then
@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tiller.server.steering.heads import HeadsManifest, HeadSpec, save_heads
+from tiller.server.formats.heads import HeadsManifest, HeadSpec, save_heads
 
 from .data.examples import PreferencePair
 from .objectives.cmpo import CMPOConfig, cmpo_loss, mixed_logits
@@ -114,7 +114,7 @@ def _initial(
     directory: Path, names: Sequence[str], rank: int, dims: tuple[int, int]
 ) -> tuple[Tensor, Tensor]:
     """A [k, r, H] and B [k, V, r] stacked from a heads directory, checked against the config."""
-    from tiller.server.steering.heads import load_tensors, read_heads
+    from tiller.server.formats.heads import load_tensors, read_heads
 
     manifest = read_heads(directory)
     got = [(h.name, h.kind, h.rank) for h in manifest.heads]

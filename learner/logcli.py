@@ -28,7 +28,7 @@ _CHUNK = 500
 
 def _open(path: Path) -> sqlite3.Connection:
     """A read-only connection to a Tiller log; ``ClickException`` if it is missing or foreign."""
-    from tiller.server.logstore import SCHEMA_VERSION
+    from tiller.server.formats.logstore import SCHEMA_VERSION
 
     if not path.is_file():
         raise click.ClickException(f"no generation log at {path}")

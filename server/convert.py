@@ -9,11 +9,11 @@ from tiller.protos.tiller.v1 import tiller_pb2 as pb
 from .adapters import LoadedAdapter
 from .config import AdapterSource
 from .errors import InvalidArgument, NotFound
+from .formats.prompt import ChatTurn
 from .logrecords import FeedbackInput
 from .service import Status
 from .values import (
     AdapterPick,
-    ChatTurn,
     Delta,
     Finish,
     GenerateRequest,

@@ -1,66 +1,44 @@
-"""Internal errors and the one table that maps them to gRPC status codes.
+"""The one table that maps Tiller's errors to gRPC status codes.
 
-Code inside the server raises these; only the servicer boundary translates them (``grpc_status``).
-Messages name the offending field and, where a set of values is allowed, list it.
+Code inside the server raises the classes of ``formats.errors`` (re-exported here); only the
+servicer boundary translates them (``grpc_status``).
 """
 
 from __future__ import annotations
 
 import grpc
 
+from .formats.errors import (
+    Aborted,
+    DeadlineExceeded,
+    EngineFailure,
+    FailedPrecondition,
+    InvalidArgument,
+    LimitExceeded,
+    NotFound,
+    PermissionDenied,
+    TillerError,
+    Unauthenticated,
+    Unavailable,
+    Unimplemented,
+)
 
-class TillerError(Exception):
-    """Base class: a request-level failure with a message meant for the client."""
-
-    def __init__(self, message: str, *, field: str | None = None) -> None:
-        super().__init__(message)
-        self.field = field
-        self.message = message
-
-
-class InvalidArgument(TillerError):
-    """The request is malformed or names something that does not exist in its scope."""
-
-
-class LimitExceeded(TillerError):
-    """The request is well formed but over a configured limit (size, count, concurrency)."""
-
-
-class NotFound(TillerError):
-    """A referenced entity (generation id, adapter version) does not exist."""
-
-
-class Unavailable(TillerError):
-    """The server cannot take the request now (draining, engine down); retrying may succeed."""
-
-
-class Unimplemented(TillerError):
-    """The RPC exists in the API but this server does not provide it."""
-
-
-class FailedPrecondition(TillerError):
-    """The system is not in a state where the request can run (e.g. adapter not loaded)."""
-
-
-class Aborted(TillerError):
-    """The request was aborted by a conflict it cannot recover from (e.g. lockstep lost)."""
-
-
-class EngineFailure(TillerError):
-    """The engine failed while serving an accepted request."""
-
-
-class Unauthenticated(TillerError):
-    """No bearer token, or one the server does not know (the token is never echoed)."""
-
-
-class PermissionDenied(TillerError):
-    """The token is valid but lacks the role this RPC needs."""
-
-
-class DeadlineExceeded(TillerError):
-    """The request ran past the server's cap on request duration."""
-
+__all__ = [
+    "STATUS_TABLE",
+    "Aborted",
+    "DeadlineExceeded",
+    "EngineFailure",
+    "FailedPrecondition",
+    "InvalidArgument",
+    "LimitExceeded",
+    "NotFound",
+    "PermissionDenied",
+    "TillerError",
+    "Unauthenticated",
+    "Unavailable",
+    "Unimplemented",
+    "grpc_status",
+]
 
 STATUS_TABLE: dict[type[TillerError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,

@@ -21,7 +21,7 @@ import sqlite_utils
 
 from .config import LogConfig
 from .errors import TillerError
-from .logstore import connect
+from .formats.logstore import connect
 
 log = logging.getLogger("tiller.log")
 Op = Callable[[sqlite_utils.Database], Any]

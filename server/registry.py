@@ -1,39 +1,33 @@
 """Follow an adapter registry on disk and hot-swap promoted versions into the server.
 
-Layout (written by ``tiller.learner.publish``): ``<registry>/<name>/v0007/`` immutable version
-directories with a manifest, and ``<registry>/<name>/state.json`` whose ``active`` names the
-promoted version. The watcher polls the state files; a change loads the version (sha256
-verified) under a new LoRA id and routes new requests to it; in-flight requests finish on the
-old version, which is then removed. A version that fails verification is reported and skipped;
-the current one keeps serving.
+The layout and ``state.json`` are owned by ``formats.registry`` (the learner writes them
+through the same module); ``active`` names the promoted version. The watcher polls the state
+files; a change loads the version (sha256 verified) under a new LoRA id and routes new requests
+to it; in-flight requests finish on the old version, which is then removed. A version that
+fails verification is reported and skipped; the current one keeps serving.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from pathlib import Path
 
 from .adapters import AdapterTable
 from .config import AdapterSource
 from .errors import TillerError
+from .formats.registry import PublishError, read_state, version_path
 
 log = logging.getLogger("tiller.registry")
 
 
-def version_dir(registry: Path, name: str, version: int) -> Path:
-    return registry / name / f"v{version:04d}"
-
-
 def read_active(registry: Path, name: str) -> int | None:
-    """The promoted version in ``state.json``, or None (absent, unreadable or unset)."""
+    """The promoted version, or None (no state yet, or a state file that does not parse)."""
     try:
-        active = json.loads((registry / name / "state.json").read_text()).get("active")
-    except (OSError, json.JSONDecodeError, AttributeError):
+        return read_state(registry, name).active
+    except (OSError, PublishError, TillerError):
         return None
-    return int(active) if isinstance(active, int) else None
 
 
 async def sync_once(table: AdapterTable, registry: Path, failed: set[tuple[str, int]]) -> int:
@@ -50,7 +44,7 @@ async def sync_once(table: AdapterTable, registry: Path, failed: set[tuple[str, 
             continue
         try:
             await table.load(
-                AdapterSource(name, version_dir(registry, name, active)), activate=True
+                AdapterSource(name, version_path(registry, name, active)), activate=True
             )
             swaps += 1
             log.info("hot-swapped %s to v%d", name, active)

@@ -21,6 +21,8 @@ from .errors import (
     LimitExceeded,
     Unavailable,
 )
+from .formats.heads import is_identity, resolve_weights
+from .formats.prompt import ChatTurn, render_chat, render_text
 from .lockstep import LockstepLost, mixed_deltas
 from .logrecords import (
     FeedbackInput,
@@ -30,11 +32,8 @@ from .logrecords import (
     record_feedback,
 )
 from .logwriter import LogLoss, LogWriter
-from .prompt import render_chat, render_text
-from .steering.heads import is_identity, resolve_weights
 from .validation import check_attributes, check_feedback, check_input, resolve_sampling
 from .values import (
-    ChatTurn,
     CompletionResult,
     Delta,
     EngineRequest,

@@ -5,18 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from .formats.prompt import ChatTurn
+
 
 class Finish(Enum):
     NONE = "none"
     STOP = "stop"
     LENGTH = "length"
     ABORT = "abort"
-
-
-@dataclass(frozen=True)
-class ChatTurn:
-    role: str
-    content: str
 
 
 @dataclass(frozen=True)

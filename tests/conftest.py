@@ -26,7 +26,7 @@ TAGS = (
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tiller.server.tiny_model import build_tiny_llama
+    from tiller.server.tools.tiny_model import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
 
@@ -42,8 +42,8 @@ def make_lora_version(
     layers: tuple[int, ...] | None = None,
 ) -> Path:
     """A random peft LoRA (``build_random_lora``) plus a Tiller manifest with tags."""
-    from tiller.server.manifest import Conditioning, Manifest, write_manifest
-    from tiller.server.tiny_model import build_random_lora
+    from tiller.server.formats.manifest import Conditioning, Manifest, write_manifest
+    from tiller.server.tools.tiny_model import build_random_lora
 
     build_random_lora(model_dir, out, seed=seed, layers=layers)
     write_manifest(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from tiller.server.steering.heads import load_tensors, read_heads
+from tiller.server.formats.heads import load_tensors, read_heads
 
 NEAR_TIE = 1e-4  # float32 engine vs float32 torch agree to ~1e-6 per logprob
 LOGPROB_TOL = 2e-4

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from tiller.client import AsyncClient
-from tiller.server.manifest import Conditioning
-from tiller.server.prompt import render_text
+from tiller.server.formats.manifest import Conditioning
+from tiller.server.formats.prompt import render_text
 
 from ..annotate.scorers import make_scorer
 from ..fluency import load_scoring_model, perplexity

@@ -61,7 +61,7 @@ def free_port() -> int:
 
 def resolve_model(name: str, base: Path, cache_dir: Path) -> Path:
     if name == "smollm2":
-        from tiller.server.models import prepare_smollm2
+        from tiller.server.tools.models import prepare_smollm2
 
         return prepare_smollm2(cache_dir)
     path = (base / name).expanduser()
@@ -243,7 +243,7 @@ class AlignRun:
         from rich.console import Console
         from rich.live import Live
 
-        from tiller.server.logstore import connect
+        from tiller.server.formats.logstore import connect
 
         from .dashboard import line, snapshot, table
 
@@ -274,12 +274,12 @@ class AlignRun:
     def finish(self, reason: str) -> dict[str, Any]:
         """Evaluate, plot, write ``report.json``; returns the report."""
         from tiller.client import AsyncClient
-        from tiller.server.logstore import connect
-        from tiller.server.manifest import load_manifest
+        from tiller.server.formats.logstore import connect
+        from tiller.server.formats.manifest import load_manifest
+        from tiller.server.formats.registry import read_state, version_path
 
         from ..learn.loop import bootstrap_version
         from ..learn.runs import iterations
-        from ..publish import read_state, version_path
         from . import plots
         from .evaluate import compare, conditions, evaluate, spread
 

@@ -19,7 +19,7 @@ async def _main(config: AnnotatorConfig, once: bool, timeout_s: float) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from tiller.server.logstore import connect
+    from tiller.server.formats.logstore import connect
 
     db = connect(config.db)
     annotator = Annotator(

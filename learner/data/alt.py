@@ -40,9 +40,8 @@ from typing import Literal
 
 import sqlite_utils
 
-from tiller.server.manifest import Conditioning
-from tiller.server.prompt import render_chat, render_text
-from tiller.server.values import ChatTurn
+from tiller.server.formats.manifest import Conditioning
+from tiller.server.formats.prompt import ChatTurn, render_chat, render_text
 
 from ..annotate.base import GenerationView
 from .examples import SFTExample

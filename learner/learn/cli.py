@@ -19,7 +19,7 @@ from .config import LearnConfig, load_config
 async def _main(config: LearnConfig, progress: bool) -> int:
     from rich.console import Console
 
-    from tiller.server.logstore import connect
+    from tiller.server.formats.logstore import connect
 
     from .loop import Learner
 

@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from tiller.server.manifest import DEFAULT_SEPARATOR
+from tiller.server.formats.manifest import DEFAULT_SEPARATOR
 
 from ..annotate.config import build_section
 from ..annotate.judge import JudgeConfig

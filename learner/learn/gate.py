@@ -41,8 +41,8 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, NamedTuple
 
 from tiller.client import AsyncClient
-from tiller.server.manifest import Conditioning
-from tiller.server.prompt import render_text
+from tiller.server.formats.manifest import Conditioning
+from tiller.server.formats.prompt import render_text
 
 from ..annotate.base import GenerationView
 from ..annotate.judge import JudgeConfig, LLMJudge

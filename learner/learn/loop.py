@@ -47,13 +47,15 @@ from typing import Any, TypeVar
 import sqlite_utils
 
 from tiller.client import AsyncClient
-from tiller.server.manifest import (
+from tiller.server.formats.manifest import (
     DEFAULT_TEMPLATE,
     Conditioning,
     Manifest,
     load_manifest,
     write_manifest,
 )
+from tiller.server.formats.publish import Release, publish
+from tiller.server.formats.registry import list_versions, promote, read_state, version_path
 
 from ..data.alt import AltConfig, ReplayWindow, build_alt
 from ..data.cmpo import cmpo_pairs
@@ -62,7 +64,6 @@ from ..data.jsonl import load_pairs, load_sft, save_pairs, save_sft
 from ..data.pairs import feedback_pairs, generations_by_id, judge_pairs, score_pairs
 from ..fluency import Scorer, load_scoring_model
 from ..heads_trainer import train_heads
-from ..publish import Release, list_versions, promote, publish, read_state, version_path
 from ..trainer import TrainResult, train
 from . import runs
 from .config import LearnConfig

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, process_dict_updates
 
+from ..formats.heads import HeadsManifest, load_tensors, read_heads
 from .handoff import LAST
-from .heads import HeadsManifest, load_tensors, read_heads
 
 EXTRA_KEY = "tiller_steer"
 MAX_CACHED_HEADS = 4

@@ -252,8 +252,8 @@ async def test_tokens_and_adapter_roots_are_enforced(stack: Stack, tmp_path: Pat
     import grpc
 
     from tiller.client import AsyncClient, TillerClientError
-    from tiller.server.manifest import Manifest, write_manifest
-    from tiller.server.tiny_model import build_random_lora
+    from tiller.server.formats.manifest import Manifest, write_manifest
+    from tiller.server.tools.tiny_model import build_random_lora
 
     stack.wait_healthy("server", image_healthcheck())
     model = Path(stack.env["TILLER_MODEL"])
@@ -324,9 +324,10 @@ def test_replicas_write_their_own_shards(stack: Stack) -> None:
 
 
 def test_one_publish_every_replica_swaps(stack: Stack, tmp_path: Path) -> None:
-    from tiller.learner.publish import Release, promote, publish
-    from tiller.server.manifest import Conditioning
-    from tiller.server.tiny_model import build_random_lora
+    from tiller.server.formats.manifest import Conditioning
+    from tiller.server.formats.publish import Release, publish
+    from tiller.server.formats.registry import promote
+    from tiller.server.tools.tiny_model import build_random_lora
 
     replicas = ("server", stack.second_replica())
     stack.wait_healthy("server", image_healthcheck())

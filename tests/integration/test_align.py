@@ -252,7 +252,7 @@ def test_align_with_a_real_llm_judge(tiny_model: Path, tmp_path: Path) -> None:
     assert "promoted" in [i["status"] for i in report["iterations"]]
     learner = json.loads((tmp_path / "run" / "learner.json").read_text())
     assert learner["data"]["source"] == "judge"
-    from tiller.server.logstore import connect
+    from tiller.server.formats.logstore import connect
 
     db = connect(tmp_path / "run" / "log.sqlite")
     verdicts = db.execute(

@@ -20,7 +20,7 @@ from tiller.client import Client
 from tiller.learner.annotate.follow import backlog, read_cursor
 from tiller.learner.annotate.judge import JudgeConfig, LLMJudge
 from tiller.learner.annotate.runner import Annotator
-from tiller.server.logstore import connect
+from tiller.server.formats.logstore import connect
 
 TAGS = ("Harmless and very helpful", "Harmless and helpful", "Harmful")
 

@@ -15,9 +15,9 @@ from tiller.client import Client
 from tiller.learner.data.examples import PreferencePair
 from tiller.learner.heads_trainer import HeadsResult, HeadsTrainConfig, train_heads
 from tiller.learner.objectives.cmpo import CMPOConfig
-from tiller.learner.publish import Release, publish
-from tiller.server.manifest import load_manifest
-from tiller.server.steering.heads import read_heads
+from tiller.server.formats.heads import read_heads
+from tiller.server.formats.manifest import load_manifest
+from tiller.server.formats.publish import Release, publish
 
 FRUIT, ANIMAL = " apple pear plum", " zebra lion wolf"
 

@@ -11,9 +11,10 @@ import pytest
 
 from tests.conftest import TAGS, ServerProc, start_server, stop_server
 from tiller.client import Client, TillerClientError
-from tiller.learner.publish import Release, promote, publish, rollback
-from tiller.server.manifest import Conditioning
-from tiller.server.tiny_model import build_random_lora
+from tiller.server.formats.manifest import Conditioning
+from tiller.server.formats.publish import Release, publish
+from tiller.server.formats.registry import promote, rollback
+from tiller.server.tools.tiny_model import build_random_lora
 
 
 def _trained(model: Path, out: Path, seed: int) -> Path:

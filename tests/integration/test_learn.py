@@ -42,10 +42,10 @@ from tiller.learner.learn.config import (
 )
 from tiller.learner.learn.gate import GateConfig, Side, run_gate, run_side, run_sides
 from tiller.learner.learn.loop import Learner
-from tiller.learner.publish import list_versions, read_state, version_path
 from tiller.learner.trainer import TrainConfig
-from tiller.server.logstore import connect
-from tiller.server.manifest import load_manifest
+from tiller.server.formats.logstore import connect
+from tiller.server.formats.manifest import load_manifest
+from tiller.server.formats.registry import list_versions, read_state, version_path
 
 PROMPTS = tuple(f"Tell me about item number {i}." for i in range(8))
 # A LoRA run small enough for the tiny model in a test (two optimizer steps).

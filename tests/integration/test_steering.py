@@ -20,9 +20,9 @@ from tests.conftest import ServerProc, start_server, stop_server
 from tests.steering_reference import HeadsReference
 from tiller.client import AsyncClient, Client, TillerClientError
 from tiller.client.cli import main as tiller_cli
-from tiller.server.manifest import Manifest, write_manifest
-from tiller.server.steering.build import init_heads, write_version
-from tiller.server.steering.heads import HEADS_MANIFEST
+from tiller.server.formats.heads import HEADS_MANIFEST
+from tiller.server.formats.manifest import Manifest, write_manifest
+from tiller.server.tools.heads_build import init_heads, write_version
 
 PROMPT = "The movie was"
 GREEDY: dict[str, Any] = dict(max_tokens=12, temperature=0.0)
@@ -39,7 +39,7 @@ FULL = [{"tone": 1.0}, {"base": 0.5, "tone": 0.5}, {"tone": 2.0, "base": -1.0}]
 
 @pytest.fixture(scope="module")
 def versions(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from tiller.server.tiny_model import build_random_lora
+    from tiller.server.tools.tiny_model import build_random_lora
 
     root = tmp_path_factory.mktemp("steer-registry")
     steer = root / "steer" / "v0001"

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tests.steering_reference import HeadsReference
-from tiller.server.steering.build import init_heads
+from tiller.server.tools.heads_build import init_heads
 
 PROMPT = "The movie was"
 # Longer than max_num_batched_tokens below: its prefill is chunked over several steps.
@@ -180,7 +180,7 @@ async def test_a_trained_class_head_moves_the_class_share_monotonically(
     """
     if arch_model != tiny_model:
         pytest.skip("one architecture is enough for the sweep")
-    from tiller.server.steering.build import train_class_head
+    from tiller.server.tools.heads_build import train_class_head
 
     tok = __import__("transformers").AutoTokenizer.from_pretrained(arch_model)
     cls = {i for i in range(len(tok)) if any(c.isdigit() for c in tok.decode([i]))}

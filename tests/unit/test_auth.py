@@ -11,7 +11,7 @@ import pytest
 from tiller.protos.tiller.v1 import tiller_pb2 as pb
 from tiller.server.auth import ROLE_OF, Authenticator, TokenFileError, bearer, load_tokens
 from tiller.server.errors import LimitExceeded, PermissionDenied, Unauthenticated
-from tiller.server.manifest import ManifestError, check_inside, load_manifest
+from tiller.server.formats.manifest import ManifestError, check_inside, load_manifest
 
 SECRET = "s3cret-value-0123456789"
 
@@ -133,7 +133,7 @@ def test_adapter_paths_are_confined_to_the_roots(tmp_path: Path) -> None:
 
 
 def test_a_version_with_pickled_weights_is_refused(tmp_path: Path) -> None:
-    from tiller.server.manifest import Manifest, write_manifest
+    from tiller.server.formats.manifest import Manifest, write_manifest
 
     d = tmp_path / "v0001"
     d.mkdir()

@@ -16,7 +16,7 @@ from tiller.learner.heads_trainer import HeadsTrainConfig, train_heads
 from tiller.learner.learn.config import parse_config
 from tiller.learner.learn.loop import _pair_ids
 from tiller.learner.objectives.cmpo import CMPOConfig
-from tiller.server.steering.heads import load_tensors
+from tiller.server.formats.heads import load_tensors
 
 CMPO: dict[str, Any] = {
     "db": "log.sqlite",

@@ -19,16 +19,16 @@ from tiller.learner.data.cmpo import cmpo_pairs, power_set_weights, preferred_on
 from tiller.learner.data.examples import PreferencePair, SFTExample
 from tiller.learner.data.jsonl import JsonlError, load_pairs, load_sft, save_pairs, save_sft
 from tiller.learner.data.pairs import feedback_pairs, judge_pairs, score_pairs
+from tiller.server.formats.logstore import connect
+from tiller.server.formats.manifest import Conditioning
+from tiller.server.formats.prompt import ChatTurn, render_text
 from tiller.server.logrecords import (
     FeedbackInput,
     GenerationRecord,
     insert_generations,
     record_feedback,
 )
-from tiller.server.logstore import connect
-from tiller.server.manifest import Conditioning
-from tiller.server.prompt import render_text
-from tiller.server.values import ChatTurn, GenerateRequest, ResolvedSampling
+from tiller.server.values import GenerateRequest, ResolvedSampling
 
 COND = Conditioning(tags=("Good", "Bad"))
 SAMPLING = ResolvedSampling(

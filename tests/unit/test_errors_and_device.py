@@ -29,7 +29,7 @@ def test_status_table(error: type[errors.TillerError], code: grpc.StatusCode) ->
 
 
 def test_subclasses_inherit_their_parents_code() -> None:
-    from tiller.server.manifest import ManifestError
+    from tiller.server.formats.manifest import ManifestError
 
     assert errors.grpc_status(ManifestError("bad")) == grpc.StatusCode.INVALID_ARGUMENT
 

@@ -51,7 +51,7 @@ def test_spread_is_a_paired_condition_and_conditions_add_the_prompted_version() 
     with pytest.raises(ValueError, match="not paired"):
         spread(stats("hi", [1.0]), stats("lo", [1.0, 2.0]), "x")
 
-    from tiller.server.manifest import Conditioning
+    from tiller.server.formats.manifest import Conditioning
 
     cfg = EvalConfig(prompts=("p",), scorer="length", tags=("Hi", "Lo"))
     cond = Conditioning(tags=("Hi", "Lo"), template="{feedback}: {prompt}", separator="")

@@ -13,7 +13,7 @@ from tiller.learner.annotate.base import Annotation, GenerationView, ProviderUna
 from tiller.learner.annotate.follow import backlog, commit, next_batch, read_cursor
 from tiller.learner.annotate.judge import Breaker, parse_choice, parse_likert
 from tiller.learner.annotate.templates import defuse, fill, load_template
-from tiller.server.logstore import connect
+from tiller.server.formats.logstore import connect
 
 TAGS = ("Harmless and very helpful", "Harmless and helpful", "Harmful")
 

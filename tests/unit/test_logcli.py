@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from tiller.learner.logcli import log
-from tiller.server.logstore import connect
+from tiller.server.formats.logstore import connect
 
 LONG = "Once upon a time " * 10  # longer than the 60 characters tail shows
 

@@ -11,7 +11,7 @@ import sqlite_utils
 
 from tiller.server.config import LogConfig
 from tiller.server.errors import NotFound
-from tiller.server.logstore import SCHEMA_VERSION, connect, migrate
+from tiller.server.formats.logstore import SCHEMA_VERSION, connect, migrate
 from tiller.server.logwriter import LogLoss, LogWriter
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tiller.server.manifest import (
+from tiller.server.formats.manifest import (
     MANIFEST_FILE,
     Conditioning,
     Manifest,

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tiller.server.manifest import Conditioning, ManifestError
-from tiller.server.prompt import render_chat, render_text
-from tiller.server.values import ChatTurn
+from tiller.server.formats.manifest import Conditioning, ManifestError
+from tiller.server.formats.prompt import ChatTurn, render_chat, render_text
 
 TAGS = ("Lowest Toxicity", "Maximum Toxicity")
 

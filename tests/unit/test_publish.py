@@ -14,19 +14,17 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from tiller.learner.publish import (
+from tiller.server.errors import InvalidArgument
+from tiller.server.formats.manifest import MANIFEST_FILE, Conditioning, ManifestError, load_manifest
+from tiller.server.formats.publish import Release, base_model_fingerprint, publish
+from tiller.server.formats.registry import (
     PublishError,
-    Release,
-    base_model_fingerprint,
     cleanup_partials,
     list_versions,
     promote,
-    publish,
     read_state,
     rollback,
 )
-from tiller.server.errors import InvalidArgument
-from tiller.server.manifest import MANIFEST_FILE, Conditioning, ManifestError, load_manifest
 
 COND = Conditioning(tags=("Good", "Bad"), default_tag="Good")
 
@@ -173,8 +171,8 @@ def test_conditioning_only_profile(tmp_path: Path) -> None:
 CHILD = """
 import sys, time
 from pathlib import Path
-import tiller.learner.publish as P
-from tiller.server.manifest import Conditioning
+import tiller.server.formats.publish as P
+from tiller.server.formats.manifest import Conditioning
 
 stage = sys.argv[1]
 registry, adapter, base = (Path(a) for a in sys.argv[2:5])

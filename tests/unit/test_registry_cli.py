@@ -7,8 +7,9 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from tiller.client.cli import main
-from tiller.learner.publish import Release, publish, read_state
-from tiller.server.manifest import Conditioning
+from tiller.server.formats.manifest import Conditioning
+from tiller.server.formats.publish import Release, publish
+from tiller.server.formats.registry import read_state
 
 
 def test_list_promote_rollback(tmp_path: Path) -> None:

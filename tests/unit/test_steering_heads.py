@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tiller.server.errors import InvalidArgument
-from tiller.server.steering.heads import (
+from tiller.server.formats.heads import (
     HEADS_MANIFEST,
     HeadsError,
     HeadsManifest,
@@ -117,7 +117,7 @@ def test_batched_mix_equals_eq_3_1_written_out(tmp_path: Path) -> None:
 
 
 def test_difference_of_two_heads(tmp_path: Path, tiny_model: Path) -> None:
-    from tiller.server.steering.build import base_head, difference_head, init_heads
+    from tiller.server.tools.heads_build import base_head, difference_head, init_heads
 
     a = tmp_path / "a"
     init_heads(tiny_model, a, ["x", "y"], rank=3, scale=0.5, seed=1)

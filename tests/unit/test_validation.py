@@ -10,14 +10,15 @@ import pytest
 from tiller.server.adapters import LoadedAdapter
 from tiller.server.config import Limits
 from tiller.server.errors import InvalidArgument, LimitExceeded
-from tiller.server.manifest import Conditioning, Manifest
+from tiller.server.formats.manifest import Conditioning, Manifest
+from tiller.server.formats.prompt import ChatTurn
 from tiller.server.validation import (
     check_attributes,
     check_feedback,
     check_input,
     resolve_sampling,
 )
-from tiller.server.values import ChatTurn, GenerateRequest, Sampling
+from tiller.server.values import GenerateRequest, Sampling
 
 LIMITS = Limits(
     max_tokens_cap=100, default_max_tokens=64, max_n=4, max_feedback_mix=2, max_attribute_weight=5.0

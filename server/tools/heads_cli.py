@@ -53,7 +53,7 @@ def heads_init(
 ) -> None:
     """Write an adapter version OUT with a ``base`` head and one head per --attribute,
     initialised from the base head plus seeded noise (testing, or a starting point to train)."""
-    from .build import init_heads, write_version
+    from .heads_build import init_heads, write_version
 
     init_heads(model, out, attributes, kind=kind, rank=rank, scale=scale, seed=seed)
     click.echo(write_version(out, name, version, model.name))
@@ -77,7 +77,7 @@ def heads_diff(
     model: Path, out: Path, plus: str, minus: str, attribute: str, name: str, version: int
 ) -> None:
     """Write an adapter version OUT whose head ATTRIBUTE is W_0 + (W_plus - W_minus)."""
-    from .build import difference_head, write_version
+    from .heads_build import difference_head, write_version
 
     difference_head(model, _head_ref(plus), _head_ref(minus), out, attribute)
     click.echo(write_version(out, name, version, model.name))
@@ -87,6 +87,6 @@ def heads_diff(
 @click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
 def heads_show(directory: Path) -> None:
     """Print a heads artifact's manifest after checking its tensors."""
-    from .heads import read_heads
+    from ..formats.heads import read_heads
 
     click.echo(json.dumps(read_heads(directory).to_json(), indent=2))

@@ -19,8 +19,15 @@ from pathlib import Path
 
 import torch
 
-from ..manifest import Manifest, write_manifest
-from .heads import HeadsError, HeadsManifest, HeadSpec, load_tensors, read_heads, save_heads
+from ..formats.heads import (
+    HeadsError,
+    HeadsManifest,
+    HeadSpec,
+    load_tensors,
+    read_heads,
+    save_heads,
+)
+from ..formats.manifest import Manifest, write_manifest
 
 
 def model_dims(model_dir: Path) -> tuple[int, int]:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from ..errors import InvalidArgument
+from .errors import InvalidArgument
 
 if TYPE_CHECKING:
     import torch

@@ -11,7 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
-from .manifest import Conditioning, Manifest, write_manifest
+from ..formats.manifest import Conditioning, Manifest, write_manifest
 
 SMOLLM2 = "SmolLM2-135M-Instruct"
 # Dialogue feedback categories in the style of ALT's LLM-categorical tags (HH-RLHF task).

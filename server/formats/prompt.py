@@ -5,8 +5,17 @@ Pure functions, unit-tested byte for byte. The template comes from the adapter's
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from .manifest import Conditioning
-from .values import ChatTurn
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    """One chat message (role: system, user or assistant)."""
+
+    role: str
+    content: str
 
 
 def render_text(prompt: str, feedback: str, cond: Conditioning) -> str:

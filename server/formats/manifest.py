@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +22,7 @@ DEFAULT_SEPARATOR = "<|separator|>"
 # Weights that unpickle (run code) when loaded: a version directory holding one is refused.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 Placement = Literal["prefix", "system"]
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class ManifestError(InvalidArgument):
@@ -201,3 +203,12 @@ def write_manifest(version_dir: Path, manifest: Manifest) -> Manifest:
     done = Manifest(**{**manifest.__dict__, "files": files})
     (version_dir / MANIFEST_FILE).write_text(json.dumps(done.to_json(), indent=2) + "\n")
     return done
+
+
+def validate_name(name: str) -> str:
+    if not _NAME.match(name):
+        raise InvalidArgument(
+            f"adapter name {name!r} is invalid: use 1-64 letters, digits, '_', '.', '-'",
+            field="adapter.name",
+        )
+    return name

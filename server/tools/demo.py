@@ -7,8 +7,8 @@ import signal
 
 from tiller.client import AsyncClient
 
-from .app import drain_and_stop, start
-from .config import ServerConfig
+from ..app import drain_and_stop, start
+from ..config import ServerConfig
 
 
 async def run_up(config: ServerConfig, *, prompt: str, feedback: str, once: bool) -> None:
