@@ -329,7 +329,7 @@ def plot(db_path: Path, out: Path, provider: str | None) -> None:
         conn.close()
     import sqlite_utils
 
-    from .learn.runs import iterations
+    from tiller.server.formats.logstore import iterations
 
     learned = iterations(sqlite_utils.Database(db_path))
     if not rows and not learned:

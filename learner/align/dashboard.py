@@ -7,7 +7,7 @@ from typing import Any
 
 import sqlite_utils
 
-from ..learn.runs import iterations
+from tiller.server.formats.logstore import iterations
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ from typing import Any
 
 import sqlite_utils
 
-from ..learn.runs import iterations
+from tiller.server.formats.logstore import iterations
+
 from .evaluate import Stats
 
 

@@ -274,12 +274,11 @@ class AlignRun:
     def finish(self, reason: str) -> dict[str, Any]:
         """Evaluate, plot, write ``report.json``; returns the report."""
         from tiller.client import AsyncClient
-        from tiller.server.formats.logstore import connect
+        from tiller.server.formats.logstore import connect, iterations
         from tiller.server.formats.manifest import load_manifest
         from tiller.server.formats.registry import read_state, version_path
 
         from ..learn.loop import bootstrap_version
-        from ..learn.runs import iterations
         from . import plots
         from .evaluate import compare, conditions, evaluate, spread
 

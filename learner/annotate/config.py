@@ -26,9 +26,11 @@ from __future__ import annotations
 import json
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from tiller.server.formats import sections
 
 from .judge import JudgeConfig
 
@@ -43,16 +45,12 @@ class AnnotatorConfig:
 
 
 def build_section(cls: type, data: Mapping[str, Any], where: str) -> Any:
-    """``cls(**data)`` for a config dataclass: unknown keys are a ``ValueError`` naming
-    ``where`` and the allowed keys; lists become tuples; ``template_path`` is expanded."""
-    known = {f.name for f in fields(cls)}
-    unknown = set(data) - known
-    if unknown:
-        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(known)}")
-    converted = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    """``formats.sections.build_section`` (typed, unknown keys refused) with ``template_path``
+    expanded."""
+    converted = dict(data)
     if converted.get("template_path"):
         converted["template_path"] = Path(str(converted["template_path"])).expanduser()
-    return cls(**converted)
+    return sections.build_section(cls, converted, where)
 
 
 def parse_config(data: Mapping[str, Any], env: Mapping[str, str]) -> AnnotatorConfig:

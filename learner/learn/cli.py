@@ -86,7 +86,7 @@ def history(db_path: Path, adapter: str | None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from .runs import iterations
+    from tiller.server.formats.logstore import iterations
 
     rows = iterations(sqlite_utils.Database(db_path), adapter)
     table = Table("adapter", "iter", "status", "version", "examples", "loss", "gate", "reason")

@@ -47,6 +47,7 @@ from typing import Any, TypeVar
 import sqlite_utils
 
 from tiller.client import AsyncClient
+from tiller.server.formats import logstore as runs
 from tiller.server.formats.manifest import (
     DEFAULT_TEMPLATE,
     Conditioning,
@@ -65,7 +66,6 @@ from ..data.pairs import feedback_pairs, generations_by_id, judge_pairs, score_p
 from ..fluency import Scorer, load_scoring_model
 from ..heads_trainer import train_heads
 from ..trainer import TrainResult, train
-from . import runs
 from .config import LearnConfig
 from .gate import Side, SideRun, Verdict, run_gate, run_side
 from .sampling import generate_each
@@ -542,7 +542,7 @@ class Learner:
                 )
                 if cfg.data.source != "feedback":  # app feedback arrives on its own time
                     sampled = (before, last_generation_seq(self.db))
-            last = runs.last(self.db, cfg.adapter)
+            last = runs.last_iteration(self.db, cfg.adapter)
             since = float(last["finished_at"]) if last else started
             hi = await self.wait_for_trigger(cursor, since, stop, sampled)
             if stop.is_set():
@@ -702,7 +702,7 @@ class Learner:
                 # run lost an iteration to "ImportError: cannot import name 'AutoTokenizer'").
                 await asyncio.to_thread(self.fluency_model)
             while not stop.is_set():
-                last = runs.last(self.db, self.cfg.adapter)
+                last = runs.last_iteration(self.db, self.cfg.adapter)
                 iteration = int(last["iteration"]) + 1 if last else 1
                 if self.cfg.max_iterations is not None and iteration > self.cfg.max_iterations:
                     break
@@ -727,7 +727,7 @@ class Learner:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), self.cfg.trigger.poll_s)
                 await self._drop_ahead()  # a skipped or failed iteration leaves its run unused
-                runs.record(self.db, rec)
+                runs.record_iteration(self.db, rec)
                 done += 1
         finally:
             await self._drop_ahead()

@@ -32,7 +32,6 @@ from tiller.learner.annotate.ratings import RatedAttribute, RatingConfig, Rating
 from tiller.learner.annotate.runner import Annotator
 from tiller.learner.fluency import Scorer, load_scoring_model
 from tiller.learner.heads_trainer import HeadsTrainConfig
-from tiller.learner.learn import runs
 from tiller.learner.learn.config import (
     DataConfig,
     LearnConfig,
@@ -43,6 +42,7 @@ from tiller.learner.learn.config import (
 from tiller.learner.learn.gate import GateConfig, Side, run_gate, run_side, run_sides
 from tiller.learner.learn.loop import Learner
 from tiller.learner.trainer import TrainConfig
+from tiller.server.formats import logstore as runs
 from tiller.server.formats.logstore import connect
 from tiller.server.formats.manifest import load_manifest
 from tiller.server.formats.registry import list_versions, read_state, version_path

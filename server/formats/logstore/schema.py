@@ -1,6 +1,7 @@
 """The generation log's SQLite schema, migrations and connection settings (sqlite-utils).
 
-One file holds generations, app feedback, annotations and follower cursors. WAL mode lets the
+One file holds generations, app feedback, annotations, follower cursors and the learner's
+iterations. WAL mode lets the
 server write while the annotator and learner read. ``PRAGMA user_version`` is the schema version;
 ``migrate`` applies the missing steps in order and is safe to call from every process at start.
 """
@@ -94,7 +95,14 @@ def _v1(db: sqlite_utils.Database) -> None:
     db.table("cursors").create({"name": str, "seq": int, "updated_at": float}, pk="name")
 
 
-MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_v1,)
+def _v2(db: sqlite_utils.Database) -> None:
+    # Learners before schema 2 created this table themselves; keep theirs when present.
+    from .runs import COLUMNS, TABLE
+
+    db.table(TABLE).create(COLUMNS, pk=("adapter", "iteration"), if_not_exists=True)
+
+
+MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_v1, _v2)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -1,7 +1,6 @@
-"""The learner's own table in the generation log: one row per iteration, what it did and why.
+"""The learner's table in the generation log: one row per iteration, what it did and why.
 
-``learner_iterations`` is created by the learner (not by the server's schema migrations) the
-first time it writes; readers treat a missing table as "no iterations yet". A row is written
+``learner_iterations`` is created by migration 2 (``schema``). A row is written
 once an iteration ends (``promoted``, ``rejected``, ``published``, ``skipped`` or ``failed``);
 ``annotation_seq`` is the annotation cursor the iteration consumed up to, so a restarted
 learner carries on after the last recorded iteration.
@@ -63,8 +62,8 @@ COLUMNS: dict[str, type] = {
 }
 
 
-def record(db: sqlite_utils.Database, rec: IterationRecord) -> None:
-    db.table(TABLE).create(COLUMNS, pk=("adapter", "iteration"), if_not_exists=True)
+def record_iteration(db: sqlite_utils.Database, rec: IterationRecord) -> None:
+    """Insert or replace the row of ``(rec.adapter, rec.iteration)``."""
     row = asdict(rec)
     row["details_json"] = json.dumps(row.pop("details") or {}, allow_nan=False, default=str)
     db.table(TABLE).insert(row, pk=("adapter", "iteration"), replace=True, alter=True)
@@ -78,6 +77,6 @@ def iterations(db: sqlite_utils.Database, adapter: str | None = None) -> list[di
     return list(db.table(TABLE).rows_where(where, args, order_by="adapter, iteration"))
 
 
-def last(db: sqlite_utils.Database, adapter: str) -> dict[str, Any] | None:
+def last_iteration(db: sqlite_utils.Database, adapter: str) -> dict[str, Any] | None:
     rows = iterations(db, adapter)
     return rows[-1] if rows else None
