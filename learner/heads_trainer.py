@@ -26,9 +26,10 @@ from torch import Tensor
 
 from tiller.server.formats.heads import HeadsManifest, HeadSpec, save_heads
 
+from .batches import encode
 from .data.examples import PreferencePair
 from .objectives.cmpo import CMPOConfig, cmpo_loss, mixed_logits
-from .trainer import TrainConfig, _encode
+from .trainer import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,7 @@ def train_heads(
     w0 = model.get_output_embeddings().weight.detach().float().clone()
     vocab, hidden = w0.shape
     distinct = dict.fromkeys((p.prompt, c) for p in pairs for c in (p.chosen, p.rejected))
-    encoded = {key: _encode(tok, *key, tc) for key in distinct}
+    encoded = {key: encode(tok, *key, tc) for key in distinct}
     tokens = sum(len(c) for _, c in encoded.values())
     keep = tokens * vocab * 4 <= cfg.logits_cache_gib * 2**30
     with torch.no_grad():  # not inference_mode: these tensors feed autograd later

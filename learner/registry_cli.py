@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from tiller.server.errors import TillerError
+from tiller.server.formats.errors import TillerError
 from tiller.server.formats.registry import (
     PublishError,
     list_versions,

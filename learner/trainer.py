@@ -1,50 +1,45 @@
 """The one training loop: examples + objective config -> a LoRA adapter directory.
 
 ``train`` loads the base model, wraps it with a peft LoRA (or continues ``init_adapter``),
-tokenises every example once, and runs AdamW with gradient accumulation and clipping. The
-reference model of the DPO family and of ALT's KL term is the *same* model with its adapter
-disabled (``model.disable_adapter()`` under ``torch.no_grad()``, eval mode): the base weights,
-never a second copy. When continuing an ``init_adapter`` the reference is still the base model,
-the fixed p_0 of ALT and π_θ0 of OAIF, not the adapter's starting point.
+tokenises every example once (``batches``), and runs AdamW with gradient accumulation and
+clipping over the objective's loss (``batch_loss``; the reference is the same model with its
+adapter disabled).
 
-Sequence layout (one batch): ``[left pad][prompt][completion][right pad]``. Prompts are left-
-padded to a common width P, so every completion starts at column P and the logits at columns
-P-1 .. P+T-2 predict its T tokens; position ids skip the padding. A sequence longer than
-``max_length`` loses tokens from the left of its prompt (the completion is cut on the right only
-if it alone exceeds ``max_length - 1``).
-
-Reproducibility: the data order of epoch e is a permutation drawn from its own generator seeded
-by (seed, e), and the whole run is seeded; on CPU the same config and data give bit-identical
-adapters. A checkpoint (adapter, optimizer, scheduler, torch RNG states, step, data order, history)
-is written every ``checkpoint_every`` optimizer steps into ``checkpoint_dir/step-NNNNNNNN`` via a
-temporary directory and one rename, so a kill -9 leaves either the old or the new checkpoint.
-``train(..., resume=True)`` restarts from the latest one and reaches the same final weights as an
-uninterrupted run. One trainer per ``checkpoint_dir`` at a time.
+Reproducibility: the data order of each epoch is a seeded permutation (``batches``) and the whole
+run is seeded; on CPU the same config and data give bit-identical adapters. Every
+``checkpoint_every`` optimizer steps a checkpoint is written atomically (``checkpoints``);
+``train(..., resume=True)`` restarts from the latest one and reaches the same final weights as
+an uninterrupted run. One trainer per ``checkpoint_dir`` at a time.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
+from .batch_loss import batch_loss, reference_logps
+from .batches import Item, indices, permutation, tokenize
+from .checkpoints import (
+    fingerprint,
+    latest_checkpoint,
+    remove_partial,
+    restore_checkpoint,
+    save_checkpoint,
+)
 from .data.examples import PreferencePair, SFTExample
-from .objectives.alt import ALTConfig, alt_loss
-from .objectives.cdpo import CDPOConfig, cdpo_loss
-from .objectives.dpo import DPOConfig, dpo_loss
-from .objectives.ipo import IPOConfig, ipo_loss
-from .objectives.sft import SFTConfig, sft_loss, token_logps
-from .objectives.slic import SLiCConfig, slic_loss
+from .objectives.alt import ALTConfig
+from .objectives.cdpo import CDPOConfig
+from .objectives.dpo import DPOConfig
+from .objectives.ipo import IPOConfig
+from .objectives.sft import SFTConfig
+from .objectives.slic import SLiCConfig
+from .precision import bf16_autocast, train_device
 
 ObjectiveConfig = ALTConfig | SFTConfig | DPOConfig | IPOConfig | SLiCConfig | CDPOConfig
 OBJECTIVES: dict[str, type[Any]] = {
@@ -56,16 +51,6 @@ OBJECTIVES: dict[str, type[Any]] = {
     "cdpo": CDPOConfig,
 }
 PAIR_OBJECTIVES = frozenset({"dpo", "ipo", "slic", "cdpo"})
-# Fields that may change between a run and its resumption without changing the result.
-# (gradient_checkpointing recomputes the same float32 ops in the same order: the same weights.)
-_RESUME_FREE = (
-    "device",
-    "checkpoint_dir",
-    "checkpoint_every",
-    "keep_checkpoints",
-    "progress",
-    "gradient_checkpointing",
-)
 
 
 @dataclass(frozen=True)
@@ -77,18 +62,15 @@ class TrainConfig:
     ``batch_size * grad_accum`` examples (pairs count as one). LoRA fields are ignored when
     ``train`` continues an ``init_adapter`` (its own config applies). ``checkpoint_every=0``
     disables checkpoints. ``gradient_checkpointing`` keeps only each decoder layer's input for the
-    backward pass and recomputes the rest (~1/3 more compute, less memory: SmolLM2-135M, 32
-    sequences x 128 tokens, peaked above 7.3 GiB RSS without it and at 6.7 GiB with it); it does
-    not change the result.
+    backward pass and recomputes the rest (~1/3 more compute, less memory); it does not change
+    the result.
 
     ``precision``: ``fp32`` trains in float32; ``bf16`` keeps float32 weights on the CPU and runs
-    the forward and backward passes under bfloat16 autocast (CPUs with native bf16 matmuls:
-    SmolLM2-135M, 16 x 80 tokens, LoRA q,k,v,o, one DPO-sized step 7.5 s → 5.1 s on this
-    machine's avx512_bf16 cores), and loads the model in bfloat16 on CUDA. ``auto``: bf16 on a
-    CUDA device that supports it, fp32 on the CPU (bit-exact resumption, float32 references).
-    ``fast``: bf16 wherever the hardware multiplies bf16 natively (``native_bf16``: CUDA, or a
-    CPU with AVX512-BF16/AMX), fp32 elsewhere: on an AVX2-only CPU bf16 autocast is emulated
-    and a step took ~20x longer than in fp32. The shipped align configs use it.
+    the forward and backward passes under bfloat16 autocast (faster on CPUs with native bf16
+    matmuls), and loads the model in bfloat16 on CUDA. ``auto``: bf16 on a CUDA device that
+    supports it, fp32 on the CPU (bit-exact resumption, float32 references). ``fast``: bf16
+    wherever the hardware multiplies bf16 natively (``precision.native_bf16``), fp32 elsewhere,
+    where bf16 autocast is emulated and many times slower. The shipped align configs use it.
     """
 
     objective: str = "dpo"
@@ -163,208 +145,11 @@ class TrainResult:
     resumed_from_step: int | None = None
 
 
-_Seq = tuple[tuple[int, ...], tuple[int, ...]]  # (prompt ids, completion ids)
-
-
-@dataclass(frozen=True)
-class _Item:
-    seqs: tuple[_Seq, ...]  # 1 for SFT/ALT, 2 (chosen, rejected) for pairs
-    weight: float = 1.0
-    confidence: float = 1.0
-
-
-@dataclass(frozen=True)
-class _Batch:
-    input_ids: Tensor
-    attention_mask: Tensor
-    position_ids: Tensor
-    labels: Tensor  # [B, T] completion tokens, right-padded
-    label_mask: Tensor  # [B, T]
-
-    def to(self, device: torch.device) -> _Batch:
-        return _Batch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
-
-
-def _encode(tok: Any, prompt: str, completion: str, cfg: TrainConfig) -> _Seq:
-    """Token ids of ``prompt`` and ``completion`` (+ EOS), at most ``max_length`` together.
-
-    Tokenised separately, as the server generates completion tokens after prompt tokens. The
-    prompt gets the tokenizer's special tokens (BOS) unless it already starts with BOS text.
-    """
-    bos = tok.bos_token
-    special = not (bos and prompt.startswith(bos))  # a rendered chat prompt carries its own BOS
-    p = list(tok(prompt, add_special_tokens=special).input_ids)
-    c = list(tok(completion, add_special_tokens=False).input_ids)
-    if cfg.append_eos and tok.eos_token_id is not None:
-        c.append(tok.eos_token_id)
-    if not c:
-        raise ValueError(f"completion {completion!r} has no tokens (and append_eos is off)")
-    if not p:
-        p = [tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id]
-    c = c[: cfg.max_length - 1]
-    return tuple(p[-(cfg.max_length - len(c)) :]), tuple(c)
-
-
-def _tokenize(examples: Sequence[Any], tok: Any, cfg: TrainConfig) -> list[_Item]:
-    pairs = cfg.objective in PAIR_OBJECTIVES
-    want = PreferencePair if pairs else SFTExample
-    items = []
-    for i, ex in enumerate(examples):
-        if not isinstance(ex, want):
-            raise TypeError(
-                f"objective {cfg.objective!r} trains on {want.__name__}; "
-                f"example {i} is a {type(ex).__name__}"
-            )
-        if isinstance(ex, PreferencePair):
-            seqs = (
-                _encode(tok, ex.prompt, ex.chosen, cfg),
-                _encode(tok, ex.prompt, ex.rejected, cfg),
-            )
-            items.append(_Item(seqs, confidence=ex.label_confidence))
-        else:
-            items.append(_Item((_encode(tok, ex.prompt, ex.completion, cfg),), weight=ex.weight))
-    if not items:
-        raise ValueError("no training examples")
-    return items
-
-
-def _collate(seqs: Sequence[_Seq], pad: int) -> _Batch:
-    width = max(len(p) for p, _ in seqs)
-    tail = max(len(c) for _, c in seqs)
-    ids, att, labels, lmask = [], [], [], []
-    for p, c in seqs:
-        left, right = width - len(p), tail - len(c)
-        ids.append([pad] * left + list(p) + list(c) + [pad] * right)
-        att.append([0] * left + [1] * (len(p) + len(c)) + [0] * right)
-        labels.append(list(c) + [pad] * right)
-        lmask.append([1] * len(c) + [0] * right)
-    attention = torch.tensor(att)
-    return _Batch(
-        input_ids=torch.tensor(ids),
-        attention_mask=attention,
-        position_ids=(attention.cumsum(-1) - 1).clamp(min=0),
-        labels=torch.tensor(labels),
-        label_mask=torch.tensor(lmask),
-    )
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` multiplies bfloat16 natively: a CUDA device with bf16 support, or a CPU
-    with AVX512-BF16 or AMX. Elsewhere bf16 autocast is emulated and far slower than float32
-    (AVX2-only EPYC here: one SmolLM2 DPO step ~200 s under bf16 autocast vs ~10 s in fp32)."""
-    from tiller.server.device import cpu_has_native_bf16  # the one detector (serving uses it)
-
-    if device.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
-    return cpu_has_native_bf16()
-
-
-def bf16_autocast(cfg: TrainConfig, device: torch.device) -> bool:
-    """Whether a run with ``cfg`` on ``device`` trains under bf16 (``TrainConfig.precision``)."""
-    if cfg.precision == "auto":
-        return device.type == "cuda" and native_bf16(device)
-    if cfg.precision == "fast":
-        return native_bf16(device)
-    return cfg.precision == "bf16"
-
-
-def _completion_logits(model: Any, b: _Batch, autocast: bool = False) -> Tensor:
-    """``[B, T, V]`` logits aligned with ``b.labels`` (computed only at completion positions),
-    float32; ``autocast``: the forward runs under CPU bfloat16 autocast."""
-    t = b.labels.shape[1]
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        out = model(
-            input_ids=b.input_ids,
-            attention_mask=b.attention_mask,
-            position_ids=b.position_ids,
-            use_cache=False,
-            logits_to_keep=t + 1,
-        )
-    return out.logits[:, :-1].float()
-
-
-@contextmanager
-def _reference(model: Any) -> Iterator[None]:
-    """The base model (adapter off, eval mode, no grad): the reference policy."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), model.disable_adapter():
-            yield
-    finally:
-        model.train(was_training)
-
-
-def _summed_logps(model: Any, b: _Batch, amp: bool) -> Tensor:
-    """``[B]``: each sequence's summed completion log-prob under ``model`` as it is now."""
-    return (token_logps(_completion_logits(model, b, amp), b.labels) * b.label_mask).sum(-1)
-
-
-def _reference_logps(
-    model: Any, items: Sequence[_Item], cfg: TrainConfig, device: torch.device, pad: int
-) -> Tensor:
-    """``[n, 2]``: each pair's (chosen, rejected) summed completion log-prob under the reference.
-
-    The reference is fixed, so the DPO family needs these once, not once per epoch (its forward
-    is about a quarter of a step's compute). Computed before the first step in fixed batches,
-    so a resumed run gets the same values."""
-    amp = device.type == "cpu" and bf16_autocast(cfg, device)
-    out = []
-    with _reference(model):
-        for start in range(0, len(items), cfg.batch_size):
-            chunk = items[start : start + cfg.batch_size]
-            b = _collate([it.seqs[0] for it in chunk] + [it.seqs[1] for it in chunk], pad)
-            b = b.to(device)
-            lp = _summed_logps(model, b, amp)
-            out.append(torch.stack(lp.chunk(2), dim=1))
-    return torch.cat(out)
-
-
-def _loss(
-    model: Any,
-    items: Sequence[_Item],
-    cfg: TrainConfig,
-    device: torch.device,
-    pad: int,
-    ref_logps: Tensor | None = None,
-) -> tuple[Tensor, dict[str, float]]:
-    """``ref_logps``: ``[len(items), 2]`` from ``_reference_logps`` (pair objectives)."""
-    obj = cfg.loss_config
-    seqs = [it.seqs[0] for it in items] + [it.seqs[1] for it in items if len(it.seqs) == 2]
-    b = _collate(seqs, pad).to(device)
-    # CUDA bf16 is the model's dtype (``_load_model``); on the CPU it is autocast.
-    amp = device.type == "cpu" and bf16_autocast(cfg, device)
-    if isinstance(obj, ALTConfig | SFTConfig):
-        weights = torch.tensor([it.weight for it in items], device=device)
-        logits = _completion_logits(model, b, amp)
-        if isinstance(obj, SFTConfig):
-            return sft_loss(logits, b.labels, b.label_mask, obj, weights)
-        ref = None
-        if obj.beta > 0:
-            with _reference(model):
-                ref = _completion_logits(model, b, amp)
-        return alt_loss(logits, ref, b.labels, b.label_mask, obj, weights)
-    if ref_logps is None:
-        raise ValueError(f"objective {cfg.objective!r} needs the reference log-probs")
-    logps = _summed_logps(model, b, amp)
-    pc, pr = logps.chunk(2)
-    rc, rr = ref_logps.to(device).unbind(1)
-    lc, lr = b.label_mask.sum(-1).chunk(2)
-    if isinstance(obj, DPOConfig):
-        return dpo_loss(pc, pr, rc, rr, obj, chosen_lengths=lc)
-    if isinstance(obj, IPOConfig):
-        return ipo_loss(pc, pr, rc, rr, obj, chosen_lengths=lc, rejected_lengths=lr)
-    if isinstance(obj, SLiCConfig):
-        return slic_loss(pc, pr, rc, rr, obj, chosen_lengths=lc)
-    conf = torch.tensor([it.confidence for it in items], device=device)
-    return cdpo_loss(pc, pr, rc, rr, obj, label_confidence=conf, chosen_lengths=lc)
-
-
 def _load_model(model_dir: Path, cfg: TrainConfig, init_adapter: Path | None) -> Any:
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    device = _device(cfg)
+    device = train_device(cfg)
     dtype = (
         torch.bfloat16 if device.type == "cuda" and bf16_autocast(cfg, device) else torch.float32
     )
@@ -387,36 +172,6 @@ def _load_model(model_dir: Path, cfg: TrainConfig, init_adapter: Path | None) ->
     return get_peft_model(base, lora)
 
 
-def _device(cfg: TrainConfig) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
-
-
-def _permutation(n: int, seed: int, epoch: int) -> list[int]:
-    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return [int(i) for i in torch.randperm(n, generator=gen)]
-
-
-def _indices(n: int, seed: int, start: int, count: int) -> list[int]:
-    """Positions ``start .. start+count-1`` of the stream epoch 0 ++ epoch 1 ++ ..."""
-    out: list[int] = []
-    while len(out) < count:
-        epoch, offset = divmod(start + len(out), n)
-        perm = _permutation(n, seed, epoch)
-        out.extend(perm[offset : offset + count - len(out)])
-    return out
-
-
-def _fingerprint(cfg: TrainConfig, items: Sequence[_Item], init_adapter: Path | None) -> str:
-    settings = {k: v for k, v in asdict(cfg).items() if k not in _RESUME_FREE}
-    h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
-    h.update(str(init_adapter).encode())
-    for it in items:
-        h.update(repr(it).encode())
-    return h.hexdigest()
-
-
 def _lr_factor(cfg: TrainConfig, total: int) -> Callable[[int], float]:
     """Linear warm-up over ``warmup_steps`` (never 0), then constant or linear decay to 0."""
     warm = cfg.warmup_steps
@@ -433,7 +188,7 @@ def _lr_factor(cfg: TrainConfig, total: int) -> Callable[[int], float]:
 
 def _optimizer_step(
     model: Any,
-    items: Sequence[_Item],
+    items: Sequence[Item],
     cfg: TrainConfig,
     step: int,
     device: torch.device,
@@ -444,67 +199,13 @@ def _optimizer_step(
     record: dict[str, float] = {}
     for micro in range(cfg.grad_accum):
         first = (step * cfg.grad_accum + micro) * cfg.batch_size
-        idx = _indices(len(items), cfg.seed, first, cfg.batch_size)
+        idx = indices(len(items), cfg.seed, first, cfg.batch_size)
         ref = ref_logps[idx] if ref_logps is not None else None
-        loss, metrics = _loss(model, [items[i] for i in idx], cfg, device, pad, ref)
+        loss, metrics = batch_loss(model, [items[i] for i in idx], cfg, device, pad, ref)
         (loss / cfg.grad_accum).backward()
         for k, v in metrics.items():
             record[k] = record.get(k, 0.0) + v / cfg.grad_accum
     return record
-
-
-def _save_checkpoint(
-    root: Path, model: Any, optimizer: Any, scheduler: Any, state: dict[str, Any], keep: int
-) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{state['step']:08d}"
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
-    blob = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng}
-    torch.save(blob, tmp / "trainer_state.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps(state))
-    for f in tmp.rglob("*"):  # data on disk before the rename makes the checkpoint visible
-        if f.is_file():
-            with f.open("rb") as fh:
-                os.fsync(fh.fileno())
-    shutil.rmtree(final, ignore_errors=True)
-    os.rename(tmp, final)
-    dir_fd = os.open(root, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    for old in sorted(root.glob("step-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def latest_checkpoint(root: Path) -> Path | None:
-    """The newest complete ``step-*`` checkpoint under ``root`` (temp dirs never count)."""
-    done = sorted(p for p in root.glob("step-*") if (p / "trainer_state.json").exists())
-    return done[-1] if done else None
-
-
-def _restore(ckpt: Path, model: Any, optimizer: Any, scheduler: Any, fp: str) -> dict[str, Any]:
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    state: dict[str, Any] = json.loads((ckpt / "trainer_state.json").read_text())
-    if state["fingerprint"] != fp:
-        raise ValueError(f"checkpoint {ckpt} was written for another config, data or init adapter")
-    weights = load_file(ckpt / "adapter_model.safetensors")
-    set_peft_model_state_dict(model, weights)
-    blob = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(blob["optimizer"])
-    scheduler.load_state_dict(blob["scheduler"])
-    torch.set_rng_state(blob["rng"]["cpu"])
-    if "cuda" in blob["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(list(blob["rng"]["cuda"]))
-    return state
 
 
 def train(
@@ -530,32 +231,31 @@ def train(
     torch.manual_seed(config.seed)
     tok = AutoTokenizer.from_pretrained(model_dir)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    items = _tokenize(examples, tok, config)
-    device = _device(config)
+    items = tokenize(examples, tok, config, pairs=config.objective in PAIR_OBJECTIVES)
+    device = train_device(config)
     model = _load_model(model_dir, config, init_adapter)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     per_step = config.batch_size * config.grad_accum
     total = config.max_steps or config.epochs * -(-len(items) // per_step)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config, total))
-    fp = _fingerprint(config, items, init_adapter)
+    fp = fingerprint(config, items, init_adapter)
     history: list[dict[str, float]] = []
     start, resumed = 0, None
     ckpt = None
     if resume and config.checkpoint_dir is not None:
-        for stale in config.checkpoint_dir.glob(".tmp-step-*"):  # left by a killed run
-            shutil.rmtree(stale, ignore_errors=True)
+        remove_partial(config.checkpoint_dir)  # left by a killed run
         ckpt = latest_checkpoint(config.checkpoint_dir)
     if ckpt is not None:
-        state = _restore(ckpt, model, optimizer, scheduler, fp)
+        state = restore_checkpoint(ckpt, model, optimizer, scheduler, fp)
         start = resumed = int(state["step"])
         history = list(state["history"])
         expected = state["data_order"]
-        if _permutation(len(items), config.seed, expected["epoch"]) != expected["permutation"]:
+        if permutation(len(items), config.seed, expected["epoch"]) != expected["permutation"]:
             raise ValueError(f"checkpoint {ckpt}: data order differs from this run's")
     ref_logps = None
     if config.objective in PAIR_OBJECTIVES and start < total:
-        ref_logps = _reference_logps(model, items, config, device, pad)
+        ref_logps = reference_logps(model, items, config, device, pad)
     model.train()
     bar = tqdm(total=total, initial=start, disable=not config.progress, desc=config.objective)
     began = time.perf_counter()
@@ -576,10 +276,10 @@ def train(
         if config.checkpoint_every and done % config.checkpoint_every == 0 and done < total:
             assert config.checkpoint_dir is not None
             epoch = done * per_step // len(items)
-            order = {"epoch": epoch, "permutation": _permutation(len(items), config.seed, epoch)}
+            order = {"epoch": epoch, "permutation": permutation(len(items), config.seed, epoch)}
             state = {"step": done, "fingerprint": fp, "data_order": order, "history": history}
             keep = config.keep_checkpoints
-            _save_checkpoint(config.checkpoint_dir, model, optimizer, scheduler, state, keep)
+            save_checkpoint(config.checkpoint_dir, model, optimizer, scheduler, state, keep)
     elapsed = time.perf_counter() - began
     bar.close()
     out_dir = Path(out_dir)

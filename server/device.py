@@ -2,22 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
-
-
-def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
-    """True when the CPU advertises AVX512-BF16 or AMX-BF16 (bf16 is then fast on it)."""
-    try:
-        text = cpuinfo.read_text()
-    except OSError:
-        return False
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            return any(f in flags for f in _BF16_CPU_FLAGS)
-    return False
+from .formats.hardware import cpu_has_native_bf16
 
 
 def resolve_dtype(requested: str, *, has_cuda: bool, cpu_bf16: bool) -> str:

@@ -12,17 +12,11 @@ import uuid
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field, replace
 
-from .adapters import AdapterTable, LoadedAdapter
+from .adapters import AdapterTable
+from .conditioning import prompt_token_ids, render_prompt, resolve_steer
 from .config import Limits
 from .engine import Engine
-from .errors import (
-    FailedPrecondition,
-    InvalidArgument,
-    LimitExceeded,
-    Unavailable,
-)
-from .formats.heads import is_identity, resolve_weights
-from .formats.prompt import ChatTurn, render_chat, render_text
+from .errors import FailedPrecondition, Unavailable
 from .lockstep import LockstepLost, mixed_deltas
 from .logrecords import (
     FeedbackInput,
@@ -42,7 +36,6 @@ from .values import (
     GenerateResult,
     MixMember,
     Prepared,
-    Steer,
     StreamEnd,
     StreamEvent,
     StreamStart,
@@ -107,26 +100,6 @@ class GenerationService:
 
     # ---------------------------------------------------------------- preparation
 
-    def _render(self, req: GenerateRequest, adapter: LoadedAdapter, feedback: str) -> str:
-        cond = adapter.conditioning
-        feedback = feedback or (cond.default_tag if cond else None) or ""
-        if req.chat is not None:
-            turns: tuple[ChatTurn, ...] = req.chat
-            if feedback and cond is not None:
-                turns = render_chat(turns, feedback, cond)
-            messages = [{"role": t.role, "content": t.content} for t in turns]
-            try:
-                text = self._engine.tokenizer.apply_chat_template(
-                    messages, tokenize=False, add_generation_prompt=True
-                )
-            except Exception as e:  # templates are model data; their errors are the request's
-                raise InvalidArgument(f"chat could not be rendered: {e}", field="chat") from e
-            return str(text)
-        assert req.prompt is not None
-        if feedback and cond is not None:
-            return render_text(req.prompt, feedback, cond)
-        return req.prompt
-
     def prepare(self, req: GenerateRequest) -> Prepared:
         """Check and render ``req``; raises ``TillerError`` subclasses for bad input."""
         accepted_at = time.monotonic()
@@ -137,7 +110,7 @@ class GenerationService:
         adapter = self._adapters.resolve(req.adapter)
         check_feedback(req, adapter, self._limits)
         check_attributes(req, adapter, self._limits)
-        steer, attributes = self._steer(req, adapter)
+        steer, attributes = resolve_steer(req, adapter)
         request_id = req.request_id or uuid.uuid4().hex
         engine_id = f"{request_id}-{uuid.uuid4().hex[:8]}"
         mix: tuple[tuple[str, float], ...] = req.feedback_mix
@@ -149,8 +122,8 @@ class GenerationService:
         siblings: list[EngineRequest] = []
         rendered_all: list[str] = []
         for member, (tag, weight) in enumerate(conditions):
-            rendered = self._render(req, adapter, tag)
-            ids = self._tokenize_checked(rendered, req, sampling.max_tokens)
+            rendered = render_prompt(self._engine, req, adapter, tag)
+            ids = prompt_token_ids(self._engine, self._limits, rendered, req, sampling.max_tokens)
             rendered_all.append(rendered)
             siblings.append(
                 EngineRequest(
@@ -176,53 +149,6 @@ class GenerationService:
             siblings=tuple(siblings) if mix else (),
             attributes=attributes,
         )
-
-    @staticmethod
-    def _steer(
-        req: GenerateRequest, adapter: LoadedAdapter
-    ) -> tuple[Steer | None, tuple[tuple[str, float], ...]]:
-        """The steering to run (None: leave the logits alone) and the weights it applies.
-        Without ``attributes`` the heads' default weights apply; default weights that select
-        the base head alone cost nothing."""
-        heads = adapter.heads
-        if heads is None:
-            if req.attributes:
-                raise FailedPrecondition(
-                    f"{'adapter ' + repr(adapter.name) if adapter.name else 'the base model'} "
-                    "lists attributes but ships no steering heads (tiller-heads.json)"
-                )
-            return None, ()
-        assert adapter.path is not None
-        weights = resolve_weights(heads, req.attributes)
-        applied = tuple(zip(heads.names, weights, strict=True))
-        if not req.attributes and is_identity(heads, weights):
-            return None, applied
-        return Steer(str(adapter.path.resolve()), weights), applied
-
-    def _tokenize_checked(
-        self, rendered: str, req: GenerateRequest, max_tokens: int
-    ) -> tuple[int, ...]:
-        special = req.chat is None  # chat templates carry their own special tokens
-        ids = self._engine.tokenizer.encode(rendered, add_special_tokens=special)
-        cap = self._limits.max_prompt_tokens
-        if cap is not None and len(ids) > cap:
-            raise LimitExceeded(
-                f"prompt is {len(ids)} tokens after conditioning; the server limit is {cap}",
-                field="chat" if req.chat is not None else "prompt",
-            )
-        limit = self._engine.max_model_len
-        if len(ids) >= limit:
-            raise InvalidArgument(
-                f"prompt is {len(ids)} tokens; the model's context is {limit}",
-                field="chat" if req.chat is not None else "prompt",
-            )
-        if len(ids) + max_tokens > limit:
-            raise InvalidArgument(
-                f"sampling.max_tokens {max_tokens} + {len(ids)} prompt tokens exceeds "
-                f"the context of {limit}; at most {limit - len(ids)} fit",
-                field="sampling.max_tokens",
-            )
-        return tuple(ids)
 
     # ---------------------------------------------------------------- running
 

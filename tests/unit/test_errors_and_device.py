@@ -8,7 +8,8 @@ import grpc
 import pytest
 
 from tiller.server import errors
-from tiller.server.device import cpu_has_native_bf16, resolve_dtype
+from tiller.server.device import resolve_dtype
+from tiller.server.formats.hardware import cpu_has_native_bf16
 
 
 @pytest.mark.parametrize(

@@ -22,9 +22,11 @@ from typing import Any
 import pytest
 import torch
 
+from tiller.learner.batches import encode
+from tiller.learner.checkpoints import latest_checkpoint
 from tiller.learner.data.examples import PreferencePair, SFTExample
 from tiller.learner.objectives.alt import ALTConfig
-from tiller.learner.trainer import TrainConfig, _encode, latest_checkpoint, train
+from tiller.learner.trainer import TrainConfig, train
 
 PAIRS = [
     PreferencePair(prompt="def add(a, b):", chosen=" return a + b", rejected=" import os"),
@@ -170,10 +172,10 @@ def test_truncation_keeps_the_completion_and_cuts_the_prompt_left(tiny_model: Pa
     prompt = "def a(): pass\n" * 20
     full = tok(prompt).input_ids
     cfg = TrainConfig(max_length=16)
-    p, c = _encode(tok, prompt, " return 1", cfg)
+    p, c = encode(tok, prompt, " return 1", cfg)
     assert c[-1] == tok.eos_token_id and len(p) + len(c) == 16
     assert list(p) == full[-len(p) :]
-    p, c = _encode(tok, "x", " y" * 40, cfg)
+    p, c = encode(tok, "x", " y" * 40, cfg)
     assert len(c) == 15 and len(p) == 1
 
 
@@ -297,11 +299,11 @@ def test_kill_9_then_resume_matches_uninterrupted(tiny_model: Path, tmp_path: Pa
 def test_fast_precision_is_bf16_only_where_the_cpu_multiplies_bf16_natively(
     native: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tiller.learner.trainer import bf16_autocast, native_bf16
-    from tiller.server import device
+    from tiller.learner.precision import bf16_autocast, native_bf16
+    from tiller.server.formats import hardware
 
     # Both kinds of CPU, whatever this machine is: the detector reads /proc/cpuinfo.
-    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: native)
     cpu = torch.device("cpu")
     assert native_bf16(cpu) == native
     assert bf16_autocast(TrainConfig(precision="fast"), cpu) == native
