@@ -43,7 +43,6 @@ import argparse
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -53,6 +52,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import sqlite_utils
 from closed_loop import ClosedLoop
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -274,24 +274,18 @@ def tiller_figures(run_dir: Path, ready: float, end: float, budget_s: float) -> 
     cfg = tomllib.loads(CONFIG.read_text())
     epochs = int(cfg["learner"]["train"].get("epochs", 1))
     adapter = cfg["learner"]["adapter"]
-    db = sqlite3.connect(run_dir / "log.sqlite")
-    db.row_factory = sqlite3.Row
-    have = db.execute("SELECT name FROM sqlite_master WHERE name='learner_iterations'").fetchone()
-    rows = (
-        [dict(r) for r in db.execute("SELECT * FROM learner_iterations ORDER BY iteration")]
-        if have
-        else []
-    )
+    from tiller.server.formats.logstore import generation_span, iterations
+
+    db = sqlite_utils.Database(run_dir / "log.sqlite")
+    rows = sorted(iterations(db), key=lambda r: r["iteration"])
     trained = [r for r in rows if r["status"] in ("promoted", "rejected", "published")]
     pairs = sum(int(r["examples"]) * epochs for r in trained)
     last_end = max((float(r["finished_at"]) for r in rows), default=end)
     wall = max(end, last_end) - ready
     done_by = max((float(r["finished_at"]) for r in trained), default=0.0)
-    gens = db.execute(
-        "SELECT count(*), count(DISTINCT group_id), min(created_at), max(created_at) "
-        "FROM generations"
-    ).fetchone()
-    n_gen, n_groups = int(gens[0]), int(gens[1])
+    gens = generation_span(db)
+    db.close()
+    n_gen, n_groups = gens.count, gens.groups
     state_file = run_dir / "registry" / adapter / "state.json"  # absent until a publish
     active = json.loads(state_file.read_text()).get("active") if state_file.exists() else None
     report = run_dir / "report.json"
@@ -311,7 +305,7 @@ def tiller_figures(run_dir: Path, ready: float, end: float, budget_s: float) -> 
         "sampled_prompts": n_groups,
         "generations_per_s": n_gen / wall if wall > 0 else 0.0,
         "sampled_prompts_per_s": n_groups / wall if wall > 0 else 0.0,
-        "generations_span_s": (gens[3] - gens[2]) if n_gen else 0.0,
+        "generations_span_s": (gens.last_at or 0.0) - (gens.first_at or 0.0) if n_gen else 0.0,
         "align_report": json.loads(report.read_text()).get("eval") if report.exists() else None,
     }
 

@@ -19,7 +19,7 @@ script checks:
 - learner: iteration numbers are unique; every promoted/rejected/published row names a version
   that exists;
 - serving: no client request failed; the server serves the registry's active version;
-- the log passes ``PRAGMA integrity_check``.
+- the log passes SQLite's integrity check.
 
 Prints a table and writes ``bench/out/chaos.json``; exit status 1 when a check fails.
 """
@@ -31,7 +31,6 @@ import json
 import os
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -39,6 +38,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import sqlite_utils
 from closed_loop import ClosedLoop
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -136,35 +136,26 @@ def write_configs(work: Path, model: Path, target: str) -> tuple[Path, Path]:
     return annotate, learn
 
 
-def iteration_rows(db: sqlite3.Connection) -> list[tuple[int, str, int | None]]:
-    try:
-        return db.execute(
-            "SELECT iteration, status, version FROM learner_iterations WHERE adapter = 'chaos' "
-            "ORDER BY iteration"
-        ).fetchall()
-    except sqlite3.OperationalError:  # the learner never recorded an iteration
-        return []
+def iteration_rows(db: sqlite_utils.Database) -> list[tuple[int, str, int | None]]:
+    """``(iteration, status, version)`` of the chaos adapter's recorded iterations, in order."""
+    from tiller.server.formats.logstore import iterations
+
+    return [(r["iteration"], r["status"], r["version"]) for r in iterations(db, "chaos")]
 
 
 def checks(work: Path, target: str, load: ClosedLoop) -> dict[str, Any]:
     from tiller.client import Client
+    from tiller.server.formats import logstore
     from tiller.server.formats.manifest import load_manifest
     from tiller.server.formats.registry import list_versions, read_state, version_path
 
-    db = sqlite3.connect(work / "log.sqlite")
-    gens = db.execute("SELECT count(*) FROM generations").fetchone()[0]
+    db = sqlite_utils.Database(work / "log.sqlite")
+    gens = logstore.count_generations(db)
     per_provider: dict[str, Any] = {}
     for provider in ("len", "len-tags"):
-        counts = Counter(
-            n
-            for (n,) in db.execute(
-                "SELECT count(a.generation_id) FROM generations g LEFT JOIN annotations a "
-                "ON a.generation_id = g.id AND a.provider = ? GROUP BY g.id",
-                [provider],
-            )
-        )
+        counts = logstore.annotations_per_generation(db, provider)
         per_provider[provider] = {"exactly_once": counts.get(1, 0), "by_count": dict(counts)}
-    integrity = db.execute("PRAGMA integrity_check").fetchone()[0]
+    integrity = logstore.integrity_check(db)
     rows = iteration_rows(db)
     db.close()
 
@@ -237,7 +228,7 @@ def run_rounds(
                           "was_running": alive})  # fmt: skip
             procs[victim] = spawn(commands[victim], work / f"{victim}.log")
         # A last stretch unharmed: until the learner recorded two more iterations (or 5 min).
-        db = sqlite3.connect(work / "log.sqlite")
+        db = sqlite_utils.Database(work / "log.sqlite")
         goal, deadline = len(iteration_rows(db)) + 2, time.monotonic() + 300
         while len(iteration_rows(db)) < goal and time.monotonic() < deadline:
             time.sleep(1.0)

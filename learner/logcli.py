@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import click
+
+if TYPE_CHECKING:
+    import sqlite_utils
+
+    from tiller.server.formats.logstore import GenerationView, LabelRow
 
 _DB = click.option(
     "--db",
@@ -26,22 +30,20 @@ _DB = click.option(
 _CHUNK = 500
 
 
-def _open(path: Path) -> sqlite3.Connection:
+def _open(path: Path) -> sqlite_utils.Database:
     """A read-only connection to a Tiller log; ``ClickException`` if it is missing or foreign."""
-    from tiller.server.formats.logstore import SCHEMA_VERSION
+    from tiller.server.formats.logstore import SCHEMA_VERSION, open_readonly, schema_version
 
     if not path.is_file():
         raise click.ClickException(f"no generation log at {path}")
-    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
-    conn.row_factory = sqlite3.Row
-    conn.execute("PRAGMA busy_timeout=5000")
-    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    db = open_readonly(path)
+    version = schema_version(db)
     if version == 0 or version > SCHEMA_VERSION:
-        conn.close()
+        db.close()
         raise click.ClickException(
             f"{path} has log schema version {version}; this Tiller reads 1..{SCHEMA_VERSION}"
         )
-    return conn
+    return db
 
 
 def _adapter(adapter: str, version: int | None) -> str:
@@ -56,61 +58,48 @@ def log() -> None:
 # ---------------------------------------------------------------------------------------- tail
 
 
-def _tail_rows(conn: sqlite3.Connection, after: int, n: int) -> list[sqlite3.Row]:
-    rows = conn.execute(
-        """SELECT seq, id, created_at, adapter, adapter_version, feedback, finish_reason,
-                  output_text
-           FROM generations WHERE seq > ? ORDER BY seq DESC LIMIT ?""",
-        [after, n],
-    ).fetchall()
-    return rows[::-1]
-
-
-def _rated(conn: sqlite3.Connection, ids: Sequence[str]) -> dict[str, list[str]]:
+def _rated(db: sqlite_utils.Database, ids: Sequence[str]) -> dict[str, list[str]]:
     """App feedback per generation id, in short words: "Harmful", "0.9", "critique", "chosen"."""
+    from tiller.server.formats.logstore import feedback_naming
+
     out: dict[str, list[str]] = {i: [] for i in ids}
-    marks = ",".join("?" * len(ids))
-    for f in conn.execute(
-        f"""SELECT * FROM feedback WHERE generation_id IN ({marks}) OR chosen_id IN ({marks})
-            OR rejected_id IN ({marks}) ORDER BY seq""",
-        [*ids, *ids, *ids],
-    ):
-        if f["chosen_id"]:
-            for gid, word in ((f["chosen_id"], "chosen"), (f["rejected_id"], "rejected")):
+    for f in feedback_naming(db, ids):
+        if f.chosen_id:
+            for gid, word in ((f.chosen_id, "chosen"), (f.rejected_id, "rejected")):
                 if gid in out:
                     out[gid].append(word)
             continue
-        words = [w for w in (f["tag"], f["critique"] and "critique") if w]
-        words += ["refinement"] if f["refinement"] else []
-        words += [f"{f['score']:g}"] if f["score"] is not None else []
-        out[f["generation_id"]].append(" ".join(words))
+        words = [w for w in (f.tag, f.critique and "critique") if w]
+        words += ["refinement"] if f.refinement else []
+        words += [f"{f.score:g}"] if f.score is not None else []
+        out[f.generation_id].append(" ".join(words))
     return out
 
 
-def _tail_table(conn: sqlite3.Connection, rows: Sequence[sqlite3.Row]) -> Any:
+def _tail_table(db: sqlite_utils.Database, rows: Sequence[GenerationView]) -> Any:
     from rich.table import Table
     from rich.text import Text
 
     table = Table(show_edge=False, pad_edge=False)
-    adapters = [_adapter(r["adapter"] or "", r["adapter_version"]) for r in rows]
+    adapters = [_adapter(r.adapter or "", r.adapter_version) for r in rows]
     # Ids are what one copies into `tiller log show`: never truncated; the output gives way.
-    table.add_column("id", no_wrap=True, min_width=max((len(r["id"]) for r in rows), default=2))
+    table.add_column("id", no_wrap=True, min_width=max((len(r.id) for r in rows), default=2))
     table.add_column("time", no_wrap=True, min_width=19)
     table.add_column("adapter", no_wrap=True, min_width=max(map(len, adapters), default=7))
     table.add_column("feedback")
     table.add_column("rated")
     table.add_column("finish", no_wrap=True)
     table.add_column("output", no_wrap=True, overflow="ellipsis", ratio=1, min_width=20)
-    rated = _rated(conn, [r["id"] for r in rows])
+    rated = _rated(db, [r.id for r in rows])
     for r, adapter in zip(rows, adapters, strict=True):
-        out = " ".join((r["output_text"] or "").split())
+        out = " ".join((r.output_text or "").split())
         table.add_row(
-            Text(r["id"]),
-            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created_at"])),
+            Text(r.id),
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created_at)),
             Text(adapter),
-            Text(r["feedback"] or ""),
-            Text("; ".join(rated[r["id"]])),
-            Text(r["finish_reason"] or ""),
+            Text(r.feedback or ""),
+            Text("; ".join(rated[r.id])),
+            Text(r.finish_reason or ""),
             Text(out[:60] + ("…" if len(out) > 60 else "")),
         )
     return table
@@ -126,32 +115,33 @@ def tail(db_path: Path, n: int, follow: bool, interval: float) -> None:
     the app feedback it received (tag and/or score)."""
     from rich.console import Console
 
+    from tiller.server.formats.logstore import latest_generations
+
     console = Console()
-    conn = _open(db_path)
+    db = _open(db_path)
     try:
-        rows = _tail_rows(conn, 0, n)
-        console.print(_tail_table(conn, rows))
-        last = rows[-1]["seq"] if rows else 0
+        rows = latest_generations(db, 0, n)
+        console.print(_tail_table(db, rows))
+        last = rows[-1].seq if rows else 0
         while follow:
             time.sleep(interval)
-            rows = _tail_rows(conn, last, 1000)
+            rows = latest_generations(db, last, 1000)
             if rows:
-                console.print(_tail_table(conn, rows))
-                last = rows[-1]["seq"]
+                console.print(_tail_table(db, rows))
+                last = rows[-1].seq
     except KeyboardInterrupt:
         pass
     finally:
-        conn.close()
+        db.close()
 
 
 # ---------------------------------------------------------------------------------------- show
 
 
-def _decoded(row: sqlite3.Row) -> dict[str, Any]:
+def _decoded(row: dict[str, Any]) -> dict[str, Any]:
     """A row with its JSON text columns decoded: ``sampling_json`` -> ``sampling``, etc."""
     out: dict[str, Any] = {}
-    for k in row.keys():  # noqa: SIM118 (sqlite3.Row iterates values)
-        v = row[k]
+    for k, v in row.items():
         if k.endswith("_json"):
             out[k.removesuffix("_json")] = json.loads(v) if v else None
         elif k == "output_token_ids":
@@ -167,26 +157,21 @@ def _decoded(row: sqlite3.Row) -> dict[str, Any]:
 def show(generation_id: str, db_path: Path) -> None:
     """One generation with every annotation (as either generation of a pair) and every piece
     of app feedback that names it, as JSON."""
-    conn = _open(db_path)
+    from tiller.server.formats import logstore
+
+    db = _open(db_path)
     try:
-        row = conn.execute("SELECT * FROM generations WHERE id = ?", [generation_id]).fetchone()
+        row = logstore.generation_record(db, generation_id)
         if row is None:
             raise click.ClickException(f"unknown generation id {generation_id!r} in {db_path}")
-        notes = conn.execute(
-            "SELECT * FROM annotations WHERE generation_id = ? OR generation_id_b = ? ORDER BY seq",
-            [generation_id, generation_id],
-        ).fetchall()
-        feedback = conn.execute(
-            "SELECT * FROM feedback WHERE ? IN (generation_id, chosen_id, rejected_id) "
-            "ORDER BY seq",
-            [generation_id],
-        ).fetchall()
+        notes = logstore.annotation_records_of(db, generation_id)
+        feedback = logstore.feedback_records_of(db, generation_id)
     finally:
-        conn.close()
+        db.close()
     doc = {
         "generation": _decoded(row),
         "annotations": [_decoded(a) for a in notes],
-        "feedback": [dict(f) for f in feedback],
+        "feedback": feedback,
     }
     click.echo(json.dumps(doc, indent=2, ensure_ascii=False))
 
@@ -194,38 +179,16 @@ def show(generation_id: str, db_path: Path) -> None:
 # -------------------------------------------------------------------------------------- export
 
 
-def _records(
-    conn: sqlite3.Connection, since: int, until: int | None
-) -> Iterator[list[dict[str, Any]]]:
-    """Generations with ``since < seq <= until`` in chunks, each with its ``annotations`` list
-    (the rows whose first generation it is, so a pairwise label appears once)."""
-    last = since
-    while True:
-        rows = conn.execute(
-            "SELECT * FROM generations WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
-            [last, until if until is not None else 2**63 - 1, _CHUNK],
-        ).fetchall()
-        if not rows:
-            return
-        ids = [r["id"] for r in rows]
-        notes: dict[str, list[dict[str, Any]]] = {i: [] for i in ids}
-        marks = ",".join("?" * len(ids))
-        for a in conn.execute(
-            f"SELECT * FROM annotations WHERE generation_id IN ({marks}) ORDER BY seq", ids
-        ):
-            notes[a["generation_id"]].append(dict(a))
-        yield [{**dict(r), "annotations": notes[r["id"]]} for r in rows]
-        last = rows[-1]["seq"]
-
-
-def _arrow_schema(conn: sqlite3.Connection) -> Any:
+def _arrow_schema(db: sqlite_utils.Database) -> Any:
     import pyarrow as pa
+
+    from tiller.server.formats.logstore import table_columns
 
     types = {"INTEGER": pa.int64(), "REAL": pa.float64(), "TEXT": pa.string()}
 
-    def struct(table: str) -> list[Any]:
-        cols = conn.execute(f"PRAGMA table_info({table})").fetchall()
-        return [pa.field(c["name"], types.get(c["type"].upper(), pa.string())) for c in cols]
+    def struct(table: Literal["generations", "annotations"]) -> list[Any]:
+        cols = table_columns(db, table)
+        return [pa.field(name, types.get(kind.upper(), pa.string())) for name, kind in cols]
 
     return pa.schema(
         [*struct("generations"), ("annotations", pa.list_(pa.struct(struct("annotations"))))]
@@ -259,28 +222,30 @@ def export(
             raise click.ClickException(
                 "--format parquet needs pyarrow: pip install pyarrow (or 'tiller[learner]')"
             ) from None
-    conn = _open(db_path)
+    from tiller.server.formats.logstore import generation_records, read_snapshot
+
+    db = _open(db_path)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     n = notes = 0
     try:
-        conn.execute("BEGIN")  # one snapshot for the whole export
-        if fmt == "parquet":
-            schema = _arrow_schema(conn)
-            with pq.ParquetWriter(tmp, schema) as writer:
-                for chunk in _records(conn, since_seq, until_seq):
-                    writer.write_table(pa.Table.from_pylist(chunk, schema=schema))
-                    n, notes = n + len(chunk), notes + sum(len(r["annotations"]) for r in chunk)
-                if n == 0:
-                    writer.write_table(schema.empty_table())
-        else:
-            with tmp.open("w", encoding="utf-8") as f:
-                for chunk in _records(conn, since_seq, until_seq):
-                    for rec in chunk:
-                        f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                    n, notes = n + len(chunk), notes + sum(len(r["annotations"]) for r in chunk)
+        with read_snapshot(db):  # one snapshot for the whole export
+            if fmt == "parquet":
+                schema = _arrow_schema(db)
+                with pq.ParquetWriter(tmp, schema) as writer:
+                    for chunk in generation_records(db, since_seq, until_seq, _CHUNK):
+                        writer.write_table(pa.Table.from_pylist(chunk, schema=schema))
+                        n, notes = n + len(chunk), notes + sum(len(r["annotations"]) for r in chunk)
+                    if n == 0:
+                        writer.write_table(schema.empty_table())
+            else:
+                with tmp.open("w", encoding="utf-8") as f:
+                    for chunk in generation_records(db, since_seq, until_seq, _CHUNK):
+                        for rec in chunk:
+                            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                        n, notes = n + len(chunk), notes + sum(len(r["annotations"]) for r in chunk)
         tmp.replace(out)
     finally:
-        conn.close()
+        db.close()
         tmp.unlink(missing_ok=True)
     click.echo(f"exported {n} generations ({notes} annotations) to {out}", err=True)
 
@@ -288,15 +253,15 @@ def export(
 # ---------------------------------------------------------------------------------------- plot
 
 
-def _tag_order(rows: Sequence[sqlite3.Row]) -> list[str]:
+def _tag_order(rows: Sequence[LabelRow]) -> list[str]:
     """Quantile providers keep the score in ``raw``: order their tags by mean score (lowest
     band first). Other tags have no known order: alphabetical."""
     scores: dict[str, list[float]] = {}
     for r in rows:
         try:
-            scores.setdefault(json.loads(r["value_json"]), []).append(float(r["raw"]))
+            scores.setdefault(json.loads(r.value_json), []).append(float(r.raw))
         except (TypeError, ValueError):
-            return sorted({json.loads(r["value_json"]) for r in rows})
+            return sorted({json.loads(r.value_json) for r in rows})
     return sorted(scores, key=lambda t: sum(scores[t]) / len(scores[t]))
 
 
@@ -315,50 +280,41 @@ def plot(db_path: Path, out: Path, provider: str | None) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise click.ClickException("plot needs matplotlib: pip install matplotlib") from None
-    conn = _open(db_path)
+    from tiller.server.formats.logstore import iterations, tag_and_score_labels
+
+    db = _open(db_path)
     try:
-        rows = conn.execute(
-            """SELECT a.provider, a.kind, a.value_json, a.raw, g.adapter, g.adapter_version
-               FROM annotations a JOIN generations g ON g.id = a.generation_id
-               WHERE a.kind IN ('tag', 'score') AND a.error = '' AND a.value_json != 'null'
-                 AND (? IS NULL OR a.provider = ?)
-               ORDER BY a.provider, a.kind, g.adapter, g.adapter_version""",
-            [provider, provider],
-        ).fetchall()
+        rows = tag_and_score_labels(db, provider)
+        learned = iterations(db)
     finally:
-        conn.close()
-    import sqlite_utils
-
-    from tiller.server.formats.logstore import iterations
-
-    learned = iterations(sqlite_utils.Database(db_path))
+        db.close()
     if not rows and not learned:
         which = f" from provider {provider!r}" if provider else ""
         raise click.ClickException(f"no tag or score annotations{which} in {db_path}")
-    panels: dict[tuple[str, str], list[sqlite3.Row]] = {}
+    panels: dict[tuple[str, str], list[LabelRow]] = {}
     for r in rows:
-        panels.setdefault((r["provider"], r["kind"]), []).append(r)
+        panels.setdefault((r.provider, r.kind), []).append(r)
 
     n = len(panels) + (1 if learned else 0)
     fig, axes = plt.subplots(n, 1, figsize=(10, 3.8 * n), squeeze=False)
     if learned:
         _learner_panel(axes[-1, 0], learned)
     for ax, ((name, kind), prows) in zip(axes[:, 0], panels.items(), strict=False):
-        by_version: dict[str, list[sqlite3.Row]] = {}
+        by_version: dict[str, list[LabelRow]] = {}
         for r in prows:
-            by_version.setdefault(_adapter(r["adapter"], r["adapter_version"]), []).append(r)
+            by_version.setdefault(_adapter(r.adapter, r.adapter_version), []).append(r)
         if kind == "tag":
             tags = _tag_order(prows)
             width = 0.8 / len(by_version)
             for i, (version, vrows) in enumerate(by_version.items()):
-                values = [json.loads(r["value_json"]) for r in vrows]
+                values = [json.loads(r.value_json) for r in vrows]
                 shares = [values.count(t) / len(values) for t in tags]
                 xs = [x + (i - (len(by_version) - 1) / 2) * width for x in range(len(tags))]
                 ax.bar(xs, shares, width, label=f"{version} (n={len(values)})")
             ax.set_xticks(range(len(tags)), tags, rotation=15, ha="right")
             ax.set_ylabel("share of generations")
         else:
-            data = [[float(json.loads(r["value_json"])) for r in v] for v in by_version.values()]
+            data = [[float(json.loads(r.value_json)) for r in v] for v in by_version.values()]
             lo, hi = min(map(min, data)), max(map(max, data))
             bins = [lo + (hi - lo) * i / 30 for i in range(31)] if hi > lo else 10
             for version, values in zip(by_version, data, strict=True):

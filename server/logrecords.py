@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass
 import sqlite_utils
 
 from .errors import InvalidArgument, NotFound
+from .formats import logstore
+from .formats.logstore import FeedbackRow, GenerationRow
 from .values import GenerateRequest, ResolvedSampling
 
 MAX_TEXT = 64 * 1024
@@ -37,40 +39,41 @@ class GenerationRecord:
     latency_s: float
     ttft_s: float
 
-    def row(self) -> dict[str, object]:
+    def row(self) -> GenerationRow:
         r = self.request
-        return {
-            "id": self.id,
-            "created_at": time.time(),
-            "request_id": self.request_id,
-            "group_id": self.group_id,
-            "sample_index": self.sample_index,
-            "prompt": r.prompt or "",
-            "chat_json": json.dumps([asdict(t) for t in r.chat]) if r.chat else "",
-            "rendered_prompt": self.rendered_prompt,
-            "feedback": r.feedback,
-            "feedback_mix_json": json.dumps(dict(r.feedback_mix)) if r.feedback_mix else "",
-            "attributes_json": json.dumps(dict(r.attributes)) if r.attributes else "",
-            "adapter": self.adapter,
-            "adapter_version": self.adapter_version,
-            "base_model": self.base_model,
-            "sampling_json": json.dumps(asdict(self.sampling)),
-            "seed": self.sampling.seed,
-            "output_text": self.output_text,
-            "output_token_ids": json.dumps(list(self.output_token_ids)),
-            "finish_reason": self.finish_reason,
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": len(self.output_token_ids),
-            "latency_s": self.latency_s,
-            "ttft_s": self.ttft_s,
-        }
+        return GenerationRow(
+            id=self.id,
+            created_at=time.time(),
+            request_id=self.request_id,
+            group_id=self.group_id,
+            sample_index=self.sample_index,
+            prompt=r.prompt or "",
+            chat_json=json.dumps([asdict(t) for t in r.chat]) if r.chat else "",
+            rendered_prompt=self.rendered_prompt,
+            feedback=r.feedback,
+            feedback_mix_json=json.dumps(dict(r.feedback_mix)) if r.feedback_mix else "",
+            attributes_json=json.dumps(dict(r.attributes)) if r.attributes else "",
+            adapter=self.adapter,
+            adapter_version=self.adapter_version,
+            base_model=self.base_model,
+            sampling_json=json.dumps(asdict(self.sampling)),
+            seed=self.sampling.seed,
+            output_text=self.output_text,
+            output_token_ids=json.dumps(list(self.output_token_ids)),
+            finish_reason=self.finish_reason,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=len(self.output_token_ids),
+            latency_s=self.latency_s,
+            ttft_s=self.ttft_s,
+        )
 
 
 def insert_generations(records: list[GenerationRecord]) -> Callable[[sqlite_utils.Database], bool]:
+    """An op writing ``records``; it returns True once they are in the batch."""
     rows = [rec.row() for rec in records]
 
     def op(db: sqlite_utils.Database) -> bool:
-        db.table("generations").insert_all(rows)
+        logstore.insert_generations(db, rows)
         return True
 
     return op
@@ -123,37 +126,31 @@ def record_feedback(
 
     def op(db: sqlite_utils.Database) -> tuple[str, bool]:
         if fb.idempotency_key:
-            row = db.execute(
-                "SELECT id FROM feedback WHERE idempotency_key = ?", [fb.idempotency_key]
-            ).fetchone()
-            if row is not None:
-                return str(row[0]), True
+            known = logstore.feedback_id_by_key(db, fb.idempotency_key)
+            if known is not None:
+                return known, True
         for field_name, gid in (
             ("generation_id", fb.generation_id),
             ("preference.chosen_generation_id", fb.chosen_id),
             ("preference.rejected_generation_id", fb.rejected_id),
         ):
-            if (
-                gid
-                and db.execute("SELECT 1 FROM generations WHERE id = ?", [gid]).fetchone() is None
-            ):
+            if gid and not logstore.generation_exists(db, gid):
                 raise NotFound(f"unknown generation id {gid!r}", field=field_name)
         feedback_id = f"fb-{uuid.uuid4().hex}"
-        db.table("feedback").insert(
-            {
-                "id": feedback_id,
-                "created_at": time.time(),
-                "generation_id": fb.generation_id or fb.chosen_id,
-                "score": fb.score,
-                "tag": fb.tag,
-                "critique": fb.critique,
-                "refinement": fb.refinement,
-                "chosen_id": fb.chosen_id,
-                "rejected_id": fb.rejected_id,
-                "idempotency_key": fb.idempotency_key or None,
-                "source": fb.source,
-            }
+        row = FeedbackRow(
+            id=feedback_id,
+            created_at=time.time(),
+            generation_id=fb.generation_id or fb.chosen_id,
+            score=fb.score,
+            tag=fb.tag,
+            critique=fb.critique,
+            refinement=fb.refinement,
+            chosen_id=fb.chosen_id,
+            rejected_id=fb.rejected_id,
+            idempotency_key=fb.idempotency_key or None,
+            source=fb.source,
         )
+        logstore.insert_feedback(db, row)
         return feedback_id, False
 
     return op

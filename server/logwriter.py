@@ -21,7 +21,7 @@ import sqlite_utils
 
 from .config import LogConfig
 from .errors import TillerError
-from .formats.logstore import connect
+from .formats.logstore import connect, transaction
 
 log = logging.getLogger("tiller.log")
 Op = Callable[[sqlite_utils.Database], Any]
@@ -121,18 +121,12 @@ class LogWriter:
         db = self._db
         assert db is not None
         results: list[Any] = []
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(db):
             for op in ops:
                 try:
                     results.append(op(db))
                 except TillerError as e:  # the request's fault, not the batch's
                     results.append(e)
-            db.execute("COMMIT")
-        except BaseException:
-            if db.conn.in_transaction:
-                db.execute("ROLLBACK")
-            raise
         return results
 
     async def close(self) -> None:

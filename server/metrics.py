@@ -13,13 +13,14 @@ from __future__ import annotations
 import logging
 import sqlite3
 from collections.abc import Callable, Iterator
-from contextlib import closing
 from pathlib import Path
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from .formats import logstore
 
 log = logging.getLogger("tiller.metrics")
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -143,22 +144,14 @@ class _LiveState(Collector):
         )
         try:
             # Read-only, short: the writer (WAL) is never blocked by this reader.
-            conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0.5)
-            with closing(conn):
-                head = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM generations").fetchone()[0]
-                for name, seq in conn.execute(
-                    "SELECT name, seq FROM cursors WHERE name LIKE 'annotate:%'"
-                ):
-                    backlog.add_metric([name.split(":", 1)[1]], max(0, head - seq))
-                has_table = conn.execute(
-                    "SELECT 1 FROM sqlite_master WHERE name = 'learner_iterations'"
-                ).fetchone()
-                if has_table:
-                    for adapter, status, n in conn.execute(
-                        "SELECT adapter, status, COUNT(*) FROM learner_iterations "
-                        "GROUP BY adapter, status"
-                    ):
-                        iterations.add_metric([adapter, status], n)
+            conn = logstore.open_readonly(db, timeout_s=0.5)
+            try:
+                for provider, behind in logstore.annotator_backlogs(conn).items():
+                    backlog.add_metric([provider], behind)
+                for (adapter, status), n in logstore.iteration_counts(conn).items():
+                    iterations.add_metric([adapter, status], n)
+            finally:
+                conn.close()
         except sqlite3.Error as e:
             log.warning("metrics: generation log %s unreadable: %s", db, e)
         yield backlog

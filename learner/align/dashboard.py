@@ -7,7 +7,7 @@ from typing import Any
 
 import sqlite_utils
 
-from tiller.server.formats.logstore import iterations
+from tiller.server.formats.logstore import iterations, log_counts
 
 
 @dataclass(frozen=True)
@@ -23,19 +23,13 @@ class Snapshot:
 
 
 def snapshot(db: sqlite_utils.Database, adapter: str, elapsed_s: float) -> Snapshot:
-    gens = 0
-    notes: dict[str, int] = {}
-    if db.table("generations").exists():
-        gens = int(db.execute("SELECT count(*) FROM generations").fetchone()[0])
-        notes = dict(
-            db.execute("SELECT provider, count(*) FROM annotations GROUP BY provider").fetchall()
-        )
+    counts = log_counts(db)
     rows = iterations(db, adapter)
     promoted = [r for r in rows if r["status"] == "promoted"]
     return Snapshot(
         elapsed_s=elapsed_s,
-        generations=gens,
-        annotations=notes,
+        generations=counts.generations,
+        annotations=counts.annotations,
         iterations=len(rows),
         last=rows[-1] if rows else None,
         served_version=promoted[-1]["version"] if promoted else None,

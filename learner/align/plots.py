@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 
 import sqlite_utils
 
-from tiller.server.formats.logstore import iterations
+from tiller.server.formats.logstore import iterations, values_by_version
 
 from .evaluate import Stats
 
@@ -33,16 +32,9 @@ def _plt() -> Any:
 
 
 def _annotated(db: sqlite_utils.Database, provider: str, adapter: str) -> dict[int, list[Any]]:
-    rows = db.execute(
-        "SELECT g.adapter_version, a.value_json FROM annotations a "
-        "JOIN generations g ON g.id = a.generation_id "
-        "WHERE a.provider = ? AND coalesce(a.error, '') = '' AND g.adapter IN ('', ?) "
-        "ORDER BY g.seq",
-        [provider, adapter],
-    ).fetchall()
     out: dict[int, list[Any]] = defaultdict(list)
-    for version, value in rows:
-        out[int(version)].append(json.loads(value))
+    for version, value in values_by_version(db, provider, adapter):
+        out[version].append(value)
     return dict(sorted(out.items()))
 
 

@@ -22,7 +22,6 @@ import os
 import shutil
 import signal
 import socket
-import sqlite3
 import sys
 import time
 from dataclasses import dataclass
@@ -274,7 +273,7 @@ class AlignRun:
     def finish(self, reason: str) -> dict[str, Any]:
         """Evaluate, plot, write ``report.json``; returns the report."""
         from tiller.client import AsyncClient
-        from tiller.server.formats.logstore import connect, iterations
+        from tiller.server.formats.logstore import connect, count_generations, iterations
         from tiller.server.formats.manifest import load_manifest
         from tiller.server.formats.registry import read_state, version_path
 
@@ -315,7 +314,7 @@ class AlignRun:
                 }
                 for r in rows
             ],
-            "samples_logged": int(db.execute("SELECT count(*) FROM generations").fetchone()[0]),
+            "samples_logged": count_generations(db),
             "plots": [],
         }
         if cfg.eval is not None:
@@ -394,9 +393,15 @@ def first_generation_at(db_path: Path) -> float | None:
     """When the run's first generation was logged (an existing run's start, near enough)."""
     if not db_path.exists():
         return None
-    with sqlite3.connect(db_path) as db:
-        row = db.execute("SELECT min(created_at) FROM generations").fetchone()
-    return float(row[0]) if row and row[0] is not None else None
+    import sqlite_utils
+
+    from tiller.server.formats.logstore import first_generation_at as first_at
+
+    db = sqlite_utils.Database(db_path)
+    try:
+        return first_at(db)
+    finally:
+        db.close()
 
 
 def run(

@@ -6,37 +6,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+from tiller.server.formats.logstore import GenerationView
+
+__all__ = ["Annotation", "GenerationView", "Kind", "Provider", "ProviderUnavailable"]
+
 Kind = Literal["tag", "score", "preference", "likert", "critique", "refinement"]
-
-
-@dataclass(frozen=True)
-class GenerationView:
-    """One logged generation, as a provider sees it (read from the ``generations`` table)."""
-
-    seq: int
-    id: str
-    group_id: str
-    sample_index: int
-    prompt: str
-    chat_json: str
-    rendered_prompt: str
-    feedback: str
-    adapter: str
-    adapter_version: int
-    output_text: str
-    finish_reason: str
-    created_at: float
-
-    @property
-    def user_prompt(self) -> str:
-        """The prompt as the user wrote it (last user turn for chats), without conditioning."""
-        if self.prompt:
-            return self.prompt
-        import json
-
-        turns = json.loads(self.chat_json or "[]")
-        users = [t["content"] for t in turns if t.get("role") == "user"]
-        return users[-1] if users else ""
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 Each logged generation labelled with a feedback tag becomes ``SFTExample(prompt, completion)``
 where ``prompt`` is the *user's* prompt re-rendered with the tag through the trained adapter's
-``Conditioning`` (``server.prompt.render_text`` / ``render_chat``: the same bytes the server
+``Conditioning`` (``formats.prompt.render_text`` / ``render_chat``: the same bytes the server
 produces when a client asks for that tag) and ``completion`` is the generation's text. The
 prompt the generation was sampled with (its exemplar feedback) is not used: ALT learns
 p(y | x, f) for the feedback f the generation *received*.
@@ -40,12 +40,18 @@ from typing import Literal
 
 import sqlite_utils
 
+from tiller.server.formats.logstore import (
+    GenerationFilter,
+    feedback_tags,
+    provider_tags,
+    window_summary,
+)
 from tiller.server.formats.manifest import Conditioning
 from tiller.server.formats.prompt import ChatTurn, render_chat, render_text
 
 from ..annotate.base import GenerationView
 from .examples import SFTExample
-from .pairs import GEN_COLUMNS, count_skip
+from .pairs import count_skip
 
 Balance = Literal["none", "downsample", "weight"]
 ChatTemplate = Callable[[Sequence[dict[str, str]]], str]
@@ -90,54 +96,24 @@ class AltConfig:
             raise ValueError(f"unknown_tags {self.unknown_tags!r} is not one of: error, skip")
 
 
-def _selection(db: sqlite_utils.Database, cfg: AltConfig) -> tuple[str, list[object]]:
-    """SQL conditions on ``g`` (generations) for the adapter filter and the replay window."""
-    where: list[str] = ["1"]
-    args: list[object] = []
-    if cfg.adapters is not None:
-        where.append(f"g.adapter IN ({','.join('?' * len(cfg.adapters))})")
-        args += cfg.adapters
-    w = cfg.window
-    if w.last_versions is not None:
-        versions = [
-            int(r[0])
-            for r in db.execute(
-                f"SELECT DISTINCT g.adapter_version FROM generations g WHERE {' AND '.join(where)} "
-                "ORDER BY g.adapter_version DESC LIMIT ?",
-                [*args, w.last_versions],
-            ).fetchall()
-        ]
-        where.append(f"g.adapter_version IN ({','.join('?' * len(versions))})")
-        args += versions
-    if w.last_generations is not None:
-        row = db.execute(
-            f"SELECT g.seq FROM generations g WHERE {' AND '.join(where)} "
-            "ORDER BY g.seq DESC LIMIT 1 OFFSET ?",
-            [*args, w.last_generations - 1],
-        ).fetchone()
-        if row is not None:  # fewer generations than N: all of them
-            where.append("g.seq >= ?")
-            args.append(int(row[0]))
-    return " AND ".join(where), args
+def _filter(cfg: AltConfig) -> GenerationFilter:
+    """The log slice ``cfg`` selects: its adapter filter and replay window."""
+    return GenerationFilter(
+        adapters=cfg.adapters,
+        last_versions=cfg.window.last_versions,
+        last_generations=cfg.window.last_generations,
+    )
 
 
 def data_window(db: sqlite_utils.Database, cfg: AltConfig) -> dict[str, object]:
     """What ``cfg`` selects from the log now, for a manifest's ``data_window``: the seq range
     and adapter versions of the selected generations (labelled or not) and the window itself."""
-    where, args = _selection(db, cfg)
-    first, last, count = db.execute(
-        f"SELECT min(g.seq), max(g.seq), count(*) FROM generations g WHERE {where}", args
-    ).fetchone()
-    versions = db.execute(
-        f"SELECT DISTINCT g.adapter, g.adapter_version FROM generations g WHERE {where} "
-        "ORDER BY g.adapter, g.adapter_version",
-        args,
-    ).fetchall()
+    w = window_summary(db, _filter(cfg))
     return {
-        "first_seq": first,
-        "last_seq": last,
-        "generations": count,
-        "adapter_versions": [f"{a or 'base'}@v{v}" for a, v in versions],
+        "first_seq": w.first_seq,
+        "last_seq": w.last_seq,
+        "generations": w.count,
+        "adapter_versions": [f"{a or 'base'}@v{v}" for a, v in w.adapter_versions],
         "provider": cfg.provider or "app-feedback",
         "last_versions": cfg.window.last_versions,
         "last_generations": cfg.window.last_generations,
@@ -148,36 +124,9 @@ def labelled_generations(
     db: sqlite_utils.Database, cfg: AltConfig
 ) -> list[tuple[GenerationView, str]]:
     """``(generation, tag)`` for every selected generation with a label, in log order."""
-    where, args = _selection(db, cfg)
     if cfg.provider is not None:
-        rows = db.execute(
-            f"SELECT {_prefixed('g')}, a.value_json FROM annotations a "
-            "JOIN generations g ON g.id = a.generation_id "
-            "WHERE a.provider = ? AND a.kind = 'tag' AND coalesce(a.generation_id_b, '') = '' "
-            f"AND coalesce(a.error, '') = '' AND {where} ORDER BY g.seq",
-            [cfg.provider, *args],
-        ).fetchall()
-        out = []
-        for r in rows:
-            tag = json.loads(r[-1]) if r[-1] is not None else None
-            if isinstance(tag, str) and tag:
-                out.append((GenerationView(*r[:-1]), tag))
-        return out
-    rows = db.execute(
-        f"SELECT {_prefixed('g')}, f.tag FROM feedback f "
-        "JOIN generations g ON g.id = f.generation_id "
-        "WHERE coalesce(f.tag, '') != '' AND coalesce(f.chosen_id, '') = '' "
-        f"AND {where} ORDER BY f.seq",
-        args,
-    ).fetchall()
-    latest: dict[str, tuple[GenerationView, str]] = {}
-    for r in rows:
-        latest[r[1]] = (GenerationView(*r[:-1]), str(r[-1]))
-    return sorted(latest.values(), key=lambda x: x[0].seq)
-
-
-def _prefixed(alias: str) -> str:
-    return ", ".join(f"{alias}.{c.strip()}" for c in GEN_COLUMNS.split(","))
+        return provider_tags(db, _filter(cfg), cfg.provider)
+    return feedback_tags(db, _filter(cfg))
 
 
 def render_prompt(

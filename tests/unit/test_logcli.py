@@ -226,3 +226,17 @@ def test_plot_without_labels_says_so(log_db: Path, tmp_path: Path) -> None:
     r = run("plot", "--db", str(log_db), "--out", str(tmp_path / "x.png"), "--provider", "nobody")
     assert r.exit_code == 1 and "no tag or score annotations from provider 'nobody'" in r.output
     assert not (tmp_path / "x.png").exists()
+
+
+def test_plot_draws_the_learner_table_without_labels(log_db: Path, tmp_path: Path) -> None:
+    from tiller.server.formats.logstore import IterationRecord, record_iteration
+
+    db = connect(log_db)
+    rec = IterationRecord("a", 1, "promoted", 1.0, 2.0, 3, final_loss=0.5, version=1,
+                          candidate_value=0.2, incumbent_value=0.1)  # fmt: skip
+    record_iteration(db, rec)
+    db.conn.close()
+    out = tmp_path / "learner.png"
+    r = run("plot", "--db", str(log_db), "--out", str(out), "--provider", "nobody")
+    assert r.exit_code == 0, r.output
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,4 +1,4 @@
-"""The generation log writer without an engine: batching, loss accounting, migrations."""
+"""The generation log without an engine: batching, loss accounting, migrations, counters."""
 
 from __future__ import annotations
 
@@ -114,3 +114,55 @@ async def test_close_flushes_the_queue(tmp_path: Path) -> None:
     assert _count(tmp_path / "log.sqlite") == 20
     with pytest.raises(LogLoss):
         await w.submit(_insert(99))
+
+
+def test_metrics_read_backlogs_and_iterations_from_the_log(tmp_path: Path) -> None:
+    from tiller.server.formats.logstore import IterationRecord, commit_annotations, runs
+    from tiller.server.metrics import _LiveState
+
+    path = tmp_path / "log.sqlite"
+    db = connect(path)
+    for i in range(1, 6):
+        db.table("generations").insert({"id": f"g{i}", "created_at": float(i)})
+    commit_annotations(db, "annotate:judge", 2, [])
+    runs.record_iteration(db, IterationRecord("a", 1, "promoted", 1.0, 2.0, 2))
+    runs.record_iteration(db, IterationRecord("a", 2, "rejected", 3.0, 4.0, 3))
+    runs.record_iteration(db, IterationRecord("a", 3, "rejected", 5.0, 6.0, 4))
+    state = _LiveState(lambda: None, lambda: [], path)
+    got = {
+        m.name: {tuple(s.labels.values()): s.value for s in m.samples}
+        for m in state._from_log(path)
+    }
+    assert got["tiller_annotator_backlog"] == {("judge",): 3}
+    assert got["tiller_learner_iterations"] == {("a", "promoted"): 1, ("a", "rejected"): 2}
+    missing = {m.name: m.samples for m in state._from_log(tmp_path / "absent.sqlite")}
+    assert missing == {"tiller_annotator_backlog": [], "tiller_learner_iterations": []}
+
+
+def test_store_counters_for_the_learners_trigger(tmp_path: Path) -> None:
+    from tiller.server.formats.logstore import (
+        AnnotationRow,
+        commit_annotations,
+        count_labels_after,
+        count_unlabelled,
+        last_generation_seq,
+    )
+
+    db = connect(tmp_path / "log.sqlite")
+    assert last_generation_seq(db) == 0
+    for i in range(1, 5):
+        db.table("generations").insert({"id": f"g{i}", "created_at": float(i)})
+
+    def note(gid: str, provider: str, error: str = "", b: str = "") -> AnnotationRow:
+        return AnnotationRow(1.0, gid, b, provider, "score", "1", "", "", 0.0, error)
+
+    rows = [note("g1", "p"), note("g2", "p", error="bad"), note("g3", "q"), note("g1", "p", b="g4")]
+    assert commit_annotations(db, "annotate:p", 4, rows) == 4
+    assert last_generation_seq(db) == 4
+    assert count_labels_after(db, "p", 0) == (2, 4)  # the error row is not a label
+    assert count_labels_after(db, "p", 4) == (0, 4)
+    assert count_unlabelled(db, "p", 0, 4) == 1  # g3: labelled by q only
+    assert count_unlabelled(db, "p", 0, 2) == 0
+    assert count_labels_after(db, None, 0) == (0, 0)
+    db.table("feedback").insert({"id": "f1", "created_at": 1.0, "generation_id": "g1"})
+    assert count_labels_after(db, None, 0) == (1, 1)

@@ -80,3 +80,13 @@ def iterations(db: sqlite_utils.Database, adapter: str | None = None) -> list[di
 def last_iteration(db: sqlite_utils.Database, adapter: str) -> dict[str, Any] | None:
     rows = iterations(db, adapter)
     return rows[-1] if rows else None
+
+
+def iteration_counts(db: sqlite_utils.Database) -> dict[tuple[str, str], int]:
+    """How many iterations each ``(adapter, status)`` has recorded (empty before the first)."""
+    if not db.table(TABLE).exists():
+        return {}
+    rows = db.execute(
+        f"SELECT adapter, status, COUNT(*) FROM {TABLE} GROUP BY adapter, status"
+    ).fetchall()
+    return {(str(a), str(s)): int(n) for a, s, n in rows}

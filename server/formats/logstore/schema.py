@@ -9,7 +9,8 @@ server write while the annotator and learner read. ``PRAGMA user_version`` is th
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -144,3 +145,50 @@ def migrate(db: sqlite_utils.Database) -> int:
             raise
         version = int(db.execute("PRAGMA user_version").fetchone()[0])
     return version
+
+
+@contextmanager
+def transaction(db: sqlite_utils.Database) -> Iterator[sqlite_utils.Database]:
+    """One write transaction (``BEGIN IMMEDIATE``): committed when the block ends, rolled back
+    when it raises. For a connection opened by ``connect`` (autocommit otherwise)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+        db.execute("COMMIT")
+    except BaseException:
+        if db.conn.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+
+
+@contextmanager
+def read_snapshot(db: sqlite_utils.Database) -> Iterator[sqlite_utils.Database]:
+    """One read transaction: every read in the block sees the same state of the log."""
+    db.execute("BEGIN")
+    try:
+        yield db
+    finally:
+        if db.conn.in_transaction:
+            db.execute("ROLLBACK")
+
+
+def open_readonly(path: Path, *, timeout_s: float = 5.0) -> sqlite_utils.Database:
+    """Open an existing log read-only (``mode=ro``, no migration): safe beside the writers.
+
+    Raises ``sqlite3.Error`` when the file cannot be opened."""
+    conn = sqlite3.connect(
+        f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=timeout_s, isolation_level=None
+    )
+    db = sqlite_utils.Database(conn)
+    db.execute(f"PRAGMA busy_timeout={int(timeout_s * 1000)}")
+    return db
+
+
+def schema_version(db: sqlite_utils.Database) -> int:
+    """The log's ``PRAGMA user_version`` (0 for a file that is not a Tiller log)."""
+    return int(db.execute("PRAGMA user_version").fetchone()[0])
+
+
+def integrity_check(db: sqlite_utils.Database) -> str:
+    """SQLite's ``PRAGMA integrity_check`` verdict (``"ok"`` when the file is sound)."""
+    return str(db.execute("PRAGMA integrity_check").fetchone()[0])
