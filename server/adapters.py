@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .config import AdapterSource
 from .engine import Engine
-from .errors import FailedPrecondition, InvalidArgument
+from .formats.errors import FailedPrecondition, InvalidArgument
 from .formats.heads import HeadsManifest, attach_heads
 from .formats.manifest import (
     Conditioning,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from .adapters import LoadedAdapter
 from .config import Limits
 from .engine import Engine
-from .errors import FailedPrecondition, InvalidArgument, LimitExceeded
+from .formats.errors import FailedPrecondition, InvalidArgument, LimitExceeded
 from .formats.heads import is_identity, resolve_weights
 from .formats.prompt import ChatTurn, render_chat, render_text
 from .values import GenerateRequest, Steer

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .config import EngineConfig
 from .device import detect_dtype
-from .errors import EngineFailure, InvalidArgument, Unavailable
+from .formats.errors import EngineFailure, InvalidArgument, Unavailable
 from .values import Delta, EngineRequest, Finish
 
 if TYPE_CHECKING:

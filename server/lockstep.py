@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Sequence
 
 from .engine import Engine
-from .errors import Aborted
+from .formats.errors import Aborted
 from .values import Delta, EngineRequest, Finish
 
 

@@ -11,8 +11,8 @@ from dataclasses import asdict, dataclass
 
 import sqlite_utils
 
-from .errors import InvalidArgument, NotFound
 from .formats import logstore
+from .formats.errors import InvalidArgument, NotFound
 from .formats.logstore import FeedbackRow, GenerationRow
 from .values import GenerateRequest, ResolvedSampling
 

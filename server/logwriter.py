@@ -20,7 +20,7 @@ from typing import Any
 import sqlite_utils
 
 from .config import LogConfig
-from .errors import TillerError
+from .formats.errors import TillerError
 from .formats.logstore import connect, transaction
 
 log = logging.getLogger("tiller.log")

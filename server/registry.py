@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .adapters import AdapterTable
 from .config import AdapterSource
-from .errors import TillerError
+from .formats.errors import TillerError
 from .formats.registry import PublishError, read_state, version_path
 
 log = logging.getLogger("tiller.registry")

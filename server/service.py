@@ -16,7 +16,7 @@ from .adapters import AdapterTable
 from .conditioning import prompt_token_ids, render_prompt, resolve_steer
 from .config import Limits
 from .engine import Engine
-from .errors import FailedPrecondition, Unavailable
+from .formats.errors import FailedPrecondition, Unavailable
 from .lockstep import LockstepLost, mixed_deltas
 from .logrecords import (
     FeedbackInput,

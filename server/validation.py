@@ -7,7 +7,7 @@ import secrets
 
 from .adapters import LoadedAdapter
 from .config import Limits
-from .errors import InvalidArgument, LimitExceeded
+from .formats.errors import InvalidArgument, LimitExceeded
 from .values import GenerateRequest, ResolvedSampling, Sampling
 
 _ROLES = ("system", "user", "assistant")
