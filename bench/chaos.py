@@ -127,8 +127,7 @@ def write_configs(work: Path, model: Path, target: str) -> tuple[Path, Path]:
                     "prompts": PROMPTS[:4],
                     "scorer": "length",
                     "margin": 1000.0,
-                    "samples": 1,
-                    "max_tokens": 8,
+                    "sampling": {"samples": 1, "max_tokens": 8},
                 },
             }
         )

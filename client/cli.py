@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import sys
 from typing import Any
@@ -12,6 +13,8 @@ import click
 
 from .client import Client, TillerClientError
 
+# The client's one default target (the server's default host and port), from Client itself.
+DEFAULT_TARGET: str = inspect.signature(Client).parameters["target"].default
 _EXTRA = dict.fromkeys(("annotate", "log", "registry", "learn", "align"), "learner")
 _LAZY = {
     "serve": "tiller.server.cli:serve",
@@ -66,7 +69,7 @@ def _weights(pairs: tuple[str, ...], option: str) -> dict[str, float]:
 
 @main.command()
 @click.argument("prompt")
-@click.option("--target", default="127.0.0.1:50051", show_default=True, envvar="TILLER_TARGET")
+@click.option("--target", default=DEFAULT_TARGET, show_default=True, envvar="TILLER_TARGET")
 @click.option("--token", default=None, envvar="TILLER_TOKEN", help="Bearer token.")
 @click.option("--feedback", default="", help="ALT feedback tag to condition on.")
 @click.option("--mix", "mix", multiple=True, help='Feedback mixture entry "TAG=WEIGHT".')
@@ -152,7 +155,7 @@ def generate(
 
 
 @main.command()
-@click.option("--target", default="127.0.0.1:50051", show_default=True, envvar="TILLER_TARGET")
+@click.option("--target", default=DEFAULT_TARGET, show_default=True, envvar="TILLER_TARGET")
 @click.option("--token", default=None, envvar="TILLER_TOKEN")
 def adapters(target: str, token: str | None) -> None:
     """List the adapters a running server serves."""
@@ -169,7 +172,7 @@ def adapters(target: str, token: str | None) -> None:
 
 @main.command()
 @click.argument("generation_id")
-@click.option("--target", default="127.0.0.1:50051", show_default=True, envvar="TILLER_TARGET")
+@click.option("--target", default=DEFAULT_TARGET, show_default=True, envvar="TILLER_TARGET")
 @click.option("--token", default=None, envvar="TILLER_TOKEN")
 @click.option("--score", type=float, default=None, help="A numeric rating.")
 @click.option("--tag", default="", help="A feedback tag.")
@@ -209,7 +212,7 @@ def feedback(
 
 
 @main.command()
-@click.option("--target", default="127.0.0.1:50051", show_default=True, envvar="TILLER_TARGET")
+@click.option("--target", default=DEFAULT_TARGET, show_default=True, envvar="TILLER_TARGET")
 def status(target: str) -> None:
     """Show a running server's status."""
     try:

@@ -34,6 +34,9 @@ from .results import AdapterInfo, FeedbackReceipt, Generation, ServerStatus, Str
 T = TypeVar("T")
 Prompt = str | Sequence[Mapping[str, str]]
 
+# The server address when none is given (tiller serve's default port on this host).
+DEFAULT_TARGET = "127.0.0.1:50051"
+
 
 class TillerClientError(Exception):
     """A failed call: ``code`` is the ``grpc.StatusCode``, ``message`` the server's explanation."""
@@ -146,7 +149,7 @@ class Client(_Base):
 
     def __init__(
         self,
-        target: str = "127.0.0.1:50051",
+        target: str = DEFAULT_TARGET,
         *,
         timeout: float | None = 60.0,
         token: str | None = None,
@@ -246,7 +249,7 @@ class AsyncClient(_Base):
 
     def __init__(
         self,
-        target: str = "127.0.0.1:50051",
+        target: str = DEFAULT_TARGET,
         *,
         timeout: float | None = 60.0,
         token: str | None = None,

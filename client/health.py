@@ -13,6 +13,8 @@ from pathlib import Path
 import click
 import grpc
 
+from .client import DEFAULT_TARGET
+
 CHECK = "/grpc.health.v1.Health/Check"
 STATUS_NAMES = {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}
 SERVING = 1
@@ -91,7 +93,7 @@ def check(target: str, service: str = "", timeout: float = 5.0, ca: Path | None 
 @click.command()
 @click.option(
     "--target",
-    default="127.0.0.1:50051",
+    default=DEFAULT_TARGET,
     show_default=True,
     envvar="TILLER_TARGET",
     help="host:port of the server.",

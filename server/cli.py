@@ -14,10 +14,18 @@ from typing import Any
 
 import click
 
-from .config import AdapterSource, EngineConfig, Limits, LogConfig, ServerConfig
+from .config import (
+    AdapterSource,
+    EngineConfig,
+    Limits,
+    LogConfig,
+    ServerConfig,
+    choices,
+    default,
+)
 from .serve_options import edge_configs, edge_options
+from .tools.models import DEFAULT_CACHE
 
-DEFAULT_CACHE = Path.home() / ".cache" / "tiller"
 _ENGINE_KEYS = (
     "model",
     "cache_dir",
@@ -72,21 +80,38 @@ def engine_options(f: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option(
             "--dtype",
-            type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
-            default="auto",
+            type=click.Choice(choices(EngineConfig, "dtype")),
+            default=default(EngineConfig, "dtype"),
             show_default=True,
             help="auto = float32 on CPUs without native bf16, vLLM's choice elsewhere.",
         ),
-        click.option("--max-model-len", type=int, default=2048, show_default=True),
-        click.option("--gpu-memory-utilization", type=float, default=0.3, show_default=True),
-        click.option("--max-num-seqs", type=int, default=64, show_default=True),
         click.option(
-            "--single-process-worker/--multiprocess-worker", default=True, show_default=True
+            "--max-model-len",
+            type=int,
+            default=default(EngineConfig, "max_model_len"),
+            show_default=True,
+        ),
+        click.option(
+            "--gpu-memory-utilization",
+            type=float,
+            default=default(EngineConfig, "gpu_memory_utilization"),
+            show_default=True,
+        ),
+        click.option(
+            "--max-num-seqs",
+            type=int,
+            default=default(EngineConfig, "max_num_seqs"),
+            show_default=True,
+        ),
+        click.option(
+            "--single-process-worker/--multiprocess-worker",
+            default=default(EngineConfig, "single_process_worker"),
+            show_default=True,
         ),
         click.option(
             "--kv-blocks",
             type=int,
-            default=None,
+            default=default(EngineConfig, "num_kv_blocks"),
             help="Cap the KV cache at this many blocks (testing, capacity planning).",
         ),
     ]
@@ -115,10 +140,17 @@ def _engine_config(kw: dict[str, Any]) -> tuple[EngineConfig, Path]:
     return config, e["cache_dir"]
 
 
+def _log_path(cache_dir: Path) -> Path:
+    return cache_dir / "log" / "generations.sqlite"
+
+
+_PORT = default(ServerConfig, "port")
+
+
 @click.command()
 @engine_options
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", type=int, default=50051, show_default=True, help="0 = any free port.")
+@click.option("--host", default=default(ServerConfig, "host"), show_default=True)
+@click.option("--port", type=int, default=_PORT, show_default=True, help="0 = any free port.")
 @click.option(
     "--port-file",
     type=click.Path(path_type=Path),
@@ -127,10 +159,14 @@ def _engine_config(kw: dict[str, Any]) -> tuple[EngineConfig, Path]:
 )
 @click.option("--adapter", "adapters", multiple=True, help="NAME=VERSION_DIR to load at start.")
 @click.option("--default-adapter", default=None, help="Adapter for requests that name none.")
-@click.option("--drain-grace", type=float, default=30.0, show_default=True)
+@click.option(
+    "--drain-grace", type=float, default=default(ServerConfig, "drain_grace_s"), show_default=True
+)
 @click.option("--enable-admin", is_flag=True, help="Serve the TillerAdmin service.")
-@click.option("--max-tokens-cap", type=int, default=4096, show_default=True)
-@click.option("--max-n", type=int, default=16, show_default=True)
+@click.option(
+    "--max-tokens-cap", type=int, default=default(Limits, "max_tokens_cap"), show_default=True
+)
+@click.option("--max-n", type=int, default=default(Limits, "max_n"), show_default=True)
 @click.option(
     "--log-db",
     type=click.Path(path_type=Path),
@@ -140,8 +176,8 @@ def _engine_config(kw: dict[str, Any]) -> tuple[EngineConfig, Path]:
 @click.option("--no-log", is_flag=True, help="Server-wide switch: log no generations.")
 @click.option(
     "--log-sync",
-    type=click.Choice(["FULL", "NORMAL"]),
-    default="FULL",
+    type=click.Choice(choices(LogConfig, "synchronous")),
+    default=default(LogConfig, "synchronous"),
     show_default=True,
     help="FULL survives power loss; NORMAL only process crashes.",
 )
@@ -151,17 +187,31 @@ def _engine_config(kw: dict[str, Any]) -> tuple[EngineConfig, Path]:
     default=None,
     help="Adapter registry to follow: promoted versions are hot-swapped in.",
 )
-@click.option("--registry-poll", type=float, default=0.5, show_default=True)
+@click.option(
+    "--registry-poll",
+    type=float,
+    default=default(ServerConfig, "registry_poll_s"),
+    show_default=True,
+)
 @edge_options
 def serve(**kw: Any) -> None:
     """Serve a model over gRPC until SIGTERM (then drain and exit 0)."""
     from . import logsetup
     from .app import serve as run_server
 
+    config = serve_config(kw)
+    logsetup.configure(config.observability)
+    _apply_process_settings(config.engine)
+    _run(run_server(config, kw["port_file"]))
+
+
+def serve_config(kw: dict[str, Any]) -> ServerConfig:
+    """The ``ServerConfig`` of ``tiller serve``'s parsed options ``kw`` (its own options are
+    popped; ``port_file`` stays)."""
     engine, cache_dir = _engine_config(kw)
     edge = edge_configs(kw)
     cap = kw["max_tokens_cap"]
-    config = ServerConfig(
+    return ServerConfig(
         engine=engine,
         host=kw["host"],
         port=kw["port"],
@@ -173,7 +223,7 @@ def serve(**kw: Any) -> None:
         registry_poll_s=kw["registry_poll"],
         limits=Limits(
             max_tokens_cap=cap,
-            default_max_tokens=min(128, cap),
+            default_max_tokens=min(default(Limits, "default_max_tokens"), cap),
             max_n=kw["max_n"],
             max_prompt_tokens=edge.max_prompt_tokens,
             max_request_s=edge.max_request_s,
@@ -182,19 +232,13 @@ def serve(**kw: Any) -> None:
         observability=edge.observability,
         log=None
         if kw["no_log"]
-        else LogConfig(
-            path=kw["log_db"] or cache_dir / "log" / "generations.sqlite",
-            synchronous=kw["log_sync"],
-        ),
+        else LogConfig(path=kw["log_db"] or _log_path(cache_dir), synchronous=kw["log_sync"]),
     )
-    logsetup.configure(config.observability)
-    _apply_process_settings(engine)
-    _run(run_server(config, kw["port_file"]))
 
 
 @click.command()
 @engine_options
-@click.option("--port", type=int, default=50051, show_default=True)
+@click.option("--port", type=int, default=_PORT, show_default=True)
 @click.option("--prompt", default="How do I keep a sourdough starter alive?", show_default=True)
 @click.option("--feedback", default="Harmless and very helpful", show_default=True)
 @click.option("--once", is_flag=True, help="Exit after the demo generation instead of serving on.")
@@ -213,7 +257,7 @@ def up(**kw: Any) -> None:
         port=kw["port"],
         adapters=(AdapterSource("feedback", profile),),
         default_adapter="feedback",
-        log=LogConfig(path=cache_dir / "log" / "generations.sqlite"),
+        log=LogConfig(path=_log_path(cache_dir)),
     )
     _apply_process_settings(engine)
     _run(run_up(config, prompt=kw["prompt"], feedback=kw["feedback"], once=kw["once"]))

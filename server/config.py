@@ -1,28 +1,46 @@
-"""Typed, frozen configuration: built once at the CLI edge, passed down; nothing else reads env."""
+"""Typed, frozen configuration: built once at the CLI edge, passed down; nothing else reads env.
+
+These dataclasses hold the one copy of every default: the CLI's options read theirs from here
+(``default``, ``choices``), so a server built from code runs as ``tiller serve`` does.
+"""
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+
+from .formats.sections import field_default
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+
+
+def default(cls: type[Any], name: str) -> Any:
+    """The default of ``cls``'s field ``name``: what a CLI option defaults to."""
+    return field_default(cls, name)
+
+
+def choices(cls: type[Any], name: str) -> list[str]:
+    """The values of ``cls``'s ``Literal`` field ``name``: a CLI option's choices."""
+    return [str(v) for v in typing.get_args(typing.get_type_hints(cls)[name])]
 
 
 @dataclass(frozen=True)
 class EngineConfig:
     """What the vLLM engine is started with. ``dtype='auto'`` means: the fastest for this device."""
 
-    model: Path
+    model: Path  # HF-format model directory (--model)
     dtype: Dtype = "auto"
-    max_model_len: int = 2048
-    gpu_memory_utilization: float = 0.3
-    enforce_eager: bool = True
+    max_model_len: int = 2048  # context length (prompt + completion) in tokens
+    gpu_memory_utilization: float = 0.3  # share of GPU memory vLLM may take
+    enforce_eager: bool = True  # no CUDA graphs (faster start-up)
     enable_prefix_caching: bool = True
     enable_lora: bool = True
-    max_lora_rank: int = 16
-    max_loras: int = 4
-    max_num_seqs: int = 64
+    max_lora_rank: int = 16  # the largest LoRA rank an adapter may have
+    max_loras: int = 4  # adapters in one batch
+    max_num_seqs: int = 64  # sequences in one batch
     seed: int = 0
     # Cap the KV cache at this many blocks (None: size it from memory). A testing and
     # capacity-planning knob: a tiny cache forces preemption.
@@ -44,17 +62,18 @@ class AdapterSource:
 class Limits:
     """Request limits. Exceeding one is RESOURCE_EXHAUSTED; nonsense values are INVALID_ARGUMENT."""
 
-    max_message_bytes: int = 4 * 1024 * 1024
-    max_tokens_cap: int = 4096
-    default_max_tokens: int = 128
-    max_n: int = 16
+    max_message_bytes: int = 4 * 1024 * 1024  # gRPC message size, both ways
+    max_tokens_cap: int = 4096  # the largest max_tokens a request may ask for
+    default_max_tokens: int = 128  # for requests that give none
+    max_n: int = 16  # completions per request
     max_stop_strings: int = 16
     max_chat_messages: int = 256
-    max_feedback_mix: int = 8
-    max_attributes: int = 16
-    max_attribute_weight: float = 10.0
+    max_feedback_mix: int = 8  # tags in one feedback mixture
+    max_attributes: int = 16  # attribute weights in one request
+    max_attribute_weight: float = 10.0  # |weight| bound of each attribute
     max_prompt_tokens: int | None = None  # None: the model's context is the only bound
-    max_request_s: float | None = None  # server-side cap on one RPC's duration (DEADLINE_EXCEEDED)
+    # server-side cap on one RPC's duration (DEADLINE_EXCEEDED); None: the client's deadline only
+    max_request_s: float | None = 900.0
 
     def __post_init__(self) -> None:
         if not 0 < self.default_max_tokens <= self.max_tokens_cap:
@@ -68,9 +87,9 @@ class Limits:
 class LogConfig:
     """The generation log. ``synchronous=FULL`` survives power loss, ``NORMAL`` only crashes."""
 
-    path: Path
-    max_queue: int = 10_000
-    max_batch: int = 512
+    path: Path  # the SQLite file (--log-db)
+    max_queue: int = 10_000  # records waiting for the writer; more are dropped and counted
+    max_batch: int = 512  # records per write transaction
     synchronous: Literal["NORMAL", "FULL"] = "FULL"
 
 
@@ -78,9 +97,9 @@ class LogConfig:
 class TokenGrant:
     """One bearer token, kept only as its sha256. ``max_concurrent`` RPCs at once (0: no cap)."""
 
-    name: str
-    sha256: str
-    roles: frozenset[str]
+    name: str  # shows up in logs and metrics instead of the token
+    sha256: str  # sha256 hex of the token
+    roles: frozenset[str]  # of: generate, feedback, admin
     max_concurrent: int = 0
 
 
@@ -88,28 +107,30 @@ class TokenGrant:
 class TlsConfig:
     """PEM files for the gRPC ports. With ``client_ca``, clients must present a cert it signed."""
 
-    cert: Path
-    key: Path
-    client_ca: Path | None = None
+    cert: Path  # PEM server certificate (--tls-cert)
+    key: Path  # PEM private key (--tls-key)
+    client_ca: Path | None = None  # PEM CA of the client certificates (--tls-client-ca)
 
 
 @dataclass(frozen=True)
 class SecurityConfig:
     """Who may call what. ``tokens=None``: no authentication (local development)."""
 
-    tokens: tuple[TokenGrant, ...] | None = None
+    tokens: tuple[TokenGrant, ...] | None = None  # from the --tokens file ([[tokens]] below)
     tls: TlsConfig | None = None
-    admin_host: str = "127.0.0.1"
+    admin_host: str = "127.0.0.1"  # where admin_port listens
     admin_port: int | None = None  # set: TillerAdmin is served only there, not on the main port
     adapter_roots: tuple[Path, ...] = ()  # LoadAdapter paths must lie inside one (empty: any)
 
 
 @dataclass(frozen=True)
 class ObservabilityConfig:
+    """Metrics and logs."""
+
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = None  # set: Prometheus text format on http://host:port/metrics
-    log_format: Literal["text", "json"] = "text"
-    log_level: str = "INFO"
+    log_format: Literal["text", "json"] = "text"  # json: one object a line
+    log_level: LogLevel = "INFO"
 
 
 @dataclass(frozen=True)
@@ -118,14 +139,14 @@ class ServerConfig:
 
     engine: EngineConfig
     host: str = "127.0.0.1"
-    port: int = 50051
-    adapters: tuple[AdapterSource, ...] = ()
-    default_adapter: str | None = None
+    port: int = 50051  # 0: any free port
+    adapters: tuple[AdapterSource, ...] = ()  # loaded at start-up (--adapter NAME=DIR)
+    default_adapter: str | None = None  # for requests that name none
     limits: Limits = field(default_factory=Limits)
-    drain_grace_s: float = 30.0
-    enable_admin: bool = False
+    drain_grace_s: float = 30.0  # on SIGTERM: how long running requests may finish
+    enable_admin: bool = False  # serve TillerAdmin (on the main port unless admin_port)
     log: LogConfig | None = None  # None: the server-wide switch is off
     registry: Path | None = None  # follow promoted versions here and hot-swap them
-    registry_poll_s: float = 0.5
+    registry_poll_s: float = 0.5  # how often the registry's state.json is read
     security: SecurityConfig = field(default_factory=SecurityConfig)
     observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)

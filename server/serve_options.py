@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from .auth import TokenFileError, load_tokens
-from .config import ObservabilityConfig, SecurityConfig, TlsConfig
+from .config import Limits, ObservabilityConfig, SecurityConfig, TlsConfig, choices, default
 
 _KEYS = (
     "tokens",
@@ -50,11 +50,13 @@ def edge_options(f: Callable[..., Any]) -> Callable[..., Any]:
             default=None,
             help="PEM CA: require client certificates signed by it (mTLS).",
         ),
-        click.option("--admin-host", default="127.0.0.1", show_default=True),
+        click.option(
+            "--admin-host", default=default(SecurityConfig, "admin_host"), show_default=True
+        ),
         click.option(
             "--admin-port",
             type=int,
-            default=None,
+            default=default(SecurityConfig, "admin_port"),
             help="Serve TillerAdmin only on this port (0 = any free), not on the main one.",
         ),
         click.option(
@@ -64,28 +66,35 @@ def edge_options(f: Callable[..., Any]) -> Callable[..., Any]:
             type=click.Path(path_type=Path, file_okay=False),
             help="LoadAdapter may only load version directories inside these (repeatable).",
         ),
-        click.option("--max-prompt-tokens", type=int, default=None),
+        click.option("--max-prompt-tokens", type=int, default=default(Limits, "max_prompt_tokens")),
         click.option(
             "--max-request-seconds",
             type=float,
-            default=900.0,
+            default=default(Limits, "max_request_s") or 0.0,
             show_default=True,
             help="Server-side cap on one RPC's duration (DEADLINE_EXCEEDED); 0 = none.",
         ),
-        click.option("--metrics-host", default="127.0.0.1", show_default=True),
+        click.option(
+            "--metrics-host",
+            default=default(ObservabilityConfig, "metrics_host"),
+            show_default=True,
+        ),
         click.option(
             "--metrics-port",
             type=int,
-            default=None,
+            default=default(ObservabilityConfig, "metrics_port"),
             help="Prometheus /metrics on this port (0 = any free). Unset: no metrics.",
         ),
         click.option(
-            "--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True
+            "--log-format",
+            type=click.Choice(choices(ObservabilityConfig, "log_format")),
+            default=default(ObservabilityConfig, "log_format"),
+            show_default=True,
         ),
         click.option(
             "--log-level",
-            type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
-            default="INFO",
+            type=click.Choice(choices(ObservabilityConfig, "log_level"), case_sensitive=False),
+            default=default(ObservabilityConfig, "log_level"),
             show_default=True,
         ),
     ]

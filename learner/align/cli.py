@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from tiller.server.tools.models import DEFAULT_CACHE
+
 from .config import load_config
 
 
@@ -37,7 +39,7 @@ from .config import load_config
 @click.option(
     "--cache-dir",
     type=click.Path(path_type=Path, file_okay=False),
-    default=Path.home() / ".cache" / "tiller",
+    default=DEFAULT_CACHE,
     show_default=True,
     help="Where the default model is converted once.",
 )
@@ -56,8 +58,8 @@ def align(
 
     try:
         cfg = load_config(config_path)
-    except (ValueError, OSError) as e:
-        raise click.ClickException(f"{config_path}: {e}") from None
+    except ValueError as e:  # a ConfigError naming the file, the key and the expected type
+        raise click.ClickException(str(e)) from None
     if duration is not None:
         cfg = replace(cfg, duration_s=duration)
     if max_iterations is not None:

@@ -1,4 +1,5 @@
 """``tiller align`` configuration: one TOML file for the whole loop, checked before anything starts.
+Every key, its type and default: ``docs/config-reference.md``.
 
 Layout (paths relative to the file)::
 
@@ -29,6 +30,9 @@ Layout (paths relative to the file)::
     higher_is_better = false
     tags = ["Most Negative", "Most Positive"]   # ALT: the two extreme tags (best first)
     attributes = {critical = 1.0}  # CMPO: the weights the adapter is evaluated with
+    [eval.sampling]                # the one held-out sampling spec (learner/heldout.py)
+    samples = 1
+    seed = 4321
     [eval.sweep]                   # CMPO: weights {a: λ, b: 1 − λ} for each λ, scored per attribute
     attributes = ["critical", "simple"]
     scorers = ["sentiment", "readability"]
@@ -39,15 +43,18 @@ from __future__ import annotations
 
 import copy
 import math
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from tiller.server.formats import sections
+from tiller.server.formats.sections import ConfigError
+
 from ..annotate.config import build_section
 from ..annotate.config import parse_config as parse_annotator
 from ..annotate.scorers import make_scorer
+from ..heldout import HeldoutSampling
 from ..learn.config import parse_config as parse_learner
 from ..learn.config import with_prompts
 
@@ -79,12 +86,7 @@ class EvalConfig:
     scorer: str
     higher_is_better: bool = True
     tags: tuple[str, ...] = ()
-    samples: int = 2
-    max_tokens: int = 48
-    temperature: float = 1.0
-    top_p: float = 1.0
-    repetition_penalty: float | None = None
-    seed: int = 4321
+    sampling: HeldoutSampling = field(default_factory=HeldoutSampling)  # [eval.sampling]
     perplexity: bool = True
     attributes: Mapping[str, float] = field(default_factory=dict)
     sweep: SweepConfig | None = None
@@ -100,23 +102,33 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class JudgeServerConfig:
-    model: str
-    args: tuple[str, ...] = ()
+    """`[judge]`: an OpenAI-compatible judge server (vLLM's) started beside Tiller."""
+
+    model: str  # "smollm2" or a model directory
+    args: tuple[str, ...] = ()  # extra `vllm serve` arguments
+
+
+@dataclass(frozen=True)
+class ServerSection:
+    """`[server]`: the `tiller serve` process align starts."""
+
+    args: tuple[str, ...] = ()  # extra `tiller serve` arguments
 
 
 @dataclass(frozen=True)
 class AlignConfig:
-    name: str
-    model: str
-    duration_s: float
-    annotator: Mapping[str, Any]
-    learner: Mapping[str, Any]
+    name: str  # the run's name (run directories are <name>-<time>)
+    annotator: Mapping[str, Any]  # `tiller annotate`'s config, without db
+    learner: Mapping[str, Any]  # `tiller learn`'s config, without db/registry/workdir/model/server
+    model: str = "smollm2"  # "smollm2" or a model directory
+    duration_s: float = 1080.0  # wall-clock budget of the loop (the final evaluation is extra)
+    # active: the learner samples its prompt pool; passive: live traffic and app feedback only
     mode: Literal["active", "passive"] = "active"
-    server_args: tuple[str, ...] = ()
+    server_args: tuple[str, ...] = ()  # [server] args
     judge: JudgeServerConfig | None = None
     eval: EvalConfig | None = None
-    reward_provider: str = ""
-    base: Path = field(default_factory=Path.cwd)
+    reward_provider: str = ""  # annotation provider plotted as the reward
+    base: Path = field(default_factory=Path.cwd)  # the file's directory: relative paths start here
 
     @property
     def adapter(self) -> str:
@@ -150,51 +162,47 @@ def annotator_section(cfg: AlignConfig, *, db: Path, judge_url: str | None) -> d
     return out
 
 
+_TABLES = ("server", "judge", "annotator", "learner", "eval")
+
+
 def parse_config(data: Mapping[str, Any], base: Path) -> AlignConfig:
+    """Build the config and check the annotator's and the learner's sections too (with
+    placeholder paths), so that errors surface before anything starts. Every key is
+    type-checked: errors are a ``ConfigError`` (a ``ValueError``) naming the table and key."""
     d = dict(data)
+    tables = {k: d.pop(k) for k in _TABLES if k in d}
+    top = sections.check_fields(AlignConfig, d, "", exclude=(*_TABLES, "server_args", "base"))
     for key in ("name", "annotator", "learner"):
-        if key not in d:
-            raise ValueError(f"the align config needs {key}")
-    server = dict(d.pop("server", {}))
-    judge = d.pop("judge", None)
-    ev = d.pop("eval", None)
+        if key not in top and key not in tables:
+            raise ConfigError(f"the align config needs {key}")
+    server = build_section(ServerSection, tables.get("server", {}), "[server]")
+    judge = tables.get("judge")
+    ev = tables.get("eval")
     if ev is not None:
-        ev = with_prompts(ev, base, "eval")
-        if "sweep" in ev:
-            ev["sweep"] = build_section(SweepConfig, ev["sweep"], "[eval.sweep]")
-        ev = build_section(EvalConfig, ev, "[eval]")
+        ev = build_section(EvalConfig, with_prompts(ev, base, "eval"), "[eval]")
     cfg = AlignConfig(
-        name=str(d.pop("name")),
-        model=str(d.pop("model", "smollm2")),
-        duration_s=float(d.pop("duration_s", 1080)),
-        mode=d.pop("mode", "active"),
-        annotator=d.pop("annotator"),
-        learner=d.pop("learner"),
-        server_args=tuple(str(a) for a in server.pop("args", [])),
-        judge=JudgeServerConfig(str(judge["model"]), tuple(judge.get("args", ())))
-        if judge
-        else None,
+        **top,
+        annotator=sections.table(tables["annotator"], "[annotator]"),
+        learner=sections.table(tables["learner"], "[learner]"),
+        server_args=server.args,
+        judge=None if judge is None else build_section(JudgeServerConfig, judge, "[judge]"),
         eval=ev,
-        reward_provider=str(d.pop("reward_provider", "")),
         base=base,
     )
-    if d or server:
-        raise ValueError(f"the align config has unknown keys {sorted([*d, *server])}")
-    if cfg.mode not in ("active", "passive"):
-        raise ValueError(f"mode {cfg.mode!r} is not one of: active, passive")
     if cfg.mode == "passive" and "sample" in cfg.learner:
-        raise ValueError("mode 'passive' learns from live traffic only: remove [learner.sample]")
+        raise ConfigError("mode 'passive' learns from live traffic only: remove [learner.sample]")
     if cfg.mode == "active" and "sample" not in cfg.learner:
-        raise ValueError("mode 'active' needs [learner.sample] (the prompt pool)")
+        raise ConfigError("mode 'active' needs [learner.sample] (the prompt pool)")
     if cfg.duration_s <= 0:
-        raise ValueError("duration_s must be > 0")
-    # Check the sub-configs now, with placeholder paths: errors surface before anything starts.
+        raise ConfigError("duration_s must be > 0")
     tmp = Path("/nonexistent")
     learner = learner_section(cfg, db=tmp, registry=tmp, workdir=tmp, model=tmp, server="x:1")
-    parse_learner(learner, tmp, {})
-    parse_annotator(annotator_section(cfg, db=tmp, judge_url="http://x/v1"), {})
+    parse_learner(learner, tmp, {}, prefix="learner.")
+    annotator = annotator_section(cfg, db=tmp, judge_url="http://x/v1")
+    parse_annotator(annotator, {}, prefix="annotator.")
     return cfg
 
 
 def load_config(path: Path) -> AlignConfig:
-    return parse_config(tomllib.loads(path.read_text()), path.parent.resolve())
+    """The TOML file at ``path``; errors are a ``ConfigError`` prefixed with ``path``."""
+    return sections.load_file(path, lambda data: parse_config(data, path.parent.resolve()))

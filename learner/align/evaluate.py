@@ -1,11 +1,12 @@
 """The held-out evaluation after an alignment run: the promoted adapter against the base model.
 
-Generation goes through the running server (``log=False``), same prompts and seeds for every
-condition. Conditions: the base model on the plain prompts; the adapter on the plain prompts
-(no tags configured) or once per extreme tag (ALT). For each: the scorer's mean with a 95%
-Student-t confidence interval, distinct-2, and optionally the perplexity of the generations
-under the base model (fluency: a collapsed policy produces text the base finds unlikely, or
-degenerate repeats it finds too likely; both move it away from the base's own value).
+Generation goes through the running server (``tiller.learner.heldout``: ``log=False``, the
+same prompts and seeds for every condition, ``[eval.sampling]``). Conditions: the base model on
+the plain prompts; the adapter on the plain prompts (no tags configured) or once per extreme
+tag (ALT). For each: the scorer's mean with a 95% Student-t confidence interval, distinct-2,
+and optionally the perplexity of the generations under the base model (fluency: a collapsed
+policy produces text the base finds unlikely, or degenerate repeats it finds too likely; both
+move it away from the base's own value).
 
 ``compare`` tests the difference between two conditions. Every condition generates from the
 same prompts with the same per-prompt seeds, so score ``i`` of one condition and score ``i`` of
@@ -23,28 +24,12 @@ from typing import Any
 
 from tiller.client import AsyncClient
 from tiller.server.formats.manifest import Conditioning
-from tiller.server.formats.prompt import render_text
 
-from ..annotate.scorers import make_scorer
 from ..fluency import load_scoring_model, perplexity
+from ..heldout import Condition, generate
 from ..learn.gate import distinct_n
-from ..learn.sampling import generate_each
 from ..stats import mean_halfwidth
 from .config import EvalConfig
-
-
-@dataclass(frozen=True)
-class Condition:
-    """What generates: the base model, or ``adapter@version``; ``feedback`` is a tag the server
-    renders, or, with ``render``, a tag rendered here into the prompt sent to the base model
-    (the conditioning-only bootstrap: no server-side version has to stay loaded for it)."""
-
-    label: str
-    adapter: str = ""
-    version: int | None = None
-    feedback: str = ""
-    render: Conditioning | None = None
-    attributes: tuple[tuple[str, float], ...] = ()  # steering weights (CMPO heads)
 
 
 @dataclass(frozen=True)
@@ -87,50 +72,27 @@ def compare(a: Stats, b: Stats) -> dict[str, float]:
     }
 
 
-async def condition_texts(
-    client: AsyncClient, cond: Condition, cfg: EvalConfig
-) -> list[tuple[str, str]]:
-    common: dict[str, Any] = {
-        "n": cfg.samples,
-        "max_tokens": cfg.max_tokens,
-        "temperature": cfg.temperature,
-        "top_p": cfg.top_p,
-        "repetition_penalty": cfg.repetition_penalty,
-        "log": False,
-    }
-    if cond.adapter:
-        common |= {"adapter": cond.adapter, "adapter_version": cond.version}
-    if cond.attributes:
-        common["attributes"] = dict(cond.attributes)
-    sent = list(cfg.prompts)
-    if cond.feedback and cond.render is not None:
-        sent = [render_text(p, cond.feedback, cond.render) for p in cfg.prompts]
-    elif cond.feedback:
-        common["feedback"] = cond.feedback
-    jobs = [(p, common | {"seed": cfg.seed + i}) for i, p in enumerate(sent)]
-    texts = await generate_each(client, jobs, 16)
-    return [(p, t) for p, ts in zip(cfg.prompts, texts, strict=True) for t in ts]
-
-
 async def evaluate(
     client: AsyncClient,
     conditions: list[Condition],
     cfg: EvalConfig,
     model_dir: Path | None,
 ) -> list[Stats]:
-    scorer = make_scorer(cfg.scorer)
+    """Generate and score every condition (``heldout.generate``), one ``Stats`` each, in order;
+    with ``cfg.perplexity`` and ``model_dir``, the perplexity under that base model too."""
     base = None
     if cfg.perplexity and model_dir:
         base = await asyncio.to_thread(load_scoring_model, model_dir)
+    runs = await generate(client, conditions, cfg.prompts, cfg.sampling, (cfg.scorer,))
     out = []
-    for cond in conditions:
-        pairs = await condition_texts(client, cond, cfg)
-        scores = [scorer.score(t) for _, t in pairs]
+    for run in runs:
+        pairs = [(s.prompt, s.text) for s in run.samples]
+        scores = list(run.scores[cfg.scorer])
         m, ci = mean_ci(scores)
         ppl = await asyncio.to_thread(perplexity, base, pairs) if base else None
         out.append(
             Stats(
-                label=cond.label,
+                label=run.condition.label,
                 n=len(scores),
                 mean=m,
                 ci95=ci,

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tiller.server.tools.models import DEFAULT_CACHE
+
 from .config import AlignConfig, EvalConfig
 from .supervisor import ChildFailed, ChildSpec, Supervisor, wait_for_file
 
@@ -132,7 +134,7 @@ class AlignRun:
         if j is None:
             return None
         port = free_port()
-        model = resolve_model(j.model, self.cfg.base, Path.home() / ".cache" / "tiller")
+        model = resolve_model(j.model, self.cfg.base, DEFAULT_CACHE)
         argv = [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server",
             "--model", str(model), "--served-model-name", "judge",
@@ -277,7 +279,7 @@ class AlignRun:
         from tiller.server.formats.manifest import load_manifest
         from tiller.server.formats.registry import read_state, version_path
 
-        from ..learn.loop import bootstrap_version
+        from ..learn.publish import bootstrap_version
         from . import plots
         from .evaluate import compare, conditions, evaluate, spread
 

@@ -2,8 +2,9 @@
 as the request's weights move from one attribute to another.
 
 For each λ in ``lambdas`` the adapter generates the held-out prompts with weights
-``{attributes[0]: λ, attributes[1]: 1 − λ}`` (through the running server, ``log=False``, the
-same per-prompt seeds at every λ); every generation is scored by each attribute's scorer. The
+``{attributes[0]: λ, attributes[1]: 1 − λ}`` (``tiller.learner.heldout`` with the evaluation's
+prompts and ``[eval.sampling]``: the same per-prompt seeds at every λ); every generation is
+scored by each attribute's scorer. The
 base model generates once, as the reference line. The result is the steerability curve CMPO
 promises: one served version, a different trade-off per request.
 """
@@ -17,10 +18,9 @@ from typing import Any
 
 from tiller.client import AsyncClient
 
-from ..annotate.scorers import make_scorer
+from ..heldout import Condition, generate
 from ..stats import mean_halfwidth
 from .config import EvalConfig, SweepConfig
-from .evaluate import Condition, condition_texts
 
 
 @dataclass(frozen=True)
@@ -40,23 +40,27 @@ async def sweep(
     client: AsyncClient, ev: EvalConfig, adapter: str, version: int
 ) -> list[SweepPoint]:
     """The base model first, then the adapter at each λ of ``ev.sweep``; generated as the
-    evaluation's conditions are (``evaluate.condition_texts``: its prompts, seeds, sampling)."""
+    evaluation's conditions are (its prompts and sampling), scored by each of the sweep's
+    scorers."""
     cfg = ev.sweep
     assert cfg is not None
-    scorers = {name: make_scorer(name) for name in dict.fromkeys(cfg.scorers)}
     conds = [Condition("base")]
     for lam in cfg.lambdas:
         w = tuple(weights_at(cfg, lam).items())
         conds.append(Condition(f"λ={lam:g}", adapter, version, attributes=w))
-    points = []
-    for cond in conds:
-        texts = [t for _, t in await condition_texts(client, cond, ev)]
-        means = {
-            name: mean_halfwidth([scorer.score(t) for t in texts], 0.975)
-            for name, scorer in scorers.items()
-        }
-        points.append(SweepPoint(cond.label, dict(cond.attributes), means, len(texts)))
-    return points
+    runs = await generate(client, conds, ev.prompts, ev.sampling, cfg.scorers)
+    return [
+        SweepPoint(
+            r.condition.label,
+            dict(r.condition.attributes),
+            {
+                name: mean_halfwidth(list(r.scores[name]), 0.975)
+                for name in dict.fromkeys(cfg.scorers)
+            },
+            len(r.samples),
+        )
+        for r in runs
+    ]
 
 
 def to_json(points: list[SweepPoint]) -> list[dict[str, Any]]:

@@ -97,7 +97,10 @@ async def _main(config: AnnotatorConfig, once: bool, timeout_s: float) -> int:
 )
 def annotate(config_path: Path, db: Path | None, once: bool, timeout_s: float) -> None:
     """Follow the generation log and label new generations with the configured providers."""
-    config = load_config(config_path, os.environ)
+    try:
+        config = load_config(config_path, os.environ)
+    except ValueError as e:  # a ConfigError naming the file, the key and the expected type
+        raise click.ClickException(str(e)) from None
     if db is not None:
         config = replace(config, db=db)
     raise SystemExit(asyncio.run(_main(config, once, timeout_s)))

@@ -1,4 +1,5 @@
 """Annotator configuration: a TOML file turned into frozen dataclasses at the CLI edge.
+Every key, its type and default: ``docs/config-reference.md``.
 
 Example::
 
@@ -23,80 +24,82 @@ Example::
 
 from __future__ import annotations
 
-import json
-import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from tiller.server.formats import sections
+from tiller.server.formats.sections import ConfigError
 
 from .judge import JudgeConfig
 
 
 @dataclass(frozen=True)
 class AnnotatorConfig:
-    db: Path
+    db: Path  # the generation log the server writes
     providers: tuple[Any, ...]  # JudgeConfig | QuantileConfig | RatingConfig | ScoreConfig
-    batch_size: int = 32
-    poll_interval_s: float = 1.0
-    retry_delay_s: float = 5.0
+    batch_size: int = 32  # generations per provider call
+    poll_interval_s: float = 1.0  # how often the log is checked for new generations
+    retry_delay_s: float = 5.0  # wait before a failed batch is tried again
 
 
 def build_section(cls: type, data: Mapping[str, Any], where: str) -> Any:
     """``formats.sections.build_section`` (typed, unknown keys refused) with ``template_path``
     expanded."""
-    converted = dict(data)
-    if converted.get("template_path"):
-        converted["template_path"] = Path(str(converted["template_path"])).expanduser()
-    return sections.build_section(cls, converted, where)
+    built = sections.build_section(cls, data, where)
+    path = getattr(built, "template_path", None)
+    return replace(built, template_path=path.expanduser()) if path is not None else built
 
 
-def parse_config(data: Mapping[str, Any], env: Mapping[str, str]) -> AnnotatorConfig:
-    """Build the config; ``env`` supplies secrets named by ``api_key_env``."""
+PROVIDER_TYPES = ("llm_judge", "quantile", "rating", "score")
+
+
+def _provider(raw: Any, where: str, env: Mapping[str, str]) -> Any:
     from .quantile import QuantileConfig, ScoreConfig
     from .ratings import RatingConfig
 
-    providers: list[Any] = []
-    for i, raw in enumerate(data.get("providers", [])):
-        p = dict(raw)
-        kind = p.pop("type", None)
-        where = f"providers[{i}] ({p.get('name', '?')})"
-        if kind == "llm_judge":
-            key_env = p.pop("api_key_env", None)
-            if key_env:
-                p["api_key"] = env.get(key_env, "unused")
-            providers.append(build_section(JudgeConfig, p, where))
-        elif kind == "quantile":
-            p["provider_name"] = p.pop("name")
-            providers.append(build_section(QuantileConfig, p, where))
-        elif kind == "score":
-            p["provider_name"] = p.pop("name")
-            providers.append(build_section(ScoreConfig, p, where))
-        elif kind == "rating":
-            providers.append(RatingConfig.parse(p, where))
-        else:
-            raise ValueError(
-                f"{where}: type {kind!r} is not one of llm_judge, quantile, rating, score"
-            )
+    p = sections.table(raw, where)
+    kind = p.pop("type", None)
+    where = f"{where} ({p.get('name', '?')})"
+    if kind == "llm_judge":
+        key_env = sections.check_value(str, p.pop("api_key_env", ""), f"{where} api_key_env")
+        if key_env:
+            p["api_key"] = env.get(key_env, "unused")
+        return build_section(JudgeConfig, p, where)
+    if kind in ("quantile", "score"):
+        if "name" not in p:
+            raise ConfigError(f"{where}: required key missing: name (string)")
+        p["provider_name"] = p.pop("name")
+        return build_section(QuantileConfig if kind == "quantile" else ScoreConfig, p, where)
+    if kind == "rating":
+        return RatingConfig.parse(p, where)
+    raise ConfigError(f"{where}: type {kind!r} is not one of {', '.join(PROVIDER_TYPES)}")
+
+
+def parse_config(
+    data: Mapping[str, Any], env: Mapping[str, str], *, prefix: str = ""
+) -> AnnotatorConfig:
+    """Build the config; ``env`` supplies secrets named by ``api_key_env``. Every key is
+    type-checked: errors are a ``ConfigError`` (a ``ValueError``) naming the table and key, with
+    table names prefixed by ``prefix`` (``"annotator."`` inside ``tiller align``'s file)."""
+    d = dict(data)
+    raw = sections.check_value(list[Any], d.pop("providers", []), f"{prefix}providers")
+    providers = tuple(_provider(p, f"{prefix}providers[{i}]", env) for i, p in enumerate(raw))
     if not providers:
-        raise ValueError("the annotator config names no providers")
-    if "db" not in data:
-        raise ValueError("the annotator config needs db (the generation log path)")
-    return AnnotatorConfig(
-        db=Path(data["db"]).expanduser(),
-        providers=tuple(providers),
-        batch_size=int(data.get("batch_size", 32)),
-        poll_interval_s=float(data.get("poll_interval_s", 1.0)),
-        retry_delay_s=float(data.get("retry_delay_s", 5.0)),
+        raise ConfigError("the annotator config names no providers")
+    top = sections.check_fields(
+        AnnotatorConfig, d, f"[{prefix[:-1]}]" if prefix else "", exclude=("providers",)
     )
+    if "db" not in top:
+        raise ConfigError("the annotator config needs db (the generation log path)")
+    return AnnotatorConfig(**top | {"db": top["db"].expanduser()}, providers=providers)
 
 
 def load_config(path: Path, env: Mapping[str, str]) -> AnnotatorConfig:
-    """TOML, or JSON when the file ends in ``.json`` (as ``tiller align`` writes it)."""
-    text = path.read_text()
-    return parse_config(json.loads(text) if path.suffix == ".json" else tomllib.loads(text), env)
+    """TOML, or JSON when the file ends in ``.json`` (as ``tiller align`` writes it); errors are
+    a ``ConfigError`` prefixed with ``path``."""
+    return sections.load_file(path, lambda data: parse_config(data, env))
 
 
 def build_providers(config: AnnotatorConfig) -> list[Any]:

@@ -26,7 +26,8 @@ Here, in the log's terms:
 
 Pairs come easy, then medium, then hard, each in log order, with ``source`` =
 ``cdf:easy:critique:<gen id>``, ``cdf:medium:refinement:<gen id>`` or
-``cdf:hard:<provider>:<chosen id>><rejected id>``; prompts are ``rendered_prompt``.
+``cdf:hard:<provider>:<chosen id>><rejected id>``; prompts are ``rendered_prompt``. Pairs carry
+``chosen_id`` / ``rejected_id`` (``chosen_id`` is empty for a rewrite or refinement).
 
 The paper writes PPL as ``exp(+mean log p)`` (the inverse of perplexity); ``greedy_perplexity``
 returns the usual ``exp(-mean log p)``, for which "ascending = easiest first" holds.
@@ -43,17 +44,11 @@ from typing import Literal
 
 import sqlite_utils
 
-from ..annotate.base import GenerationView
+from tiller.server.formats.logstore import GenerationView, annotation_values, generations_by_id
+
 from ..annotate.quantile import band
 from .examples import PreferencePair
-from .pairs import (
-    annotation_values,
-    count_skip,
-    generations_by_id,
-    judge_rows,
-    keep,
-    pair_from_verdict,
-)
+from .pairs import count_skip, judge_rows, keep, pair_from_verdict
 
 Route = Literal["easy", "medium", "hard"]
 ROUTES: tuple[Route, ...] = ("easy", "medium", "hard")
@@ -136,6 +131,7 @@ def cdf_pairs(
                     chosen=better,
                     rejected=g.output_text,
                     source=f"cdf:{name}:{kind}:{g.id}",
+                    rejected_id=g.id,  # the chosen text was written, never logged
                 )
             )
     for a, b, value in verdicts:

@@ -27,7 +27,8 @@ What this module implements, exactly:
 - Not implemented: the negative-weight (Eq A.1) and rating-ratio (Eq A.2) variants from the
   appendix, and the plural model itself (Eq 3.1, the trainer's business).
 
-Prompts are the generations' ``rendered_prompt``; ``source`` is
+Prompts are the generations' ``rendered_prompt``; each pair carries ``chosen_id`` /
+``rejected_id``, and ``source`` (provenance, for people) is
 ``cmpo:<provider>:<chosen id>><rejected id>:<attr+attr>``. Read-only on the log.
 """
 
@@ -41,9 +42,10 @@ from typing import Any
 
 import sqlite_utils
 
-from ..annotate.base import GenerationView
+from tiller.server.formats.logstore import GenerationView, annotation_values, generations_by_id
+
 from .examples import PreferencePair
-from .pairs import annotation_values, count_skip, generations_by_id, keep, make_pair
+from .pairs import count_skip, keep, make_pair
 
 Weights = tuple[tuple[str, float], ...]
 

@@ -27,6 +27,8 @@ class PreferencePair:
     ``attribute_weights`` is CMPO's conditioning weight vector (attribute -> weight) for this
     pair, or empty for unconditioned objectives. ``label_confidence`` in [0.5, 1] is how sure
     the annotation is that ``chosen`` wins (1 = certain; cDPO uses it with label smoothing).
+    ``chosen_id`` / ``rejected_id`` are the logged generations the two completions are (``""``
+    for a text that was never logged, e.g. a rewrite); ``source`` is provenance for people.
     """
 
     prompt: str
@@ -35,3 +37,5 @@ class PreferencePair:
     attribute_weights: tuple[tuple[str, float], ...] = ()
     label_confidence: float = 1.0
     source: str = ""
+    chosen_id: str = ""
+    rejected_id: str = ""

@@ -2,7 +2,8 @@
 
 ``SFTExample`` lines: ``{"prompt", "completion", "weight"?, "source"?}``.
 ``PreferencePair`` lines: ``{"prompt", "chosen", "rejected", "attribute_weights"?,
-"label_confidence"?, "source"?}`` with ``attribute_weights`` a list of ``[attribute, weight]``.
+"label_confidence"?, "source"?, "chosen_id"?, "rejected_id"?}`` with ``attribute_weights`` a list
+of ``[attribute, weight]``.
 
 Loading is strict: an unknown or missing field, a wrong type, a non-finite number, a
 ``label_confidence`` outside [0.5, 1] or invalid JSON raises ``JsonlError`` naming the file,
@@ -103,6 +104,10 @@ def _parse(cls: type[T], where: str, data: Any) -> T:
     args: dict[str, Any] = {name: _str(where, data, name) for name in required}
     if "source" in data:
         args["source"] = _str(where, data, "source")
+    if cls is PreferencePair:
+        for name in ("chosen_id", "rejected_id"):
+            if name in data:
+                args[name] = _str(where, data, name)
     if cls is SFTExample:
         if "weight" in data:
             args["weight"] = _num(where, data, "weight")

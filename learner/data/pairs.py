@@ -17,65 +17,30 @@ generation is missing, the two rendered prompts differ, the completions are iden
 generation is truncated and ``allow_truncated`` is off, or a value is malformed. Annotation
 rows with an ``error`` are never used.
 
-The log readers here (``generations_by_id``, ``annotation_values``) are shared by the CMPO and
-CDF builders. All functions only read; they are safe on a log that is being written (WAL).
+Every pair carries the ids of its two generations (``chosen_id`` / ``rejected_id``); ``source``
+is a human-readable provenance string, never read back. The log is read through the store API
+(``tiller.server.formats.logstore``); all functions only read, safe on a log being written (WAL).
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
-from collections.abc import Iterable, Iterator
 from itertools import combinations
 from typing import Any, Literal
 
 import sqlite_utils
 
-from ..annotate.base import GenerationView
+from tiller.server.formats.logstore import (
+    GenerationView,
+    annotation_values,
+    feedback_preferences,
+    generations_by_id,
+)
+
 from .examples import PreferencePair
 
-GEN_COLUMNS = (
-    "seq, id, group_id, sample_index, prompt, chat_json, rendered_prompt, feedback, adapter, "
-    "adapter_version, output_text, finish_reason, created_at"
-)
-_CHUNK = 500  # well under SQLite's bound-parameter limit
 Pairing = Literal["all", "best_worst"]
-
-
-# ------------------------------------------------------------------------------ log readers
-
-
-def generations_by_id(db: sqlite_utils.Database, ids: Iterable[str]) -> dict[str, GenerationView]:
-    """The logged generations with these ids (unknown ids are simply absent)."""
-    wanted = sorted(set(ids))
-    out: dict[str, GenerationView] = {}
-    for i in range(0, len(wanted), _CHUNK):
-        chunk = wanted[i : i + _CHUNK]
-        marks = ",".join("?" * len(chunk))
-        rows = db.execute(
-            f"SELECT {GEN_COLUMNS} FROM generations WHERE id IN ({marks})", chunk
-        ).fetchall()
-        out.update((r[1], GenerationView(*r)) for r in rows)
-    return out
-
-
-def annotation_values(
-    db: sqlite_utils.Database, provider: str, kind: str
-) -> Iterator[tuple[str, str, Any]]:
-    """``(generation_id, generation_id_b, value)`` of ``provider``'s error-free ``kind`` rows,
-    in log order. ``value`` is the decoded ``value_json`` (None when it does not decode)."""
-    rows = db.execute(
-        "SELECT generation_id, coalesce(generation_id_b, ''), value_json FROM annotations "
-        "WHERE provider = ? AND kind = ? AND coalesce(error, '') = '' ORDER BY seq",
-        [provider, kind],
-    ).fetchall()
-    for gid, gid_b, value_json in rows:
-        try:
-            value = json.loads(value_json) if value_json is not None else None
-        except json.JSONDecodeError:
-            value = None
-        yield str(gid), str(gid_b), value
 
 
 def is_truncated(g: GenerationView) -> bool:
@@ -120,6 +85,8 @@ def make_pair(
         attribute_weights=attribute_weights,
         label_confidence=label_confidence,
         source=source,
+        chosen_id=chosen.id,
+        rejected_id=rejected.id,
     )
 
 
@@ -283,17 +250,13 @@ def feedback_pairs(
 ) -> list[PreferencePair]:
     """Pairs from app feedback rows with ``chosen_id`` and ``rejected_id``, in log order of the
     first row naming each pair. Source: ``feedback:<first feedback id>``."""
-    rows = db.execute(
-        "SELECT id, chosen_id, rejected_id FROM feedback "
-        "WHERE coalesce(chosen_id, '') != '' AND coalesce(rejected_id, '') != '' ORDER BY seq"
-    ).fetchall()
     first: dict[tuple[str, str], str] = {}
-    for fb_id, chosen_id, rejected_id in rows:
-        key = (str(chosen_id), str(rejected_id))
+    for row in feedback_preferences(db):
+        key = (row.chosen_id, row.rejected_id)
         if key in first:
             count_skip(skipped, "duplicate")
         else:
-            first[key] = str(fb_id)
+            first[key] = row.feedback_id
     gens = generations_by_id(db, (i for key in first for i in key))
     out: list[PreferencePair] = []
     for (chosen_id, rejected_id), fb_id in first.items():

@@ -13,6 +13,10 @@ from pathlib import Path
 
 import click
 
+from tiller.server.formats.sections import field_default
+
+from ..heads_trainer import HeadsTrainConfig
+from ..objectives.cmpo import CMPOConfig
 from .config import LearnConfig, load_config
 
 
@@ -62,7 +66,7 @@ def learn(
     try:
         config = load_config(config_path, os.environ)
     except (ValueError, OSError) as e:
-        raise click.ClickException(f"{config_path}: {e}") from None
+        raise click.ClickException(str(e)) from None
     if max_iterations is not None:
         config = replace(config, max_iterations=max_iterations)
     done = asyncio.run(_main(config, progress=not no_progress))
@@ -132,11 +136,20 @@ def _num(v: float | None) -> str:
     "--attribute", "attributes", multiple=True, required=True, help="Head names, in order."
 )
 @click.option("--base-model", default="", help="Base model id recorded in the heads manifest.")
-@click.option("--rank", type=int, default=8, show_default=True)
-@click.option("--epochs", type=int, default=3, show_default=True)
-@click.option("--lr", type=float, default=5e-3, show_default=True)
-@click.option("--beta", type=float, default=0.5, show_default=True)
-@click.option("--label-smoothing", type=float, default=0.1, show_default=True)
+@click.option(
+    "--rank", type=int, default=field_default(HeadsTrainConfig, "rank"), show_default=True
+)
+@click.option(
+    "--epochs", type=int, default=field_default(HeadsTrainConfig, "epochs"), show_default=True
+)
+@click.option("--lr", type=float, default=field_default(HeadsTrainConfig, "lr"), show_default=True)
+@click.option("--beta", type=float, default=field_default(CMPOConfig, "beta"), show_default=True)
+@click.option(
+    "--label-smoothing",
+    type=float,
+    default=field_default(CMPOConfig, "label_smoothing"),
+    show_default=True,
+)
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), required=True)
 def heads(
     model_dir: Path,

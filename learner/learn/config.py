@@ -1,4 +1,5 @@
 """``tiller learn`` configuration: a TOML file turned into frozen dataclasses at the CLI edge.
+Every key, its type and default: ``docs/config-reference.md``.
 
 Example (paths relative to the file's directory)::
 
@@ -44,19 +45,18 @@ Example (paths relative to the file's directory)::
 
 from __future__ import annotations
 
-import json
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from tiller.server.formats import sections
 from tiller.server.formats.manifest import DEFAULT_SEPARATOR
+from tiller.server.formats.sections import ConfigError
 
 from ..annotate.config import build_section
 from ..annotate.judge import JudgeConfig
 from ..heads_trainer import HeadsTrainConfig
-from ..objectives.cmpo import CMPOConfig
 from ..trainer import OBJECTIVES, TrainConfig
 from .gate import GateConfig
 
@@ -68,10 +68,10 @@ class TriggerConfig:
     """Train when ``min_annotations`` new annotations (of the data's provider) arrived, or when
     ``max_interval_s`` passed since the last iteration and at least one did."""
 
-    min_annotations: int = 32
-    max_interval_s: float = 600.0
-    min_examples: int = 8
-    poll_s: float = 2.0
+    min_annotations: int = 32  # new annotations that start an iteration
+    max_interval_s: float = 600.0  # or this long since the last iteration (and one arrived)
+    min_examples: int = 8  # fewer training examples: the iteration is skipped
+    poll_s: float = 2.0  # how often the log is checked
 
     def __post_init__(self) -> None:
         if self.min_annotations < 1 or self.min_examples < 1:
@@ -125,23 +125,23 @@ class DataConfig:
     """
 
     kind: Literal["alt", "pairs", "cmpo"] = "pairs"
-    provider: str = ""
-    source: PairSource = "score"
-    higher_is_better: bool = True
-    min_margin: float = 0.0
-    pairing: Literal["all", "best_worst"] = "best_worst"
-    on_policy: bool = True
-    allow_truncated: bool = True
+    provider: str = ""  # the annotation provider the data comes from
+    source: PairSource = "score"  # kind 'pairs': pairs from judge verdicts, scores or feedback
+    higher_is_better: bool = True  # source 'score': the better completion has the higher score
+    min_margin: float = 0.0  # source 'score': pairs closer than this are dropped
+    pairing: Literal["all", "best_worst"] = "best_worst"  # pairs per prompt: every pair or one
+    on_policy: bool = True  # only completions of the version being served
+    allow_truncated: bool = True  # keep completions cut at max_tokens
     # source 'judge': decide a both-order tie by p_a when |p_a - 0.5| >= this (None: skip ties)
     judge_tie_margin: float | None = None
-    tags: tuple[str, ...] = ()
-    template: str = ""
+    tags: tuple[str, ...] = ()  # kind 'alt': the feedback vocabulary
+    template: str = ""  # kind 'alt': how a tag conditions the prompt
     separator: str = DEFAULT_SEPARATOR  # after the rendered prompt ("" for plain continuation)
-    balance: Literal["none", "downsample", "weight"] = "weight"
-    replay_versions: int | None = None
-    max_examples: int | None = None
+    balance: Literal["none", "downsample", "weight"] = "weight"  # kind 'alt': tags' shares
+    replay_versions: int | None = None  # kind 'alt': data of the latest N versions (None: all)
+    max_examples: int | None = None  # the newest N examples (None: all)
     attributes: tuple[str, ...] = ()  # kind 'cmpo': the steering attributes (head order)
-    max_subset_size: int | None = None
+    max_subset_size: int | None = None  # kind 'cmpo': the largest attribute subset paired
 
     def __post_init__(self) -> None:
         if self.kind not in ("alt", "pairs", "cmpo"):
@@ -163,23 +163,25 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class LearnConfig:
-    db: Path
-    registry: Path
-    workdir: Path
-    adapter: str
-    model: Path
-    base_model: str
+    """The learner's file: the keys outside any table, and its tables."""
+
+    db: Path  # the generation log the server writes
+    registry: Path  # where versions are published
+    workdir: Path  # training runs, checkpoints, gate candidates
+    adapter: str  # the adapter this learner improves
+    model: Path  # base model directory (HF format)
+    base_model: str  # the base model's id, recorded in each version's manifest
     train: TrainConfig
     data: DataConfig
     trigger: TriggerConfig = field(default_factory=TriggerConfig)
-    server: str = ""
+    server: str = ""  # host:port of Tiller, for [sample] and [gate]
     admin_server: str = ""  # admin RPCs' address when the server has --admin-port ("" = server)
     token: str | None = None
     sample: SampleConfig | None = None
     gate: GateConfig | None = None
     heads: HeadsTrainConfig | None = None  # data.kind 'cmpo': the plural heads' training
-    continue_training: bool = True
-    max_iterations: int | None = None
+    continue_training: bool = True  # train each version from the served one (else the base)
+    max_iterations: int | None = None  # stop after this many (None: run until stopped)
 
     def __post_init__(self) -> None:
         if (self.sample is not None or self.gate is not None) and not self.server:
@@ -203,95 +205,114 @@ def _lines(path: Path) -> tuple[str, ...]:
 
 def with_prompts(raw: Mapping[str, Any], base: Path, where: str) -> dict[str, Any]:
     """``raw`` with ``prompts_file`` (relative to ``base``) read into ``prompts``."""
-    out = dict(raw)
+    out = sections.table(raw, f"[{where}]")
     if "prompts_file" in out:
         if "prompts" in out:
-            raise ValueError(f"[{where}]: give prompts or prompts_file, not both")
-        out["prompts"] = _lines(base / Path(str(out.pop("prompts_file"))).expanduser())
+            raise ConfigError(f"[{where}]: give prompts or prompts_file, not both")
+        key = f"[{where}] prompts_file"
+        name = sections.check_value(str, out.pop("prompts_file"), key)
+        try:
+            out["prompts"] = _lines(base / Path(name).expanduser())
+        except OSError as e:
+            raise ConfigError(f"{key}: {e}") from None
     return out
 
 
-def _train(raw: Mapping[str, Any], base: Path) -> TrainConfig:
-    t = dict(raw)
-    objective = str(t.get("objective", "dpo"))
+def _train(raw: Any, where: str) -> TrainConfig:
+    t = sections.table(raw, where)
+    objective = sections.check_value(
+        str,
+        t.get("objective", sections.field_default(TrainConfig, "objective")),
+        f"{where} objective",
+    )
     if objective not in OBJECTIVES:
-        raise ValueError(f"[train]: objective {objective!r} is not one of {sorted(OBJECTIVES)}")
+        raise ConfigError(f"{where}: objective {objective!r} is not one of {sorted(OBJECTIVES)}")
     if "objective_config" in t:
+        sub = f"[{where[1:-1]}.objective_config]"
         t["objective_config"] = build_section(
-            OBJECTIVES[objective], t["objective_config"], "[train.objective_config]"
+            OBJECTIVES[objective], sections.table(t["objective_config"], sub), sub
         )
     for key in ("checkpoint_dir", "checkpoint_every"):
         if key in t:
-            raise ValueError(f"[train]: {key} is managed by the learner (per iteration)")
-    return build_section(TrainConfig, t, "[train]")
+            raise ConfigError(f"{where}: {key} is managed by the learner (per iteration)")
+    return build_section(TrainConfig, t, where)
 
 
-def parse_config(data: Mapping[str, Any], base: Path, env: Mapping[str, str]) -> LearnConfig:
+def _gate(raw: Any, base: Path, env: Mapping[str, str], prefix: str) -> GateConfig:
+    g = with_prompts(raw, base, f"{prefix}gate")
+    if "judge" in g:
+        where = f"[{prefix}gate.judge]"
+        j = sections.table(g["judge"], where)
+        key_env = sections.check_value(str, j.pop("api_key_env", ""), f"{where} api_key_env")
+        if key_env:
+            j["api_key"] = env.get(key_env, "unused")
+        j.setdefault("name", "gate-judge")
+        j.setdefault("mode", "pairwise")
+        g["judge"] = build_section(JudgeConfig, j, where)
+    return build_section(GateConfig, g, f"[{prefix}gate]")
+
+
+def _heads(raw: Any, data: DataConfig, base_model: str, prefix: str) -> HeadsTrainConfig:
+    where = f"[{prefix}heads]"
+    h = sections.table(raw, where)
+    for key in ("attributes", "base_model", "progress"):
+        if key in h:
+            raise ConfigError(f"{where}: {key} is set by the learner")
+    h |= {"attributes": data.attributes, "base_model": base_model}
+    return build_section(HeadsTrainConfig, h, where)
+
+
+_TABLES = ("train", "data", "trigger", "sample", "gate", "heads")
+_PATHS = ("db", "registry", "workdir", "model")
+
+
+def parse_config(
+    data: Mapping[str, Any], base: Path, env: Mapping[str, str], *, prefix: str = ""
+) -> LearnConfig:
     """Build the config; relative paths resolve against ``base``; ``env`` supplies secrets
-    named by ``token_env`` and the gate judge's ``api_key_env``."""
+    named by ``token_env`` and the gate judge's ``api_key_env``. Every key is type-checked:
+    errors are a ``ConfigError`` (a ``ValueError``) naming the table and key, with table names
+    prefixed by ``prefix`` (``"learner."`` inside ``tiller align``'s file)."""
+    top_where = f"[{prefix[:-1]}]" if prefix else ""
     d = dict(data)
-
-    def path(key: str) -> Path:
-        if key not in d:
-            raise ValueError(f"the learner config needs {key}")
-        return base / Path(str(d.pop(key))).expanduser()
-
-    top = {k: path(k) for k in ("db", "registry", "workdir", "model")}
-    sample = gate = None
-    if "sample" in d:
-        sample = build_section(
-            SampleConfig, with_prompts(d.pop("sample"), base, "sample"), "[sample]"
-        )
-    if "gate" in d:
-        g = with_prompts(d.pop("gate"), base, "gate")
-        if "judge" in g:
-            j = dict(g["judge"])
-            key_env = j.pop("api_key_env", None)
-            if key_env:
-                j["api_key"] = env.get(key_env, "unused")
-            j.setdefault("name", "gate-judge")
-            j.setdefault("mode", "pairwise")
-            g["judge"] = build_section(JudgeConfig, j, "[gate.judge]")
-        gate = build_section(GateConfig, g, "[gate]")
-    data_cfg = build_section(DataConfig, d.pop("data", {}), "[data]")
+    tables = {k: d.pop(k) for k in _TABLES if k in d}
+    # The top-level keys: LearnConfig's plain fields, and token_env instead of the token itself.
+    top = sections.check_fields(
+        LearnConfig, d, top_where, extra={"token_env": str}, exclude=("token", *_TABLES)
+    )
+    for key in _PATHS:
+        if key not in top:
+            raise ConfigError(f"the learner config needs {key}")
+        top[key] = base / top[key].expanduser()
+    if not top.get("adapter") or not top.get("base_model"):
+        raise ConfigError("the learner config needs adapter and base_model")
+    token_env = top.pop("token_env", None)
+    data_cfg = build_section(DataConfig, tables.pop("data", {}), f"[{prefix}data]")
     heads = None
     if data_cfg.kind == "cmpo":
-        if "train" in d:
-            raise ValueError("data.kind 'cmpo' trains plural heads: use [heads], not [train]")
-        h = dict(d.pop("heads", {}))
-        for key in ("attributes", "base_model", "progress"):
-            if key in h:
-                raise ValueError(f"[heads]: {key} is set by the learner")
-        if "objective" in h:
-            h["objective"] = build_section(CMPOConfig, h["objective"], "[heads.objective]")
-        h |= {"attributes": data_cfg.attributes, "base_model": str(d.get("base_model", ""))}
-        heads = build_section(HeadsTrainConfig, h, "[heads]")
-    token_env = d.pop("token_env", None)
-    cfg = LearnConfig(
+        if "train" in tables:
+            raise ConfigError("data.kind 'cmpo' trains plural heads: use [heads], not [train]")
+        heads = _heads(tables.pop("heads", {}), data_cfg, top["base_model"], prefix)
+    elif "heads" in tables:
+        raise ConfigError(f"[{prefix}heads] goes with data.kind 'cmpo' (and only with it)")
+    sample = tables.get("sample")
+    return LearnConfig(
         **top,
-        adapter=str(d.pop("adapter", "")),
-        base_model=str(d.pop("base_model", "")),
-        train=_train(d.pop("train", {}), base),
+        train=_train(tables.get("train", {}), f"[{prefix}train]"),
         data=data_cfg,
-        trigger=build_section(TriggerConfig, d.pop("trigger", {}), "[trigger]"),
-        server=str(d.pop("server", "")),
-        admin_server=str(d.pop("admin_server", "")),
+        trigger=build_section(TriggerConfig, tables.get("trigger", {}), f"[{prefix}trigger]"),
         token=env.get(token_env) if token_env else None,
-        sample=sample,
-        gate=gate,
+        sample=None
+        if sample is None
+        else build_section(
+            SampleConfig, with_prompts(sample, base, f"{prefix}sample"), f"[{prefix}sample]"
+        ),
+        gate=None if "gate" not in tables else _gate(tables["gate"], base, env, prefix),
         heads=heads,
-        continue_training=bool(d.pop("continue_training", True)),
-        max_iterations=d.pop("max_iterations", None),
     )
-    if d:
-        raise ValueError(f"the learner config has unknown keys {sorted(d)}")
-    if not cfg.adapter or not cfg.base_model:
-        raise ValueError("the learner config needs adapter and base_model")
-    return cfg
 
 
 def load_config(path: Path, env: Mapping[str, str]) -> LearnConfig:
-    """TOML, or JSON when the file ends in ``.json`` (as ``tiller align`` writes it)."""
-    text = path.read_text()
-    data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-    return parse_config(data, path.parent.resolve(), env)
+    """TOML, or JSON when the file ends in ``.json`` (as ``tiller align`` writes it); errors are
+    a ``ConfigError`` prefixed with ``path``."""
+    return sections.load_file(path, lambda data: parse_config(data, path.parent.resolve(), env))

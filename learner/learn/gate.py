@@ -1,7 +1,10 @@
-"""The eval gate: a candidate adapter version against the one being served, on held-out prompts.
+"""The eval gate's checks: a candidate adapter version against the one being served, on
+held-out prompts. This module is pure (config, aggregation, ``decide``); ``gate_runs``
+generates the sides' runs and keeps them between iterations.
 
-Both sides generate through the running Tiller server (``log=False``: gate traffic never
-enters the training data) with the same prompts, seeds and sampling settings. The incumbent
+Both sides generate the held-out prompts through the running Tiller server with the same seeds
+and sampling settings (``tiller.learner.heldout``: ``log=False``, gate traffic never enters the
+training data). The incumbent
 is the active version of the adapter, or the base model before the first promotion; for the
 base, a feedback-conditioned prompt is sent already rendered (the base has no vocabulary).
 
@@ -34,22 +37,16 @@ least ``min_win_rate``. The verdict records every number.
 
 from __future__ import annotations
 
-import asyncio
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal, NamedTuple
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
 
-from tiller.client import AsyncClient
 from tiller.server.formats.manifest import Conditioning
-from tiller.server.formats.prompt import render_text
 
-from ..annotate.base import GenerationView
-from ..annotate.judge import JudgeConfig, LLMJudge
-from ..annotate.scorers import make_scorer
-from ..fluency import Scorer, perplexity
+from ..annotate.judge import JudgeConfig
+from ..heldout import HeldoutSampling, score
 from ..stats import mean_halfwidth
-from .sampling import generate_each
 
 Metric = Literal["mean", "spread"]
 
@@ -74,13 +71,7 @@ class GateConfig:
     max_base_perplexity_ratio: float = 0.0  # 0: off; against the base model's own texts
     judge: JudgeConfig | None = None
     min_win_rate: float = 0.5
-    samples: int = 2
-    max_tokens: int = 48
-    temperature: float = 1.0
-    top_p: float = 1.0
-    repetition_penalty: float | None = None
-    seed: int = 1234
-    concurrency: int = 16
+    sampling: HeldoutSampling = field(default_factory=HeldoutSampling)  # [gate.sampling]
 
     def __post_init__(self) -> None:
         if not self.prompts:
@@ -93,9 +84,6 @@ class GateConfig:
             raise ValueError("gate needs a scorer, a judge, or both")
         if self.judge is not None and self.judge.mode != "pairwise":
             raise ValueError(f"gate.judge.mode must be 'pairwise', got {self.judge.mode!r}")
-        for name in ("samples", "max_tokens", "concurrency"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"gate.{name} must be >= 1")
         if not (math.isfinite(self.margin) and self.margin >= 0):
             raise ValueError(f"gate.margin must be a finite number >= 0, got {self.margin}")
         if not (self.confidence == 0 or 0.5 <= self.confidence < 1):
@@ -106,6 +94,11 @@ class GateConfig:
             r = getattr(self, name)
             if not (math.isfinite(r) and (r == 0 or r >= 1)):
                 raise ValueError(f"gate.{name} must be 0 (off) or >= 1, got {r}")
+
+    @property
+    def tags(self) -> tuple[str, ...]:
+        """The feedback tags each side generates with (``''``: none)."""
+        return (self.high_tag, self.low_tag) if self.metric == "spread" else (self.feedback,)
 
     @property
     def measures_perplexity(self) -> bool:
@@ -165,61 +158,27 @@ def distinct_n(texts: Sequence[str], n: int = 2) -> float:
     return len(set(grams)) / len(grams) if grams else 1.0
 
 
-def _tags(cfg: GateConfig) -> tuple[str, ...]:
-    return (cfg.high_tag, cfg.low_tag) if cfg.metric == "spread" else (cfg.feedback,)
-
-
-def _job(
-    side: Side, tag: str, prompt: str, cfg: GateConfig, index: int
-) -> tuple[str, dict[str, Any]]:
-    kw: dict[str, Any] = {
-        "n": cfg.samples,
-        "max_tokens": cfg.max_tokens,
-        "temperature": cfg.temperature,
-        "top_p": cfg.top_p,
-        "seed": cfg.seed + index,
-        "repetition_penalty": cfg.repetition_penalty,
-        "log": False,
-    }
-    if side.name:
-        kw |= {"adapter": side.name, "adapter_version": side.version, "feedback": tag}
-        if side.attributes:
-            kw["attributes"] = dict(side.attributes)
-    elif tag:
-        if side.conditioning is None:
-            raise ValueError("the gate needs a conditioning to render tags for the base model")
-        prompt = render_text(prompt, tag, side.conditioning)
-    return prompt, kw
-
-
-async def generate_side(
-    client: AsyncClient, side: Side, cfg: GateConfig
-) -> list[tuple[str, str, str]]:
-    """(tag, prompt, text) for every gate prompt × tag × sample, in a stable order."""
-    asked = [(tag, i, p) for tag in _tags(cfg) for i, p in enumerate(cfg.prompts)]
-    jobs = [_job(side, tag, p, cfg, i) for tag, i, p in asked]
-    texts = await generate_each(client, jobs, cfg.concurrency)
-    return [(tag, p, t) for (tag, _, p), ts in zip(asked, texts, strict=True) for t in ts]
-
-
 def evaluate(
     side: Side,
     texts: Sequence[tuple[str, str, str]],
     cfg: GateConfig,
     perplexity: float | None = None,
+    scores: Sequence[float] | None = None,
 ) -> Evaluation:
-    """Score one side's generations (module docstring)."""
+    """Aggregate one side's generations (module docstring); ``scores``: the scorer's value of
+    each text, in order (None: scored here)."""
     by_tag: dict[str, float] = {}
     value: float | None = None
     per_prompt: tuple[float, ...] = ()
     if cfg.scorer is not None:
-        scorer = make_scorer(cfg.scorer)
+        if scores is None:
+            scores = score([t for _, _, t in texts], (cfg.scorer,))[cfg.scorer]
         sign = 1.0 if cfg.higher_is_better else -1.0
         # tag -> prompt -> scores; prompts keep the gate's order
-        cells: dict[str, dict[str, list[float]]] = {tag: {} for tag in _tags(cfg)}
-        for g, p, t in texts:
+        cells: dict[str, dict[str, list[float]]] = {tag: {} for tag in cfg.tags}
+        for (g, p, _), v in zip(texts, scores, strict=True):
             if g in cells:
-                cells[g].setdefault(p, []).append(scorer.score(t))
+                cells[g].setdefault(p, []).append(v)
         for tag, row in cells.items():
             vals = [v for vs in row.values() for v in vs]
             by_tag[tag] = sum(vals) / len(vals) if vals else float("nan")
@@ -249,44 +208,6 @@ def paired_upper_bound(
     position (Student t); +inf when there are fewer than two pairs."""
     mean, margin = mean_halfwidth([c - i for c, i in zip(candidate, incumbent, strict=True)], level)
     return mean + margin
-
-
-def _view(i: int, group: str, prompt: str, text: str, side: str) -> GenerationView:
-    return GenerationView(
-        seq=i,
-        id=f"gate-{side}-{i}",
-        group_id=group,
-        sample_index=0,
-        prompt=prompt,
-        chat_json="",
-        rendered_prompt=prompt,
-        feedback="",
-        adapter="",
-        adapter_version=0,
-        output_text=text,
-        finish_reason="stop",
-        created_at=0.0,
-    )
-
-
-async def judge_win_rate(
-    judge: LLMJudge,
-    candidate: Sequence[tuple[str, str, str]],
-    incumbent: Sequence[tuple[str, str, str]],
-) -> tuple[float | None, int]:
-    """The candidate's win rate over the incumbent, row by row (same prompt, tag and sample);
-    returns (rate or None when no verdict parsed, verdicts counted)."""
-    views = []
-    for i, ((_, prompt, a), (_, _, b)) in enumerate(zip(candidate, incumbent, strict=True)):
-        views += [_view(2 * i, f"g{i}", prompt, a, "c"), _view(2 * i + 1, f"g{i}", prompt, b, "i")]
-    notes = await judge.annotate(views)
-    points = []
-    for note in notes:
-        if note.error or not isinstance(note.value, dict):
-            continue
-        winner = note.value.get("winner")
-        points.append(1.0 if winner == "a" else 0.0 if winner == "b" else 0.5)
-    return (sum(points) / len(points) if points else None), len(points)
 
 
 def decide(
@@ -366,98 +287,3 @@ def decide(
         paired_upper=upper if upper is None or math.isfinite(upper) else None,
         base_perplexity=base_perplexity,
     )
-
-
-@dataclass(frozen=True)
-class SideRun:
-    """One side's gate generations and their perplexity under the base (``None``: not measured).
-
-    A promoted candidate's run is the next gate's incumbent run: same prompts, seeds and
-    sampling, same weights, only the adapter name differs (``run_gate``'s ``incumbent_run``)."""
-
-    texts: tuple[tuple[str, str, str], ...]
-    perplexity: float | None = None
-
-
-async def run_side(
-    client: AsyncClient,
-    side: Side,
-    cfg: GateConfig,
-    fluency: Callable[[], Scorer] | None = None,
-) -> SideRun:
-    """Generate with ``side``; with a perplexity bound set, measure the perplexity too."""
-    return (await run_sides(client, (side,), cfg, fluency))[0]
-
-
-async def run_sides(
-    client: AsyncClient,
-    sides: Sequence[Side],
-    cfg: GateConfig,
-    fluency: Callable[[], Scorer] | None = None,
-) -> list[SideRun]:
-    """``run_side`` for each of ``sides``. All sides generate at once: the server batches
-    their requests together (one batch of 128 beside the serving load, not two of 64), and
-    only then does the base model score their perplexities, one side after the other."""
-    if cfg.measures_perplexity and fluency is None:
-        raise ValueError("gate.max_perplexity_ratio needs the base model to score with")
-    runs = await asyncio.gather(*(generate_side(client, side, cfg) for side in sides))
-    if not cfg.measures_perplexity or fluency is None:
-        return [SideRun(tuple(texts)) for texts in runs]
-    model = await asyncio.to_thread(fluency)
-    out = []
-    for texts in runs:
-        pairs = [(p, t) for _, p, t in texts]
-        out.append(SideRun(tuple(texts), await asyncio.to_thread(perplexity, model, pairs)))
-    return out
-
-
-class GateOutcome(NamedTuple):
-    """``run_gate``'s result: the verdict, the candidate's run (the next gate's incumbent run
-    if it is promoted) and the base model's run it measured against (``None``: none), which
-    does not change and can be passed back as ``base_run``."""
-
-    verdict: Verdict
-    candidate: SideRun
-    base: SideRun | None
-
-
-async def run_gate(
-    client: AsyncClient,
-    candidate: Side,
-    incumbent: Side,
-    cfg: GateConfig,
-    fluency: Callable[[], Scorer] | None = None,
-    *,
-    incumbent_run: SideRun | None = None,
-    base_run: SideRun | None = None,
-) -> GateOutcome:
-    """Generate with both sides, score, judge, decide. ``fluency`` returns the base model for
-    the perplexity checks (called only when one is set; may cache). ``incumbent_run``: the
-    incumbent's run from an earlier gate with this config (it was that gate's promoted
-    candidate); it is used instead of generating again, which halves the gate's cost after a
-    promotion; without it, both sides generate at once (``run_sides``). ``base_run``: the base
-    model's run with this config, for ``max_base_perplexity_ratio`` (when the incumbent is not
-    the base and none is given, the base generates beside the other sides; when the incumbent
-    is the base, its run is the base's)."""
-    base: Side | None = None
-    if cfg.max_base_perplexity_ratio > 0 and base_run is None and incumbent.name:
-        base = Side("", 0, incumbent.conditioning)
-    todo = [candidate] + ([incumbent] if incumbent_run is None else []) + ([base] if base else [])
-    done = await run_sides(client, todo, cfg, fluency)
-    cand = done[0]
-    inc = incumbent_run if incumbent_run is not None else done[1]
-    if base is not None:
-        base_run = done[-1]
-    elif base_run is None and not incumbent.name:
-        base_run = inc  # the incumbent is the base model
-    win_rate = None
-    if cfg.judge is not None:
-        win_rate, _ = await judge_win_rate(LLMJudge(cfg.judge), cand.texts, inc.texts)
-    verdict = decide(
-        evaluate(candidate, cand.texts, cfg, cand.perplexity),
-        evaluate(incumbent, inc.texts, cfg, inc.perplexity),
-        cfg,
-        win_rate,
-        base_perplexity=base_run.perplexity if base_run is not None else None,
-    )
-    return GateOutcome(replace(verdict, incumbent_reused=incumbent_run is not None), cand, base_run)

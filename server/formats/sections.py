@@ -3,7 +3,9 @@
 ``build_section(cls, data, where)`` returns ``cls(**data)`` after pydantic has checked every
 key and value with JSON's strict rules: a string is never read as a bool or a number, a float
 field takes an int, a tuple field takes a list, a ``Path`` field takes a string. Errors are a
-``ConfigError`` naming the section, the key, the expected type and the value given.
+``ConfigError`` naming the section, the key, the expected type and the value given, e.g.
+``[train] lr: Input should be a valid number (got 'fast')``. ``load_file`` reads a config file
+and prefixes every error with its path.
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import tomllib
+import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,8 +30,39 @@ class ConfigError(ValueError):
 
 
 @functools.cache
-def _adapter(cls: type[Any]) -> pydantic.TypeAdapter[Any]:
-    return pydantic.TypeAdapter(cls)
+def _adapter(hint: Any) -> pydantic.TypeAdapter[Any]:
+    return pydantic.TypeAdapter(hint)
+
+
+_NAMES: dict[Any, str] = {
+    str: "string",
+    int: "integer",
+    float: "number",
+    bool: "boolean",
+    Path: "path",
+    type(None): "none",
+    Any: "any",
+}
+
+
+def type_name(hint: Any) -> str:
+    """``hint`` as a config user reads it: ``number | none``, ``array of string``, ``"a" | "b"``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint in _NAMES:
+        return _NAMES[hint]
+    if origin is typing.Literal:
+        return " | ".join(json.dumps(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(type_name(a) for a in args)
+    if origin in (tuple, list, frozenset, set):
+        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+            return f"array [{', '.join(type_name(a) for a in args)}]"
+        return f"array of {type_name(args[0])}" if args else "array"
+    if origin is not None and issubclass(origin, Mapping):
+        return f"table of {type_name(args[1])}" if args else "table"
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return f"table ({hint.__name__})"
+    return getattr(hint, "__name__", str(hint))
 
 
 def _jsonable(value: Any) -> Any:
@@ -49,48 +84,177 @@ def _holds_built(value: Any) -> bool:
     return False
 
 
+def _key(where: str, name: str) -> str:
+    return f"{where} {name}" if where else name
+
+
+def _nested(key: str, loc: tuple[Any, ...]) -> str:
+    return key + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)
+
+
+def _subsection(where: str, name: str) -> str:
+    if where.startswith("[") and where.endswith("]"):
+        return f"[{where[1:-1]}.{name}]"
+    return f"[{name}]" if not where else f"{where} {name}"
+
+
+def _table_class(hint: Any) -> type[Any] | None:
+    """The dataclass a field holds (``X`` or ``X | None``), built as a nested section."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    if len(args) == 1 and isinstance(args[0], type) and dataclasses.is_dataclass(args[0]):
+        return args[0]
+    return None
+
+
+def _defaults(f: dataclasses.Field[Any] | None) -> dict[str, Any]:
+    """The init fields of ``f``'s default when that is a dataclass instance; else empty."""
+    if f is None:
+        return {}
+    value = f.default
+    if value is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+    if not dataclasses.is_dataclass(value) or isinstance(value, type):
+        return {}
+    return {g.name: getattr(value, g.name) for g in dataclasses.fields(value) if g.init}
+
+
+def _is_union(hint: Any) -> bool:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) > 1
+
+
+def check_value(hint: Any, value: Any, where: str) -> Any:
+    """``value`` validated as ``hint`` (strict JSON rules) and converted; ``ConfigError`` naming
+    ``where`` (the key), the expected type and the value otherwise."""
+    try:
+        text = json.dumps(_jsonable(value))
+    except TypeError:  # a TOML date or time: no config key takes one
+        expected = type_name(hint)
+        raise ConfigError(f"{where}: Input should be {expected} (got {_shown(value)})") from None
+    try:
+        return _adapter(hint).validate_json(text, strict=True)
+    except pydantic.PydanticSchemaGenerationError:
+        return value  # a type pydantic cannot describe: the dataclass checks it
+    except pydantic.ValidationError as e:
+        if _is_union(hint):
+            raise ConfigError(
+                f"{where}: Input should be {type_name(hint)} (got {_shown(value)})"
+            ) from None
+        raise ConfigError("; ".join(_describe(err, where) for err in e.errors())) from None
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _describe(err: Mapping[str, Any], where: str) -> str:
-    loc = ".".join(str(p) for p in err.get("loc", ()))
-    key = f"{where} {loc}".strip() if loc else where
+    loc = tuple(err.get("loc", ()))
     if err.get("type") == "missing":
-        return f"{key}: required key is missing"
-    if err.get("type") == "unexpected_keyword_argument":
-        return f"{key}: unknown key"
-    given = err.get("input")
-    return f"{key}: {err.get('msg', 'invalid value')} (got {given!r})"
+        if loc and isinstance(loc[-1], int):
+            return f"{_nested(where, loc[:-1])}: too few items"
+        return f"{_nested(where, loc)}: required key is missing"
+    key = _nested(where, loc)
+    return f"{key}: {err.get('msg', 'invalid value')} (got {_shown(err.get('input'))})"
+
+
+def table(value: Any, where: str) -> dict[str, Any]:
+    """``value`` as a dict when it is a table; ``ConfigError`` naming ``where`` otherwise."""
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}: must be a table (got {_shown(value)})")
+    return dict(value)
+
+
+def check_fields(
+    cls: type[Any],
+    data: Mapping[str, Any],
+    where: str,
+    *,
+    extra: Mapping[str, Any] = {},
+    exclude: Collection[str] = (),
+) -> dict[str, Any]:
+    """``data`` with each value checked against (and converted to) the type of ``cls``'s field of
+    that name, or ``extra``'s type for keys that are not fields; unknown keys (``exclude``d
+    fields too) are an error listing the allowed ones. Already built objects (nested
+    dataclasses) pass through untouched; a table given for a dataclass field is built with
+    ``build_section`` under the name ``[where.key]``."""
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls!r} is not a dataclass")
+    data = table(data, where or "the top level")
+    hints = typing.get_type_hints(cls)
+    fields = dataclasses.fields(cls)
+    by_name = {f.name: f for f in fields}
+    known = {f.name: hints[f.name] for f in fields if f.init and f.name not in exclude}
+    known |= extra
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        at = where or "the top level"
+        raise ConfigError(f"{at}: unknown keys {unknown}; allowed: {sorted(known)}")
+    errors: list[str] = []
+    checked: dict[str, Any] = {}
+    for name, value in data.items():
+        try:
+            if _holds_built(value):
+                checked[name] = value
+            elif (sub := _table_class(known[name])) is not None and isinstance(value, Mapping):
+                # a nested table overrides the keys it gives of the field's default, if any
+                merged = {**_defaults(by_name.get(name)), **value}
+                checked[name] = build_section(sub, merged, _subsection(where, name))
+            else:
+                checked[name] = check_value(known[name], value, _key(where, name))
+        except ConfigError as e:
+            errors.append(str(e))
+    if errors:
+        raise ConfigError("; ".join(errors))
+    return checked
 
 
 def build_section(cls: type[T], data: Mapping[str, Any], where: str) -> T:
-    """``cls`` built from ``data`` (one config table), every value type-checked.
+    """``cls`` built from ``data`` (one config table), every value type-checked (``check_fields``).
 
-    Unknown keys are an error listing the allowed ones; values that are already built objects
-    (nested dataclasses the caller constructed) are passed through untouched.
+    Raises ``ConfigError`` for unknown keys, wrong types and missing required keys; the
+    dataclass's own checks (``__post_init__``) raise their ``ValueError`` unchanged.
     """
-    if not dataclasses.is_dataclass(cls):
-        raise TypeError(f"{cls!r} is not a dataclass")
-    known = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise ConfigError(f"{where}: unknown keys {unknown}; allowed: {sorted(known)}")
-    built = {k: v for k, v in data.items() if _holds_built(v)}
-    plain = {k: _jsonable(v) for k, v in data.items() if k not in built}
-    errors = []
-    checked: dict[str, Any] = {}
-    for name, value in plain.items():
-        hint = _field_type(cls, name)
-        try:
-            checked[name] = _adapter(hint).validate_json(json.dumps(value), strict=True)
-        except pydantic.ValidationError as e:
-            errors += [_describe({**err, "loc": (name, *err["loc"])}, where) for err in e.errors()]
-        except pydantic.PydanticSchemaGenerationError:
-            checked[name] = data[name]  # a type pydantic cannot describe: the dataclass checks it
-    if errors:
-        raise ConfigError("; ".join(errors))
+    checked = check_fields(cls, data, where)
+    hints = typing.get_type_hints(cls)
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+        if f.init
+        and f.name not in checked
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        need = ", ".join(f"{m} ({type_name(hints[m])})" for m in missing)
+        raise ConfigError(f"{where}: required key missing: {need}")
+    return typing.cast(T, cls(**checked))
+
+
+def read_file(path: Path) -> dict[str, Any]:
+    """A config file's top table: JSON when the name ends in ``.json``, TOML otherwise."""
+    text = path.read_text()
+    data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    return table(data, "the file's top level")
+
+
+def load_file(path: Path, parse: Callable[[dict[str, Any]], T]) -> T:
+    """``parse(read_file(path))`` with every ``ValueError`` (syntax, types, checks) and
+    ``OSError`` re-raised as a ``ConfigError`` prefixed with ``path``."""
     try:
-        return cls(**checked, **built)
-    except TypeError as e:
-        raise ConfigError(f"{where}: {e}") from e
+        return parse(read_file(path))
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"{path}: {e}") from e
 
 
-def _field_type(cls: type[Any], name: str) -> Any:
-    return typing.get_type_hints(cls)[name]
+def field_default(cls: type[Any], name: str) -> Any:
+    """The default of ``cls``'s field ``name`` (calling its factory); ``KeyError`` if it has none:
+    the one place CLIs read their option defaults from."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            if f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+            raise KeyError(f"{cls.__name__}.{name} has no default")
+    raise KeyError(f"{cls.__name__} has no field {name!r}")

@@ -13,6 +13,9 @@ from pathlib import Path
 
 from ..formats.manifest import Conditioning, Manifest, write_manifest
 
+# Where prepared models, logs and registries live unless a command is told otherwise.
+DEFAULT_CACHE = Path.home() / ".cache" / "tiller"
+
 SMOLLM2 = "SmolLM2-135M-Instruct"
 # Dialogue feedback categories in the style of ALT's LLM-categorical tags (HH-RLHF task).
 DEFAULT_TAGS = (

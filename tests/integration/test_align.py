@@ -58,11 +58,14 @@ max_length = 64
 prompts = ["x y", "z w"]
 scorer = "length"
 margin = 1000.0
+[learner.gate.sampling]
 max_tokens = 8
 [eval]
 prompts = ["x y", "z w", "q r"]
 scorer = "length"
+[eval.sampling]
 max_tokens = 8
+seed = 4321
 """
 
 
@@ -216,10 +219,10 @@ CMPO = (
     )
     .replace("margin = 1000.0", "margin = 1000.0\nattributes = {{long = 1.0, plain = 0.0}}")
     .replace(
-        'scorer = "length"\nmax_tokens = 8\n',
-        'scorer = "length"\nmax_tokens = 8\nattributes = {{long = 1.0, plain = 0.0}}\n'
+        'scorer = "length"\n[eval.sampling]\n',
+        'scorer = "length"\nattributes = {{long = 1.0, plain = 0.0}}\n'
         '[eval.sweep]\nattributes = ["long", "plain"]\nscorers = ["length", "readability"]\n'
-        "lambdas = [0.0, 1.0]\n",
+        "lambdas = [0.0, 1.0]\n[eval.sampling]\n",
     )
 )
 

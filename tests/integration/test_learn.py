@@ -32,6 +32,7 @@ from tiller.learner.annotate.ratings import RatedAttribute, RatingConfig, Rating
 from tiller.learner.annotate.runner import Annotator
 from tiller.learner.fluency import Scorer, load_scoring_model
 from tiller.learner.heads_trainer import HeadsTrainConfig
+from tiller.learner.heldout import HeldoutSampling
 from tiller.learner.learn.config import (
     DataConfig,
     LearnConfig,
@@ -39,7 +40,8 @@ from tiller.learner.learn.config import (
     TriggerConfig,
     parse_config,
 )
-from tiller.learner.learn.gate import GateConfig, Side, run_gate, run_side, run_sides
+from tiller.learner.learn.gate import GateConfig, Side
+from tiller.learner.learn.gate_runs import run_gate, run_side, run_sides
 from tiller.learner.learn.loop import Learner
 from tiller.learner.trainer import TrainConfig
 from tiller.server.formats import logstore as runs
@@ -104,8 +106,7 @@ def _config(
             margin=1e6,
             max_perplexity_ratio=1e6,  # measured (the path runs), never binding
             max_base_perplexity_ratio=1e6,
-            samples=1,
-            max_tokens=8,
+            sampling=HeldoutSampling(samples=1, max_tokens=8),
         ),
         max_iterations=2,
     )
@@ -186,7 +187,9 @@ async def test_gate_uses_a_known_incumbent_run_instead_of_generating(
     learn_server: tuple[ServerProc, Path, Path],
 ) -> None:
     srv = learn_server[0]
-    cfg = GateConfig(prompts=HELD_OUT, scorer="length", samples=1, max_tokens=8)
+    cfg = GateConfig(
+        prompts=HELD_OUT, scorer="length", sampling=HeldoutSampling(samples=1, max_tokens=8)
+    )
     base, ghost = Side("", 0), Side("no-such-adapter", 7)
     async with AsyncClient(srv.target) as client:
         known = await run_side(client, base, cfg)
@@ -227,7 +230,10 @@ async def test_gate_sides_generate_together_and_each_gets_its_perplexity(
 ) -> None:
     srv = learn_server[0]
     cfg = GateConfig(
-        prompts=HELD_OUT, scorer="length", samples=2, max_tokens=8, max_perplexity_ratio=1e6
+        prompts=HELD_OUT,
+        scorer="length",
+        sampling=HeldoutSampling(samples=2, max_tokens=8),
+        max_perplexity_ratio=1e6,
     )
     base = Side("", 0)
     calls: list[int] = []
@@ -253,7 +259,12 @@ async def test_failing_gate_publishes_but_does_not_promote(
     tiny_model: Path, learn_server: tuple[ServerProc, Path, Path], tmp_path: Path
 ) -> None:
     srv, db, registry = learn_server
-    gate = GateConfig(prompts=HELD_OUT, scorer="length", min_distinct2_ratio=100.0, max_tokens=8)
+    gate = GateConfig(
+        prompts=HELD_OUT,
+        scorer="length",
+        min_distinct2_ratio=100.0,
+        sampling=HeldoutSampling(max_tokens=8),
+    )
     cfg = _config(
         tiny_model,
         srv,
@@ -330,7 +341,7 @@ async def test_alt_loop_conditions_on_tags(
             high_tag="Long",
             low_tag="Short",
             margin=1e6,
-            max_tokens=8,
+            sampling=HeldoutSampling(max_tokens=8),
         ),
         max_iterations=2,
     )
@@ -394,7 +405,8 @@ async def test_cmpo_loop_trains_heads_serves_them_and_samples_with_weights(
         sample=SampleConfig(prompts=PROMPTS, per_iteration=8, n=3, max_tokens=8,
                             attributes=weights),
         gate=GateConfig(prompts=HELD_OUT, scorer="length", attributes=weights[0], margin=1e6,
-                        max_perplexity_ratio=1e6, samples=1, max_tokens=8),
+                        max_perplexity_ratio=1e6,
+                        sampling=HeldoutSampling(samples=1, max_tokens=8)),
     )  # fmt: skip
     lines = await _run(cfg, [ratings])
     rows = runs.iterations(connect(db), "plural")

@@ -1,5 +1,5 @@
-"""``tiller learn`` in CMPO mode: the config (data.kind 'cmpo' + [heads]), pair ids of CMPO
-pairs for on-policy filtering, and heads training continuing from served heads."""
+"""``tiller learn`` in CMPO mode: the config (data.kind 'cmpo' + [heads]) and heads training
+continuing from served heads. (CMPO pairs carry their generation ids as fields: test_datasets.)"""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import torch
 from tiller.learner.data.examples import PreferencePair
 from tiller.learner.heads_trainer import HeadsTrainConfig, train_heads
 from tiller.learner.learn.config import parse_config
-from tiller.learner.learn.loop import _pair_ids
 from tiller.learner.objectives.cmpo import CMPOConfig
 from tiller.server.formats.heads import load_tensors
 
@@ -67,19 +66,6 @@ def test_cmpo_config_errors_name_the_field(
     bad = {k: v for k, v in (CMPO | change).items() if v is not None}
     with pytest.raises(ValueError, match=message):
         parse_config(bad, tmp_path, {})
-
-
-@pytest.mark.parametrize(
-    ("source", "ids"),
-    [
-        ("score:len:g1>g2", ("g1", "g2")),
-        ("cmpo:ratings:g1>g2:x+y", ("g1", "g2")),
-        ("cmpo:ratings:g3>g4:x", ("g3", "g4")),
-        ("feedback:42", None),
-    ],
-)
-def test_pair_ids_read_plain_and_cmpo_sources(source: str, ids: tuple[str, str] | None) -> None:
-    assert _pair_ids(PreferencePair("p", "a", "b", source=source)) == ids
 
 
 def _pairs() -> list[PreferencePair]:

@@ -100,8 +100,11 @@ def pp(
     source: str,
     confidence: float = 1.0,
     weights: tuple[tuple[str, float], ...] = (),
+    *,
+    ids: tuple[str, str] = ("", ""),
 ) -> PreferencePair:
-    return PreferencePair(prompt, chosen, rejected, weights, confidence, source)
+    """An expected pair; ``ids``: (chosen id, rejected id), the generations it was built from."""
+    return PreferencePair(prompt, chosen, rejected, weights, confidence, source, *ids)
 
 
 # ------------------------------------------------------------------------------------ ALT
@@ -280,13 +283,14 @@ def test_judge_pairs(db: sqlite_utils.Database) -> None:
     )
     skipped: Counter[str] = Counter()
     assert judge_pairs(db, "judge", skipped=skipped) == [
-        pp("q0", "x1", "x2", "judge:judge:j1>j2", 0.8),
-        pp("q1", "x4", "x3", "judge:judge:j4b>j3", 1.0),
-        pp("q3", "x7", "x8", "judge:judge:j7>j8", 0.5),
+        pp("q0", "x1", "x2", "judge:judge:j1>j2", 0.8, ids=("j1", "j2")),
+        pp("q1", "x4", "x3", "judge:judge:j4b>j3", 1.0, ids=("j4b", "j3")),
+        pp("q3", "x7", "x8", "judge:judge:j7>j8", 0.5, ids=("j7", "j8")),
     ]
     assert skipped == {"tie": 1, "prompt_mismatch": 1, "identical": 1, "malformed": 1}
     strict = judge_pairs(db, "judge", allow_truncated=False)
     assert [p.source for p in strict] == ["judge:judge:j1>j2", "judge:judge:j7>j8"]
+    assert [(p.chosen_id, p.rejected_id) for p in strict] == [("j1", "j2"), ("j7", "j8")]
     assert judge_pairs(db, "nobody") == []
 
 
@@ -310,7 +314,7 @@ def test_judge_ties_decided_by_the_order_averaged_probability(db: sqlite_utils.D
     assert skipped == {"tie": 3, "malformed": 1}
     skipped.clear()
     pairs = judge_pairs(db, "judge", skipped=skipped, tie_margin=0.02)
-    assert pairs == [pp("q0", "b0", "a0", "judge:judge:t2>t1", 0.54)]
+    assert pairs == [pp("q0", "b0", "a0", "judge:judge:t2>t1", 0.54, ids=("t2", "t1"))]
     assert skipped == {"tie": 2, "malformed": 1}
 
 
@@ -329,17 +333,20 @@ def test_score_pairs(db: sqlite_utils.Database) -> None:
     )
     skipped: Counter[str] = Counter()
     up = score_pairs(db, "tox", higher_is_better=True, min_margin=0.1, skipped=skipped)
-    assert up == [pp("qs", "S1", "S0", "score:tox:s1>s0"), pp("qs", "S2", "S0", "score:tox:s2>s0")]
+    assert up == [
+        pp("qs", "S1", "S0", "score:tox:s1>s0", ids=("s1", "s0")),
+        pp("qs", "S2", "S0", "score:tox:s2>s0", ids=("s2", "s0")),
+    ]
     assert skipped == {"small_margin": 2}
     down = score_pairs(db, "tox", higher_is_better=False, min_margin=0.1)
     assert down == [
-        pp("qs", "S0", "S1", "score:tox:s0>s1"),
-        pp("qs", "S0", "S2", "score:tox:s0>s2"),
+        pp("qs", "S0", "S1", "score:tox:s0>s1", ids=("s0", "s1")),
+        pp("qs", "S0", "S2", "score:tox:s0>s2", ids=("s0", "s2")),
     ]
     every = score_pairs(db, "tox", higher_is_better=True)
     assert [p.source for p in every] == ["score:tox:s1>s0", "score:tox:s2>s0", "score:tox:s1>s2"]
     best = score_pairs(db, "tox", higher_is_better=True, pairing="best_worst")
-    assert best == [pp("qs", "S1", "S0", "score:tox:s1>s0")]
+    assert best == [pp("qs", "S1", "S0", "score:tox:s1>s0", ids=("s1", "s0"))]
     with pytest.raises(ValueError, match="min_margin"):
         score_pairs(db, "tox", higher_is_better=True, min_margin=-1)
 
@@ -356,8 +363,23 @@ def test_feedback_pairs(db: sqlite_utils.Database) -> None:
     record_feedback(FeedbackInput(chosen_id="e", rejected_id="f"))(db)
     record_feedback(FeedbackInput(generation_id="a", score=1.0))(db)
     skipped: Counter[str] = Counter()
-    assert feedback_pairs(db, skipped=skipped) == [pp("q", "A", "B", f"feedback:{first}")]
+    expected = pp("q", "A", "B", f"feedback:{first}", ids=("a", "b"))
+    assert feedback_pairs(db, skipped=skipped) == [expected]
     assert skipped == {"duplicate": 1, "contradictory": 2, "prompt_mismatch": 1}
+
+
+def test_on_policy_keeps_pairs_by_their_generation_ids(db: sqlite_utils.Database) -> None:
+    from tiller.learner.learn.dataset import on_policy
+
+    gen(db, "a", "A", group="G", version=2)
+    gen(db, "b", "B", group="G", index=1, version=2)
+    gen(db, "c", "C", group="H", version=1)
+    fresh = PreferencePair("p", "A", "B", source="any text", chosen_id="a", rejected_id="b")
+    stale = PreferencePair("p", "A", "C", chosen_id="a", rejected_id="c")
+    unknown = PreferencePair("p", "A", "B", chosen_id="a", rejected_id="nope")
+    no_ids = PreferencePair("p", "A", "B", source="score:rm:a>b")  # a source is never parsed
+    assert on_policy(db, [fresh, stale, unknown, no_ids], "detox", 2) == [fresh]
+    assert on_policy(db, [fresh, stale], "detox", 1) == []
 
 
 # ------------------------------------------------------------------------------------ CMPO
@@ -404,17 +426,20 @@ def test_cmpo_pairs_from_likert_ratings(db: sqlite_utils.Database) -> None:
         Annotation("z", "lik", "likert", {"h": 3, "c": 3, "v": 4}),  # ties y everywhere
         Annotation("lonely", "lik", "likert", {"h": 1, "c": 1, "v": 1}),
     )
-    half, one = 0.5, 1.0
+    half, one, xy_ = 0.5, 1.0, ("x", "y")
     out = cmpo_pairs(db, "lik", ("h", "c", "v"))
     xy = [
-        pp("q", "X", "Y", "cmpo:lik:x>y:h", 1.0, (("h", one), ("c", 0.0), ("v", 0.0))),
-        pp("q", "X", "Y", "cmpo:lik:x>y:c", 1.0, (("h", 0.0), ("c", one), ("v", 0.0))),
-        pp("q", "X", "Y", "cmpo:lik:x>y:h+c", 1.0, (("h", half), ("c", half), ("v", 0.0))),
-        pp("q", "Y", "X", "cmpo:lik:y>x:v", 1.0, (("h", 0.0), ("c", 0.0), ("v", one))),
-    ]
+        pp("q", "X", "Y", "cmpo:lik:x>y:h", 1.0, (("h", one), ("c", 0.0), ("v", 0.0)), ids=xy_),
+        pp("q", "X", "Y", "cmpo:lik:x>y:c", 1.0, (("h", 0.0), ("c", one), ("v", 0.0)), ids=xy_),
+        pp("q", "X", "Y", "cmpo:lik:x>y:h+c", 1.0, (("h", half), ("c", half), ("v", 0.0)),
+           ids=xy_),
+        pp("q", "Y", "X", "cmpo:lik:y>x:v", 1.0, (("h", 0.0), ("c", 0.0), ("v", one)),
+           ids=("y", "x")),
+    ]  # fmt: skip
     xz = [
-        pp("q", "X", "Z", p.source.replace(">y", ">z"), 1.0, p.attribute_weights) for p in xy[:3]
-    ] + [pp("q", "Z", "X", "cmpo:lik:z>x:v", 1.0, xy[3].attribute_weights)]
+        pp("q", "X", "Z", p.source.replace(">y", ">z"), 1.0, p.attribute_weights, ids=("x", "z"))
+        for p in xy[:3]
+    ] + [pp("q", "Z", "X", "cmpo:lik:z>x:v", 1.0, xy[3].attribute_weights, ids=("z", "x"))]
     assert out == xy + xz
     two = cmpo_pairs(db, "lik", ("h", "c"))
     assert [(p.source, p.attribute_weights) for p in two[:3]] == [
@@ -470,12 +495,13 @@ def test_cdf_routes_each_prompt_to_one_kind_of_feedback(db: sqlite_utils.Databas
     skipped: Counter[str] = Counter()
     out = cdf_pairs(db, cfg, perplexity=perplexity, rewrite=rewrite, skipped=skipped)
     assert out == [
-        pp("p1", "A1 after fix a1 for p1", "A1", "cdf:easy:critique:a1"),
-        pp("p2", "A2 after fix a2 for p2", "A2", "cdf:easy:critique:a2"),
-        pp("p3", "better a3", "A3", "cdf:medium:refinement:a3"),
-        pp("p4", "better a4", "A4", "cdf:medium:refinement:a4"),
-        pp("p5", "B5", "A5", "cdf:hard:pj:b5>a5"),
-        pp("p6", "B6", "A6", "cdf:hard:pj:b6>a6"),
+        # a rewrite or refinement was never logged: only the rejected side has an id
+        pp("p1", "A1 after fix a1 for p1", "A1", "cdf:easy:critique:a1", ids=("", "a1")),
+        pp("p2", "A2 after fix a2 for p2", "A2", "cdf:easy:critique:a2", ids=("", "a2")),
+        pp("p3", "better a3", "A3", "cdf:medium:refinement:a3", ids=("", "a3")),
+        pp("p4", "better a4", "A4", "cdf:medium:refinement:a4", ids=("", "a4")),
+        pp("p5", "B5", "A5", "cdf:hard:pj:b5>a5", ids=("b5", "a5")),
+        pp("p6", "B6", "A6", "cdf:hard:pj:b6>a6", ids=("b6", "a6")),
     ]
     assert sorted(asked) == sorted(set(asked)) == [f"p{i}" for i in range(1, 7)]
     assert skipped == {}
@@ -566,7 +592,8 @@ def test_jsonl_sft_weight_must_be_a_number(tmp_path: Path) -> None:
 def test_unlabelled_counts_generations_without_the_providers_label(
     db: sqlite_utils.Database,
 ) -> None:
-    from tiller.learner.learn.loop import last_generation_seq, unlabelled
+    from tiller.server.formats.logstore import count_unlabelled as unlabelled
+    from tiller.server.formats.logstore import last_generation_seq
 
     assert last_generation_seq(db) == 0
     gen(db, "u0", "before")  # logged before the range: never counted

@@ -7,6 +7,7 @@ import random
 
 import pytest
 
+from tiller.learner.align.config import EvalConfig
 from tiller.learner.align.evaluate import Stats, compare, mean_ci
 
 
@@ -43,7 +44,6 @@ def test_compare_refuses_unpaired_conditions() -> None:
 
 def test_spread_is_a_paired_condition_and_conditions_add_the_prompted_version() -> None:
 
-    from tiller.learner.align.config import EvalConfig
     from tiller.learner.align.evaluate import conditions, spread
 
     s = spread(stats("hi", [3.0, 2.0, 5.0]), stats("lo", [1.0, 2.0, 1.0]), "tag spread")
@@ -71,3 +71,82 @@ def test_spread_is_a_paired_condition_and_conditions_add_the_prompted_version() 
     ]
     assert all(c.render == cond for c in prompted)
     assert [c.label for c in conditions(cfg, "steer", None)] == ["base"]
+
+
+# ------------------------------------------------------------------ held-out generation
+
+
+class _FakeClient:
+    """Records each request; answers ``n`` texts that name the prompt, seed and sample."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[str, dict[str, object]]] = []
+
+    async def generate(self, prompt: str, **kw: object) -> object:
+        from types import SimpleNamespace
+
+        self.asked.append((prompt, kw))
+        n = int(kw["n"])  # type: ignore[call-overload]
+        texts = [f"{prompt}|{kw['seed']}|{k}" for k in range(n)]
+        return SimpleNamespace(completions=[SimpleNamespace(text=t) for t in texts])
+
+
+def test_heldout_jobs_are_a_function_of_the_spec() -> None:
+    from tiller.learner.heldout import Condition, HeldoutSampling, jobs
+    from tiller.server.formats.manifest import Conditioning
+
+    spec = HeldoutSampling(samples=3, max_tokens=8, seed=100)
+    steer = Condition("steer", "steer", 2, "Hi", attributes=(("x", 1.0),))
+    prompts = ("p", "q", "r")
+    assert jobs(steer, prompts, spec) == jobs(steer, prompts, spec)  # same seeds, same jobs
+    got = jobs(steer, prompts, spec)
+    assert [j.seed for j in got] == [100, 101, 102]  # prompt i: seed + i, for every condition
+    assert all(j.log is False and j.n == 3 and j.max_tokens == 8 for j in got)
+    assert (got[0].adapter, got[0].adapter_version, got[0].feedback) == ("steer", 2, "Hi")
+    assert got[0].request_kwargs()["attributes"] == {"x": 1.0}
+    # the base model: the tag is rendered into the prompt, not sent
+    cond = Conditioning(tags=("Hi", "Lo"), template="{feedback}: {prompt}", separator="")
+    base = jobs(Condition("base", feedback="Hi", render=cond), prompts, spec)
+    first = base[0]
+    assert (first.prompt, first.feedback, first.adapter, first.adapter_version) == (
+        "Hi: p", "", "", None,
+    )  # fmt: skip
+    assert [j.seed for j in base] == [100, 101, 102]
+    assert [j.seed for j in jobs(steer, prompts, HeldoutSampling(seed=7))] == [7, 8, 9]
+
+
+async def test_heldout_generate_asks_the_same_requests_and_scores_in_order() -> None:
+    from tiller.learner.heldout import Condition, HeldoutSampling, generate
+
+    spec = HeldoutSampling(samples=2, seed=5)
+    conds = [Condition("base"), Condition("v3", "steer", 3)]
+    first, again = _FakeClient(), _FakeClient()
+    runs = await generate(first, conds, ("ab", "c"), spec, ("length",))  # type: ignore[arg-type]
+    await generate(again, conds, ("ab", "c"), spec, ("length",))  # type: ignore[arg-type]
+    assert first.asked == again.asked and len(first.asked) == 4
+    assert [r.condition.label for r in runs] == ["base", "v3"]
+    assert [(s.prompt, s.text) for s in runs[0].samples] == [
+        ("ab", "ab|5|0"), ("ab", "ab|5|1"), ("c", "c|6|0"), ("c", "c|6|1"),
+    ]  # fmt: skip
+    assert runs[0].scores["length"] == (1.0, 1.0, 1.0, 1.0)  # one word each
+    assert first.asked[2][1]["adapter"] == "steer" and first.asked[2][1]["log"] is False
+
+
+def test_heldout_sampling_is_one_typed_toml_table() -> None:
+    from tiller.learner.heldout import HeldoutSampling
+    from tiller.server.formats.sections import ConfigError, build_section
+
+    cfg = EvalConfig(prompts=("p",), scorer="length")
+    assert cfg.sampling == HeldoutSampling()
+    built = build_section(
+        EvalConfig, {"prompts": ["p"], "scorer": "length", "sampling": {"samples": 4}}, "[eval]"
+    )
+    assert built.sampling == HeldoutSampling(samples=4)
+    with pytest.raises(ConfigError, match=r"\[eval\.sampling\]: unknown keys \['bogus'\]"):
+        build_section(
+            EvalConfig, {"prompts": ["p"], "scorer": "length", "sampling": {"bogus": 1}}, "[eval]"
+        )
+    with pytest.raises(ConfigError, match=r"\[eval\]: unknown keys \['samples'\]"):  # flat
+        build_section(EvalConfig, {"prompts": ["p"], "scorer": "length", "samples": 4}, "[eval]")
+    with pytest.raises(ValueError, match=r"sampling\.samples must be >= 1"):
+        HeldoutSampling(samples=0)

@@ -71,6 +71,38 @@ def test_evaluate_per_prompt_values_keep_the_prompt_order() -> None:
     assert e.per_prompt == (1.0, -3.0)  # p: mean(3, 1) - 1; q: 1 - 4
 
 
+def test_evaluate_uses_the_runs_scores_when_given() -> None:
+    cfg = GateConfig(prompts=("p", "q"), scorer="length")
+    texts = [("", "p", "a b c"), ("", "p", "a"), ("", "q", "a b")]
+    here = evaluate(Side("x", 1), texts, cfg)
+    assert here.value == pytest.approx(2.0) and here.per_prompt == (2.0, 2.0)
+    given = evaluate(Side("x", 1), texts, cfg, scores=[3.0, 1.0, 2.0])
+    assert given == here
+    other = evaluate(Side("x", 1), texts, cfg, scores=[1.0, 1.0, 5.0])  # scores are not redone
+    assert other.per_prompt == (1.0, 5.0)
+
+
+def test_gate_sides_are_held_out_conditions() -> None:
+    from tiller.learner.learn.gate_runs import conditions
+    from tiller.server.formats.manifest import Conditioning
+
+    spread = GateConfig(
+        prompts=("p",), scorer="length", metric="spread", high_tag="Hi", low_tag="Lo"
+    )
+    adapter = conditions(Side("steer", 3, attributes=(("x", 1.0),)), spread)
+    assert [(c.adapter, c.version, c.feedback, c.render, c.attributes) for c in adapter] == [
+        ("steer", 3, "Hi", None, (("x", 1.0),)),
+        ("steer", 3, "Lo", None, (("x", 1.0),)),
+    ]
+    with pytest.raises(ValueError, match="needs a conditioning"):
+        conditions(Side("", 0), spread)
+    cond = Conditioning(tags=("Hi", "Lo"))
+    base = conditions(Side("", 0, cond), spread)
+    assert [(c.adapter, c.feedback, c.render) for c in base] == [("", "Hi", cond), ("", "Lo", cond)]
+    plain = conditions(Side("", 0), GateConfig(prompts=("p",), scorer="length"))
+    assert [(c.adapter, c.feedback, c.render) for c in plain] == [("", "", None)]
+
+
 def test_paired_upper_bound_by_hand() -> None:
     # diffs 1, 2, 3: mean 2, sd 1, se 1/sqrt(3); t(0.95, df=2) = 2.919986
     upper = paired_upper_bound([2.0, 4.0, 6.0], [1.0, 2.0, 3.0], 0.95)

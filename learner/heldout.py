@@ -1,0 +1,133 @@
+"""Held-out generation: conditions × prompts with fixed seeds through the server, then scored.
+
+The eval gate (``learn.gate``), ``tiller align``'s evaluation (``align.evaluate``) and the
+attribute-weight sweep (``align.sweep``) all measure the same way: every condition answers the
+same prompts with ``HeldoutSampling.samples`` samples each, prompt ``i`` with seed
+``seed + i`` and ``log=False`` (held-out traffic never enters the training data). Two runs with
+the same spec therefore ask the server the same requests, and score ``k`` of one condition
+pairs with score ``k`` of another (same prompt, same seed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from tiller.client import AsyncClient
+from tiller.server.formats.manifest import Conditioning
+from tiller.server.formats.prompt import render_text
+
+from .annotate.scorers import make_scorer
+from .learn.sampling import GenerationJob, generate_each
+
+Weights = tuple[tuple[str, float], ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class HeldoutSampling:
+    """How each condition samples the held-out prompts (``[gate.sampling]``,
+    ``[eval.sampling]``): ``samples`` per prompt, prompt ``i`` with seed ``seed + i``, at most
+    ``concurrency`` requests in flight per ``generate`` call."""
+
+    samples: int = 2
+    max_tokens: int = 48
+    temperature: float = 1.0
+    top_p: float = 1.0
+    repetition_penalty: float | None = None
+    seed: int = 1234
+    concurrency: int = 16
+
+    def __post_init__(self) -> None:
+        for name in ("samples", "max_tokens", "concurrency"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"sampling.{name} must be >= 1")
+
+
+@dataclass(frozen=True)
+class Condition:
+    """Who generates and how: the base model (``adapter=''``) or ``adapter@version``.
+
+    ``feedback`` is a tag the server renders, or, with ``render``, a tag rendered here into
+    the prompt (the base model has no vocabulary); ``attributes`` are steering weights (a
+    version with heads). ``label`` names the condition in reports."""
+
+    label: str = ""
+    adapter: str = ""
+    version: int | None = None
+    feedback: str = ""
+    render: Conditioning | None = None
+    attributes: Weights = ()
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One generated text; ``prompt`` is the held-out prompt as given (before any rendering)."""
+
+    prompt: str
+    text: str
+
+
+@dataclass(frozen=True)
+class HeldoutRun:
+    """A condition's samples in prompt order (``samples`` per prompt, consecutive) and, per
+    scorer name, each sample's score in the same order."""
+
+    condition: Condition
+    samples: tuple[Sample, ...]
+    scores: Mapping[str, tuple[float, ...]]
+
+
+def jobs(cond: Condition, prompts: Sequence[str], spec: HeldoutSampling) -> list[GenerationJob]:
+    """The requests ``cond`` sends for ``prompts``: one per prompt, seed ``spec.seed + i``."""
+    out = []
+    for i, prompt in enumerate(prompts):
+        sent, feedback = prompt, cond.feedback
+        if cond.feedback and cond.render is not None:
+            sent, feedback = render_text(prompt, cond.feedback, cond.render), ""
+        out.append(
+            GenerationJob(
+                prompt=sent,
+                n=spec.samples,
+                max_tokens=spec.max_tokens,
+                temperature=spec.temperature,
+                top_p=spec.top_p,
+                repetition_penalty=spec.repetition_penalty,
+                seed=spec.seed + i,
+                adapter=cond.adapter,
+                adapter_version=cond.version if cond.adapter else None,
+                feedback=feedback,
+                attributes=cond.attributes,
+                log=False,
+            )
+        )
+    return out
+
+
+def score(texts: Sequence[str], scorers: Sequence[str]) -> dict[str, tuple[float, ...]]:
+    """Each named scorer's score of every text, in order."""
+    out = {}
+    for name in dict.fromkeys(scorers):
+        scorer = make_scorer(name)
+        out[name] = tuple(scorer.score(t) for t in texts)
+    return out
+
+
+async def generate(
+    client: AsyncClient,
+    conditions: Sequence[Condition],
+    prompts: Sequence[str],
+    spec: HeldoutSampling,
+    scorers: Sequence[str] = (),
+) -> list[HeldoutRun]:
+    """Generate ``prompts`` under every condition (all requests of the call at once, at most
+    ``spec.concurrency`` in flight, so the server batches them together), then score every
+    sample with each of ``scorers``. Returns one run per condition, in order. Server errors
+    propagate as ``TillerClientError``; an unknown scorer is a ``ValueError``."""
+    per = [jobs(c, prompts, spec) for c in conditions]
+    texts = await generate_each(client, [j for js in per for j in js], spec.concurrency)
+    runs = []
+    for k, cond in enumerate(conditions):
+        mine = texts[k * len(prompts) : (k + 1) * len(prompts)]
+        samples = tuple(Sample(p, t) for p, ts in zip(prompts, mine, strict=True) for t in ts)
+        runs.append(HeldoutRun(cond, samples, score([s.text for s in samples], scorers)))
+    return runs

@@ -1,0 +1,282 @@
+"""Typed configs: every key of every config file is type-checked when the file loads, and the
+error names the file, the table, the key and the expected type; the server's defaults live in
+its dataclasses only; docs/config-reference.md is the generator's output."""
+
+from __future__ import annotations
+
+import re
+import textwrap
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from tiller.learner.align.config import load_config as load_align
+from tiller.learner.annotate.config import load_config as load_annotate
+from tiller.learner.learn.config import load_config as load_learn
+from tiller.server.config import EngineConfig, Limits, LogConfig, ServerConfig, default
+from tiller.server.formats.sections import ConfigError, field_default
+
+ROOT = Path(__file__).resolve().parents[2]
+
+LEARN = """\
+db = "log.sqlite"
+registry = "reg"
+workdir = "work"
+model = "m"
+adapter = "critic"
+base_model = "tiny"
+server = "127.0.0.1:1"
+{top}
+[data]
+kind = "pairs"
+source = "score"
+provider = "len"
+{tables}
+"""
+
+
+def _file(tmp_path: Path, text: str, name: str = "cfg.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def _fails(load: object, path: Path, needle: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        load(path)  # type: ignore[operator]
+    message = str(info.value)
+    assert message.startswith(f"{path}: "), message
+    rest = message.removeprefix(f"{path}: ")
+    assert re.search(needle, rest), message
+    return rest
+
+
+@pytest.mark.parametrize(
+    ("top", "tables", "needle"),
+    [
+        # top level: a string is never read as a bool or a number
+        (
+            'continue_training = "false"',
+            "",
+            r"^continue_training: Input should be a valid boolean \(got 'false'\)",
+        ),
+        ('max_iterations = "3"', "", r"^max_iterations: Input should be a valid integer"),
+        ("admin_server = 3", "", r"^admin_server: Input should be a valid string \(got 3\)"),
+        ("bogus = 1", "", r"unknown keys \['bogus'\]"),
+        ("train = 3", "", r"^\[train\]: must be a table \(got 3\)"),
+        # [train]: bool, number, Literal, list for a scalar, scalar for a list, unknown key
+        (
+            "",
+            '[train]\ngradient_checkpointing = "false"',
+            r"\[train\] gradient_checkpointing: Input should be a valid boolean \(got 'false'\)",
+        ),
+        ("", '[train]\nlr = "fast"', r"\[train\] lr: Input should be a valid number"),
+        (
+            "",
+            '[train]\nlr_schedule = "cosine"',
+            r"\[train\] lr_schedule: Input should be 'constant' or 'linear' \(got 'cosine'\)",
+        ),
+        ("", "[train]\nlora_r = [8]", r"\[train\] lora_r: Input should be a valid integer"),
+        ("", "[train]\nlora_r = 8.5", r"\[train\] lora_r: Input should be a valid integer"),
+        (
+            "",
+            '[train]\ntarget_modules = "q_proj"',
+            r"\[train\] target_modules: Input should be a valid array",
+        ),
+        ("", "[train]\nlr_warmup = 3", r"\[train\]: unknown keys \['lr_warmup'\]"),
+        (
+            "",
+            '[train]\nobjective = "dpo"\n[train.objective_config]\nbeta = "big"',
+            r"\[train.objective_config\] beta: Input should be a valid number",
+        ),
+        ("", "[train]\nobjective = 1", r"\[train\] objective: Input should be a valid string"),
+        # the other tables
+        (
+            "",
+            "[trigger]\nmin_annotations = true",
+            r"\[trigger\] min_annotations: Input should be a valid integer \(got True\)",
+        ),
+        (
+            "",
+            '[sample]\nprompts = ["a"]\nfeedback = 3',
+            r"\[sample\] feedback: Input should be string \| array of string \(got 3\)",
+        ),
+        (
+            "",
+            '[sample]\nprompts = ["a"]\nattributes = [{x = "high"}]',
+            r"\[sample\] attributes\[0\].x: Input should be a valid number",
+        ),
+        (
+            "",
+            '[gate]\nprompts = ["a"]\nscorer = "length"\nhigher_is_better = "no"',
+            r"\[gate\] higher_is_better: Input should be a valid boolean",
+        ),
+        (
+            "",
+            '[gate]\nprompts = ["a"]\n[gate.judge]\nbase_url = "http://h/v1"\nmodel = "m"\n'
+            'timeout_s = "30"',
+            r"\[gate.judge\] timeout_s: Input should be a valid number",
+        ),
+        ("", '[gate]\nprompts_file = 7\nscorer = "length"', r"\[gate\] prompts_file: .*string"),
+    ],
+)
+def test_learn_config_wrong_types_name_the_file_and_key(
+    tmp_path: Path, top: str, tables: str, needle: str
+) -> None:
+    path = _file(tmp_path, LEARN.format(top=top, tables=tables))
+    _fails(lambda p: load_learn(p, {}), path, needle)
+
+
+def test_learn_config_keeps_its_checks_and_converts_json_numbers(tmp_path: Path) -> None:
+    path = _file(tmp_path, LEARN.format(top="", tables="[train]\ncheckpoint_dir = 'x'"))
+    _fails(lambda p: load_learn(p, {}), path, r"\[train\]: checkpoint_dir is managed by")
+    good = _file(tmp_path, LEARN.format(top="max_iterations = 2", tables="[train]\nlr = 1"))
+    cfg = load_learn(good, {})
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float) and cfg.max_iterations == 2
+    assert cfg.db == tmp_path / "log.sqlite" and cfg.continue_training is True
+
+
+def test_learn_config_syntax_errors_name_the_file(tmp_path: Path) -> None:
+    path = _file(tmp_path, "db = \n")
+    _fails(lambda p: load_learn(p, {}), path, r"Invalid value")
+    bad_json = _file(tmp_path, '{"db": "x", "max_iterations": "3"}', name="cfg.json")
+    _fails(lambda p: load_learn(p, {}), bad_json, r"max_iterations: Input should be a valid int")
+
+
+ANNOTATE = """\
+db = "log.sqlite"
+{top}
+[[providers]]
+name = "len"
+type = "score"
+scorer = "length"
+{tables}
+"""
+
+
+@pytest.mark.parametrize(
+    ("top", "tables", "needle"),
+    [
+        ('batch_size = "32"', "", r"^batch_size: Input should be a valid integer \(got '32'\)"),
+        ("poll_interval_s = [1]", "", r"poll_interval_s: Input should be a valid number"),
+        ("bogus = 1", "", r"unknown keys \['bogus'\]"),
+        (
+            "",
+            '[[providers]]\nname = "q"\ntype = "quantile"\nscorer = "length"\ntags = ["a", "b"]\n'
+            'mode = "sometimes"',
+            r"providers\[1\] \(q\) mode: Input should be 'per_prompt', 'global' or 'fixed'",
+        ),
+        (
+            "",
+            '[[providers]]\nname = "j"\ntype = "llm_judge"\nmode = "pairwise"\n'
+            'base_url = "http://h/v1"\nmodel = "m"\nstructured = "yes"',
+            r"providers\[1\] \(j\) structured: Input should be a valid boolean",
+        ),
+        (
+            "",
+            '[[providers]]\nname = "r"\ntype = "rating"\n[[providers.attributes]]\nname = "a"\n'
+            'scorer = "length"\ncuts = "1, 2"',
+            r"providers\[1\] \(r\): attributes\[0\] cuts: Input should be a valid array",
+        ),
+    ],
+)
+def test_annotate_config_wrong_types_name_the_file_and_key(
+    tmp_path: Path, top: str, tables: str, needle: str
+) -> None:
+    path = _file(tmp_path, ANNOTATE.format(top=top, tables=tables))
+    _fails(lambda p: load_annotate(p, {}), path, needle)
+
+
+ALIGN = """\
+name = "x"
+{top}
+[annotator]
+[[annotator.providers]]
+name = "len"
+type = "score"
+scorer = "length"
+
+[learner]
+adapter = "a"
+base_model = "b"
+{learner}
+[learner.data]
+kind = "pairs"
+source = "score"
+provider = "len"
+
+[learner.sample]
+prompts = ["p"]
+{tables}
+"""
+
+
+@pytest.mark.parametrize(
+    ("top", "learner", "tables", "needle"),
+    [
+        ('duration_s = "long"', "", "", r"^duration_s: Input should be a valid number"),
+        ('mode = "sometimes"', "", "", r"^mode: Input should be 'active' or 'passive'"),
+        ("model = true", "", "", r"^model: Input should be a valid string \(got True\)"),
+        ("", 'continue_training = "false"', "", r"\[learner\] continue_training: .*boolean"),
+        ("", 'max_iterations = "3"', "", r"\[learner\] max_iterations: .*valid integer"),
+        ("", "", '[learner.train]\nlr = "fast"', r"\[learner.train\] lr: .*valid number"),
+        ("", "", '[server]\nargs = "--x"', r"\[server\] args: Input should be a valid array"),
+        ("", "", "[judge]\nmodel = 3", r"\[judge\] model: Input should be a valid string"),
+        ("", "", "[judge]\nargs = []", r"\[judge\]: required key missing: model \(string\)"),
+        (
+            "",
+            "",
+            '[eval]\nprompts = ["p"]\nscorer = "length"\nperplexity = "no"',
+            r"\[eval\] perplexity: Input should be a valid boolean",
+        ),
+    ],
+)
+def test_align_config_wrong_types_name_the_file_and_key(
+    tmp_path: Path, top: str, learner: str, tables: str, needle: str
+) -> None:
+    path = _file(tmp_path, ALIGN.format(top=top, learner=learner, tables=tables))
+    _fails(load_align, path, needle)
+
+
+def test_align_config_checks_the_annotator_section(tmp_path: Path) -> None:
+    text = ALIGN.format(top="", learner="", tables="").replace(
+        "[annotator]\n", '[annotator]\nbatch_size = "8"\n'
+    )
+    _fails(load_align, _file(tmp_path, text), r"\[annotator\] batch_size: .*valid integer")
+    assert load_align(_file(tmp_path, ALIGN.format(top="", learner="", tables=""))).name == "x"
+
+
+def test_a_server_built_from_code_has_the_cli_defaults(tmp_path: Path) -> None:
+    from tiller.server.cli import serve, serve_config
+
+    ctx = serve.make_context("serve", ["--model", str(tmp_path)])
+    from_cli = serve_config(dict(ctx.params))
+    from_code = ServerConfig(engine=EngineConfig(model=tmp_path))
+    assert from_cli.limits.max_request_s == from_code.limits.max_request_s == 900.0
+    assert replace(from_cli, log=None) == from_code
+    assert from_cli.log is not None and from_cli.log == LogConfig(path=from_cli.log.path)
+
+
+def test_the_cli_options_read_their_defaults_from_the_dataclasses() -> None:
+    from tiller.client.cli import DEFAULT_TARGET
+    from tiller.server.cli import serve
+
+    options = {p.name: p for p in serve.params}
+    assert options["max_request_seconds"].default == default(Limits, "max_request_s")
+    assert options["drain_grace"].default == default(ServerConfig, "drain_grace_s")
+    assert options["kv_blocks"].default == default(EngineConfig, "num_kv_blocks")
+    assert f"{default(ServerConfig, 'host')}:{default(ServerConfig, 'port')}" == DEFAULT_TARGET
+    with pytest.raises(KeyError, match="no default"):
+        field_default(EngineConfig, "model")
+
+
+def test_config_reference_is_the_generators_output() -> None:
+    from tiller.server.tools.config_docs import reference
+
+    committed = ROOT / "docs" / "config-reference.md"
+    assert committed.exists(), "docs/config-reference.md is not committed"
+    assert committed.read_text() == reference(), (
+        "docs/config-reference.md is stale: run "
+        "python -m tiller.server.tools.config_docs > docs/config-reference.md"
+    )
