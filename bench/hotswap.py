@@ -134,7 +134,7 @@ def main() -> None:
         served = [(end, st) for st, end, ver, _ in log.done if ver == v and end >= t]
         latency.append(min(served)[0] - t if served else float("inf"))
         # When did requests start going to the new version (the swap itself, without the
-        # ~1 s a 32-token request takes under this load)?
+        # time a request then takes to finish)?
         starts = [st for st, _end, ver, _ in log.done if ver == v and st >= t]
         routed.append(min(starts) - t if starts else float("inf"))
     total = len(log.done) + len(log.failed)

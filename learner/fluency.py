@@ -27,7 +27,7 @@ def perplexity(scorer: Scorer, pairs: list[tuple[str, str]], batch_size: int = 1
     """exp(mean NLL per token) of the completions given their prompts under the base model.
 
     Sequences run ``batch_size`` at a time, right-padded (a causal model's logits at real
-    positions do not see the padding); one forward per sequence cost the gate ~20 s a side.
+    positions do not see the padding), since a forward per sequence is far slower.
     """
     import torch
 

@@ -5,8 +5,8 @@ PyTorch ops that gather one whole LoRA matrix per token (``weights[indices]``, s
 ``[tokens, out, in]``) and contract it with a batched mat-vec. Two costs follow:
 
 - speed: every decode step copies ``tokens × rank × hidden`` floats per projection per layer,
-  and runs it even for a batch in which no request has an adapter. Serving an adapter was
-  about 4× slower than the base model on this machine (bench/cpu_lora.py).
+  and runs it even for a batch in which no request has an adapter (``bench/cpu_lora.py``
+  compares the two).
 - correctness: a token without an adapter has index -1, which the gather reads as the *last*
   slot. Once ``max_loras`` adapters are active, base-model requests get the last slot's delta.
 

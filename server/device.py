@@ -9,7 +9,7 @@ def resolve_dtype(requested: str, *, has_cuda: bool, cpu_bf16: bool) -> str:
     """The dtype to give vLLM.
 
     ``auto`` keeps vLLM's own choice (bf16/fp16) on GPUs and on CPUs with native bf16, and picks
-    float32 on CPUs without it, where bf16 is emulated and about 5x slower (PLATFORM.md).
+    float32 on CPUs without it, where bf16 is emulated and several times slower.
     """
     if requested != "auto":
         return requested

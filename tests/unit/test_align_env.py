@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tiller.learner.align.run import child_env
+from tiller.learner.align.children import child_env
 
 
 def test_children_wait_passively_in_openmp_by_default(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -51,8 +51,8 @@ def _column_type(hint: Any) -> type:
 
 
 # Declared column types, derived from the record: sqlite-utils infers a column's type from the
-# first row it inserts, and a first row with ``final_loss=None`` (a skipped iteration) made the
-# column TEXT, so later losses came back as strings.
+# first row it inserts, and a first row with ``final_loss=None`` (a skipped iteration) would make
+# the column TEXT.
 _HINTS = get_type_hints(IterationRecord)
 COLUMNS: dict[str, type] = {
     **{

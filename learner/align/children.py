@@ -1,0 +1,210 @@
+"""The processes of one alignment run: the run directory's layout, and each child's command
+line, environment and readiness check (server, judge, annotator, learner) as a ``ChildSpec``.
+
+Nothing here starts a process; ``run.AlignRun`` hands these specs to the ``Supervisor``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tiller.server.tools.models import DEFAULT_CACHE
+
+from .config import AlignConfig, annotator_section, learner_section
+from .supervisor import ChildSpec, wait_for_file
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """The run directory's layout (see ``run``'s module docstring)."""
+
+    root: Path
+
+    @property
+    def db(self) -> Path:
+        return self.root / "log.sqlite"
+
+    @property
+    def registry(self) -> Path:
+        return self.root / "registry"
+
+    @property
+    def plots(self) -> Path:
+        return self.root / "plots"
+
+    @property
+    def port_file(self) -> Path:
+        return self.root / "server.port"
+
+    @property
+    def learner_workdir(self) -> Path:
+        return self.root / "learner"
+
+    def log(self, name: str) -> Path:
+        return self.root / "logs" / f"{name}.log"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def resolve_model(name: str, base: Path, cache_dir: Path) -> Path:
+    """``"smollm2"`` (converted once into ``cache_dir``) or a model directory under ``base``;
+    raises ``ValueError`` when the directory does not exist."""
+    if name == "smollm2":
+        from tiller.server.tools.models import prepare_smollm2
+
+        return prepare_smollm2(cache_dir)
+    path = (base / name).expanduser()
+    if not path.is_dir():
+        raise ValueError(f"model {name!r}: no such directory {path}")
+    return path
+
+
+def wait_serving(target: str, timeout_s: float) -> None:
+    """Block until the gRPC health check at ``target`` says SERVING; ``TimeoutError`` if not."""
+    import grpc
+
+    from tiller.client.health import SERVING, check
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if check(target, timeout=10) == SERVING:
+                return
+        except grpc.RpcError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{target} not SERVING after {timeout_s:.0f} s")
+        time.sleep(0.5)
+
+
+def wait_http(url: str, timeout_s: float) -> None:
+    """Block until ``url`` answers a GET; ``TimeoutError`` if it does not in time."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} not up after {timeout_s:.0f} s") from None
+            time.sleep(1.0)
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """Environment for every child of ``tiller align``, plus ``extra``.
+
+    Passive OpenMP waits (unless ``OMP_WAIT_POLICY`` is set): the children share the CPUs, and
+    one process's spinning OpenMP barriers burn the cores the others wait for."""
+    return {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")} | extra
+
+
+def tiller_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "tiller.client.cli", *args]
+
+
+def judge_spec(cfg: AlignConfig, paths: RunPaths) -> tuple[ChildSpec, str]:
+    """vLLM's OpenAI server for ``[judge]`` on a free port; returns the spec and its ``/v1`` URL.
+    Resolves (and may convert) the judge model now."""
+    assert cfg.judge is not None
+    port = free_port()
+    model = resolve_model(cfg.judge.model, cfg.base, DEFAULT_CACHE)
+    argv = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(model), "--served-model-name", "judge",
+        "--host", "127.0.0.1", "--port", str(port),
+        "--gpu-memory-utilization", "0.1", "--enforce-eager", *cfg.judge.args,
+    ]  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    spec = ChildSpec(
+        "judge",
+        argv,
+        paths.log("judge"),
+        lambda: wait_http(url + "/health", 600),
+        env=child_env(
+            # the engine core in the API server's process: no IPC hop, faster on CPUs
+            VLLM_ENABLE_V1_MULTIPROCESSING="0",
+            VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+        ),
+    )
+    return spec, url + "/v1"
+
+
+def server_spec(
+    cfg: AlignConfig,
+    paths: RunPaths,
+    model: Path,
+    port: int,
+    exit_status: Callable[[], int | None],
+) -> ChildSpec:
+    """``tiller serve`` on ``port`` over the run's log and registry, with the admin API.
+    ``exit_status`` polls the running server process (its readiness check gives up if it exits).
+    """
+    argv = tiller_argv(
+        "serve", "--model", str(model), "--port", str(port),
+        "--port-file", str(paths.port_file), "--log-db", str(paths.db),
+        "--registry", str(paths.registry), "--registry-poll", "0.5", "--enable-admin",
+        # the learner's gate loads candidates from its workdir; nothing else is loadable
+        "--adapter-root", str(paths.registry), "--adapter-root", str(paths.learner_workdir),
+        *cfg.server_args,
+    )  # fmt: skip
+
+    def ready() -> None:
+        wait_for_file(paths.port_file, exit_status, 600)
+        wait_serving(f"127.0.0.1:{port}", 120)
+
+    # On CPUs vLLM sizes its KV cache from free memory unless told: with a judge, a trainer
+    # and the server on one machine that over-commits. 2 GiB holds ~90k SmolLM2 tokens.
+    env = child_env(VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"))
+    return ChildSpec("server", argv, paths.log("server"), ready, env=env)
+
+
+def worker_specs(
+    cfg: AlignConfig, paths: RunPaths, model: Path, server: str, judge_url: str | None
+) -> list[ChildSpec]:
+    """The annotator and the learner, in start order. Writes their configs as run
+    (``annotator.json``, ``learner.json``) into the run directory first."""
+    annotator_cfg = paths.root / "annotator.json"
+    annotator_cfg.write_text(
+        json.dumps(annotator_section(cfg, db=paths.db, judge_url=judge_url), indent=2)
+    )
+    learner = learner_section(
+        cfg,
+        db=paths.db,
+        registry=paths.registry,
+        workdir=paths.learner_workdir,
+        model=model,
+        server=server,
+    )
+    learner_cfg = paths.root / "learner.json"
+    learner_cfg.write_text(json.dumps(learner, indent=2))
+    annotator = ChildSpec(
+        "annotator",
+        tiller_argv("annotate", "--config", str(annotator_cfg)),
+        paths.log("annotator"),
+        env=child_env(),
+    )
+    trainer = ChildSpec(
+        "learner",
+        tiller_argv("learn", "--config", str(learner_cfg), "--no-progress"),
+        paths.log("learner"),
+        finishes=learner.get("max_iterations") is not None,
+        stop_grace_s=120.0,
+        # glibc's mmap threshold at its dynamic maximum (32 MiB): only the largest buffers are
+        # mmapped per step, which keeps page faults out of the training step. The learner
+        # container keeps glibc's 128 KiB: under a memory limit the lower peak matters more.
+        env=child_env(MALLOC_MMAP_THRESHOLD_=os.environ.get("MALLOC_MMAP_THRESHOLD_", "33554432")),
+    )
+    return [annotator, trainer]

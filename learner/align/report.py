@@ -1,0 +1,180 @@
+"""The end of an alignment run: the held-out evaluation (and weight sweep) against the running
+server, the plots, and ``report.json`` in the run directory; plus its summary lines.
+
+``write_report`` needs the server still up when ``[eval]`` is configured; the annotator and the
+learner should already be stopped, so that the registry's active version holds still.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from .children import RunPaths
+from .config import AlignConfig, EvalConfig
+
+# Columns of the learner's iteration rows copied into the report.
+ITERATION_FIELDS = (
+    "iteration",
+    "status",
+    "version",
+    "examples",
+    "steps",
+    "final_loss",
+    "samples_per_s",
+    "candidate_value",
+    "incumbent_value",
+    "candidate_distinct2",
+    "reason",
+    "started_at",
+    "finished_at",
+)
+
+
+def write_report(
+    cfg: AlignConfig,
+    paths: RunPaths,
+    *,
+    target: str,
+    model: Path,
+    started: float,
+    reason: str,
+    say: Any,
+) -> dict[str, Any]:
+    """Evaluate (with ``[eval]``), plot, write ``report.json``; returns the report.
+
+    ``target``: the running server; ``started``: the run's start (epoch seconds); ``reason``:
+    why the loop ended; ``say``: one-line progress messages."""
+    from tiller.server.formats.logstore import connect, count_generations, iterations
+    from tiller.server.formats.registry import read_state
+
+    from . import plots
+
+    paths.plots.mkdir(exist_ok=True)
+    db = connect(paths.db)
+    active = read_state(paths.registry, cfg.adapter).active
+    rows = iterations(db, cfg.adapter)
+    report: dict[str, Any] = {
+        "name": cfg.name,
+        "ended": reason,
+        "wall_s": time.time() - started,
+        "adapter": cfg.adapter,
+        "promoted_version": active,
+        "iterations": [{k: r[k] for k in ITERATION_FIELDS} for r in rows],
+        "samples_logged": count_generations(db),
+        "plots": [],
+    }
+    drawn: list[str] = report["plots"]
+    if cfg.eval is not None:
+        say("evaluating on held-out prompts ...")
+        _evaluate(cfg, cfg.eval, paths, target, model, active, report)
+        if cfg.eval.sweep is not None and active is not None:
+            say("attribute-weight sweep on held-out prompts ...")
+            report["sweep"] = sweep(cfg, cfg.eval, paths, target, active)
+            drawn.append(report["sweep"]["plot"])
+    if cfg.reward_provider:
+        out = paths.plots / "reward_by_version.png"
+        drawn.append(str(plots.reward_by_version(db, cfg.reward_provider, cfg.adapter, out)))
+    data = cfg.learner.get("data", {})
+    if data.get("tags") and data.get("provider"):
+        out = paths.plots / "tags_by_version.png"
+        drawn.append(
+            str(plots.tags_by_version(db, data["provider"], cfg.adapter, data["tags"], out))
+        )
+    if rows:
+        out = paths.plots / "heldout_vs_time.png"
+        drawn.append(str(plots.heldout_vs_time(db, cfg.adapter, started, out)))
+    (paths.root / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    return report
+
+
+def _evaluate(
+    cfg: AlignConfig,
+    ev: EvalConfig,
+    paths: RunPaths,
+    target: str,
+    model: Path,
+    active: int | None,
+    report: dict[str, Any],
+) -> None:
+    """The held-out conditions scored and compared; fills ``report["eval"]`` and its plot."""
+    from tiller.client import AsyncClient
+    from tiller.server.formats.manifest import load_manifest
+    from tiller.server.formats.registry import version_path
+
+    from ..learn.publish import bootstrap_version
+    from . import plots
+    from .evaluate import Stats, compare, conditions, evaluate, spread
+
+    boot = bootstrap_version(paths.registry, cfg.adapter)
+    report["prompted_version"] = boot
+    prompted = None
+    if boot is not None:
+        rendering = load_manifest(version_path(paths.registry, cfg.adapter, boot)).conditioning
+        prompted = None if rendering is None else (boot, rendering)
+
+    async def run_eval() -> list[Stats]:
+        async with AsyncClient(target, timeout=600) as client:
+            conds = conditions(ev, cfg.adapter, active, prompted)
+            return await evaluate(client, conds, ev, model)
+
+    stats = asyncio.run(run_eval())
+    sign = 1.0 if ev.higher_is_better else -1.0
+
+    def gain(a: Stats, b: Stats) -> dict[str, float]:
+        c = compare(a, b)
+        return c | {"gain": sign * c["diff"]}
+
+    out: dict[str, Any] = {"conditions": [s.to_json() for s in stats]}
+    base = stats[0]
+    for s in stats[1:]:
+        out[f"{s.label} vs base"] = gain(s, base)
+    if len(stats) >= 3:  # ALT: the two extreme tags, then (maybe) prompted-only
+        trained = spread(stats[1], stats[2], "tag spread")
+        out["tag spread"] = gain(stats[1], stats[2])
+        if len(stats) == 5:
+            out["tag spread, prompted only"] = gain(stats[3], stats[4])
+            prompted_spread = spread(stats[3], stats[4], "prompted spread")
+            out["tag spread, trained over prompted"] = gain(trained, prompted_spread)
+    report["eval"] = out
+    report["plots"].append(str(plots.eval_bars(stats, ev.scorer, paths.plots / "heldout_eval.png")))
+
+
+def sweep(
+    cfg: AlignConfig, ev: EvalConfig, paths: RunPaths, target: str, version: int
+) -> dict[str, Any]:
+    """The CMPO attribute-weight sweep of ``version`` (``sweep`` module); JSON + plot."""
+    from tiller.client import AsyncClient
+
+    from . import sweep as sweeping
+
+    assert ev.sweep is not None
+
+    async def go() -> list[sweeping.SweepPoint]:
+        async with AsyncClient(target, timeout=600) as client:
+            return await sweeping.sweep(client, ev, cfg.adapter, version)
+
+    points = asyncio.run(go())
+    out = sweeping.plot(points, ev.sweep, cfg.adapter, paths.plots / "sweep.png")
+    return {"points": sweeping.to_json(points), "plot": str(out)}
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    """The report's comparisons, then its conditions, one line each (empty without ``eval``)."""
+    ev = report.get("eval") or {}
+    lines = [
+        f"  {k}: gain {v['gain']:+.4f} ± {v['ci95']:.4f} "
+        f"(paired p={v['p']:.2g}, Welch p={v['p_welch']:.2g})"
+        for k, v in ev.items()
+        if k != "conditions"
+    ]
+    for s in ev.get("conditions", []):
+        ppl = "-" if s["perplexity"] is None else f"{s['perplexity']:.1f}"
+        lines.append(
+            f"  {s['label']}: mean {s['mean']:+.4f} ± {s['ci95']:.4f} "
+            f"distinct-2 {s['distinct2']:.3f} ppl {ppl}"
+        )
+    return lines
