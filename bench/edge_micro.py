@@ -39,7 +39,7 @@ class Stub(pb_grpc.TillerServicer):
 
 
 async def measure(with_edge: bool, chunks: int, unary: int) -> tuple[float, float]:
-    interceptors = [Edge(None, 900.0, Metrics())] if with_edge else []
+    interceptors = [Edge(None, 900.0, Metrics("bench"))] if with_edge else []
     server = grpc.aio.server(interceptors=interceptors)
     pb_grpc.add_TillerServicer_to_server(Stub(chunks), server)
     port = server.add_insecure_port("127.0.0.1:0")

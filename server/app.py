@@ -69,7 +69,7 @@ async def start(config: ServerConfig, engine: Engine | None = None) -> Running:
     service = GenerationService(engine, adapters, config.limits, writer)
 
     sec = config.security
-    metrics = Metrics() if config.observability.metrics_port is not None else None
+    metrics = Metrics(engine.model_id) if config.observability.metrics_port is not None else None
     auth = Authenticator(sec.tokens) if sec.tokens is not None else None
     edge = Edge(auth, config.limits.max_request_s, metrics)
     server = _grpc_server(config, edge)

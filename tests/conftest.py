@@ -15,6 +15,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.ports import PORT_ATTEMPTS, free_port, lost_port_race
+
 TAGS = (
     "Lowest Toxicity",
     "Low-Moderate Toxicity",
@@ -184,31 +186,39 @@ class JudgeServer:
     log: Path
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="session")
 def judge_server(
     tiny_model: Path, server: ServerProc, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[JudgeServer]:
     """vLLM's own OpenAI-compatible HTTP server on the tiny model: a real judge endpoint.
 
-    Requests the Tiller server fixture first so that both engines never load at once."""
-    import urllib.request
-
-    port = _free_port()
+    Requests the Tiller server fixture first so that both engines never load at once. vLLM
+    needs its port up front: when another process takes it first, start again on a new one."""
     log = tmp_path_factory.mktemp("judge") / "judge.log"
+    for _ in range(PORT_ATTEMPTS):
+        port = free_port()
+        proc = _start_judge(tiny_model, port, log)
+        base = f"http://127.0.0.1:{port}"
+        if _wait_judge(proc, base, log):
+            break
+    else:
+        raise RuntimeError(f"judge server lost the port race {PORT_ATTEMPTS} times")
+    yield JudgeServer(proc, f"{base}/v1", log)
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _start_judge(model: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
     cmd = [
         sys.executable,
         "-m",
         "vllm.entrypoints.openai.api_server",
         "--model",
-        str(tiny_model),
+        str(model),
         "--served-model-name",
         "judge",
         "--host",
@@ -225,26 +235,27 @@ def judge_server(
     ]
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     with log.open("wb") as out:
-        proc = subprocess.Popen(
+        return subprocess.Popen(
             cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
-    base = f"http://127.0.0.1:{port}"
+
+
+def _wait_judge(proc: subprocess.Popen[bytes], base: str, log: Path) -> bool:
+    """Wait until the judge answers /health: True; False if it lost its port to another
+    process (it has exited; start it again); raise if it failed otherwise."""
+    import urllib.request
+
     deadline = time.monotonic() + 240
     while True:
         try:
             with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
+                if r.status == 200 and proc.poll() is None:
+                    return True
         except OSError:
             pass
+        if lost_port_race(proc, log.read_text(errors="replace")):
+            return False
         if proc.poll() is not None or time.monotonic() > deadline:
             os.killpg(proc.pid, signal.SIGKILL)
             raise RuntimeError(f"judge server did not start:\n{log.read_text()[-4000:]}")
         time.sleep(0.5)
-    yield JudgeServer(proc, f"{base}/v1", log)
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.ports import PORT_ATTEMPTS, free_port, lost_port_race, wait_announced
 from tiller.client import Client
 
 from .files import DEPLOY, DOCKERFILES, entrypoint_command, healthcheck_command, in_repo
@@ -51,12 +51,6 @@ name = "learner"
 token = "{LEARNER_TOKEN}"
 roles = ["generate", "admin"]
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def image_command(dockerfile: Path = DOCKERFILES[0]) -> list[str]:
@@ -89,6 +83,8 @@ class Stack:
     env: dict[str, str]
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     overrides: dict[str, dict[str, str]] = field(default_factory=dict)  # per process
+    argvs: dict[str, list[str]] = field(default_factory=dict)
+    port_races: int = 0  # judge restarts after another process took its port
 
     @property
     def data(self) -> Path:
@@ -113,6 +109,7 @@ class Stack:
 
     def start(self, name: str, argv: list[str], **env: str) -> subprocess.Popen[bytes]:
         self.overrides[name] = env
+        self.argvs[name] = argv
         with (self.root / f"{name}.log").open("wb") as out:
             proc = subprocess.Popen(
                 argv,
@@ -132,10 +129,17 @@ class Stack:
     def wait_healthy(self, name: str, check: list[str]) -> None:
         """Wait until ``name`` answers its probe, then run ``check`` (the image's or compose's
         healthcheck command), which must exit 0. Polling happens in this process: a Python
-        start-up per second would slow the engines' loading on a 2-core machine."""
+        start-up per second would slow the engines' loading on a 2-core machine. A server
+        started on port 0 is probed on the ports it announces; a judge that lost its port to
+        another process is started again on a fresh one."""
         t0 = time.monotonic()
+        if name.startswith("server"):
+            self._resolve_ports(name)
         while not self._answers(name):
             proc = self.procs[name]
+            if name == "judge" and lost_port_race(proc, self.log(name)):
+                self._restart_judge()
+                continue
             if proc.poll() is not None:
                 raise AssertionError(f"{name} exited {proc.returncode}:\n{self.log(name)}")
             if time.monotonic() - t0 > START_TIMEOUT_S:
@@ -144,11 +148,35 @@ class Stack:
         r = self.run(check, timeout=30, **self.overrides.get(name, {}))
         assert r.returncode == 0, f"{check} exited {r.returncode}: {r.stdout}{r.stderr}"
 
+    def _resolve_ports(self, name: str) -> None:
+        """Record the gRPC and metrics ports a server started with port 0 has bound."""
+        env = self.overrides[name]
+        if self.env_of(name)["TILLER_PORT"] != "0":
+            return
+
+        def log() -> str:
+            return (self.root / f"{name}.log").read_text(errors="replace")
+
+        proc = self.procs[name]
+        port = wait_announced(proc, log, "serving", START_TIMEOUT_S)
+        env["TILLER_PORT"] = str(port)
+        if self.env_of(name).get("TILLER_METRICS_PORT") == "0":
+            env["TILLER_METRICS_PORT"] = str(wait_announced(proc, log, "metrics", 30))
+
+    def _restart_judge(self) -> None:
+        self.port_races += 1
+        assert self.port_races < PORT_ATTEMPTS, self.log("judge")
+        self.env["JUDGE_PORT"] = str(free_port())
+        self.env["TILLER_JUDGE_URL"] = f"http://127.0.0.1:{self.env['JUDGE_PORT']}/v1"
+        self.start("judge", self.argvs["judge"], **self.overrides["judge"])
+
     def _answers(self, name: str) -> bool:
         import grpc
 
         from tiller.client.health import SERVING, check
 
+        if self.procs[name].poll() is not None:
+            return False  # whatever answers on its port now is not this process
         try:
             if name.startswith("server"):
                 return check(self.target_of(name), timeout=2) == SERVING
@@ -166,8 +194,8 @@ class Stack:
             self.start(
                 "server-1",
                 image_command(),
-                TILLER_PORT=str(_free_port()),
-                TILLER_METRICS_PORT=str(_free_port()),
+                TILLER_PORT="0",
+                TILLER_METRICS_PORT="0",
                 TILLER_LOG_SHARD="server-1",
             )
         self.wait_healthy("server-1", image_healthcheck())
@@ -197,10 +225,10 @@ def base_env(root: Path, model: Path, outer: Mapping[str, str]) -> dict[str, str
         TILLER_DATA=str(root / "data"),
         TILLER_CACHE_DIR=str(root / "cache"),
         TILLER_MODEL=str(model),
-        TILLER_PORT=str(_free_port()),
+        TILLER_PORT="0",  # servers bind a free port and announce it (Stack._resolve_ports)
         TILLER_LOG_SHARD=SHARD,
-        TILLER_METRICS_PORT=str(_free_port()),
-        JUDGE_PORT=str(_free_port()),
+        TILLER_METRICS_PORT="0",
+        JUDGE_PORT=str(free_port()),  # vLLM needs it up front (Stack._restart_judge)
         JUDGE_DTYPE="float32",
         JUDGE_MAX_MODEL_LEN="1024",
         VLLM_CPU_KVCACHE_SPACE="1",
@@ -224,7 +252,7 @@ def stack(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 
 def test_healthcheck_fails_without_a_server(tmp_path: Path, tiny_model: Path) -> None:
-    env = base_env(tmp_path, tiny_model, os.environ)
+    env = {**base_env(tmp_path, tiny_model, os.environ), "TILLER_PORT": str(free_port())}
     r = subprocess.run(image_healthcheck(), env=env, capture_output=True, text=True, timeout=30)
     assert r.returncode == 1, r.stdout + r.stderr
 
@@ -243,7 +271,7 @@ def test_server_logs_to_its_shard_and_serves_metrics(stack: Stack) -> None:
             assert g.logged
     with sqlite3.connect(stack.shard) as db:
         assert db.execute("select count(*) from generations").fetchone()[0] >= 6
-    url = f"http://127.0.0.1:{stack.env['TILLER_METRICS_PORT']}/metrics"
+    url = f"http://127.0.0.1:{stack.env_of('server')['TILLER_METRICS_PORT']}/metrics"
     with urllib.request.urlopen(url, timeout=10) as r:
         assert b"tiller_" in r.read()
 

@@ -4,7 +4,6 @@ a separate admin port, a Prometheus endpoint and JSON logs."""
 from __future__ import annotations
 
 import json
-import re
 import secrets
 import threading
 import time
@@ -19,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.certs import Pki, make_pki
 from tests.conftest import ServerProc, start_server, stop_server
+from tests.ports import wait_announced
 from tiller.client import Client, ClientTls, TillerClientError
 from tiller.client.client import RetryPolicy
 from tiller.protos.tiller.v1 import tiller_pb2 as pb
@@ -54,14 +54,6 @@ class Secured:
         )
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def secured(
     tiny_model: Path, lora_versions: list[Path], tmp_path_factory: pytest.TempPathFactory, server
@@ -89,7 +81,6 @@ def secured(
         lines.append(f"max_concurrent = {limit}")
     token_file = work / "tokens.toml"
     token_file.write_text("\n".join(lines) + "\n")
-    metrics_port = _free_port()
     creds = grpc.ssl_channel_credentials(
         pki.ca.read_bytes(), pki.client_key.read_bytes(), pki.client_cert.read_bytes()
     )
@@ -113,7 +104,7 @@ def secured(
         "--adapter-root",
         str(lora_versions[0].parent),
         "--metrics-port",
-        str(metrics_port),
+        "0",
         "--max-prompt-tokens",
         "40",
         "--max-request-seconds",
@@ -124,9 +115,15 @@ def secured(
         "DEBUG",
         credentials=creds,
     )
-    admin = re.search(r"tiller: admin on ([\d.]+:\d+)", srv.logs())
-    assert admin is not None, srv.logs()[-2000:]
-    yield Secured(srv, pki, tokens, admin.group(1), f"http://127.0.0.1:{metrics_port}/metrics")
+    admin_port = wait_announced(srv.proc, srv.logs, "admin", timeout=30)
+    metrics_port = wait_announced(srv.proc, srv.logs, "metrics", timeout=30)
+    yield Secured(
+        srv,
+        pki,
+        tokens,
+        f"127.0.0.1:{admin_port}",
+        f"http://127.0.0.1:{metrics_port}/metrics",
+    )
     stop_server(srv)
     assert srv.proc.returncode == 0, srv.logs()[-4000:]
 
@@ -275,12 +272,19 @@ def test_prompt_token_cap_and_request_time_cap(secured: Secured) -> None:
 
 
 def _scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Samples by (name, labels); every ``tiller_*`` sample carries the one served model name
+    as ``model_name``, which is checked here and left out of the key."""
     with urllib.request.urlopen(url, timeout=10) as r:
         text = r.read().decode()
     out = {}
+    models = set()
     for family in text_string_to_metric_families(text):
         for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+            labels = dict(s.labels)
+            if s.name.startswith("tiller_"):
+                models.add(labels.pop("model_name", ""))
+            out[(s.name, tuple(sorted(labels.items())))] = s.value
+    assert len(models) == 1 and "" not in models, models
     return out
 
 
@@ -310,8 +314,8 @@ def test_metrics_count_real_requests(secured: Secured) -> None:
     assert delta("tiller_generate_requests_by_steering_total", (("kind", "feedback"),)) == 1
     assert delta("tiller_generate_requests_by_steering_total", (("kind", "none"),)) == 4
     assert after[("tiller_adapter_active_version", (("adapter", "detox"),))] == 1
-    assert after[("tiller_log_written", ())] >= 5
-    assert after[("tiller_log_dropped", ())] == 0
+    assert after[("tiller_log_written_total", ())] >= 5
+    assert after[("tiller_log_dropped_total", ())] == 0
     for gauge in (
         "tiller_in_flight_requests",
         "tiller_engine_queue_depth",

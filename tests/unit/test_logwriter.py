@@ -128,13 +128,18 @@ def test_metrics_read_backlogs_and_iterations_from_the_log(tmp_path: Path) -> No
     runs.record_iteration(db, IterationRecord("a", 1, "promoted", 1.0, 2.0, 2))
     runs.record_iteration(db, IterationRecord("a", 2, "rejected", 3.0, 4.0, 3))
     runs.record_iteration(db, IterationRecord("a", 3, "rejected", 5.0, 6.0, 4))
-    state = _LiveState(lambda: None, lambda: [], path)
-    got = {
-        m.name: {tuple(s.labels.values()): s.value for s in m.samples}
-        for m in state._from_log(path)
+    state = _LiveState(lambda: None, lambda: [], path, "tiny")
+    families = list(state._from_log(path))
+    got = {m.name: {tuple(s.labels.values()): s.value for s in m.samples} for m in families}
+    assert got["tiller_annotator_backlog"] == {("tiny", "judge"): 3}
+    assert got["tiller_learner_iterations"] == {
+        ("tiny", "a", "promoted"): 1,
+        ("tiny", "a", "rejected"): 2,
     }
-    assert got["tiller_annotator_backlog"] == {("judge",): 3}
-    assert got["tiller_learner_iterations"] == {("a", "promoted"): 1, ("a", "rejected"): 2}
+    assert {m.name: m.type for m in families} == {
+        "tiller_annotator_backlog": "gauge",
+        "tiller_learner_iterations": "counter",
+    }
     missing = {m.name: m.samples for m in state._from_log(tmp_path / "absent.sqlite")}
     assert missing == {"tiller_annotator_backlog": [], "tiller_learner_iterations": []}
 
