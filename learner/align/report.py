@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..annotate.consistency import judge_report
 from .children import RunPaths
 from .config import AlignConfig, EvalConfig
 
@@ -67,6 +68,9 @@ def write_report(
         "samples_logged": count_generations(db),
         "plots": [],
     }
+    judges = judge_report(db, cfg.annotator)
+    if judges:
+        report["judges"] = judges
     drawn: list[str] = report["plots"]
     if cfg.eval is not None:
         say("evaluating on held-out prompts ...")
@@ -163,7 +167,7 @@ def sweep(
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
-    """The report's comparisons, then its conditions, one line each (empty without ``eval``)."""
+    """The report's comparisons, its conditions and its judges' consistency, one line each."""
     ev = report.get("eval") or {}
     lines = [
         f"  {k}: gain {v['gain']:+.4f} ± {v['ci95']:.4f} "
@@ -177,4 +181,12 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
             f"  {s['label']}: mean {s['mean']:+.4f} ± {s['ci95']:.4f} "
             f"distinct-2 {s['distinct2']:.3f} ppl {ppl}"
         )
+    for name, j in (report.get("judges") or {}).items():
+        rate = j["order_consistency"]
+        line = f"  judge {name}: order consistency {'-' if rate is None else f'{rate:.2f}'} "
+        line += f"({j['consistent']}/{j['verdicts']}, {j['errors']} errors)"
+        for scorer, a in j.get("scorer_agreement", {}).items():
+            r = a["rate"]
+            line += f"; agrees with {scorer} {'-' if r is None else f'{r:.2f}'} ({a['compared']})"
+        lines.append(line)
     return lines

@@ -48,8 +48,13 @@ async def _main(config: AnnotatorConfig, once: bool, timeout_s: float) -> int:
         }
 
         def show(a: Annotator) -> None:
+            try:
+                backlogs = a.backlogs()
+            except Exception as e:  # a busy or locked log must not stop the annotator
+                console.print(f"[yellow]backlog unavailable: {e}[/yellow]")
+                return
             for name, st in a.states.items():
-                left = a.backlogs()[name]
+                left = backlogs[name]
                 total = st.processed + left
                 note = f"errors: {st.failures} {st.last_error[:40]}" if st.failures else ""
                 progress.update(tasks[name], total=max(total, 1), completed=st.processed, note=note)

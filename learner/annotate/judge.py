@@ -3,11 +3,11 @@
 Pairwise judgements are asked in both orders (OAIF) to cancel position bias: agreeing verdicts
 win, disagreeing ones are a tie; with log-probabilities available, ``p_a`` is the mean of the two
 orders' probabilities that A is better. Answers are constrained with vLLM-style structured
-outputs when ``structured`` is on, and parsed defensively in any case.
+outputs when ``structured`` is on (until the endpoint refuses the field), and parsed
+defensively in any case.
 
-Transient failures (connection, timeout, 429, 5xx) are retried with exponential backoff; after
-``breaker_threshold`` consecutive failures the breaker opens for ``breaker_cooldown_s`` and every
-call raises ``ProviderUnavailable`` at once: the annotator keeps the batch for later.
+Faults never leave ``annotate`` as anything but ``ProviderUnavailable`` (endpoint-wide: the batch
+waits) or an error annotation (per item); which is which is ``transport``'s docstring.
 """
 
 from __future__ import annotations
@@ -16,14 +16,16 @@ import asyncio
 import json
 import math
 import re
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from .base import Annotation, GenerationView, ProviderUnavailable
 from .templates import fill, load_template
+from .transport import MAX_RAW_CHARS, Breaker, JudgeClient, JudgeFault, RateLimiter, Reply
+
+__all__ = ["Breaker", "JudgeConfig", "LLMJudge", "RateLimiter", "parse_choice", "parse_likert"]
 
 Mode = Literal["tag", "pairwise", "likert", "critique", "refinement"]
 
@@ -52,60 +54,6 @@ class JudgeConfig:
     def __post_init__(self) -> None:
         if self.mode == "tag" and not self.tags:
             raise ValueError(f"judge {self.name!r}: mode 'tag' needs tags")
-
-
-@dataclass
-class Breaker:
-    threshold: int
-    cooldown_s: float
-    failures: int = 0
-    opened_at: float | None = None
-    last_error: str = ""
-
-    def check(self) -> None:
-        if self.opened_at is not None:
-            if time.monotonic() - self.opened_at < self.cooldown_s:
-                raise ProviderUnavailable(
-                    f"judge circuit breaker is open after {self.failures} failures "
-                    f"(last: {self.last_error})"
-                )
-            self.opened_at = None  # half-open: let one batch try
-            self.failures = self.threshold - 1
-
-    def record(self, ok: bool, error: str = "") -> None:
-        if ok:
-            self.failures = 0
-            return
-        self.failures += 1
-        self.last_error = error
-        if self.failures >= self.threshold:
-            self.opened_at = time.monotonic()
-
-
-class RateLimiter:
-    """Spaces calls at least ``1 / rate`` seconds apart (``rate`` <= 0: no limit)."""
-
-    def __init__(self, rate: float) -> None:
-        self._interval = 1.0 / rate if rate > 0 else 0.0
-        self._next = 0.0
-        self._lock = asyncio.Lock()
-
-    async def wait(self) -> None:
-        if not self._interval:
-            return
-        async with self._lock:
-            now = time.monotonic()
-            delay = self._next - now
-            self._next = max(now, self._next) + self._interval
-        if delay > 0:
-            await asyncio.sleep(delay)
-
-
-@dataclass(frozen=True)
-class Reply:
-    text: str
-    logprobs: dict[str, float] = field(default_factory=dict)  # first-token alternatives
-    latency_s: float = 0.0
 
 
 def parse_choice(text: str, options: Sequence[str]) -> str | None:
@@ -148,77 +96,37 @@ class LLMJudge:
     """A ``Provider`` that asks an LLM. One instance per configured judge."""
 
     def __init__(self, config: JudgeConfig, client: Any = None) -> None:
-        from openai import AsyncOpenAI
-
         self.config = config
         self.name = config.name
         self._template = load_template(config.mode, config.template_path)
-        self._client = client or AsyncOpenAI(
-            base_url=config.base_url,
-            api_key=config.api_key,
-            timeout=config.timeout_s,
-            max_retries=0,
-        )
-        self._sem = asyncio.Semaphore(config.max_concurrency)
-        self._breaker = Breaker(config.breaker_threshold, config.breaker_cooldown_s)
-        self._limiter = RateLimiter(config.requests_per_s)
+        self.transport = JudgeClient(config, client)
 
     # ------------------------------------------------------------------ transport
 
     def _constraint(self) -> dict[str, Any]:
+        """vLLM's ``structured_outputs`` body for this mode ({} when there is none)."""
         c = self.config
-        if not c.structured:
-            return {}
         if c.mode == "tag":
-            return {"structured_outputs": {"choice": list(c.tags)}}
+            return {"choice": list(c.tags)}
         if c.mode == "pairwise":
-            return {"structured_outputs": {"choice": ["A", "B"]}}
+            return {"choice": ["A", "B"]}
         if c.mode == "likert":
             # A regex for the compact JSON object, not a JSON schema: a schema leaves the
             # whitespace free, and weak judges loop on whitespace until max_tokens.
             body = ", ".join(f'"{re.escape(a)}": [1-5]' for a in c.attributes)
-            return {"structured_outputs": {"regex": r"\{" + body + r"\}"}}
+            return {"regex": r"\{" + body + r"\}"}
         return {}
 
     async def _ask(self, prompt: str) -> Reply:
-        import openai
-
-        transient = (
-            openai.APIConnectionError,
-            openai.APITimeoutError,
-            openai.RateLimitError,
-            openai.InternalServerError,
-        )
+        """The judge's reply; ``JudgeFault`` / ``ProviderUnavailable`` as in ``transport``."""
         c = self.config
-        for attempt in range(c.max_retries + 1):
-            self._breaker.check()
-            await self._limiter.wait()
-            t = time.monotonic()
-            try:
-                async with self._sem:
-                    resp = await self._client.chat.completions.create(
-                        model=c.model,
-                        messages=[{"role": "user", "content": prompt}],
-                        max_tokens=4 if c.mode == "pairwise" else c.max_tokens,
-                        temperature=0.0,
-                        logprobs=c.mode == "pairwise",
-                        top_logprobs=5 if c.mode == "pairwise" else None,
-                        extra_body=self._constraint() or None,
-                    )
-            except transient as e:
-                self._breaker.record(False, f"{type(e).__name__}: {e}")
-                if attempt == c.max_retries:
-                    raise ProviderUnavailable(f"judge {c.name!r}: {type(e).__name__}: {e}") from e
-                await asyncio.sleep(c.backoff_s * 2**attempt)
-                continue
-            self._breaker.record(True)
-            choice = resp.choices[0]
-            alts: dict[str, float] = {}
-            lp = getattr(choice, "logprobs", None)
-            if lp is not None and lp.content:
-                alts = {x.token.strip(): x.logprob for x in lp.content[0].top_logprobs or []}
-            return Reply(choice.message.content or "", alts, time.monotonic() - t)
-        raise AssertionError("unreachable")
+        pairwise = c.mode == "pairwise"
+        return await self.transport.ask(
+            prompt,
+            max_tokens=4 if pairwise else c.max_tokens,
+            logprobs=pairwise,
+            constraint=self._constraint() if c.structured else {},
+        )
 
     # ------------------------------------------------------------------ modes
 
@@ -237,7 +145,7 @@ class LLMJudge:
             provider=self.name,
             kind=kind,
             value=value,
-            raw=reply.text,
+            raw=reply.text[:MAX_RAW_CHARS],
             judge_model=self.config.model,
             latency_s=reply.latency_s,
             error=error,
@@ -251,7 +159,10 @@ class LLMJudge:
             "categories": "; ".join(c.tags),
             "attributes": ", ".join(c.attributes),
         }
-        reply = await self._ask(fill(self._template, **fields))
+        try:
+            reply = await self._ask(fill(self._template, **fields))
+        except JudgeFault as f:
+            return self._note(g, _KIND[c.mode], None, Reply(f.raw), f"judge fault: {f.reason}")
         if c.mode == "tag":
             tag = parse_choice(reply.text, c.tags)
             return self._note(g, "tag", tag, reply, "" if tag else "no category in the answer")
@@ -276,11 +187,20 @@ class LLMJudge:
             )
             for x, y in ((a, b), (b, a))
         ]
-        first, second = await asyncio.gather(*(self._ask(p) for p in prompts))
+        first, second = _raise_endpoint(
+            await asyncio.gather(*(self._ask(p) for p in prompts), return_exceptions=True)
+        )
+        faults = [x for x in (first, second) if isinstance(x, JudgeFault)]
+        if faults:
+            f = faults[0]
+            raw = Reply(f.raw)
+            return self._note(a, "preference", None, raw, f"judge fault: {f.reason}", other=b.id)
+        assert isinstance(first, Reply) and isinstance(second, Reply)
         v1 = parse_choice(first.text, ("A", "B"))
         v2 = parse_choice(second.text, ("A", "B"))
+        half = MAX_RAW_CHARS // 2
         raw = Reply(
-            json.dumps({"a_first": first.text, "b_first": second.text}),
+            json.dumps({"a_first": first.text[:half], "b_first": second.text[:half]}),
             latency_s=first.latency_s + second.latency_s,
         )
         if v1 is None or v2 is None:
@@ -295,13 +215,36 @@ class LLMJudge:
         return self._note(a, "preference", value, raw, other=b.id)
 
     async def annotate(self, batch: Sequence[GenerationView]) -> list[Annotation]:
+        """One annotation per generation (tag, likert, critique, refinement) or per pair of
+        consecutive samples of a request (pairwise), error annotations for per-item faults;
+        ``ProviderUnavailable`` when the endpoint is down (nothing of the batch is returned)."""
         if self.config.mode != "pairwise":
-            return list(await asyncio.gather(*(self._single(g) for g in batch)))
-        groups: dict[str, list[GenerationView]] = {}
-        for g in batch:
-            groups.setdefault(g.group_id, []).append(g)
-        pairs = [(m[i], m[i + 1]) for m in groups.values() for i in range(0, len(m) - 1, 2)]
-        return list(await asyncio.gather(*(self._pair(a, b) for a, b in pairs)))
+            jobs = [self._single(g) for g in batch]
+        else:
+            groups: dict[str, list[GenerationView]] = {}
+            for g in batch:
+                groups.setdefault(g.group_id, []).append(g)
+            pairs = [(m[i], m[i + 1]) for m in groups.values() for i in range(0, len(m) - 1, 2)]
+            jobs = [self._pair(a, b) for a, b in pairs]
+        # Every call finishes (each is bounded) before a fault is raised: no orphaned tasks.
+        notes = _raise_endpoint(await asyncio.gather(*jobs, return_exceptions=True))
+        return [n for n in notes if isinstance(n, Annotation)]
+
+
+_KIND: dict[str, Any] = {"tag": "tag", "likert": "likert", "pairwise": "preference",
+                         "critique": "critique", "refinement": "refinement"}  # fmt: skip
+
+
+def _raise_endpoint(results: list[Any]) -> list[Any]:
+    """``results`` of a gather with ``return_exceptions``; raises the first exception that is
+    not a per-item ``JudgeFault`` (endpoint-wide faults first, then anything else)."""
+    errors = [r for r in results if isinstance(r, BaseException) and not isinstance(r, JudgeFault)]
+    for e in errors:
+        if isinstance(e, ProviderUnavailable):
+            raise e
+    if errors:
+        raise errors[0]
+    return results
 
 
 def _prob_first(logprobs: dict[str, float]) -> float | None:
