@@ -138,11 +138,10 @@ def first_generation_at(db_path: Path) -> float | None:
     """When the run's first generation was logged (an existing run's start, near enough)."""
     if not db_path.exists():
         return None
-    import sqlite_utils
-
     from tiller.server.formats.logstore import first_generation_at as first_at
+    from tiller.server.formats.logstore import open_readonly
 
-    db = sqlite_utils.Database(db_path)
+    db = open_readonly(db_path)
     try:
         return first_at(db)
     finally:

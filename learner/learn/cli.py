@@ -86,13 +86,12 @@ def learn(
 @click.option("--adapter", default=None, help="Only this adapter.")
 def history(db_path: Path, adapter: str | None) -> None:
     """The learner's iterations: status, data, loss, gate numbers."""
-    import sqlite_utils
     from rich.console import Console
     from rich.table import Table
 
-    from tiller.server.formats.logstore import iterations
+    from tiller.server.formats.logstore import iterations, open_readonly
 
-    rows = iterations(sqlite_utils.Database(db_path), adapter)
+    rows = iterations(open_readonly(db_path), adapter)
     table = Table("adapter", "iter", "status", "version", "examples", "loss", "gate", "reason")
     for r in rows:
         gate = (
