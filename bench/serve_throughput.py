@@ -88,7 +88,10 @@ class Settings:
     def engine_args(self) -> dict[str, Any]:
         """The vLLM engine arguments that `tiller serve` starts its engine with (its defaults
         included), for both baselines; Tiller's own logits processor is not among them."""
+        from vllm.platforms import current_platform
+
         from tiller.server.config import EngineConfig
+        from tiller.server.engine import tiller_engine_kwargs
 
         c = EngineConfig(
             model=Path(self.model),
@@ -97,18 +100,7 @@ class Settings:
             gpu_memory_utilization=self.gpu_memory_utilization,
             max_num_seqs=self.max_num_seqs,
         )
-        same = (
-            "max_model_len",
-            "gpu_memory_utilization",
-            "max_num_seqs",
-            "enforce_eager",
-            "enable_prefix_caching",
-            "enable_lora",
-            "max_lora_rank",
-            "max_loras",
-            "seed",
-        )
-        return {"model": self.model, "dtype": self.dtype, **{k: getattr(c, k) for k in same}}
+        return tiller_engine_kwargs(c, on_cpu=current_platform.is_cpu())
 
 
 @dataclass

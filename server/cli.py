@@ -35,6 +35,7 @@ _ENGINE_KEYS = (
     "max_num_seqs",
     "single_process_worker",
     "kv_blocks",
+    "vllm_argv",
 )
 
 
@@ -89,19 +90,20 @@ def engine_options(f: Callable[..., Any]) -> Callable[..., Any]:
             "--max-model-len",
             type=int,
             default=default(EngineConfig, "max_model_len"),
-            show_default=True,
+            help="Context length in tokens (default: the model's).",
         ),
         click.option(
             "--gpu-memory-utilization",
             type=float,
             default=default(EngineConfig, "gpu_memory_utilization"),
-            show_default=True,
+            help="Share of GPU memory (CPU: of NUMA node 0) for the engine (default: 0.3 on "
+            "CPU, vLLM's on GPU).",
         ),
         click.option(
             "--max-num-seqs",
             type=int,
             default=default(EngineConfig, "max_num_seqs"),
-            show_default=True,
+            help="Sequences in one batch (default: 64 on CPU, vLLM's on GPU).",
         ),
         click.option(
             "--single-process-worker/--multiprocess-worker",
@@ -114,6 +116,7 @@ def engine_options(f: Callable[..., Any]) -> Callable[..., Any]:
             default=default(EngineConfig, "num_kv_blocks"),
             help="Cap the KV cache at this many blocks (testing, capacity planning).",
         ),
+        click.argument("vllm_argv", nargs=-1, type=click.UNPROCESSED, metavar="[-- VLLM_ARGS]"),
     ]
     for opt in reversed(options):
         f = opt(f)
@@ -136,8 +139,24 @@ def _engine_config(kw: dict[str, Any]) -> tuple[EngineConfig, Path]:
         max_num_seqs=e["max_num_seqs"],
         single_process_worker=e["single_process_worker"],
         num_kv_blocks=e["kv_blocks"],
+        vllm_args=_vllm_args(e["vllm_argv"]),
     )
     return config, e["cache_dir"]
+
+
+def _vllm_args(argv: tuple[str, ...]) -> dict[str, Any]:
+    """The engine arguments after ``--``, parsed by vLLM's own parser (which exits 2 with its
+    message on an unknown flag). Only the flags given: they override Tiller's defaults."""
+    if not argv:
+        return {}
+    from .engine import parse_vllm_args
+
+    args = parse_vllm_args(argv)
+    if "model" in args:
+        raise click.UsageError("give the model as `tiller serve --model DIR`, before --")
+    if args.get("enable_lora") is False:
+        raise click.UsageError("Tiller serves adapters: --no-enable-lora is not possible")
+    return args
 
 
 def _log_path(cache_dir: Path) -> Path:
@@ -195,7 +214,11 @@ _PORT = default(ServerConfig, "port")
 )
 @edge_options
 def serve(**kw: Any) -> None:
-    """Serve a model over gRPC until SIGTERM (then drain and exit 0)."""
+    """Serve a model over gRPC until SIGTERM (then drain and exit 0).
+
+    Any vLLM engine argument goes after ``--``, as ``vllm serve`` takes it (e.g.
+    ``tiller serve --model DIR -- --tensor-parallel-size 2 --max-num-seqs 128``); it wins over
+    Tiller's defaults."""
     from . import logsetup
     from .app import serve as run_server
 

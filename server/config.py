@@ -7,6 +7,7 @@ These dataclasses hold the one copy of every default: the CLI's options read the
 from __future__ import annotations
 
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -29,25 +30,26 @@ def choices(cls: type[Any], name: str) -> list[str]:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """What the vLLM engine is started with. ``dtype='auto'`` means: the fastest for this device."""
+    """What the vLLM engine is started with. ``None``: Tiller's default for the platform, else
+    vLLM's (``engine.tiller_engine_kwargs``). ``vllm_args`` (``tiller serve -- ARGS``) win."""
 
     model: Path  # HF-format model directory (--model)
-    dtype: Dtype = "auto"
-    max_model_len: int = 2048  # context length (prompt + completion) in tokens
-    gpu_memory_utilization: float = 0.3  # share of GPU memory vLLM may take
-    enforce_eager: bool = True  # no CUDA graphs (faster start-up)
-    enable_prefix_caching: bool = True
-    enable_lora: bool = True
-    max_lora_rank: int = 16  # the largest LoRA rank an adapter may have
-    max_loras: int = 4  # adapters in one batch
-    max_num_seqs: int = 64  # sequences in one batch
-    seed: int = 0
+    dtype: Dtype = "auto"  # auto: float32 on CPUs without native bf16, vLLM's choice elsewhere
+    max_model_len: int | None = None  # context length (prompt + completion); None: the model's
+    gpu_memory_utilization: float | None = None  # None: 0.3 (of NUMA node 0) on CPU, 0.9 on GPU
+    enforce_eager: bool | None = None  # None: eager on CPU (no compile time), CUDA graphs on GPU
+    enable_lora: bool = True  # Tiller serves adapters: always on
+    max_lora_rank: int | None = None  # the largest LoRA rank an adapter may have (vLLM: 16)
+    # Adapters in one batch: a hot-swap runs the old and the new version side by side (vLLM: 1).
+    max_loras: int = 4
+    max_num_seqs: int | None = None  # sequences in one batch; None: 64 on CPU, vLLM's on GPU
     # Cap the KV cache at this many blocks (None: size it from memory). A testing and
     # capacity-planning knob: a tiny cache forces preemption.
     num_kv_blocks: int | None = None
     # Run the model worker inside the engine-core process (VLLM_ENABLE_V1_MULTIPROCESSING=0):
-    # one spinning process fewer, 1.75x faster on 2-core CPUs (PLATFORM.md). Set at the CLI edge.
+    # one spinning process fewer, which matters most on few-core CPUs. Set at the CLI edge.
     single_process_worker: bool = True
+    vllm_args: Mapping[str, Any] = field(default_factory=dict)  # any AsyncEngineArgs field
 
 
 @dataclass(frozen=True)

@@ -8,14 +8,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .config import EngineConfig
 from .device import detect_dtype
-from .formats.errors import EngineFailure, InvalidArgument, Unavailable
+from .formats.errors import EngineFailure, InvalidArgument, TillerError, Unavailable
 from .values import Delta, EngineRequest, Finish
 
 if TYPE_CHECKING:
@@ -86,38 +86,122 @@ def steering_architecture(model: Path) -> str | None:
     return STEER_ARCHITECTURES.get(archs[0]) if archs else None
 
 
+# What the CPU path needs, where vLLM's defaults are made for a GPU: no graph compilation (start-up
+# time), a KV-cache share of NUMA node 0 that leaves room for a second engine (a judge), and
+# batches that fit it. Nothing is set on a GPU: vLLM's own defaults (CUDA graphs, 0.9) apply.
+CPU_DEFAULTS: dict[str, Any] = {
+    "enforce_eager": True,
+    "gpu_memory_utilization": 0.3,
+    "max_num_seqs": 64,
+}
+_OPTIONAL = (
+    "max_model_len",
+    "gpu_memory_utilization",
+    "enforce_eager",
+    "max_lora_rank",
+    "max_num_seqs",
+)
+
+
+def tiller_engine_kwargs(config: EngineConfig, *, on_cpu: bool) -> dict[str, Any]:
+    """The ``AsyncEngineArgs`` keywords Tiller starts vLLM with, without its logits processors
+    and model plugin: the platform's defaults, then ``config``'s set fields, then its
+    ``vllm_args`` (the user's engine arguments win). Raises ``ValueError`` if they switch LoRA
+    off (Tiller serves adapters)."""
+    kw: dict[str, Any] = dict(CPU_DEFAULTS) if on_cpu else {}
+    kw.update(
+        model=str(config.model),
+        dtype=detect_dtype(config.dtype),
+        enable_lora=config.enable_lora,
+        max_loras=config.max_loras,
+    )
+    kw.update({k: v for k in _OPTIONAL if (v := getattr(config, k)) is not None})
+    if config.num_kv_blocks is not None:
+        kw["num_gpu_blocks_override"] = config.num_kv_blocks
+    kw.update(config.vllm_args)
+    if not kw["enable_lora"]:
+        raise ValueError("Tiller serves adapters: the engine needs enable_lora")
+    return kw
+
+
+def parallel_sizes(kw: Mapping[str, Any]) -> tuple[int, int]:
+    """(tensor, pipeline) parallel sizes of engine keywords ``kw``."""
+    return int(kw.get("tensor_parallel_size") or 1), int(kw.get("pipeline_parallel_size") or 1)
+
+
 def engine_args(config: EngineConfig, **overrides: Any) -> Any:
-    """vLLM ``AsyncEngineArgs`` for ``config``. Supported architectures (Llama, Qwen2, Qwen3) are
-    served through their steering subclass, with the steering processor ahead of mixing."""
+    """vLLM ``AsyncEngineArgs`` for ``config`` (``tiller_engine_kwargs``, then ``overrides``).
+    Supported architectures (Llama, Qwen2, Qwen3) are served through their steering subclass,
+    with the steering processor ahead of mixing, unless the model is sharded (tensor or pipeline
+    parallel): the attribute heads are not sharded, so steering is then off and an adapter that
+    ships heads is refused at load."""
     from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.platforms import current_platform
 
     from .mixing import FeedbackMixProcessor
     from .steering.plugin import register
     from .steering.processor import SteerProcessor
 
     register()  # the entry point does this in vLLM's processes; here for the front end too
-    steer_arch = steering_architecture(config.model)
-    kw: dict[str, Any] = dict(
-        model=str(config.model),
-        dtype=detect_dtype(config.dtype),
-        max_model_len=config.max_model_len,
-        gpu_memory_utilization=config.gpu_memory_utilization,
-        enforce_eager=config.enforce_eager,
-        enable_prefix_caching=config.enable_prefix_caching,
-        enable_lora=config.enable_lora,
-        max_lora_rank=config.max_lora_rank,
-        max_loras=config.max_loras,
-        max_num_seqs=config.max_num_seqs,
-        seed=config.seed,
-        num_gpu_blocks_override=config.num_kv_blocks,
-        logits_processors=[SteerProcessor, FeedbackMixProcessor]
-        if steer_arch
-        else [FeedbackMixProcessor],
-    )
-    if steer_arch:
-        kw["hf_overrides"] = {"architectures": [steer_arch]}
+    kw = tiller_engine_kwargs(config, on_cpu=current_platform.is_cpu())
     kw.update(overrides)
+    hf = kw.get("hf_overrides")
+    user_arch = isinstance(hf, Mapping) and "architectures" in hf  # wins, served unsteered
+    steer_arch = None
+    if not user_arch and steering_allowed(kw):
+        steer_arch = steering_architecture(config.model)
+    ours: list[Any] = [SteerProcessor] if steer_arch else []
+    ours.append(FeedbackMixProcessor)
+    kw["logits_processors"] = [*ours, *(kw.get("logits_processors") or [])]
+    if steer_arch:
+        kw["hf_overrides"] = {"architectures": [steer_arch], **(kw.get("hf_overrides") or {})}
     return AsyncEngineArgs(**kw)
+
+
+def steering_allowed(kw: Mapping[str, Any]) -> bool:
+    """Whether attribute heads can be served with engine keywords ``kw`` (not sharded)."""
+    tp, pp = parallel_sizes(kw)
+    if tp * pp > 1:
+        log.warning(
+            "attribute steering is off: tensor_parallel_size=%d, pipeline_parallel_size=%d "
+            "(the heads are not sharded); adapters with heads will be refused",
+            tp,
+            pp,
+        )
+        return False
+    return True
+
+
+def parse_vllm_args(argv: Sequence[str]) -> dict[str, Any]:
+    """The ``AsyncEngineArgs`` fields that ``argv`` (vLLM's own CLI flags, as ``vllm serve``
+    takes them) sets: parsed by vLLM's parser, and only the flags given, so that an explicit
+    flag wins even where it equals vLLM's default. An unknown or invalid flag: vLLM's parser
+    prints its message and raises ``SystemExit(2)``."""
+    import argparse
+
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser(prog="tiller serve [...] --"))
+    for action in parser._actions:  # unset flags stay out of the namespace
+        if action.dest != "help":
+            action.default = argparse.SUPPRESS
+    return dict(vars(parser.parse_args(list(argv))))
+
+
+def engine_error(e: Exception) -> Exception:
+    """The Tiller error for an exception out of vLLM, on every request path: a dead engine is
+    UNAVAILABLE, vLLM's own input validation INVALID_ARGUMENT, anything else INTERNAL."""
+    from vllm.exceptions import VLLMClientError
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    if isinstance(e, TillerError):
+        return e
+    if isinstance(e, EngineDeadError):
+        return Unavailable("the inference engine is not running")
+    if isinstance(e, ValueError | VLLMClientError):
+        return InvalidArgument(f"rejected by the engine: {e}")
+    return EngineFailure(f"engine failed: {type(e).__name__}: {e}")
 
 
 @dataclass
@@ -126,14 +210,22 @@ class VllmEngine:
 
     llm: AsyncLLM
     config: EngineConfig
+    steering: bool = True  # served through the steering model class (attribute heads)
     _admit: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @classmethod
     def start(cls, config: EngineConfig) -> VllmEngine:
         """Start the engine (tens of seconds). Call from inside the running event loop."""
+        from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        return cls(llm=AsyncLLM.from_engine_args(engine_args(config)), config=config)
+        from .steering.processor import SteerProcessor
+
+        args = engine_args(config)
+        steering = SteerProcessor in args.logits_processors
+        # A server's batch defaults (token budget, sequences), as `vllm serve` has them.
+        llm = AsyncLLM.from_engine_args(args, usage_context=UsageContext.OPENAI_API_SERVER)
+        return cls(llm=llm, config=config, steering=steering)
 
     @property
     def max_model_len(self) -> int:
@@ -141,7 +233,9 @@ class VllmEngine:
 
     @property
     def model_id(self) -> str:
-        return str(self.config.model)
+        """vLLM's served model name (the model path unless ``--served-model-name`` is given): the
+        ``model_name`` label its metrics and Tiller's share."""
+        return str(self.llm.model_config.served_model_name)
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -149,7 +243,7 @@ class VllmEngine:
 
     @property
     def steering_dims(self) -> tuple[int, int] | None:
-        if steering_architecture(self.config.model) is None:
+        if not self.steering or steering_architecture(self.config.model) is None:
             return None
         hf = self.llm.model_config.hf_text_config
         return int(hf.hidden_size), int(self.llm.model_config.get_vocab_size())
@@ -185,9 +279,7 @@ class VllmEngine:
         return extra or None
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[Sequence[Delta]]:
-        from vllm.exceptions import VLLMClientError
         from vllm.inputs import TokensPrompt
-        from vllm.v1.engine.exceptions import EngineDeadError
 
         lora = self._lora(request)
         prompt = TokensPrompt(prompt_token_ids=list(request.prompt_token_ids))
@@ -197,17 +289,11 @@ class VllmEngine:
             )
             async for out in stream:
                 yield [self._delta(c) for c in out.outputs]
-        except EngineDeadError as e:
-            raise Unavailable("the inference engine is not running") from e
-        except (ValueError, VLLMClientError) as e:  # vLLM's own input validation
-            raise InvalidArgument(f"rejected by the engine: {e}") from e
         except asyncio.CancelledError:
             await self.abort(request.request_id)
             raise
-        except (InvalidArgument, Unavailable):
-            raise
         except Exception as e:
-            raise EngineFailure(f"engine failed: {type(e).__name__}: {e}") from e
+            raise engine_error(e) from e
 
     async def generate_group(
         self, requests: Sequence[EngineRequest]
@@ -218,19 +304,22 @@ class VllmEngine:
         from vllm.inputs import TokensPrompt
 
         async with self._admit:
-            await self.llm.pause_generation(mode="keep", clear_cache=False)
             try:
-                queues = [
-                    await self.llm.add_request(
-                        r.request_id,
-                        TokensPrompt(prompt_token_ids=list(r.prompt_token_ids)),
-                        self._sampling_params(r),
-                        lora_request=self._lora(r),
-                    )
-                    for r in requests
-                ]
-            finally:
-                await self.llm.resume_generation()
+                await self.llm.pause_generation(mode="keep", clear_cache=False)
+                try:
+                    queues = [
+                        await self.llm.add_request(
+                            r.request_id,
+                            TokensPrompt(prompt_token_ids=list(r.prompt_token_ids)),
+                            self._sampling_params(r),
+                            lora_request=self._lora(r),
+                        )
+                        for r in requests
+                    ]
+                finally:
+                    await self.llm.resume_generation()
+            except Exception as e:
+                raise engine_error(e) from e
         return [self._drain(q, r.request_id) for q, r in zip(queues, requests, strict=True)]
 
     async def _drain(self, q: Any, request_id: str) -> AsyncIterator[Sequence[Delta]]:
@@ -243,6 +332,8 @@ class VllmEngine:
         except asyncio.CancelledError:
             await self.abort(request_id)
             raise
+        except Exception as e:  # the output handler puts the engine's error into the queue
+            raise engine_error(e) from e
         finally:
             q.close()
 

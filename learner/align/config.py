@@ -12,6 +12,8 @@ Layout (paths relative to the file)::
 
     [server]
     args = ["--max-num-seqs", "64"]    # extra `tiller serve` arguments
+    [server.engine_args]           # any vLLM engine argument, passed after `--`
+    max_num_batched_tokens = 2048
 
     [judge]                        # optional: an OpenAI-compatible judge server (vLLM's)
     model = "smollm2"
@@ -42,8 +44,9 @@ Layout (paths relative to the file)::
 from __future__ import annotations
 
 import copy
+import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -113,6 +116,8 @@ class ServerSection:
     """`[server]`: the `tiller serve` process align starts."""
 
     args: tuple[str, ...] = ()  # extra `tiller serve` arguments
+    # vLLM engine arguments (vLLM's names, dashes or underscores), passed after `--`
+    engine_args: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -184,7 +189,7 @@ def parse_config(data: Mapping[str, Any], base: Path) -> AlignConfig:
         **top,
         annotator=sections.table(tables["annotator"], "[annotator]"),
         learner=sections.table(tables["learner"], "[learner]"),
-        server_args=server.args,
+        server_args=(*server.args, *_engine_flags(server.args, server.engine_args)),
         judge=None if judge is None else build_section(JudgeServerConfig, judge, "[judge]"),
         eval=ev,
         base=base,
@@ -206,3 +211,19 @@ def parse_config(data: Mapping[str, Any], base: Path) -> AlignConfig:
 def load_config(path: Path) -> AlignConfig:
     """The TOML file at ``path``; errors are a ``ConfigError`` prefixed with ``path``."""
     return sections.load_file(path, lambda data: parse_config(data, path.parent.resolve()))
+
+
+def _engine_flags(args: Sequence[str], table: Mapping[str, Any]) -> list[str]:
+    """`tiller serve` flags for ``[server.engine_args]``, after ``--`` (vLLM checks them)."""
+    out: list[str] = [] if not table or "--" in args else ["--"]
+    for key, value in table.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            out.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, list | tuple):
+            out += [flag, *map(str, value)]
+        elif isinstance(value, Mapping):
+            out += [flag, json.dumps(value)]
+        else:
+            out += [flag, str(value)]
+    return out

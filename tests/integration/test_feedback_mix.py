@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from inspect import signature
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 import torch
 
-from tests.conftest import ServerProc, start_server, stop_server
-from tiller.client import AsyncClient, Client, TillerClientError
+from tests.conftest import ServerProc
+from tiller.client import AsyncClient, Client, Generation, TillerClientError
+from tiller.server.engine import Engine
+from tiller.server.service import GenerationService
+from tiller.server.values import Delta, EngineRequest
 
 PROMPT = "The movie was"
 GREEDY = dict(max_tokens=12, temperature=0.0)
@@ -170,34 +176,71 @@ def test_bad_mixes(client: Client, kwargs: dict, needle: str) -> None:
     assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and needle in info.value.message
 
 
+class CountingEngine:
+    """The real engine, counting feedback-mix admissions: one per attempt of a mixed request,
+    so attempts beyond one per request are the service's reruns after lockstep was lost."""
+
+    def __init__(self, inner: Engine) -> None:
+        self.inner = inner
+        self.group_admissions = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def generate_group(
+        self, requests: Sequence[EngineRequest]
+    ) -> list[AsyncIterator[Sequence[Delta]]]:
+        self.group_admissions += 1
+        return await self.inner.generate_group(requests)
+
+
+def vllm_preemptions() -> int:
+    """vLLM's own ``vllm:num_preemptions`` counter of the engine in this process."""
+    from vllm.v1.metrics.reader import Counter, get_metrics_snapshot
+
+    return sum(
+        int(m.value)
+        for m in get_metrics_snapshot()
+        if isinstance(m, Counter) and m.name == "vllm:num_preemptions"
+    )
+
+
 def test_preemption_never_returns_a_wrong_mixture(
     tiny_model: Path,
     lora_versions: list[Path],
     reference: Reference,
-    tmp_path: Path,
-    server: ServerProc,
+    monkeypatch: pytest.MonkeyPatch,
+    server: ServerProc,  # started first: two engines never load at once
 ) -> None:
-    """A KV cache of a few blocks forces preemption: every mixed request either returns the
-    reference mixture (possibly after a transparent rerun) or fails with ABORTED."""
-    srv = start_server(
-        tiny_model,
-        tmp_path / "tinykv",
-        "--adapter",
-        f"detox={lora_versions[1]}",
-        "--kv-blocks",
-        "8",
-        "--max-num-seqs",
-        "16",
-        "--max-model-len",
-        "512",
-        "--max-tokens-cap",
-        "400",
-        "--no-log",
+    """Mixed requests whose siblings vLLM preempts (its own counter says so) lose lockstep and
+    are rerun by the service (counted at the engine boundary); every request then returns the
+    reference mixture or, with its reruns spent, fails with ABORTED. The server runs in this
+    process (``app.start``) so that the test can read the engine's counters."""
+    from tiller.server.app import drain_and_stop, start
+    from tiller.server.config import AdapterSource, EngineConfig, Limits, ServerConfig
+    from tiller.server.engine import VllmEngine
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # as `tiller serve` runs it
+    engine_config = EngineConfig(
+        model=tiny_model,
+        dtype="float32",
+        max_model_len=512,
+        gpu_memory_utilization=0.1,
+        # 8 blocks (128 tokens each on CPU) for ten sequences of ~175 tokens: preemption.
+        num_kv_blocks=8,
+        max_num_seqs=16,
+    )
+    config = ServerConfig(
+        engine=engine_config,
+        port=0,
+        adapters=(AdapterSource("detox", lora_versions[1]),),
+        limits=Limits(max_tokens_cap=400),
     )
     mix = {"Lowest Toxicity": 1.5, "Maximum Toxicity": -0.5}
-    steps = 160
+    steps, n_requests = 160, 5
+    retries = signature(GenerationService.generate).parameters["lockstep_retries"].default
 
-    async def one(ac: AsyncClient) -> object:
+    async def one(ac: AsyncClient) -> Generation | TillerClientError:
         try:
             return await ac.generate(
                 PROMPT, adapter="detox", feedback_mix=mix, max_tokens=steps, temperature=0.0
@@ -205,19 +248,66 @@ def test_preemption_never_returns_a_wrong_mixture(
         except TillerClientError as e:
             return e
 
-    async def run() -> list[object]:
-        async with AsyncClient(srv.target, timeout=300) as ac:
-            return await asyncio.gather(*[one(ac) for _ in range(5)])
+    async def run() -> tuple[list[Generation | TillerClientError], int, int]:
+        engine = CountingEngine(VllmEngine.start(engine_config))
+        running = await start(config, engine)
+        try:
+            async with AsyncClient(f"127.0.0.1:{running.port}", timeout=300) as ac:
+                results = await asyncio.gather(*[one(ac) for _ in range(n_requests)])
+            return results, vllm_preemptions(), engine.group_admissions
+        finally:
+            await drain_and_stop(running, grace_s=10.0)
+            gc.unfreeze()  # start() froze the heap of this (test) process
 
+    results, preempted, attempts = asyncio.run(run())
+    aborted = [r for r in results if isinstance(r, TillerClientError)]
+    served = [r for r in results if not isinstance(r, TillerClientError)]
+    evidence = f"preemptions {preempted}, attempts {attempts}, aborted {len(aborted)}"
+    assert preempted > 0, f"the tiny KV cache forced no preemption ({evidence})"
+    assert attempts > n_requests, f"no sibling lost lockstep: nothing was rerun ({evidence})"
+    assert attempts >= n_requests + retries * len(aborted), evidence
+    for e in aborted:
+        assert e.code == grpc.StatusCode.ABORTED and "lockstep" in e.message, e
+    for g in served:
+        c = g.completions[0]
+        assert len(c.token_ids) == steps or c.finish_reason == "stop", evidence
+        reference.check(PROMPT, mix, c.token_ids)
+    assert served, f"every request ran out of reruns ({evidence})"
+
+
+def test_engine_death_during_a_mixed_stream_is_unavailable(
+    tiny_model: Path,
+    lora_versions: list[Path],
+    tmp_path: Path,
+    server: ServerProc,  # started first: two engines never load at once
+) -> None:
+    """A real `tiller serve`, its engine-core process killed while a mixed stream runs: the
+    stream ends with UNAVAILABLE and a message (not UNKNOWN), through the engine's error table."""
+    import psutil
+
+    from tests.conftest import start_server, stop_server
+
+    srv = start_server(
+        tiny_model, tmp_path / "srv", "--no-log", "--adapter", f"detox={lora_versions[1]}"
+    )
     try:
-        results = asyncio.run(run())
+        cores = [
+            p
+            for p in psutil.Process(srv.proc.pid).children(recursive=True)
+            if "EngineCore" in " ".join([p.name(), *p.cmdline()])
+        ]
+        assert cores, "no engine-core process to kill"
+        mix = {"Lowest Toxicity": 1.5, "Maximum Toxicity": -0.5}
+        with Client(srv.target, timeout=120) as c:
+            stream = c.stream(
+                PROMPT, adapter="detox", feedback_mix=mix, max_tokens=2000, temperature=0.0
+            )
+            with pytest.raises(TillerClientError) as err:
+                for i, _chunk in enumerate(stream):
+                    if i == 0:
+                        for p in cores:
+                            p.kill()
+        assert err.value.code == grpc.StatusCode.UNAVAILABLE, err.value
+        assert "engine" in err.value.message, err.value
     finally:
         stop_server(srv)
-    ok = 0
-    for r in results:
-        if isinstance(r, TillerClientError):
-            assert r.code == grpc.StatusCode.ABORTED and "lockstep" in r.message
-        else:
-            reference.check(PROMPT, mix, r.completions[0].token_ids)  # type: ignore[attr-defined]
-            ok += 1
-    assert ok >= 1

@@ -247,6 +247,19 @@ def test_align_config_checks_the_annotator_section(tmp_path: Path) -> None:
     assert load_align(_file(tmp_path, ALIGN.format(top="", learner="", tables=""))).name == "x"
 
 
+def test_align_server_engine_args_become_vllm_flags_after_the_separator(tmp_path: Path) -> None:
+    tables = (
+        '[server]\nargs = ["--max-tokens-cap", "64"]\n'
+        "[server.engine_args]\nmax_num_seqs = 7\nenforce_eager = false\n"
+        '"max-num-batched-tokens" = 512\n'
+    )
+    cfg = load_align(_file(tmp_path, ALIGN.format(top="", learner="", tables=tables)))
+    assert cfg.server_args == (
+        "--max-tokens-cap", "64", "--",
+        "--max-num-seqs", "7", "--no-enforce-eager", "--max-num-batched-tokens", "512",
+    )  # fmt: skip
+
+
 def test_a_server_built_from_code_has_the_cli_defaults(tmp_path: Path) -> None:
     from tiller.server.cli import serve, serve_config
 
