@@ -142,6 +142,11 @@ def judge_spec(cfg: AlignConfig, paths: RunPaths) -> tuple[ChildSpec, str]:
     return spec, url + "/v1"
 
 
+def bound_port(paths: RunPaths) -> int:
+    """The port the run's server wrote to its port file."""
+    return int(paths.port_file.read_text().strip())
+
+
 def server_spec(
     cfg: AlignConfig,
     paths: RunPaths,
@@ -149,9 +154,9 @@ def server_spec(
     port: int,
     exit_status: Callable[[], int | None],
 ) -> ChildSpec:
-    """``tiller serve`` on ``port`` over the run's log and registry, with the admin API.
-    ``exit_status`` polls the running server process (its readiness check gives up if it exits).
-    """
+    """``tiller serve`` on ``port`` (0: the server binds a free one and writes it to the port
+    file) over the run's log and registry, with the admin API. ``exit_status`` polls the
+    running server process (its readiness check gives up if it exits)."""
     argv = tiller_argv(
         "serve", "--model", str(model), "--port", str(port),
         "--port-file", str(paths.port_file), "--log-db", str(paths.db),
@@ -163,7 +168,7 @@ def server_spec(
 
     def ready() -> None:
         wait_for_file(paths.port_file, exit_status, 600)
-        wait_serving(f"127.0.0.1:{port}", 120)
+        wait_serving(f"127.0.0.1:{bound_port(paths)}", 120)
 
     # On CPUs vLLM sizes its KV cache from free memory unless told: with a judge, a trainer
     # and the server on one machine that over-commits. 2 GiB holds ~90k SmolLM2 tokens.

@@ -25,7 +25,7 @@ from typing import Any
 
 from .children import (
     RunPaths,
-    free_port,
+    bound_port,
     judge_spec,
     resolve_model,
     server_spec,
@@ -47,8 +47,8 @@ class AlignRun:
         self.model = model
         self.report = report
         self.sup = Supervisor(report=report)
-        self.port = free_port()
-        self.target = f"127.0.0.1:{self.port}"
+        self.port = 0  # the server binds a free port itself; start_server reads it back
+        self.target = ""
         self.started = time.time()
 
     # ----------------------------------------------------------------- children
@@ -72,7 +72,11 @@ class AlignRun:
             assert server.proc is not None
             return server.proc.poll()
 
-        self.sup.start(server_spec(self.cfg, p, self.model, self.port, server_exit_status))
+        child = self.sup.start(server_spec(self.cfg, p, self.model, 0, server_exit_status))
+        # Restarts keep the port the workers already talk to.
+        self.port = bound_port(p)
+        self.target = f"127.0.0.1:{self.port}"
+        child.spec = server_spec(self.cfg, p, self.model, self.port, server_exit_status)
         return judge_url
 
     def start_workers(self, judge_url: str | None) -> None:
