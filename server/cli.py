@@ -21,8 +21,8 @@ from .config import (
     LogConfig,
     ServerConfig,
     choices,
-    default,
 )
+from .formats.sections import field_default
 from .serve_options import edge_configs, edge_options
 from .tools.models import DEFAULT_CACHE
 
@@ -82,38 +82,38 @@ def engine_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--dtype",
             type=click.Choice(choices(EngineConfig, "dtype")),
-            default=default(EngineConfig, "dtype"),
+            default=field_default(EngineConfig, "dtype"),
             show_default=True,
             help="auto = float32 on CPUs without native bf16, vLLM's choice elsewhere.",
         ),
         click.option(
             "--max-model-len",
             type=int,
-            default=default(EngineConfig, "max_model_len"),
+            default=field_default(EngineConfig, "max_model_len"),
             help="Context length in tokens (default: the model's).",
         ),
         click.option(
             "--gpu-memory-utilization",
             type=float,
-            default=default(EngineConfig, "gpu_memory_utilization"),
+            default=field_default(EngineConfig, "gpu_memory_utilization"),
             help="Share of GPU memory (CPU: of NUMA node 0) for the engine (default: 0.3 on "
             "CPU, vLLM's on GPU).",
         ),
         click.option(
             "--max-num-seqs",
             type=int,
-            default=default(EngineConfig, "max_num_seqs"),
+            default=field_default(EngineConfig, "max_num_seqs"),
             help="Sequences in one batch (default: 64 on CPU, vLLM's on GPU).",
         ),
         click.option(
             "--single-process-worker/--multiprocess-worker",
-            default=default(EngineConfig, "single_process_worker"),
+            default=field_default(EngineConfig, "single_process_worker"),
             show_default=True,
         ),
         click.option(
             "--kv-blocks",
             type=int,
-            default=default(EngineConfig, "num_kv_blocks"),
+            default=field_default(EngineConfig, "num_kv_blocks"),
             help="Cap the KV cache at this many blocks (testing, capacity planning).",
         ),
         click.argument("vllm_argv", nargs=-1, type=click.UNPROCESSED, metavar="[-- VLLM_ARGS]"),
@@ -163,12 +163,12 @@ def _log_path(cache_dir: Path) -> Path:
     return cache_dir / "log" / "generations.sqlite"
 
 
-_PORT = default(ServerConfig, "port")
+_PORT = field_default(ServerConfig, "port")
 
 
 @click.command()
 @engine_options
-@click.option("--host", default=default(ServerConfig, "host"), show_default=True)
+@click.option("--host", default=field_default(ServerConfig, "host"), show_default=True)
 @click.option("--port", type=int, default=_PORT, show_default=True, help="0 = any free port.")
 @click.option(
     "--port-file",
@@ -179,13 +179,16 @@ _PORT = default(ServerConfig, "port")
 @click.option("--adapter", "adapters", multiple=True, help="NAME=VERSION_DIR to load at start.")
 @click.option("--default-adapter", default=None, help="Adapter for requests that name none.")
 @click.option(
-    "--drain-grace", type=float, default=default(ServerConfig, "drain_grace_s"), show_default=True
+    "--drain-grace",
+    type=float,
+    default=field_default(ServerConfig, "drain_grace_s"),
+    show_default=True,
 )
 @click.option("--enable-admin", is_flag=True, help="Serve the TillerAdmin service.")
 @click.option(
-    "--max-tokens-cap", type=int, default=default(Limits, "max_tokens_cap"), show_default=True
+    "--max-tokens-cap", type=int, default=field_default(Limits, "max_tokens_cap"), show_default=True
 )
-@click.option("--max-n", type=int, default=default(Limits, "max_n"), show_default=True)
+@click.option("--max-n", type=int, default=field_default(Limits, "max_n"), show_default=True)
 @click.option(
     "--log-db",
     type=click.Path(path_type=Path),
@@ -196,7 +199,7 @@ _PORT = default(ServerConfig, "port")
 @click.option(
     "--log-sync",
     type=click.Choice(choices(LogConfig, "synchronous")),
-    default=default(LogConfig, "synchronous"),
+    default=field_default(LogConfig, "synchronous"),
     show_default=True,
     help="FULL survives power loss; NORMAL only process crashes.",
 )
@@ -209,7 +212,7 @@ _PORT = default(ServerConfig, "port")
 @click.option(
     "--registry-poll",
     type=float,
-    default=default(ServerConfig, "registry_poll_s"),
+    default=field_default(ServerConfig, "registry_poll_s"),
     show_default=True,
 )
 @edge_options
@@ -246,7 +249,7 @@ def serve_config(kw: dict[str, Any]) -> ServerConfig:
         registry_poll_s=kw["registry_poll"],
         limits=Limits(
             max_tokens_cap=cap,
-            default_max_tokens=min(default(Limits, "default_max_tokens"), cap),
+            default_max_tokens=min(field_default(Limits, "default_max_tokens"), cap),
             max_n=kw["max_n"],
             max_prompt_tokens=edge.max_prompt_tokens,
             max_request_s=edge.max_request_s,

@@ -12,20 +12,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .formats.sections import field_default
+from .formats.sections import type_hints
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 
 
-def default(cls: type[Any], name: str) -> Any:
-    """The default of ``cls``'s field ``name``: what a CLI option defaults to."""
-    return field_default(cls, name)
-
-
 def choices(cls: type[Any], name: str) -> list[str]:
     """The values of ``cls``'s ``Literal`` field ``name``: a CLI option's choices."""
-    return [str(v) for v in typing.get_args(typing.get_type_hints(cls)[name])]
+    return [str(v) for v in typing.get_args(type_hints(cls)[name])]
 
 
 @dataclass(frozen=True)

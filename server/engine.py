@@ -210,7 +210,7 @@ class VllmEngine:
 
     llm: AsyncLLM
     config: EngineConfig
-    steering: bool = True  # served through the steering model class (attribute heads)
+    steering: bool  # served through the steering model class (attribute heads)
     _admit: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @classmethod
@@ -243,7 +243,7 @@ class VllmEngine:
 
     @property
     def steering_dims(self) -> tuple[int, int] | None:
-        if not self.steering or steering_architecture(self.config.model) is None:
+        if not self.steering:
             return None
         hf = self.llm.model_config.hf_text_config
         return int(hf.hidden_size), int(self.llm.model_config.get_vocab_size())

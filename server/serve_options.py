@@ -13,7 +13,8 @@ from typing import Any
 import click
 
 from .auth import TokenFileError, load_tokens
-from .config import Limits, ObservabilityConfig, SecurityConfig, TlsConfig, choices, default
+from .config import Limits, ObservabilityConfig, SecurityConfig, TlsConfig, choices
+from .formats.sections import field_default
 
 _KEYS = (
     "tokens",
@@ -51,12 +52,12 @@ def edge_options(f: Callable[..., Any]) -> Callable[..., Any]:
             help="PEM CA: require client certificates signed by it (mTLS).",
         ),
         click.option(
-            "--admin-host", default=default(SecurityConfig, "admin_host"), show_default=True
+            "--admin-host", default=field_default(SecurityConfig, "admin_host"), show_default=True
         ),
         click.option(
             "--admin-port",
             type=int,
-            default=default(SecurityConfig, "admin_port"),
+            default=field_default(SecurityConfig, "admin_port"),
             help="Serve TillerAdmin only on this port (0 = any free), not on the main one.",
         ),
         click.option(
@@ -66,35 +67,37 @@ def edge_options(f: Callable[..., Any]) -> Callable[..., Any]:
             type=click.Path(path_type=Path, file_okay=False),
             help="LoadAdapter may only load version directories inside these (repeatable).",
         ),
-        click.option("--max-prompt-tokens", type=int, default=default(Limits, "max_prompt_tokens")),
+        click.option(
+            "--max-prompt-tokens", type=int, default=field_default(Limits, "max_prompt_tokens")
+        ),
         click.option(
             "--max-request-seconds",
             type=float,
-            default=default(Limits, "max_request_s") or 0.0,
+            default=field_default(Limits, "max_request_s") or 0.0,
             show_default=True,
             help="Server-side cap on one RPC's duration (DEADLINE_EXCEEDED); 0 = none.",
         ),
         click.option(
             "--metrics-host",
-            default=default(ObservabilityConfig, "metrics_host"),
+            default=field_default(ObservabilityConfig, "metrics_host"),
             show_default=True,
         ),
         click.option(
             "--metrics-port",
             type=int,
-            default=default(ObservabilityConfig, "metrics_port"),
+            default=field_default(ObservabilityConfig, "metrics_port"),
             help="Prometheus /metrics on this port (0 = any free). Unset: no metrics.",
         ),
         click.option(
             "--log-format",
             type=click.Choice(choices(ObservabilityConfig, "log_format")),
-            default=default(ObservabilityConfig, "log_format"),
+            default=field_default(ObservabilityConfig, "log_format"),
             show_default=True,
         ),
         click.option(
             "--log-level",
             type=click.Choice(choices(ObservabilityConfig, "log_level"), case_sensitive=False),
-            default=default(ObservabilityConfig, "log_level"),
+            default=field_default(ObservabilityConfig, "log_level"),
             show_default=True,
         ),
     ]

@@ -54,7 +54,8 @@ def align(
     """Serve, annotate, train, gate, publish and hot-swap, continuously; then evaluate."""
     from rich.console import Console
 
-    from .run import resolve_model, run
+    from .children import resolve_model
+    from .run import run
 
     try:
         cfg = load_config(config_path)

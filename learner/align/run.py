@@ -27,15 +27,12 @@ from .children import (
     RunPaths,
     bound_port,
     judge_spec,
-    resolve_model,
     server_spec,
     worker_specs,
 )
 from .config import AlignConfig
 from .report import summary_lines, write_report
 from .supervisor import ChildFailed, Supervisor
-
-__all__ = ["AlignRun", "first_generation_at", "resolve_model", "run"]
 
 
 class AlignRun:

@@ -17,6 +17,7 @@ name             value                                           library
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -93,9 +94,11 @@ SCORERS: dict[str, Callable[[], Scorer]] = {
 }
 
 
+@functools.cache
 def make_scorer(name: str) -> Scorer:
-    """Build the scorer called ``name``; ``ValueError`` naming the valid ones otherwise.
-    ``ImportError`` if its library is missing (``pip install 'tiller[learner]'``)."""
+    """The scorer called ``name``, built once per process (scorers are pure; building one loads
+    its word lists); ``ValueError`` naming the valid ones otherwise. ``ImportError`` if its
+    library is missing (``pip install 'tiller[annotate]'``)."""
     try:
         factory = SCORERS[name]
     except KeyError:

@@ -56,13 +56,12 @@ from .config import LearnConfig
 from .dataset import IterationData
 from .gate import Verdict
 from .gate_runs import GateResult, GateRuns
-from .publish import DataWindow, Published, bootstrap_version, publish_bootstrap, publish_iteration
+from .publish import DataWindow, Published, publish_bootstrap, publish_iteration
 from .sampling import generate_each, sample_jobs
 from .served import Served, served
 from .train import candidate_dir, in_daemon_thread, metrics, train_iteration, workdir
 from .trigger import Sampled, wait_for_trigger
 
-__all__ = ["Learner", "Stopped", "bootstrap_version"]
 log = logging.getLogger("tiller.learn")
 
 

@@ -29,6 +29,17 @@ class ConfigError(ValueError):
     """A config value is missing, unknown or of the wrong type; the message names the key."""
 
 
+def type_hints(cls: Any) -> dict[str, Any]:
+    """``cls``'s resolved annotations, resolved once per class (every section load and CLI
+    option asks)."""
+    return _type_hints(cls)
+
+
+@functools.cache
+def _type_hints(cls: Any) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
 @functools.cache
 def _adapter(hint: Any) -> pydantic.TypeAdapter[Any]:
     return pydantic.TypeAdapter(hint)
@@ -98,7 +109,7 @@ def _subsection(where: str, name: str) -> str:
     return f"[{name}]" if not where else f"{where} {name}"
 
 
-def _table_class(hint: Any) -> type[Any] | None:
+def table_class(hint: Any) -> type[Any] | None:
     """The dataclass a field holds (``X`` or ``X | None``), built as a nested section."""
     args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
     if len(args) == 1 and isinstance(args[0], type) and dataclasses.is_dataclass(args[0]):
@@ -106,13 +117,20 @@ def _table_class(hint: Any) -> type[Any] | None:
     return None
 
 
+def default_of(f: dataclasses.Field[Any]) -> Any:
+    """``f``'s default (its factory called), or ``dataclasses.MISSING`` when it has none."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
 def _defaults(f: dataclasses.Field[Any] | None) -> dict[str, Any]:
     """The init fields of ``f``'s default when that is a dataclass instance; else empty."""
     if f is None:
         return {}
-    value = f.default
-    if value is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING:
-        value = f.default_factory()
+    value = default_of(f)
     if not dataclasses.is_dataclass(value) or isinstance(value, type):
         return {}
     return {g.name: getattr(value, g.name) for g in dataclasses.fields(value) if g.init}
@@ -181,7 +199,7 @@ def check_fields(
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls!r} is not a dataclass")
     data = table(data, where or "the top level")
-    hints = typing.get_type_hints(cls)
+    hints = type_hints(cls)
     fields = dataclasses.fields(cls)
     by_name = {f.name: f for f in fields}
     known = {f.name: hints[f.name] for f in fields if f.init and f.name not in exclude}
@@ -196,7 +214,7 @@ def check_fields(
         try:
             if _holds_built(value):
                 checked[name] = value
-            elif (sub := _table_class(known[name])) is not None and isinstance(value, Mapping):
+            elif (sub := table_class(known[name])) is not None and isinstance(value, Mapping):
                 # a nested table overrides the keys it gives of the field's default, if any
                 merged = {**_defaults(by_name.get(name)), **value}
                 checked[name] = build_section(sub, merged, _subsection(where, name))
@@ -216,7 +234,7 @@ def build_section(cls: type[T], data: Mapping[str, Any], where: str) -> T:
     dataclass's own checks (``__post_init__``) raise their ``ValueError`` unchanged.
     """
     checked = check_fields(cls, data, where)
-    hints = typing.get_type_hints(cls)
+    hints = type_hints(cls)
     missing = [
         f.name
         for f in dataclasses.fields(cls)  # type: ignore[arg-type]
@@ -252,9 +270,7 @@ def field_default(cls: type[Any], name: str) -> Any:
     the one place CLIs read their option defaults from."""
     for f in dataclasses.fields(cls):
         if f.name == name:
-            if f.default is not dataclasses.MISSING:
-                return f.default
-            if f.default_factory is not dataclasses.MISSING:
-                return f.default_factory()
-            raise KeyError(f"{cls.__name__}.{name} has no default")
+            if (value := default_of(f)) is dataclasses.MISSING:
+                raise KeyError(f"{cls.__name__}.{name} has no default")
+            return value
     raise KeyError(f"{cls.__name__} has no field {name!r}")

@@ -16,13 +16,12 @@ import io
 import json
 import textwrap
 import tokenize
-import typing
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tiller.server.formats.sections import type_name
+from tiller.server.formats.sections import default_of, table_class, type_hints, type_name
 
 Row = tuple[str, str, str, str]  # key, type, default, description
 PROMPTS_FILE: Row = ("prompts_file", "path", "unset", "a file of prompts, one a line (or: prompts)")
@@ -94,24 +93,9 @@ def _value(v: Any) -> str:
     return repr(v)
 
 
-def _default_of(f: dataclasses.Field[Any]) -> Any:
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    return dataclasses.MISSING
-
-
 def _default(f: dataclasses.Field[Any], base: Any) -> str:
-    value = getattr(base, f.name) if base is not None else _default_of(f)
+    value = getattr(base, f.name) if base is not None else default_of(f)
     return "required" if value is dataclasses.MISSING else _value(value)
-
-
-def _table_class(hint: Any) -> type[Any] | None:
-    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-    if len(args) == 1 and isinstance(args[0], type) and dataclasses.is_dataclass(args[0]):
-        return args[0]
-    return None
 
 
 def _nested_name(parent: str, name: str) -> str:
@@ -137,16 +121,16 @@ def _with_extra(rows: list[Row], extra: tuple[Row, ...]) -> list[Row]:
 
 def render(section: Section) -> Iterator[str]:
     """The Markdown of ``section`` and of the tables nested in it (dataclass-typed fields)."""
-    hints = typing.get_type_hints(section.cls)
+    hints = type_hints(section.cls)
     notes = _comments(section.cls)
     rows: list[Row] = []
     nested: list[Section] = []
     for f in dataclasses.fields(section.cls):
         if not f.init or f.name in section.skip:
             continue
-        sub = _table_class(hints[f.name])
+        sub = table_class(hints[f.name])
         if sub is not None:
-            given = _default_of(f)
+            given = default_of(f)
             base = given if dataclasses.is_dataclass(given) else None
             nested.append(Section(_nested_name(section.name, f.name), sub, base=base))
             continue

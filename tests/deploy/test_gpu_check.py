@@ -48,9 +48,11 @@ def test_dry_run_prints_install_serve_and_the_three_benchmarks() -> None:
 
 
 def test_the_benchmarks_accept_the_flags_it_passes() -> None:
+    checked = set()
     for cmd in _dry_run():
         if len(cmd) < 2 or cmd[1] not in BENCHES:
             continue
+        checked.add(cmd[1])
         r = subprocess.run(
             [sys.executable, cmd[1], "--help"],
             cwd=REPO,
@@ -61,6 +63,7 @@ def test_the_benchmarks_accept_the_flags_it_passes() -> None:
         assert r.returncode == 0, r.stderr
         for flag in (a for a in cmd[2:] if a.startswith("--")):
             assert re.search(rf"{re.escape(flag)}\b", r.stdout), f"{cmd[1]} has no {flag}"
+    assert checked == set(BENCHES), checked
 
 
 def test_unknown_arguments_are_refused() -> None:

@@ -58,9 +58,9 @@ def test_dtype_choice(requested: str, cuda: bool, bf16: bool, expected: str) -> 
 
 
 def test_cpuinfo_flags(tmp_path: Path) -> None:
-    info = tmp_path / "cpuinfo"
-    info.write_text("processor: 0\nflags\t\t: fpu avx2 fma\n")
-    assert not cpu_has_native_bf16(info)
-    info.write_text("processor: 0\nflags\t\t: fpu avx2 avx512_bf16\n")
-    assert cpu_has_native_bf16(info)
+    avx2, bf16 = tmp_path / "avx2", tmp_path / "bf16"  # one file each: read once per path
+    avx2.write_text("processor: 0\nflags\t\t: fpu avx2 fma\n")
+    assert not cpu_has_native_bf16(avx2)
+    bf16.write_text("processor: 0\nflags\t\t: fpu avx2 avx512_bf16\n")
+    assert cpu_has_native_bf16(bf16)
     assert not cpu_has_native_bf16(tmp_path / "absent")

@@ -11,8 +11,9 @@ import sqlite_utils
 
 from tiller.learner.annotate.base import Annotation, GenerationView, ProviderUnavailable
 from tiller.learner.annotate.follow import backlog, commit, next_batch, read_cursor
-from tiller.learner.annotate.judge import Breaker, parse_choice, parse_likert
+from tiller.learner.annotate.judge import parse_choice, parse_likert
 from tiller.learner.annotate.templates import defuse, fill, load_template
+from tiller.learner.annotate.transport import Breaker
 from tiller.server.formats.logstore import connect
 
 TAGS = ("Harmless and very helpful", "Harmless and helpful", "Harmful")
@@ -125,7 +126,7 @@ def test_commit_is_exactly_once(tmp_path: Path) -> None:
 async def test_rate_limiter_spaces_calls() -> None:
     import asyncio
 
-    from tiller.learner.annotate.judge import RateLimiter
+    from tiller.learner.annotate.transport import RateLimiter
 
     limiter = RateLimiter(20.0)  # one call per 50 ms
     t = time.monotonic()

@@ -14,7 +14,7 @@ import pytest
 from tiller.learner.align.config import load_config as load_align
 from tiller.learner.annotate.config import load_config as load_annotate
 from tiller.learner.learn.config import load_config as load_learn
-from tiller.server.config import EngineConfig, Limits, LogConfig, ServerConfig, default
+from tiller.server.config import EngineConfig, Limits, LogConfig, ServerConfig
 from tiller.server.formats.sections import ConfigError, field_default
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -276,10 +276,11 @@ def test_the_cli_options_read_their_defaults_from_the_dataclasses() -> None:
     from tiller.server.cli import serve
 
     options = {p.name: p for p in serve.params}
-    assert options["max_request_seconds"].default == default(Limits, "max_request_s")
-    assert options["drain_grace"].default == default(ServerConfig, "drain_grace_s")
-    assert options["kv_blocks"].default == default(EngineConfig, "num_kv_blocks")
-    assert f"{default(ServerConfig, 'host')}:{default(ServerConfig, 'port')}" == DEFAULT_TARGET
+    assert options["max_request_seconds"].default == field_default(Limits, "max_request_s")
+    assert options["drain_grace"].default == field_default(ServerConfig, "drain_grace_s")
+    assert options["kv_blocks"].default == field_default(EngineConfig, "num_kv_blocks")
+    host, port = field_default(ServerConfig, "host"), field_default(ServerConfig, "port")
+    assert f"{host}:{port}" == DEFAULT_TARGET
     with pytest.raises(KeyError, match="no default"):
         field_default(EngineConfig, "model")
 

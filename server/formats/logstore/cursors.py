@@ -14,6 +14,7 @@ from dataclasses import asdict
 
 import sqlite_utils
 
+from .generations import last_generation_seq
 from .rows import AnnotationRow
 from .schema import transaction
 
@@ -56,7 +57,7 @@ def commit_annotations(
 
 def annotator_backlogs(db: sqlite_utils.Database) -> dict[str, int]:
     """Per annotator provider with a cursor: how many generation seqs it has not reached."""
-    head = int(db.execute("SELECT COALESCE(MAX(seq), 0) FROM generations").fetchone()[0])
+    head = last_generation_seq(db)
     rows = db.execute(
         "SELECT name, seq FROM cursors WHERE name LIKE ?", [ANNOTATOR_PREFIX + "%"]
     ).fetchall()

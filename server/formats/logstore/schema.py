@@ -133,16 +133,11 @@ def migrate(db: sqlite_utils.Database) -> int:
             f"log schema version {version} is newer than this Tiller ({SCHEMA_VERSION})"
         )
     while version < SCHEMA_VERSION:
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(db):
             current = int(db.execute("PRAGMA user_version").fetchone()[0])
             if current == version:  # another process may have migrated meanwhile
                 MIGRATIONS[version](db)
                 db.execute(f"PRAGMA user_version={version + 1}")
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         version = int(db.execute("PRAGMA user_version").fetchone()[0])
     return version
 
@@ -179,9 +174,7 @@ def open_readonly(path: Path, *, timeout_s: float = 5.0) -> sqlite_utils.Databas
     conn = sqlite3.connect(
         f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=timeout_s, isolation_level=None
     )
-    db = sqlite_utils.Database(conn)
-    db.execute(f"PRAGMA busy_timeout={int(timeout_s * 1000)}")
-    return db
+    return sqlite_utils.Database(conn)  # sqlite3's timeout is the busy timeout
 
 
 def schema_version(db: sqlite_utils.Database) -> int:
