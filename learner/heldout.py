@@ -108,7 +108,8 @@ def score(texts: Sequence[str], scorers: Sequence[str]) -> dict[str, tuple[float
     out = {}
     for name in dict.fromkeys(scorers):
         scorer = make_scorer(name)
-        out[name] = tuple(scorer.score(t) for t in texts)
+        batch = getattr(scorer, "score_batch", None)  # reward models score a batch at once
+        out[name] = tuple(batch(list(texts))) if batch else tuple(scorer.score(t) for t in texts)
     return out
 
 

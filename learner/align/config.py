@@ -56,7 +56,7 @@ from tiller.server.formats.sections import ConfigError
 
 from ..annotate.config import build_section
 from ..annotate.config import parse_config as parse_annotator
-from ..annotate.scorers import make_scorer
+from ..annotate.scorers import check_scorer
 from ..heldout import HeldoutSampling
 from ..learn.config import parse_config as parse_learner
 from ..learn.config import with_prompts
@@ -78,7 +78,7 @@ class SweepConfig:
         if len(self.scorers) != 2:
             raise ValueError("[eval.sweep]: scorers must name one scorer per attribute")
         for s in self.scorers:
-            make_scorer(s)  # ValueError naming the valid scorers
+            check_scorer(s)  # ValueError naming the valid scorers
         if len(self.lambdas) < 2 or not all(math.isfinite(x) for x in self.lambdas):
             raise ValueError("[eval.sweep]: lambdas must be at least two finite numbers")
 
@@ -97,6 +97,7 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if not self.prompts:
             raise ValueError("[eval]: prompts is empty")
+        check_scorer(self.scorer)  # a bad rm: directory fails here, not after the run
         if self.tags and len(self.tags) != 2:
             raise ValueError("[eval]: tags must be the two extreme tags (best first)")
         if self.tags and self.attributes:

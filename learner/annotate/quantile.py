@@ -46,17 +46,17 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .base import Annotation, GenerationView
-from .scorers import SCORERS, Scorer, make_scorer
+from .scorers import Scorer, check_scorer, make_scorer
 
 Mode = Literal["per_prompt", "global", "fixed"]
 MODES: tuple[Mode, ...] = ("per_prompt", "global", "fixed")
 
 
 def _check_scorer(provider: str, scorer: str) -> None:
-    if scorer not in SCORERS:
-        raise ValueError(
-            f"provider {provider!r}: unknown scorer {scorer!r}; valid: {', '.join(sorted(SCORERS))}"
-        )
+    try:
+        check_scorer(scorer)
+    except ValueError as e:
+        raise ValueError(f"provider {provider!r}: {e}") from None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,8 +110,22 @@ def band(score: float, sorted_ref: Sequence[float], k: int) -> int:
     return min(k - 1, (2 * below + equal) * k // (2 * len(sorted_ref)))
 
 
+def _finite(s: float) -> float | str:
+    return s if math.isfinite(s) else f"scorer returned {s}"
+
+
 def score_all(scorer: Scorer, texts: Sequence[str]) -> list[float | str]:
-    """A finite score per text, or the error text for that item."""
+    """A finite score per text, or the error text for that item. A scorer with ``score_batch``
+    scores all texts in one call; if that call fails, each text is scored alone so that only
+    the texts that fail get an error."""
+    score_batch = getattr(scorer, "score_batch", None)
+    if score_batch is not None and texts:
+        try:
+            scores = [float(s) for s in score_batch(list(texts))]
+        except Exception:  # retried one by one below, each failure recorded on its own item
+            scores = []
+        if len(scores) == len(texts):
+            return [_finite(s) for s in scores]
     out: list[float | str] = []
     for text in texts:
         try:
@@ -119,12 +133,12 @@ def score_all(scorer: Scorer, texts: Sequence[str]) -> list[float | str]:
         except Exception as e:  # a per-item failure is recorded, not retried
             out.append(f"{type(e).__name__}: {e}")
             continue
-        out.append(s if math.isfinite(s) else f"scorer returned {s}")
+        out.append(_finite(s))
     return out
 
 
 async def _scores(scorer: Scorer, batch: Sequence[GenerationView]) -> list[float | str]:
-    # Scorers are CPU-bound: keep the event loop (judge providers' HTTP calls) responsive.
+    # Scorers are CPU/GPU-bound: keep the event loop (judge providers' HTTP calls) responsive.
     return await asyncio.to_thread(score_all, scorer, [g.output_text for g in batch])
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from .base import Annotation, GenerationView
 from .quantile import score_all
-from .scorers import SCORERS, Scorer, make_scorer
+from .scorers import Scorer, check_scorer, make_scorer
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,11 +50,10 @@ class RatingConfig:
         if not names or len(set(names)) != len(names):
             raise ValueError(f"{where}: attributes must be distinct names, at least one")
         for a in self.attributes:
-            if a.scorer not in SCORERS:
-                raise ValueError(
-                    f"{where}: attribute {a.name!r}: unknown scorer {a.scorer!r}; "
-                    f"valid: {', '.join(sorted(SCORERS))}"
-                )
+            try:
+                check_scorer(a.scorer)
+            except ValueError as e:
+                raise ValueError(f"{where}: attribute {a.name!r}: {e}") from None
             ok = all(math.isfinite(c) for c in a.cuts) and all(
                 x < y for x, y in itertools.pairwise(a.cuts)
             )

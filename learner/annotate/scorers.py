@@ -12,7 +12,12 @@ name             value                                           library
 ``readability``  Flesch reading ease (higher = easier; can be    textstat
                  negative for long run-on text; 0 for no words)
 ``length``       number of whitespace-separated words            —
+``rm:<dir>``     a local reward model's logit for the text       transformers, torch
+                 (``reward_model`` module: settings, device)
 ===============  ==============================================  ===================
+
+A scorer may also have ``score_batch(texts) -> list[float]`` (the reward model: one forward
+pass per batch); ``quantile.score_all`` uses it when present.
 """
 
 from __future__ import annotations
@@ -94,13 +99,37 @@ SCORERS: dict[str, Callable[[], Scorer]] = {
 }
 
 
+RM_PREFIX = "rm:"  # "rm:<model dir>": a reward model (reward_model module)
+
+
+def _unknown(name: str) -> ValueError:
+    return ValueError(
+        f"unknown scorer {name!r}; valid: {', '.join(sorted(SCORERS))}, or {RM_PREFIX}<model dir>"
+    )
+
+
+def check_scorer(name: str) -> None:
+    """``ValueError`` unless ``name`` names a scorer: a built-in one, or ``rm:<dir>`` whose
+    directory holds a sequence-classification model (checked without loading it or torch)."""
+    if name.startswith(RM_PREFIX):
+        from .reward_model import parse_spec
+
+        parse_spec(name)
+    elif name not in SCORERS:
+        raise _unknown(name)
+
+
 @functools.cache
 def make_scorer(name: str) -> Scorer:
     """The scorer called ``name``, built once per process (scorers are pure; building one loads
-    its word lists); ``ValueError`` naming the valid ones otherwise. ``ImportError`` if its
-    library is missing (``pip install 'tiller[annotate]'``)."""
+    its word lists or its model); ``ValueError`` naming the valid ones otherwise. ``ImportError``
+    if its library is missing (``pip install 'tiller[annotate]'``; ``rm:`` needs torch)."""
+    if name.startswith(RM_PREFIX):
+        from .reward_model import load
+
+        return load(name)
     try:
         factory = SCORERS[name]
     except KeyError:
-        raise ValueError(f"unknown scorer {name!r}; valid: {', '.join(sorted(SCORERS))}") from None
+        raise _unknown(name) from None
     return factory()

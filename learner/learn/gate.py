@@ -45,6 +45,7 @@ from typing import Any, Literal
 from tiller.server.formats.manifest import Conditioning
 
 from ..annotate.judge import JudgeConfig
+from ..annotate.scorers import check_scorer
 from ..heldout import HeldoutSampling, score
 from ..stats import mean_halfwidth
 
@@ -82,6 +83,8 @@ class GateConfig:
             raise ValueError("gate.metric 'spread' needs gate.high_tag and gate.low_tag")
         if self.scorer is None and self.judge is None:
             raise ValueError("gate needs a scorer, a judge, or both")
+        if self.scorer is not None:
+            check_scorer(self.scorer)  # at config time: a bad rm: directory fails here
         if self.judge is not None and self.judge.mode != "pairwise":
             raise ValueError(f"gate.judge.mode must be 'pairwise', got {self.judge.mode!r}")
         if not (math.isfinite(self.margin) and self.margin >= 0):

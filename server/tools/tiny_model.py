@@ -96,6 +96,32 @@ def build_tiny_llama(out_dir: Path, *, seed: int = 0, vocab_size: int = 1024) ->
     return out_dir
 
 
+def build_tiny_reward_model(
+    model_dir: Path, out_dir: Path, *, seed: int = 0, num_labels: int = 1
+) -> Path:
+    """A tiny random ``LlamaForSequenceClassification`` (``num_labels`` logits, seeded N(0, 0.08)
+    weights) with the shape and tokenizer of ``model_dir`` (a ``build_tiny_llama`` directory),
+    written into ``out_dir``: a reward model for tests. Returns ``out_dir``; idempotent."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, LlamaForSequenceClassification
+
+    out_dir = Path(out_dir)
+    if (out_dir / "tiller_tiny.json").exists():
+        return out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out_dir)
+    config = AutoConfig.from_pretrained(model_dir, num_labels=num_labels)
+    torch.manual_seed(seed)
+    model = LlamaForSequenceClassification(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.08)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    (out_dir / "tiller_tiny.json").write_text(json.dumps({"seed": seed, "num_labels": num_labels}))
+    return out_dir
+
+
 def build_random_lora(
     model_dir: Path,
     out: Path,
