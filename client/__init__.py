@@ -13,6 +13,8 @@ from .results import (
     Generation,
     ServerStatus,
     StreamChunk,
+    TokenLogprob,
+    TopLogprob,
 )
 
 __all__ = [
@@ -26,4 +28,6 @@ __all__ = [
     "ServerStatus",
     "StreamChunk",
     "TillerClientError",
+    "TokenLogprob",
+    "TopLogprob",
 ]

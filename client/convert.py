@@ -7,7 +7,15 @@ from typing import Any
 
 from tiller.protos.tiller.v1 import tiller_pb2 as pb
 
-from .results import AdapterInfo, Completion, Generation, ServerStatus, StreamChunk
+from .results import (
+    AdapterInfo,
+    Completion,
+    Generation,
+    ServerStatus,
+    StreamChunk,
+    TokenLogprob,
+    TopLogprob,
+)
 
 _FINISH = {
     pb.FINISH_REASON_UNSPECIFIED: None,
@@ -33,6 +41,7 @@ def build_request(
     stop: Sequence[str] = (),
     n: int | None = None,
     repetition_penalty: float | None = None,
+    logprobs: int | None = None,
     log: bool | None = None,
     request_id: str = "",
 ) -> pb.GenerateRequest:
@@ -53,6 +62,7 @@ def build_request(
         "seed": seed,
         "n": n,
         "repetition_penalty": repetition_penalty,
+        "logprobs": logprobs,
     }
     for name, value in optional.items():
         if value is not None:
@@ -69,6 +79,18 @@ def build_request(
     return req
 
 
+def _logprobs(items: Sequence[pb.TokenLogprob]) -> tuple[TokenLogprob, ...]:
+    return tuple(
+        TokenLogprob(
+            t.token_id,
+            t.token,
+            t.logprob,
+            tuple(TopLogprob(a.token_id, a.token, a.logprob) for a in t.top),
+        )
+        for t in items
+    )
+
+
 def generation(r: pb.GenerateResponse) -> Generation:
     return Generation(
         request_id=r.request_id,
@@ -79,6 +101,7 @@ def generation(r: pb.GenerateResponse) -> Generation:
                 text=c.text,
                 token_ids=tuple(c.token_ids),
                 finish_reason=_FINISH.get(c.finish_reason) or "stop",
+                logprobs=_logprobs(c.logprobs),
             )
             for c in r.completions
         ),
@@ -107,6 +130,7 @@ def chunk(c: pb.GenerateChunk) -> StreamChunk:
         prompt_tokens=c.usage.prompt_tokens,
         completion_tokens=c.usage.completion_tokens,
         logged=c.logged,
+        logprobs=_logprobs(c.logprobs),
     )
 
 

@@ -6,12 +6,31 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
+class TopLogprob:
+    token_id: int
+    token: str
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's logprob under the distribution it was sampled from (after steering,
+    mixing, penalties, temperature, top-k/top-p), with its top alternatives, likeliest first."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
 class Completion:
     index: int
     generation_id: str
     text: str
     token_ids: tuple[int, ...]
     finish_reason: str  # "stop", "length", "abort"
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token when asked (``logprobs=k``)
 
 
 @dataclass(frozen=True)
@@ -57,6 +76,7 @@ class StreamChunk:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     logged: bool = False
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)

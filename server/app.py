@@ -24,6 +24,8 @@ from .edge import Edge
 from .engine import Engine, VllmEngine
 from .logwriter import LogWriter
 from .metrics import Metrics, serve_http
+from .openai_api.routes import Api
+from .openai_api.server import HttpServer, start_http
 from .registry import sync_once, watch
 from .service import GenerationService
 from .servicer import TillerAdminServicer, TillerServicer
@@ -50,6 +52,7 @@ class Running:
     admin_server: grpc.aio.Server | None = None
     admin_port: int | None = None
     metrics_port: int | None = None
+    http: HttpServer | None = None
 
 
 async def start(config: ServerConfig, engine: Engine | None = None) -> Running:
@@ -107,6 +110,12 @@ async def start(config: ServerConfig, engine: Engine | None = None) -> Running:
     # full collections on the hot path do not walk the model and engine graphs.
     gc.collect()
     gc.freeze()
+    http = None
+    if config.http is not None:
+        api = Api(service, adapters, config.limits, engine.model_id, auth, metrics)
+        http = await start_http(api, config.http.host, config.http.port, sec.tls)
+        if config.http.port_file is not None:
+            _announce(config.http.port_file, http.port)
     for name in ("", *names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     stop_watch = asyncio.Event()
@@ -127,6 +136,7 @@ async def start(config: ServerConfig, engine: Engine | None = None) -> Running:
         admin_server,
         admin_port,
         metrics_port,
+        http,
     )
 
 
@@ -170,6 +180,8 @@ async def drain_and_stop(running: Running, grace_s: float) -> bool:
     clean = await running.service.wait_idle(grace_s)
     if not clean:
         log.warning("drain grace of %.1fs ran out; cancelling the rest", grace_s)
+    if running.http is not None:
+        await running.http.stop()
     await running.server.stop(grace=1.0)
     if running.admin_server is not None:
         await running.admin_server.stop(grace=1.0)
@@ -179,15 +191,24 @@ async def drain_and_stop(running: Running, grace_s: float) -> bool:
     return clean
 
 
+def _announce(path: Path, port: int) -> None:
+    """Write ``port`` to ``path`` atomically (readers never see a partial file)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(str(port))
+    tmp.replace(path)
+
+
 async def serve(config: ServerConfig, port_file: Path | None = None) -> None:
     """Run until SIGTERM or SIGINT."""
     running = await start(config)
     address = f"{config.host}:{running.port}"
     if port_file is not None:
-        tmp = port_file.with_suffix(".tmp")
-        tmp.write_text(str(running.port))
-        tmp.replace(port_file)
+        _announce(port_file, running.port)
     print(f"tiller: serving {config.engine.model.name} on {address}", flush=True)
+    if running.http is not None and config.http is not None:
+        scheme = "https" if config.security.tls else "http"
+        url = f"{scheme}://{config.http.host}:{running.http.port}/v1"
+        print(f"tiller: OpenAI-compatible API on {url}", flush=True)
     if running.admin_port is not None:
         print(f"tiller: admin on {config.security.admin_host}:{running.admin_port}", flush=True)
     if running.metrics_port is not None:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import TokenGrant
-from .errors import LimitExceeded, PermissionDenied, Unauthenticated
+from .formats.errors import Overloaded, PermissionDenied, Unauthenticated
 
 ROLES = ("generate", "feedback", "admin")
 ANY = "any"  # any valid token
@@ -43,6 +43,11 @@ ROLE_OF: dict[str, str] = {
     _ADMIN + "LoadAdapter": "admin",
     _ADMIN + "ActivateAdapter": "admin",
     _ADMIN + "RollbackAdapter": "admin",
+    # The OpenAI-compatible HTTP API: the same roles as the RPCs it translates to.
+    "/v1/completions": "generate",
+    "/v1/chat/completions": "generate",
+    "/v1/feedback": "feedback",
+    "/v1/models": ANY,
 }
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -145,9 +150,9 @@ class Authenticator:
         return grant
 
     def acquire(self, grant: TokenGrant) -> None:
-        """Take one concurrency permit; ``LimitExceeded`` when the token is at its cap."""
+        """Take one concurrency permit; ``Overloaded`` when the token is at its cap."""
         if grant.max_concurrent and self._in_flight[grant.name] >= grant.max_concurrent:
-            raise LimitExceeded(
+            raise Overloaded(
                 f"token '{grant.name}' has {grant.max_concurrent} requests in flight, "
                 "its limit; retry when one finishes"
             )

@@ -19,6 +19,7 @@ from .config import (
     EngineConfig,
     Limits,
     LogConfig,
+    ObservabilityConfig,
     ServerConfig,
     choices,
 )
@@ -225,6 +226,7 @@ def serve(**kw: Any) -> None:
     from . import logsetup
     from .app import serve as run_server
 
+    logsetup.set_vllm_level(kw["log_level"])  # before anything imports vllm
     config = serve_config(kw)
     logsetup.configure(config.observability)
     _apply_process_settings(config.engine)
@@ -256,6 +258,7 @@ def serve_config(kw: dict[str, Any]) -> ServerConfig:
         ),
         security=edge.security,
         observability=edge.observability,
+        http=edge.http,
         log=None
         if kw["no_log"]
         else LogConfig(path=kw["log_db"] or _log_path(cache_dir), synchronous=kw["log_sync"]),
@@ -268,12 +271,23 @@ def serve_config(kw: dict[str, Any]) -> ServerConfig:
 @click.option("--prompt", default="How do I keep a sourdough starter alive?", show_default=True)
 @click.option("--feedback", default="Harmless and very helpful", show_default=True)
 @click.option("--once", is_flag=True, help="Exit after the demo generation instead of serving on.")
+@click.option(
+    "--log-level",
+    type=click.Choice(choices(ObservabilityConfig, "log_level"), case_sensitive=False),
+    default="WARNING",
+    show_default=True,
+    help="Tiller's log lines; vLLM's show from WARNING unless this is DEBUG.",
+)
 def up(**kw: Any) -> None:
     """The main job: serve the default model with its feedback profile, print a steered
     generation made through the gRPC client, and keep serving."""
+    from . import logsetup
     from .tools.demo import run_up
     from .tools.models import write_feedback_profile
 
+    level = kw.pop("log_level").upper()
+    logsetup.set_vllm_level(level)  # before anything imports vllm
+    logsetup.configure(ObservabilityConfig(log_level=level))
     engine, cache_dir = _engine_config(kw)
     profile = write_feedback_profile(
         cache_dir / "registry" / "feedback" / "v0001", base_model=engine.model.name

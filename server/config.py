@@ -68,6 +68,7 @@ class Limits:
     max_feedback_mix: int = 8  # tags in one feedback mixture
     max_attributes: int = 16  # attribute weights in one request
     max_attribute_weight: float = 10.0  # |weight| bound of each attribute
+    max_logprobs: int = 20  # top alternatives per token a request may ask for
     max_prompt_tokens: int | None = None  # None: the model's context is the only bound
     # server-side cap on one RPC's duration (DEADLINE_EXCEEDED); None: the client's deadline only
     max_request_s: float | None = 900.0
@@ -131,6 +132,15 @@ class ObservabilityConfig:
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    """The OpenAI-compatible HTTP API (beside gRPC; same tokens, TLS, limits and log)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000  # 0: any free port
+    port_file: Path | None = None  # the bound port is written here once serving
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """Everything ``tiller serve`` runs with."""
 
@@ -147,3 +157,4 @@ class ServerConfig:
     registry_poll_s: float = 0.5  # how often the registry's state.json is read
     security: SecurityConfig = field(default_factory=SecurityConfig)
     observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
+    http: HttpConfig | None = None  # None: gRPC only

@@ -23,6 +23,7 @@ from .values import (
     StreamEnd,
     StreamStart,
     Timing,
+    TokenLogprob,
 )
 
 _FINISH = {
@@ -48,6 +49,7 @@ def request_from_pb(m: pb.GenerateRequest) -> GenerateRequest:
         stop=tuple(s.stop),
         n=_opt(s, "n"),  # type: ignore[arg-type]
         repetition_penalty=_opt(s, "repetition_penalty"),  # type: ignore[arg-type]
+        logprobs=_opt(s, "logprobs"),  # type: ignore[arg-type]
     )
     which = m.WhichOneof("input")
     chat = None
@@ -96,6 +98,20 @@ def _timings(t: Timing) -> pb.Timings:
     )
 
 
+def _logprobs(items: tuple[TokenLogprob, ...]) -> list[pb.TokenLogprob]:
+    return [
+        pb.TokenLogprob(
+            token_id=t.token_id,
+            token=t.token,
+            logprob=t.logprob,
+            top=[
+                pb.TopLogprob(token_id=a.token_id, token=a.token, logprob=a.logprob) for a in t.top
+            ],
+        )
+        for t in items
+    ]
+
+
 def result_to_pb(r: GenerateResult) -> pb.GenerateResponse:
     return pb.GenerateResponse(
         request_id=r.request_id,
@@ -107,6 +123,7 @@ def result_to_pb(r: GenerateResult) -> pb.GenerateResponse:
                 token_ids=c.token_ids,
                 finish_reason=_FINISH[c.finish],
                 completion_tokens=len(c.token_ids),
+                logprobs=_logprobs(c.logprobs),
             )
             for c in r.completions
         ],
@@ -140,6 +157,7 @@ class ChunkEncoder:
                 text_delta=event.text,
                 token_ids=event.token_ids,
                 finish_reason=_FINISH[event.finish],
+                logprobs=_logprobs(event.logprobs),
             )
         else:
             chunk = pb.GenerateChunk(

@@ -15,14 +15,14 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 
 from .auth import Authenticator, bearer
 from .config import TokenGrant
+from .deadline import Watchdog
 from .errors import (
-    DeadlineExceeded,
     InvalidArgument,
     PermissionDenied,
     TillerError,
@@ -36,7 +36,6 @@ _GUARDED_PREFIX = "/tiller.v1."
 _GENERATE = ("/tiller.v1.Tiller/Generate", "/tiller.v1.Tiller/GenerateStream")
 
 Decode = Callable[[bytes], Any]
-T = TypeVar("T")
 
 
 class _Rpc:
@@ -125,53 +124,6 @@ class _Rpc:
             )
 
 
-class _Watchdog:
-    """The server's cap on one RPC's duration, with one timer per RPC.
-
-    At the deadline, if the RPC is waiting on the servicer (``wait``), its task is cancelled
-    there, so the servicer's cleanup runs (the engine request is aborted) and ``wait`` raises
-    ``DeadlineExceeded``; if it is elsewhere (grpc writing a chunk), the next ``wait`` raises.
-    """
-
-    def __init__(self, method: str, cap: float | None) -> None:
-        self.method = method
-        self.cap = cap
-        self.expired = self.fired = self.waiting = False
-        self.handle: asyncio.TimerHandle | None = None
-        if cap is not None:
-            self.task = asyncio.current_task()
-            loop = asyncio.get_running_loop()
-            self.handle = loop.call_at(loop.time() + cap, self._fire)
-
-    def _fire(self) -> None:
-        self.expired = True
-        if self.waiting and self.task is not None:
-            self.fired = True
-            self.task.cancel()
-
-    def _error(self) -> DeadlineExceeded:
-        return DeadlineExceeded(
-            f"{self.method} ran past the server's request time cap of {self.cap}s"
-        )
-
-    async def wait(self, awaitable: Awaitable[T]) -> T:
-        if self.expired:
-            raise self._error()
-        self.waiting = True
-        try:
-            return await awaitable
-        except asyncio.CancelledError:
-            if self.fired and self.task is not None and self.task.uncancel() == 0:
-                raise self._error() from None
-            raise
-        finally:
-            self.waiting = False
-
-    def close(self) -> None:
-        if self.handle is not None:
-            self.handle.cancel()
-
-
 class Edge(grpc.aio.ServerInterceptor):
     """Interceptor for ``grpc.aio.server(interceptors=[...])``.
 
@@ -223,7 +175,7 @@ class Edge(grpc.aio.ServerInterceptor):
     ) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[Any]]:
         async def behavior(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
             rpc = _Rpc(self, method, context)
-            watchdog = _Watchdog(method, self.max_request_s)
+            watchdog = Watchdog(method, self.max_request_s)
             try:
                 try:
                     request = rpc.admit(_token(context), raw, decode)
@@ -248,7 +200,7 @@ class Edge(grpc.aio.ServerInterceptor):
     ) -> Callable[[bytes, grpc.aio.ServicerContext], AsyncIterator[Any]]:
         async def behavior(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             rpc = _Rpc(self, method, context)
-            watchdog = _Watchdog(method, self.max_request_s)
+            watchdog = Watchdog(method, self.max_request_s)
             metrics = self.metrics
             tokens = 0
             try:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from .config import EngineConfig
 from .device import detect_dtype
 from .formats.errors import EngineFailure, InvalidArgument, TillerError, Unavailable
-from .values import Delta, EngineRequest, Finish
+from .values import Delta, EngineRequest, Finish, TokenLogprob, TopLogprob
 
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -94,6 +94,9 @@ CPU_DEFAULTS: dict[str, Any] = {
     "gpu_memory_utilization": 0.3,
     "max_num_seqs": 64,
 }
+# What Tiller sets on every platform: logprobs are those of the distribution actually sampled
+# from (after steering, feedback mixing, penalties, temperature, top-k/top-p), not the raw model's.
+TILLER_DEFAULTS: dict[str, Any] = {"logprobs_mode": "processed_logprobs"}
 _OPTIONAL = (
     "max_model_len",
     "gpu_memory_utilization",
@@ -108,7 +111,9 @@ def tiller_engine_kwargs(config: EngineConfig, *, on_cpu: bool) -> dict[str, Any
     and model plugin: the platform's defaults, then ``config``'s set fields, then its
     ``vllm_args`` (the user's engine arguments win). Raises ``ValueError`` if they switch LoRA
     off (Tiller serves adapters)."""
-    kw: dict[str, Any] = dict(CPU_DEFAULTS) if on_cpu else {}
+    kw: dict[str, Any] = dict(TILLER_DEFAULTS)
+    if on_cpu:
+        kw.update(CPU_DEFAULTS)
     kw.update(
         model=str(config.model),
         dtype=detect_dtype(config.dtype),
@@ -204,6 +209,26 @@ def engine_error(e: Exception) -> Exception:
     return EngineFailure(f"engine failed: {type(e).__name__}: {e}")
 
 
+def token_logprobs(
+    token_ids: Sequence[int], positions: Sequence[Mapping[int, Any]], k: int
+) -> tuple[TokenLogprob, ...]:
+    """vLLM's per-position ``{token id: Logprob}`` maps as ``TokenLogprob``s: the sampled token,
+    and the alternatives of rank 1..``k`` (vLLM adds the sampled token when it ranks below k)."""
+    out = []
+    for token_id, position in zip(token_ids, positions, strict=True):
+        sampled = position[token_id]
+        ranked = sorted(
+            (lp.rank, tid, lp)
+            for tid, lp in position.items()
+            if lp.rank is not None and lp.rank <= k
+        )
+        top = tuple(
+            TopLogprob(tid, lp.decoded_token or "", float(lp.logprob)) for _, tid, lp in ranked
+        )
+        out.append(TokenLogprob(token_id, sampled.decoded_token or "", float(sampled.logprob), top))
+    return tuple(out)
+
+
 @dataclass
 class VllmEngine:
     """``Engine`` over vLLM's ``AsyncLLM`` running in this process."""
@@ -250,7 +275,7 @@ class VllmEngine:
 
     def _sampling_params(self, request: EngineRequest) -> Any:
         from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         s = request.sampling
         return SamplingParams(
@@ -262,6 +287,8 @@ class VllmEngine:
             seed=s.seed,
             stop=list(s.stop) or None,
             repetition_penalty=s.repetition_penalty,
+            logprobs=s.logprobs,
+            structured_outputs=StructuredOutputsParams(**s.structured) if s.structured else None,
             output_kind=RequestOutputKind.DELTA,
             extra_args=self._extra_args(request),
         )
@@ -287,8 +314,9 @@ class VllmEngine:
             stream = self.llm.generate(
                 prompt, self._sampling_params(request), request.request_id, lora_request=lora
             )
+            k = request.sampling.logprobs
             async for out in stream:
-                yield [self._delta(c) for c in out.outputs]
+                yield [self._delta(c, k) for c in out.outputs]
         except asyncio.CancelledError:
             await self.abort(request.request_id)
             raise
@@ -320,15 +348,20 @@ class VllmEngine:
                     await self.llm.resume_generation()
             except Exception as e:
                 raise engine_error(e) from e
-        return [self._drain(q, r.request_id) for q, r in zip(queues, requests, strict=True)]
+        return [
+            self._drain(q, r.request_id, r.sampling.logprobs)
+            for q, r in zip(queues, requests, strict=True)
+        ]
 
-    async def _drain(self, q: Any, request_id: str) -> AsyncIterator[Sequence[Delta]]:
+    async def _drain(
+        self, q: Any, request_id: str, k: int | None
+    ) -> AsyncIterator[Sequence[Delta]]:
         try:
             finished = False
             while not finished:
                 out = q.get_nowait() or await q.get()
                 finished = bool(out.finished)
-                yield [self._delta(c) for c in out.outputs]
+                yield [self._delta(c, k) for c in out.outputs]
         except asyncio.CancelledError:
             await self.abort(request_id)
             raise
@@ -338,12 +371,13 @@ class VllmEngine:
             q.close()
 
     @staticmethod
-    def _delta(c: Any) -> Delta:
+    def _delta(c: Any, k: int | None) -> Delta:
         return Delta(
             index=c.index,
             text=c.text,
             token_ids=tuple(c.token_ids),
             finish=_FINISH.get(c.finish_reason, Finish.STOP),
+            logprobs=token_logprobs(c.token_ids, c.logprobs, k) if k is not None else (),
         )
 
     def _lora(self, request: EngineRequest) -> Any:

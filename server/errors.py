@@ -16,6 +16,7 @@ from .formats.errors import (
     InvalidArgument,
     LimitExceeded,
     NotFound,
+    Overloaded,
     PermissionDenied,
     TillerError,
     Unauthenticated,
@@ -32,6 +33,7 @@ __all__ = [
     "InvalidArgument",
     "LimitExceeded",
     "NotFound",
+    "Overloaded",
     "PermissionDenied",
     "TillerError",
     "Unauthenticated",
@@ -43,6 +45,7 @@ __all__ = [
 STATUS_TABLE: dict[type[TillerError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     NotFound: grpc.StatusCode.NOT_FOUND,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     Unimplemented: grpc.StatusCode.UNIMPLEMENTED,

@@ -35,9 +35,24 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str, ensure_ascii=False)
 
 
+def vllm_level(level: str) -> str:
+    """vLLM's own log level under Tiller's ``level``: DEBUG passes through; otherwise at least
+    WARNING (vLLM's INFO lines are engine internals that drown Tiller's)."""
+    names = logging.getLevelNamesMapping()
+    return level if level == "DEBUG" else max(level, "WARNING", key=names.__getitem__)
+
+
+def set_vllm_level(level: str) -> str:
+    """Set ``VLLM_LOGGING_LEVEL`` (read when vllm is first imported, also by engine processes)
+    to ``vllm_level(level)`` unless the user set it; returns the level in force."""
+    return os.environ.setdefault("VLLM_LOGGING_LEVEL", vllm_level(level.upper())).upper()
+
+
 def configure(obs: ObservabilityConfig) -> None:
-    """Install one stderr handler on the root logger. With JSON, vLLM's own loggers are told
-    not to install their text handler (``VLLM_CONFIGURE_LOGGING=0``) so they come out as JSON."""
+    """Install one stderr handler on the root logger, vLLM's loggers at ``set_vllm_level``.
+    With JSON, vLLM's own loggers are told not to install their text handler
+    (``VLLM_CONFIGURE_LOGGING=0``) so they come out as JSON."""
+    logging.getLogger("vllm").setLevel(set_vllm_level(obs.log_level))
     handler = logging.StreamHandler(sys.stderr)
     if obs.log_format == "json":
         os.environ["VLLM_CONFIGURE_LOGGING"] = "0"  # read when vllm is first imported

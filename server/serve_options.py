@@ -13,7 +13,14 @@ from typing import Any
 import click
 
 from .auth import TokenFileError, load_tokens
-from .config import Limits, ObservabilityConfig, SecurityConfig, TlsConfig, choices
+from .config import (
+    HttpConfig,
+    Limits,
+    ObservabilityConfig,
+    SecurityConfig,
+    TlsConfig,
+    choices,
+)
 from .formats.sections import field_default
 
 _KEYS = (
@@ -30,6 +37,9 @@ _KEYS = (
     "metrics_port",
     "log_format",
     "log_level",
+    "http_host",
+    "http_port",
+    "http_port_file",
 )
 _FILE = click.Path(path_type=Path, exists=True, dir_okay=False)
 
@@ -100,6 +110,20 @@ def edge_options(f: Callable[..., Any]) -> Callable[..., Any]:
             default=field_default(ObservabilityConfig, "log_level"),
             show_default=True,
         ),
+        click.option("--http-host", default=field_default(HttpConfig, "host"), show_default=True),
+        click.option(
+            "--http-port",
+            type=int,
+            default=None,
+            help="Serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+            "/v1/models, /v1/feedback) on this port too (0 = any free). Unset: gRPC only.",
+        ),
+        click.option(
+            "--http-port-file",
+            type=click.Path(path_type=Path),
+            default=None,
+            help="Write the bound HTTP port here once serving.",
+        ),
     ]
     for opt in reversed(options):
         f = opt(f)
@@ -112,6 +136,7 @@ class EdgeConfigs:
     observability: ObservabilityConfig
     max_prompt_tokens: int | None
     max_request_s: float | None
+    http: HttpConfig | None = None
 
 
 def edge_configs(kw: dict[str, Any]) -> EdgeConfigs:
@@ -147,4 +172,7 @@ def edge_configs(kw: dict[str, Any]) -> EdgeConfigs:
         ),
         max_prompt_tokens=e["max_prompt_tokens"],
         max_request_s=seconds if seconds and seconds > 0 else None,
+        http=None
+        if e["http_port"] is None
+        else HttpConfig(e["http_host"], e["http_port"], e["http_port_file"]),
     )

@@ -40,6 +40,7 @@ from .values import (
     StreamEvent,
     StreamStart,
     Timing,
+    TokenLogprob,
 )
 
 
@@ -97,6 +98,13 @@ class GenerationService:
             log_written=log.stats.written if log else 0,
             log_lost=log.stats.lost if log else 0,
         )
+
+    async def check_health(self) -> None:
+        """``Unavailable`` unless the engine answers."""
+        try:
+            await self._engine.check_health()
+        except Exception as e:
+            raise Unavailable(f"the inference engine is not healthy: {e}") from e
 
     # ---------------------------------------------------------------- preparation
 
@@ -289,6 +297,7 @@ class GenerationService:
     async def _generate_once(self, req: GenerateRequest) -> GenerateResult:
         texts: dict[int, list[str]] = {}
         tokens: dict[int, list[int]] = {}
+        logprobs: dict[int, list[TokenLogprob]] = {}
         finish: dict[int, Finish] = {}
         start: StreamStart | None = None
         end: StreamEnd | None = None
@@ -298,6 +307,7 @@ class GenerationService:
             elif isinstance(event, Delta):
                 texts.setdefault(event.index, []).append(event.text)
                 tokens.setdefault(event.index, []).extend(event.token_ids)
+                logprobs.setdefault(event.index, []).extend(event.logprobs)
                 if event.finish is not Finish.NONE:
                     finish[event.index] = event.finish
             else:
@@ -310,6 +320,7 @@ class GenerationService:
                 text="".join(texts.get(i, [])),
                 token_ids=tuple(tokens.get(i, [])),
                 finish=finish.get(i, Finish.ABORT),
+                logprobs=tuple(logprobs.get(i, ())),
             )
             for i in range(len(start.generation_ids))
         )

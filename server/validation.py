@@ -73,6 +73,11 @@ def resolve_sampling(s: Sampling, limits: Limits) -> ResolvedSampling:
         )
     if any(not x for x in s.stop):
         raise InvalidArgument("sampling.stop strings must be non-empty", field="sampling.stop")
+    if s.logprobs is not None and not 0 <= s.logprobs <= limits.max_logprobs:
+        raise InvalidArgument(
+            f"sampling.logprobs must be in [0, {limits.max_logprobs}], got {s.logprobs}",
+            field="sampling.logprobs",
+        )
     seed = secrets.randbits(31) if s.seed is None else s.seed
     if seed >= 2**63:
         raise InvalidArgument("sampling.seed must be < 2^63", field="sampling.seed")
@@ -85,6 +90,8 @@ def resolve_sampling(s: Sampling, limits: Limits) -> ResolvedSampling:
         stop=s.stop,
         n=n,
         repetition_penalty=rep,
+        logprobs=s.logprobs,
+        structured=s.structured,
     )
 
 

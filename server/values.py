@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from .formats.prompt import ChatTurn
 
@@ -27,6 +29,9 @@ class Sampling:
     stop: tuple[str, ...] = ()
     n: int | None = None
     repetition_penalty: float | None = None
+    logprobs: int | None = None  # top alternatives per token; None = no logprobs
+    # vLLM's structured outputs (exactly one of json, regex, choice, grammar): HTTP API only
+    structured: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,8 @@ class ResolvedSampling:
     stop: tuple[str, ...]
     n: int
     repetition_penalty: float
+    logprobs: int | None = None
+    structured: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -104,6 +111,24 @@ class MixMember:
 
 
 @dataclass(frozen=True)
+class TopLogprob:
+    token_id: int
+    token: str
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's logprob under the distribution it was sampled from, with the top
+    alternatives (most likely first)."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
 class Delta:
     """New output of one completion since the previous step."""
 
@@ -111,6 +136,7 @@ class Delta:
     text: str
     token_ids: tuple[int, ...]
     finish: Finish
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token id, when the request asked
 
 
 @dataclass(frozen=True)
@@ -141,6 +167,7 @@ class CompletionResult:
     text: str
     token_ids: tuple[int, ...]
     finish: Finish
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)

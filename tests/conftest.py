@@ -75,6 +75,13 @@ class ServerProc:
     proc: subprocess.Popen[bytes]
     target: str
     log: Path
+    http_port: int | None = None
+
+    @property
+    def base_url(self) -> str:
+        """The OpenAI-compatible API's base URL (``http``, no TLS)."""
+        assert self.http_port is not None, "started with http=False"
+        return f"http://127.0.0.1:{self.http_port}/v1"
 
     def logs(self) -> str:
         return self.log.read_text(errors="replace")
@@ -86,11 +93,14 @@ def start_server(
     *extra: str,
     credentials: grpc.ChannelCredentials | None = None,
     channel_options: tuple[tuple[str, str], ...] = (),
+    http: bool = True,
 ) -> ServerProc:
     """Run ``tiller serve`` as a real process on a free port; wait until health says SERVING.
-    ``credentials``: check health over TLS with these (a server started with --tls-cert)."""
+    ``credentials``: check health over TLS with these (a server started with --tls-cert).
+    ``http``: also serve the OpenAI-compatible API on a free port (``ServerProc.http_port``)."""
     workdir.mkdir(parents=True, exist_ok=True)
     port_file = workdir / "port"
+    http_file = workdir / "http_port"
     log = workdir / "server.log"
     cmd = [
         sys.executable,
@@ -113,6 +123,7 @@ def start_server(
         "4",
         "--dtype",
         "float32",  # exactness tests compare with float32 torch references
+        *(("--http-port", "0", "--http-port-file", str(http_file)) if http else ()),
         *extra,
     ]
     with log.open("wb") as out:
@@ -133,7 +144,8 @@ def start_server(
         stub = health_pb2_grpc.HealthStub(ch)
         status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=30).status
         assert status == health_pb2.HealthCheckResponse.SERVING
-    return ServerProc(proc, target, log)
+    http_port = int(http_file.read_text()) if http else None
+    return ServerProc(proc, target, log, http_port)
 
 
 def stop_server(server: ServerProc) -> None:

@@ -44,6 +44,10 @@ class RunPaths:
         return self.root / "server.port"
 
     @property
+    def http_port_file(self) -> Path:
+        return self.root / "server.http_port"
+
+    @property
     def learner_workdir(self) -> Path:
         return self.root / "learner"
 
@@ -147,19 +151,27 @@ def bound_port(paths: RunPaths) -> int:
     return int(paths.port_file.read_text().strip())
 
 
+def bound_http_port(paths: RunPaths) -> int:
+    """The port of the run server's OpenAI-compatible API."""
+    return int(paths.http_port_file.read_text().strip())
+
+
 def server_spec(
     cfg: AlignConfig,
     paths: RunPaths,
     model: Path,
     port: int,
     exit_status: Callable[[], int | None],
+    http_port: int = 0,
 ) -> ChildSpec:
-    """``tiller serve`` on ``port`` (0: the server binds a free one and writes it to the port
-    file) over the run's log and registry, with the admin API. ``exit_status`` polls the
-    running server process (its readiness check gives up if it exits)."""
+    """``tiller serve`` on ``port`` and its OpenAI-compatible API on ``http_port`` (0: the
+    server binds free ones and writes them to the port files) over the run's log and registry,
+    with the admin API. ``exit_status`` polls the running server process (its readiness check
+    gives up if it exits)."""
     argv = tiller_argv(
         "serve", "--model", str(model), "--port", str(port),
         "--port-file", str(paths.port_file), "--log-db", str(paths.db),
+        "--http-port", str(http_port), "--http-port-file", str(paths.http_port_file),
         "--registry", str(paths.registry), "--registry-poll", "0.5", "--enable-admin",
         # the learner's gate loads candidates from its workdir; nothing else is loadable
         "--adapter-root", str(paths.registry), "--adapter-root", str(paths.learner_workdir),
@@ -177,13 +189,23 @@ def server_spec(
 
 
 def worker_specs(
-    cfg: AlignConfig, paths: RunPaths, model: Path, server: str, judge_url: str | None
+    cfg: AlignConfig,
+    paths: RunPaths,
+    model: Path,
+    server: str,
+    judge_url: str | None,
+    self_url: str,
 ) -> list[ChildSpec]:
     """The annotator and the learner, in start order. Writes their configs as run
     (``annotator.json``, ``learner.json``) into the run directory first."""
     annotator_cfg = paths.root / "annotator.json"
     annotator_cfg.write_text(
-        json.dumps(annotator_section(cfg, db=paths.db, judge_url=judge_url), indent=2)
+        json.dumps(
+            annotator_section(
+                cfg, db=paths.db, judge_url=judge_url, self_url=self_url, base_model=model.name
+            ),
+            indent=2,
+        )
     )
     learner = learner_section(
         cfg,

@@ -20,8 +20,8 @@ Layout (paths relative to the file)::
     args = ["--max-model-len", "2048"]
 
     [annotator]                    # as `tiller annotate`'s config, without db; an llm_judge
-    [[annotator.providers]]        # provider with base_url = "judge" talks to [judge]
-    ...
+    [[annotator.providers]]        # provider with base_url = "judge" talks to [judge]; with
+    ...                            # base_url = "self", to the served base model (Tiller's HTTP)
 
     [learner]                      # as `tiller learn`'s config, without db/registry/workdir/
     ...                            # model/server (filled in by align)
@@ -62,6 +62,9 @@ from ..learn.config import parse_config as parse_learner
 from ..learn.config import with_prompts
 
 JUDGE_URL = "judge"  # placeholder base_url of providers that use the [judge] server
+# Placeholder base_url of providers that judge with the served base model itself, over the run
+# server's OpenAI-compatible API: pinned to the base (model = its name) and never logged.
+SELF_URL = "self"
 
 
 @dataclass(frozen=True)
@@ -155,11 +158,19 @@ def learner_section(
     return out
 
 
-def annotator_section(cfg: AlignConfig, *, db: Path, judge_url: str | None) -> dict[str, Any]:
+def annotator_section(
+    cfg: AlignConfig, *, db: Path, judge_url: str | None, self_url: str, base_model: str
+) -> dict[str, Any]:
+    """The annotator's config as ``tiller annotate`` reads it: the judge placeholders resolved
+    (``judge``: the [judge] server; ``self``: the run server's HTTP API, its base model)."""
     out = copy.deepcopy(dict(cfg.annotator))
     out["db"] = str(db)
     for p in out.get("providers", []):
-        if p.get("base_url") == JUDGE_URL:
+        if p.get("base_url") == SELF_URL:
+            p["base_url"] = self_url
+            p["model"] = base_model
+            p["extra_body"] = {**p.get("extra_body", {}), "log": False}
+        elif p.get("base_url") == JUDGE_URL:
             if judge_url is None:
                 raise ValueError(
                     f"provider {p.get('name')!r} uses the judge but there is no [judge]"
@@ -204,7 +215,9 @@ def parse_config(data: Mapping[str, Any], base: Path) -> AlignConfig:
     tmp = Path("/nonexistent")
     learner = learner_section(cfg, db=tmp, registry=tmp, workdir=tmp, model=tmp, server="x:1")
     parse_learner(learner, tmp, {}, prefix="learner.")
-    annotator = annotator_section(cfg, db=tmp, judge_url="http://x/v1")
+    annotator = annotator_section(
+        cfg, db=tmp, judge_url="http://x/v1", self_url="http://x/v1", base_model="base"
+    )
     parse_annotator(annotator, {}, prefix="annotator.")
     return cfg
 

@@ -25,6 +25,7 @@ from typing import Any
 
 from .children import (
     RunPaths,
+    bound_http_port,
     bound_port,
     judge_spec,
     server_spec,
@@ -45,6 +46,7 @@ class AlignRun:
         self.report = report
         self.sup = Supervisor(report=report)
         self.port = 0  # the server binds a free port itself; start_server reads it back
+        self.http_port = 0  # likewise for its OpenAI-compatible API (the "self" judge)
         self.target = ""
         self.started = time.time()
 
@@ -63,6 +65,7 @@ class AlignRun:
             spec, judge_url = judge_spec(self.cfg, p)
             self.sup.start(spec)
         p.port_file.unlink(missing_ok=True)
+        p.http_port_file.unlink(missing_ok=True)
 
         def server_exit_status() -> int | None:
             server = next(c for c in self.sup.children if c.spec.name == "server")
@@ -71,14 +74,18 @@ class AlignRun:
 
         child = self.sup.start(server_spec(self.cfg, p, self.model, 0, server_exit_status))
         # Restarts keep the port the workers already talk to.
-        self.port = bound_port(p)
+        self.port, self.http_port = bound_port(p), bound_http_port(p)
         self.target = f"127.0.0.1:{self.port}"
-        child.spec = server_spec(self.cfg, p, self.model, self.port, server_exit_status)
+        child.spec = server_spec(
+            self.cfg, p, self.model, self.port, server_exit_status, self.http_port
+        )
         return judge_url
 
     def start_workers(self, judge_url: str | None) -> None:
         """The annotator, then the learner, against the running server."""
-        for spec in worker_specs(self.cfg, self.paths, self.model, self.target, judge_url):
+        self_url = f"http://127.0.0.1:{self.http_port}/v1"
+        specs = worker_specs(self.cfg, self.paths, self.model, self.target, judge_url, self_url)
+        for spec in specs:
             self.sup.start(spec)
 
     def stop_children(self, *names: str) -> None:

@@ -16,8 +16,8 @@ import asyncio
 import json
 import math
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -50,6 +50,9 @@ class JudgeConfig:
     requests_per_s: float = 0.0  # 0 = no rate limit
     breaker_threshold: int = 5
     breaker_cooldown_s: float = 30.0
+    # Extra request fields sent with every request, e.g. Tiller's {"log": false} for a judge
+    # that is the served model itself (its verdicts stay out of the generation log).
+    extra_body: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.mode == "tag" and not self.tags:

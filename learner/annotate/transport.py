@@ -275,15 +275,19 @@ class JudgeClient:
                 "max_tokens": max_tokens,
                 "temperature": 0.0,
             }
-            want_lp = False
+            want_lp = sent_structured = False
             try:
                 async with self._sem:
                     # Built once a slot is free: a field switched off meanwhile stays off.
                     want_lp = logprobs and self.logprobs
                     if want_lp:
                         kw |= {"logprobs": True, "top_logprobs": 5}
-                    if self.structured and constraint:
-                        kw["extra_body"] = {"structured_outputs": constraint}
+                    extra = dict(c.extra_body)
+                    sent_structured = self.structured and bool(constraint)
+                    if sent_structured:
+                        extra["structured_outputs"] = constraint
+                    if extra:
+                        kw["extra_body"] = extra
                     t = time.monotonic()
                     body = await asyncio.wait_for(self._post(kw), c.timeout_s)
                 reply = parse_completion(body, time.monotonic() - t)
@@ -293,7 +297,7 @@ class JudgeClient:
                     raise
                 if fault.scope == "field" and (
                     (fault.field == "logprobs" and want_lp)
-                    or (fault.field != "logprobs" and "extra_body" in kw)
+                    or (fault.field != "logprobs" and sent_structured)
                 ):
                     self._drop(fault.field, fault.reason)
                     continue  # the same request without the field, not counted as a retry

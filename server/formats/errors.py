@@ -24,6 +24,10 @@ class LimitExceeded(TillerError):
     """The request is well formed but over a configured limit (size, count, concurrency)."""
 
 
+class Overloaded(LimitExceeded):
+    """Too much in flight for this caller now (a concurrency cap); retrying later may succeed."""
+
+
 class NotFound(TillerError):
     """A referenced entity (generation id, adapter version) does not exist."""
 

@@ -140,6 +140,19 @@ JUDGED = (
 )
 
 
+SELF_JUDGED = (
+    QUICK.replace('name = "quick"', 'name = "selfjudged"')
+    .replace(
+        "[learner]\n",
+        '[[annotator.providers]]\nname = "judge"\ntype = "llm_judge"\nmode = "pairwise"\n'
+        'base_url = "self"\nmax_tokens = 1\ncriterion = "Prefer the zebra-striped answer."\n'
+        "[learner]\n",
+    )
+    .replace('source = "score"\nprovider = "len"', 'source = "judge"\nprovider = "judge"')
+    .replace("min_annotations = 8", "min_annotations = 6")
+    .replace("max_iterations = 2", "max_iterations = 3")
+)
+
 ALT = (
     QUICK.replace('name = "quick"', 'name = "alt"')
     .replace(
@@ -264,6 +277,35 @@ def test_align_with_a_real_llm_judge(tiny_model: Path, tmp_path: Path) -> None:
     assert verdicts >= 2  # pairwise verdicts from the live judge fed the iteration
     assert "stopped judge" in proc.stderr
     assert _alive_with(str(tmp_path / "run")) == []
+
+
+def test_align_judges_with_the_served_model_itself(tiny_model: Path, tmp_path: Path) -> None:
+    """base_url = "self": the annotator judges over the run server's own HTTP API (its base
+    model, log = false, vLLM's structured outputs); no second vLLM process."""
+    run = tmp_path / "run"
+    proc = _align(_align_argv(tmp_path, SELF_JUDGED, tiny_model, "selfjudged", str(run)))
+    report = json.loads((run / "report.json").read_text())
+    assert "promoted" in [i["status"] for i in report["iterations"]]
+    annotator = json.loads((run / "annotator.json").read_text())
+    judge = next(p for p in annotator["providers"] if p["name"] == "judge")
+    http_port = (run / "server.http_port").read_text().strip()
+    assert judge["base_url"] == f"http://127.0.0.1:{http_port}/v1"
+    assert judge["model"] == tiny_model.name and judge["extra_body"] == {"log": False}
+    from tiller.server.formats.logstore import connect
+
+    db = connect(run / "log.sqlite")
+    verdicts = db.execute(
+        "SELECT count(*) FROM annotations WHERE provider = 'judge' AND error = ''"
+    ).fetchone()[0]
+    assert verdicts >= 2
+    judged_prompts = db.execute(
+        "SELECT count(*) FROM generations WHERE rendered_prompt LIKE '%zebra-striped%'"
+    ).fetchone()[0]
+    assert judged_prompts == 0, "the judge's own requests must stay out of the log"
+    log = (run / "logs" / "annotator.log").read_text()
+    assert "switching to plain prompting" not in log, log[-3000:]  # structured outputs held
+    assert "stopped judge" not in proc.stderr  # there is no judge process
+    assert _alive_with(str(run)) == []
 
 
 def test_align_config_is_checked_before_anything_starts(tmp_path: Path) -> None:

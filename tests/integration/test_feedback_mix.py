@@ -93,6 +93,17 @@ def test_greedy_mixture_matches_the_reference(
     assert rendered == [f"{t} input: {PROMPT}<|separator|>" for t in sorted(mix)]
 
 
+def test_logprobs_are_the_mixture_s(client: Client, reference: Reference) -> None:
+    """Served logprobs are those of the mixed distribution (what was sampled from)."""
+    mix = MIXES[0]
+    g = client.generate(PROMPT, adapter="detox", feedback_mix=mix, logprobs=1, **GREEDY)
+    c = g.completions[0]
+    assert [t.token_id for t in c.logprobs] == list(c.token_ids)
+    for k, t in enumerate(c.logprobs):
+        expected = torch.log_softmax(reference.mixed(PROMPT, mix, list(c.token_ids[:k])), -1)
+        assert abs(t.logprob - float(expected[t.token_id])) < 1e-3, f"step {k}"
+
+
 def test_mixture_differs_from_each_condition_alone(client: Client) -> None:
     mix = {"Lowest Toxicity": 1.5, "Maximum Toxicity": -1.0}
     mixed = (

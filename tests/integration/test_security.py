@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import ssl
 import threading
 import time
 import urllib.request
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import httpx
+import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -342,3 +345,108 @@ def test_logs_are_json_and_never_hold_a_token(secured: Secured) -> None:
     edge = [r for r in records if r["logger"] == "tiller.edge"]
     assert any(r.get("code") == "UNAUTHENTICATED" for r in edge)
     assert any(r.get("token_name") == "app" and r.get("code") == "OK" for r in edge)
+
+
+# ---------------------------------------------------------------- the HTTP API, same edge
+
+
+def _http(secured: Secured, *, client_cert: bool = True) -> httpx.Client:
+    p = secured.pki
+    ctx = ssl.create_default_context(cafile=str(p.ca))
+    if client_cert:
+        ctx.load_cert_chain(str(p.client_cert), str(p.client_key))
+    return httpx.Client(verify=ctx, timeout=60)
+
+
+def _oa(secured: Secured, token: str | None) -> openai.OpenAI:
+    return openai.OpenAI(
+        base_url=f"https://127.0.0.1:{secured.srv.http_port}/v1",
+        api_key=secured.tokens[token] if token else "not-a-token",
+        http_client=_http(secured),
+        max_retries=0,
+    )
+
+
+def _http_status(fn: Callable[[], object]) -> openai.APIStatusError:
+    with pytest.raises(openai.APIStatusError) as info:
+        fn()
+    return info.value
+
+
+def test_http_tokens_roles_and_tls(secured: Secured) -> None:
+    url = f"https://127.0.0.1:{secured.srv.http_port}/v1"
+    with _http(secured) as h:
+        none = h.post(f"{url}/completions", json={"model": "tiny-llama", "prompt": "x"})
+    assert none.status_code == 401 and "Bearer" in none.json()["error"]["message"]
+    with _oa(secured, None) as oa:
+        e = _http_status(lambda: oa.completions.create(model="tiny-llama", prompt="x"))
+        assert e.status_code == 401
+    with _oa(secured, "reader") as oa:  # feedback only
+        e = _http_status(lambda: oa.completions.create(model="tiny-llama", prompt="x"))
+        assert e.status_code == 403 and "'generate'" in e.message
+        assert oa.models.list().data[0].id == "tiny-llama"  # any valid token
+    with _oa(secured, "app") as oa:
+        r = oa.completions.create(model="tiny-llama", prompt="hello", max_tokens=3)
+        assert r.usage is not None and r.usage.completion_tokens > 0
+        long = "word " * 60
+        e = _http_status(lambda: oa.completions.create(model="tiny-llama", prompt=long))
+        assert e.status_code == 413 and "limit is 40" in e.message
+    other = secured.tokens["other"]  # generate only
+    with _http(secured) as h:
+        fb = h.post(
+            f"{url}/feedback",
+            json={"generation_id": "gen-x", "score": 1.0},
+            headers={"authorization": f"Bearer {other}"},
+        )
+    assert fb.status_code == 403
+    with (
+        _http(secured, client_cert=False) as h,
+        pytest.raises((httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError)),
+    ):
+        h.get(f"{url}/models", headers={"authorization": f"Bearer {other}"}).raise_for_status()
+
+
+def test_http_concurrency_cap_is_429(secured: Secured) -> None:
+    """The 'app' token's cap of 2 counts HTTP requests too: a third gets 429."""
+    with _oa(secured, "app") as a, _oa(secured, "app") as b, _oa(secured, "app") as c:
+        s1 = a.completions.create(model="tiny-llama", prompt="hold", max_tokens=1990,
+                                  temperature=0.0, stream=True)  # fmt: skip
+        s2 = b.completions.create(model="tiny-llama", prompt="hold", max_tokens=1990,
+                                  temperature=0.0, stream=True)  # fmt: skip
+        try:
+            next(iter(s1)), next(iter(s2))
+            e = _http_status(lambda: c.completions.create(model="tiny-llama", prompt="third"))
+            assert e.status_code == 429 and "'app'" in e.message
+        finally:
+            s1.close()
+            s2.close()
+        deadline = time.monotonic() + 30  # the server sees the disconnects and frees the permits
+        while True:
+            try:
+                r = c.completions.create(model="tiny-llama", prompt="again", max_tokens=2)
+                break
+            except openai.RateLimitError:
+                assert time.monotonic() < deadline, "permits were not released"
+                time.sleep(0.2)
+        assert r.usage is not None and r.usage.completion_tokens > 0
+
+
+def test_http_requests_are_in_the_metrics(secured: Secured) -> None:
+    before = _scrape(secured.metrics_url)
+    with _oa(secured, "app") as oa:
+        oa.chat.completions.create(
+            model="tiny-llama", messages=[{"role": "user", "content": "hi"}], max_tokens=3
+        )
+        list(oa.completions.create(model="tiny-llama", prompt="s", max_tokens=3, stream=True))
+    with _oa(secured, None) as oa:
+        _http_status(lambda: oa.completions.create(model="tiny-llama", prompt="x"))
+    after = _scrape(secured.metrics_url)
+
+    def delta(name: str, labels: tuple[tuple[str, str], ...] = ()) -> float:
+        return after.get((name, labels), 0.0) - before.get((name, labels), 0.0)
+
+    assert delta("tiller_requests_total", (("code", "200"), ("method", "ChatCompletions"))) == 1
+    assert delta("tiller_requests_total", (("code", "200"), ("method", "Completions"))) == 1
+    assert delta("tiller_requests_total", (("code", "401"), ("method", "Completions"))) == 1
+    assert delta("tiller_stream_first_chunk_seconds_count") == 1
+    assert delta("tiller_generate_requests_by_steering_total", (("kind", "none"),)) == 2

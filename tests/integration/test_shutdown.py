@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -40,14 +41,32 @@ def test_sigterm_drains_in_flight_requests(
                     results.append(e)
                 done_at.append(time.monotonic())
 
-        threads = [threading.Thread(target=long_request, args=(i,)) for i in range(4)]
-        for t in threads:
+        http_done: list[httpx.Response] = []
+
+        def long_http_request() -> None:
+            body = {"model": "tiny-llama", "prompt": "def drain_http():", "max_tokens": 1500,
+                    "temperature": 1.0, "seed": 9}  # fmt: skip
+            http_done.append(httpx.post(f"{srv.base_url}/completions", json=body, timeout=120))
+
+        threads = [threading.Thread(target=long_http_request)]
+        threads[0].start()  # first, so that it is surely in flight at SIGTERM
+        with Client(target, timeout=30) as c:
+            deadline = time.monotonic() + 30
+            while c.status().in_flight < 1 and not http_done and time.monotonic() < deadline:
+                time.sleep(0.01)
+        threads += [threading.Thread(target=long_request, args=(i,)) for i in range(4)]
+        for t in threads[1:]:
             t.start()
         with Client(target, timeout=30) as c:
-            # Stop waiting as soon as all four run or one has ended (a random model may sample
+            # Stop waiting as soon as all five run or one has ended (a random model may sample
             # EOS early; waiting for all four then would let every request finish first).
             deadline = time.monotonic() + 30
-            while c.status().engine_unfinished < 4 and not done_at and time.monotonic() < deadline:
+            busy = 5  # four gRPC requests and one HTTP request
+            while (
+                c.status().engine_unfinished < busy
+                and not (done_at or http_done)
+                and time.monotonic() < deadline
+            ):
                 time.sleep(0.01)
             assert c.status().engine_unfinished >= 1
         srv.proc.send_signal(signal.SIGTERM)
@@ -70,11 +89,17 @@ def test_sigterm_drains_in_flight_requests(
             c.generate("too late", max_tokens=2)
         assert info.value.code == grpc.StatusCode.UNAVAILABLE
         assert "shutting down" in info.value.message
+        # The HTTP API drains with the same service: not ready, new requests 503.
+        assert httpx.get(f"{srv.base_url.removesuffix('/v1')}/ready", timeout=10).status_code == 503
+        late = httpx.post(f"{srv.base_url}/completions", json={"model": "tiny-llama",
+                          "prompt": "too late", "max_tokens": 2}, timeout=10)  # fmt: skip
+        assert late.status_code == 503 and "shutting down" in late.json()["error"]["message"]
 
         for t in threads:
             t.join(timeout=120)
         assert len(results) == 4
         assert max(done_at) > sigterm_at, "some request should have been in flight at SIGTERM"
+        assert len(http_done) == 1 and http_done[0].status_code == 200, http_done
         for r in results:
             assert not isinstance(r, Exception), r
             assert r.completion_tokens > 0  # type: ignore[attr-defined]

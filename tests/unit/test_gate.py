@@ -183,7 +183,8 @@ def test_decide_bounds_drift_from_the_base_models_own_perplexity() -> None:
     off = GateConfig(prompts=("p",), scorer="length", max_perplexity_ratio=2.0)
     assert decide(ev(2.0, 180.0), ev(1.0, 130.0), off).passed  # not configured: not checked
     assert (
-        off.measures_perplexity and not GateConfig(prompts=("p",), scorer="x").measures_perplexity
+        off.measures_perplexity
+        and not GateConfig(prompts=("p",), scorer="length").measures_perplexity
     )
 
 

@@ -1,0 +1,58 @@
+"""The server's cap on one request's duration, shared by the gRPC and HTTP edges."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import TypeVar
+
+from .formats.errors import DeadlineExceeded
+
+T = TypeVar("T")
+
+
+class Watchdog:
+    """The cap on one request's duration, with one timer per request.
+
+    At the deadline, if the request is waiting on the service (``wait``), its task is cancelled
+    there, so the service's cleanup runs (the engine request is aborted) and ``wait`` raises
+    ``DeadlineExceeded``; if it is elsewhere (the transport writing), the next ``wait`` raises.
+    """
+
+    def __init__(self, method: str, cap: float | None) -> None:
+        self.method = method
+        self.cap = cap
+        self.expired = self.fired = self.waiting = False
+        self.handle: asyncio.TimerHandle | None = None
+        if cap is not None:
+            self.task = asyncio.current_task()
+            loop = asyncio.get_running_loop()
+            self.handle = loop.call_at(loop.time() + cap, self._fire)
+
+    def _fire(self) -> None:
+        self.expired = True
+        if self.waiting and self.task is not None:
+            self.fired = True
+            self.task.cancel()
+
+    def _error(self) -> DeadlineExceeded:
+        return DeadlineExceeded(
+            f"{self.method} ran past the server's request time cap of {self.cap}s"
+        )
+
+    async def wait(self, awaitable: Awaitable[T]) -> T:
+        if self.expired:
+            raise self._error()
+        self.waiting = True
+        try:
+            return await awaitable
+        except asyncio.CancelledError:
+            if self.fired and self.task is not None and self.task.uncancel() == 0:
+                raise self._error() from None
+            raise
+        finally:
+            self.waiting = False
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
