@@ -10,6 +10,7 @@ import sys
 from typing import Any
 
 import click
+import grpc
 
 from .client import Client, TillerClientError
 
@@ -67,63 +68,110 @@ def _weights(pairs: tuple[str, ...], option: str) -> dict[str, float]:
     return out
 
 
+# The server's answer to a chat request for a model without a chat template.
+_NO_TEMPLATE = "no chat template"
+
+_REQUEST_OPTIONS = [
+    click.option("--target", default=DEFAULT_TARGET, show_default=True, envvar="TILLER_TARGET"),
+    click.option("--token", default=None, envvar="TILLER_TOKEN", help="Bearer token."),
+    click.option("--feedback", default="", help="ALT feedback tag to condition on."),
+    click.option("--mix", "mix", multiple=True, help='Feedback mixture entry "TAG=WEIGHT".'),
+    click.option("--attr", "attrs", multiple=True, help='Attribute weight "NAME=WEIGHT".'),
+    click.option("--adapter", default="", help="Adapter name (optionally NAME@vN)."),
+    click.option("--system", default="", help="A system message (chat only)."),
+    click.option("--max-tokens", type=int, default=None),
+    click.option("--temperature", type=float, default=None),
+    click.option("--top-p", type=float, default=None),
+    click.option("--seed", type=int, default=None),
+    click.option("--timeout", type=float, default=120.0, show_default=True),
+]
+
+
+def _request_options(f: Any) -> Any:
+    for opt in reversed(_REQUEST_OPTIONS):
+        f = opt(f)
+    return f
+
+
+def _request_kw(kw: dict[str, Any]) -> dict[str, Any]:
+    """The ``Client.generate`` keyword arguments of the shared options (popped from ``kw``)."""
+    name, _, version = kw.pop("adapter").partition("@v")
+    return dict(
+        feedback=kw.pop("feedback"),
+        feedback_mix=_weights(kw.pop("mix"), "--mix"),
+        attributes=_weights(kw.pop("attrs"), "--attr"),
+        adapter=name,
+        adapter_version=int(version) if version else None,
+        max_tokens=kw.pop("max_tokens"),
+        temperature=kw.pop("temperature"),
+        top_p=kw.pop("top_p"),
+        seed=kw.pop("seed"),
+    )
+
+
+def _no_template(e: TillerClientError) -> bool:
+    return e.code == grpc.StatusCode.INVALID_ARGUMENT and _NO_TEMPLATE in e.message
+
+
+def _chat(system: str, turns: list[dict[str, str]]) -> list[dict[str, str]]:
+    return [{"role": "system", "content": system}, *turns] if system else turns
+
+
 @main.command()
 @click.argument("prompt")
-@click.option("--target", default=DEFAULT_TARGET, show_default=True, envvar="TILLER_TARGET")
-@click.option("--token", default=None, envvar="TILLER_TOKEN", help="Bearer token.")
-@click.option("--feedback", default="", help="ALT feedback tag to condition on.")
-@click.option("--mix", "mix", multiple=True, help='Feedback mixture entry "TAG=WEIGHT".')
-@click.option("--attr", "attrs", multiple=True, help='Attribute weight "NAME=WEIGHT".')
-@click.option("--adapter", default="", help="Adapter name (optionally NAME@vN).")
-@click.option("--max-tokens", type=int, default=None)
-@click.option("--temperature", type=float, default=None)
-@click.option("--top-p", type=float, default=None)
-@click.option("--seed", type=int, default=None)
+@_request_options
+@click.option("--raw", is_flag=True, help="Send PROMPT as a plain completion, not a chat turn.")
 @click.option("--n", type=int, default=None)
 @click.option("--stream/--no-stream", default=False)
 @click.option("--json", "as_json", is_flag=True, help="Print the whole result as JSON.")
-@click.option("--timeout", type=float, default=120.0, show_default=True)
 def generate(
     prompt: str,
     target: str,
     token: str | None,
-    feedback: str,
-    mix: tuple[str, ...],
-    attrs: tuple[str, ...],
-    adapter: str,
-    max_tokens: int | None,
-    temperature: float | None,
-    top_p: float | None,
-    seed: int | None,
+    system: str,
+    timeout: float,
+    raw: bool,
     n: int | None,
     stream: bool,
     as_json: bool,
-    timeout: float,
+    **options: Any,
 ) -> None:
-    """Generate a completion for PROMPT on a running server."""
-    name, _, version = adapter.partition("@v")
-    kw: dict[str, Any] = dict(
-        feedback=feedback,
-        feedback_mix=_weights(mix, "--mix"),
-        attributes=_weights(attrs, "--attr"),
-        adapter=name,
-        adapter_version=int(version) if version else None,
-        max_tokens=max_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        seed=seed,
-        n=n,
-    )
+    """Generate an answer to PROMPT on a running server.
+
+    PROMPT goes as a chat user message (the model's chat template renders it); a model
+    without a chat template gets it as a plain completion, as --raw sends it."""
+    if raw and system:
+        raise click.UsageError("--system is a chat message: it does not go with --raw")
+    kw = {**_request_kw(options), "n": n}
     try:
         with Client(target, timeout=timeout, token=token) as client:
-            if stream:
-                for piece in client.stream(prompt, **kw):
-                    click.echo(piece.text, nl=False)
-                click.echo()
-                return
-            g = client.generate(prompt, **kw)
+            if not raw:
+                try:
+                    chat = _chat(system, [{"role": "user", "content": prompt}])
+                    _emit(client, chat, kw, stream, as_json)
+                    return
+                except TillerClientError as e:
+                    if not _no_template(e) or system:
+                        raise
+                click.echo("tiller: the model has no chat template; sent as plain text", err=True)
+            _emit(client, prompt, kw, stream, as_json)
     except TillerClientError as e:
         raise click.ClickException(str(e)) from e
+
+
+def _emit(
+    client: Client,
+    prompt: str | list[dict[str, str]],
+    kw: dict[str, Any],
+    stream: bool,
+    as_json: bool,
+) -> None:
+    if stream:
+        for piece in client.stream(prompt, **kw):
+            click.echo(piece.text, nl=False)
+        click.echo()
+        return
+    g = client.generate(prompt, **kw)
     if as_json:
         click.echo(
             json.dumps(
@@ -152,6 +200,43 @@ def generate(
         return
     for c in g.completions:
         click.echo(c.text)
+
+
+@main.command()
+@_request_options
+def chat(target: str, token: str | None, system: str, timeout: float, **options: Any) -> None:
+    """Chat with a running server: each line of stdin is a user turn, the answer streams back.
+    The conversation is kept and sent whole each turn; /exit or end of input ends it. Piped
+    input is echoed after "> " so that the output reads as a terminal session would."""
+    kw = _request_kw(options)
+    turns: list[dict[str, str]] = []
+    interactive = sys.stdin.isatty()
+    try:
+        with Client(target, timeout=timeout, token=token) as client:
+            while True:
+                if interactive:
+                    click.echo("> ", nl=False)
+                line = sys.stdin.readline()
+                text = line.strip()
+                if not line or text == "/exit":
+                    return
+                if not text:
+                    continue
+                if not interactive:
+                    click.echo(f"> {text}")
+                turns.append({"role": "user", "content": text})
+                answer = []
+                for piece in client.stream(_chat(system, turns), **kw):
+                    click.echo(piece.text, nl=False)
+                    answer.append(piece.text)
+                click.echo()
+                turns.append({"role": "assistant", "content": "".join(answer)})
+    except TillerClientError as e:
+        if _no_template(e):
+            raise click.ClickException(
+                "the model has no chat template; use tiller generate --raw"
+            ) from e
+        raise click.ClickException(str(e)) from e
 
 
 @main.command()

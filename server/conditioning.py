@@ -14,13 +14,16 @@ from .formats.heads import is_identity, resolve_weights
 from .formats.prompt import ChatTurn, render_chat, render_text
 from .values import GenerateRequest, Steer
 
+# Clients (the ``tiller`` CLI) look for this text to fall back to a plain prompt.
+NO_CHAT_TEMPLATE = "the model has no chat template: send a plain prompt instead"
+
 
 def render_prompt(
     engine: Engine, req: GenerateRequest, adapter: LoadedAdapter, feedback: str
 ) -> str:
     """The prompt text for ``req`` conditioned on ``feedback`` (empty: the adapter's default tag,
     or none). Chat requests go through the model's chat template; a template error is the
-    request's ``InvalidArgument`` (field ``chat``)."""
+    request's ``InvalidArgument`` (field ``chat``), as is a model without one."""
     cond = adapter.conditioning
     feedback = feedback or (cond.default_tag if cond else None) or ""
     if req.chat is not None:
@@ -28,6 +31,8 @@ def render_prompt(
         if feedback and cond is not None:
             turns = render_chat(turns, feedback, cond)
         messages = [{"role": t.role, "content": t.content} for t in turns]
+        if getattr(engine.tokenizer, "chat_template", "") is None:
+            raise InvalidArgument(NO_CHAT_TEMPLATE, field="chat")
         try:
             text = engine.tokenizer.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=True

@@ -27,7 +27,8 @@ async def run_up(config: ServerConfig, *, prompt: str, feedback: str, once: bool
     if not once:
         print(
             f"tiller: still serving on {target} (Ctrl-C to stop); try:\n"
-            f"  tiller generate --target {target} --feedback 'Harmful' 'Tell me a joke'",
+            f"  tiller generate --target {target} --feedback 'Harmful' 'Tell me a joke'\n"
+            f"  tiller chat --target {target}",
             flush=True,
         )
         stop = asyncio.Event()

@@ -6,6 +6,8 @@
   (``W_0 + (W_plus - W_minus)``; low-rank stays low-rank by stacking the factors).
 - ``train_class_head``: a low-rank head fitted to put probability on a class of tokens
   (the steerability demonstration).
+- ``lexical_heads``: rank-1 heads that raise the logits of a word list by a set amount (steer
+  toward a topic in seconds, no training).
 
 Each writes ``tiller-heads.json`` + ``heads.safetensors`` into a directory; ``write_version``
 wraps that into an adapter version directory with its ``tiller-manifest.json``.
@@ -14,8 +16,9 @@ wraps that into an adapter version directory with its ``tiller-manifest.json``.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -192,6 +195,123 @@ def train_class_head(
     )
     save_heads(out, manifest, {f"{name}.A": a.detach(), f"{name}.B": b.detach()})
     return manifest
+
+
+# Assistant-style text whose hidden states calibrate ``lexical_heads`` (what h·a ≈ 1 is fit on).
+CALIBRATION = (
+    (
+        "How do I store basil?",
+        "Keep the stems in a glass of water on the counter, loosely "
+        "covered, and change the water every day. Basil turns black in the fridge.",
+    ),
+    (
+        "Explain rainbows.",
+        "Sunlight bends as it enters a raindrop, reflects off the back and "
+        "bends again on the way out. Each colour bends by a different amount, so they fan out.",
+    ),
+    (
+        "Tell me about owls.",
+        "Owls are birds of prey that hunt mostly at night. Their large eyes "
+        "face forward and their soft feathers let them fly almost without a sound.",
+    ),
+    (
+        "Give me three tips for sleeping better.",
+        "1. Go to bed at the same time every night. "
+        "2. Keep the bedroom cool and dark. 3. Avoid screens and coffee late in the day.",
+    ),
+    (
+        "What is a prime number?",
+        "A prime number is a whole number greater than one that can "
+        "only be divided evenly by one and itself, such as 2, 3, 5, 7 and 11.",
+    ),
+    (
+        "Write a short poem about the city.",
+        "Streetlights hum above the rain,\nbuses sigh and "
+        "start again,\nwindows glow in rows of gold,\nstories that the night has told.",
+    ),
+    (
+        "How does a bicycle stay upright?",
+        "Mostly through steering: when a bike leans, the rider "
+        "and the fork turn the front wheel into the lean, which brings the wheels back under it.",
+    ),
+    (
+        "Summarise the water cycle.",
+        "Water evaporates, rises and cools into clouds, falls as "
+        "rain or snow, and flows through rivers and the ground back to the sea.",
+    ),
+)
+
+
+def word_token_ids(tokenizer: Any, words: Sequence[str]) -> tuple[list[int], list[str]]:
+    """The single-token spellings of ``words`` (with and without a leading space, lower and
+    capitalised): their token ids, and the words that have none (they cannot be boosted)."""
+    ids: set[int] = set()
+    missing = []
+    for word in words:
+        found = set()
+        for v in {word, f" {word}", word.capitalize(), f" {word.capitalize()}"}:
+            t = tokenizer.encode(v, add_special_tokens=False)
+            if len(t) == 1:
+                found.add(t[0])
+        ids |= found
+        if not found:
+            missing.append(word)
+    return sorted(ids), missing
+
+
+def lexical_heads(
+    model_dir: Path,
+    out: Path,
+    words: Mapping[str, Sequence[str]],
+    *,
+    strength: float = 4.0,
+    ridge: float = 100.0,
+    base_name: str = "base",
+) -> tuple[HeadsManifest, dict[str, list[str]]]:
+    """``base`` plus one rank-1 head per attribute, ``W_j = W_0 + strength·e_words·aᵀ``, where
+    ``e_words`` is 1 on the tokens of the attribute's words and ``a`` is fitted (ridge least
+    squares on the model's own hidden states over ``CALIBRATION``) so that ``h·a ≈ 1``.
+
+    Weights ``{base: 1-λ, name: λ}`` (or ``{name: 1}`` for λ = 1) then give the base model's
+    logits plus about ``λ·strength`` on those tokens. Returns the manifest and, per attribute,
+    the words with no single-token spelling (left out). ``HeadsError`` when an attribute has
+    no boostable word."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hidden, vocab = model_dims(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    token_sets, missing = {}, {}
+    for name, ws in words.items():
+        token_sets[name], missing[name] = word_token_ids(tok, ws)
+        if not token_sets[name]:
+            raise HeadsError(f"attribute {name!r}: none of {list(ws)} is a single token")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    hs = []
+    with torch.no_grad():
+        for question, answer in CALIBRATION:
+            turns = [
+                {"role": "user", "content": question},
+                {"role": "assistant", "content": answer},
+            ]
+            text = (
+                tok.apply_chat_template(turns, tokenize=False)
+                if tok.chat_template
+                else f"{question}\n{answer}"
+            )
+            ids = torch.tensor([tok.encode(text, add_special_tokens=not tok.chat_template)])
+            hs.append(model.model(ids).last_hidden_state[0])
+    h = torch.cat(hs)
+    a = torch.linalg.solve(h.T @ h + ridge * torch.eye(hidden), h.T @ torch.ones(len(h)))
+    tensors: dict[str, torch.Tensor] = {}
+    specs = [HeadSpec(base_name, "base", 0, 1.0)]
+    for name, ids in token_sets.items():
+        b = torch.zeros(vocab, 1)
+        b[torch.tensor(ids)] = strength
+        tensors[f"{name}.A"], tensors[f"{name}.B"] = a[None, :].clone(), b
+        specs.append(HeadSpec(name, "lowrank", 1, 0.0))
+    manifest = HeadsManifest(model_dir.name, hidden, vocab, tuple(specs))
+    save_heads(out, manifest, tensors)
+    return manifest, missing
 
 
 def write_version(directory: Path, name: str, version: int, base_model: str) -> Path:

@@ -59,6 +59,59 @@ def heads_init(
     click.echo(write_version(out, name, version, model.name))
 
 
+def _word_lists(values: tuple[str, ...]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for v in values:
+        name, sep, words = v.partition("=")
+        listed = [w.strip() for w in words.split(",") if w.strip()]
+        if not sep or not name or not listed:
+            raise click.BadParameter(
+                f"expected NAME=WORD,WORD,..., got {v!r}", param_hint="--words"
+            )
+        if name == "base" or name in out:
+            raise click.BadParameter(f"attribute {name!r} is taken", param_hint="--words")
+        out[name] = listed
+    return out
+
+
+@heads.command("lexical")
+@_MODEL
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option(
+    "--words",
+    "word_lists",
+    multiple=True,
+    required=True,
+    help="NAME=WORD,WORD,...: a head NAME that raises these words.",
+)
+@click.option(
+    "--strength",
+    type=float,
+    default=4.0,
+    show_default=True,
+    help="Logit boost of the words at weight 1.",
+)
+@_version_opts
+def heads_lexical(
+    model: Path,
+    out: Path,
+    word_lists: tuple[str, ...],
+    strength: float,
+    name: str,
+    version: int,
+) -> None:
+    """Write an adapter version OUT with a ``base`` head and one head per --words that raises
+    the logits of its words by about STRENGTH × its weight (``--attr NAME=1``: the base model
+    plus the boost; ``--attr base=0.5 --attr NAME=0.5``: half the boost). Takes seconds."""
+    from .heads_build import lexical_heads, write_version
+
+    _, missing = lexical_heads(model, out, _word_lists(word_lists), strength=strength)
+    for attr, words in missing.items():
+        if words:
+            click.echo(f"{attr}: no single token for {', '.join(words)} (left out)", err=True)
+    click.echo(write_version(out, name, version, model.name))
+
+
 def _head_ref(value: str) -> tuple[Path, str]:
     path, sep, attr = value.rpartition(":")
     if not sep or not path or not attr:

@@ -132,6 +132,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 def test_cli_generate_and_adapters(target: str) -> None:
     r = _cli(
         "generate",
+        "--raw",
         "--target",
         target,
         "--json",

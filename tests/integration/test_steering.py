@@ -131,6 +131,18 @@ def test_greedy_steering_matches_the_reference(
     refs[adapter].check(_ids(refs[adapter]), weights, got)
 
 
+@pytest.mark.parametrize(("adapter", "weights"), [("steer", LOWRANK[2]), ("steerfull", FULL[2])])
+def test_logprobs_are_the_steered_distribution(
+    client: Client, refs: dict[str, HeadsReference], adapter: str, weights: dict[str, float]
+) -> None:
+    """Served logprobs are those of Σ_j λ_j·h·W_j (what was sampled from), not the base's."""
+    g = client.generate(PROMPT, adapter=adapter, attributes=weights, logprobs=2, **GREEDY)
+    c = g.completions[0]
+    assert [t.token_id for t in c.logprobs] == list(c.token_ids)
+    assert all(len(t.top) == 2 for t in c.logprobs)
+    refs[adapter].check(_ids(refs[adapter]), weights, c.token_ids, [t.logprob for t in c.logprobs])
+
+
 def test_steering_changes_the_output(client: Client) -> None:
     outs = {
         client.generate(PROMPT, adapter="steer", attributes=w, **GREEDY).completions[0].token_ids
@@ -264,7 +276,7 @@ def test_cli_attr(client: Client, steer_server: ServerProc) -> None:
     result = CliRunner().invoke(
         tiller_cli,
         [
-            *("generate", PROMPT, "--target", steer_server.target, "--adapter", "steer"),
+            *("generate", "--raw", PROMPT, "--target", steer_server.target, "--adapter", "steer"),
             *("--attr", "base=1.5", "--attr", "verbosity=-0.5", "--max-tokens", "12"),
             *("--temperature", "0", "--json"),
         ],
