@@ -37,11 +37,14 @@ from .judge import JudgeConfig
 
 @dataclass(frozen=True)
 class AnnotatorConfig:
-    db: Path  # the generation log the server writes
+    db: Path | None  # the generation log the server writes (None: shards)
     providers: tuple[Any, ...]  # JudgeConfig | QuantileConfig | RatingConfig | ScoreConfig
     batch_size: int = 32  # generations per provider call
     poll_interval_s: float = 1.0  # how often the log is checked for new generations
     retry_delay_s: float = 5.0  # wait before a failed batch is tried again
+    # Log shards to follow instead of db (one per server replica): paths or globs, looked up
+    # again at every poll; each shard keeps its own cursors, so exactly-once holds per shard.
+    shards: tuple[str, ...] = ()
 
 
 def build_section(cls: type, data: Mapping[str, Any], where: str) -> Any:
@@ -91,9 +94,14 @@ def parse_config(
     top = sections.check_fields(
         AnnotatorConfig, d, f"[{prefix[:-1]}]" if prefix else "", exclude=("providers",)
     )
-    if "db" not in top:
-        raise ConfigError("the annotator config needs db (the generation log path)")
-    return AnnotatorConfig(**top | {"db": top["db"].expanduser()}, providers=providers)
+    if ("db" in top) == bool(top.get("shards")):
+        raise ConfigError(
+            "the annotator config needs db (the generation log path) or shards (several), not both"
+        )
+    db = top.pop("db", None)
+    return AnnotatorConfig(
+        **top, db=db.expanduser() if db is not None else None, providers=providers
+    )
 
 
 def load_config(path: Path, env: Mapping[str, str]) -> AnnotatorConfig:

@@ -45,6 +45,7 @@ Example (paths relative to the file's directory)::
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,7 +166,7 @@ class DataConfig:
 class LearnConfig:
     """The learner's file: the keys outside any table, and its tables."""
 
-    db: Path  # the generation log the server writes
+    db: Path  # the generation log the server writes (with shards: the learner's own records)
     registry: Path  # where versions are published
     workdir: Path  # training runs, checkpoints, gate candidates
     adapter: str  # the adapter this learner improves
@@ -182,6 +183,9 @@ class LearnConfig:
     heads: HeadsTrainConfig | None = None  # data.kind 'cmpo': the plural heads' training
     continue_training: bool = True  # train each version from the served one (else the base)
     max_iterations: int | None = None  # stop after this many (None: run until stopped)
+    # Log shards to read, one per server replica: paths or globs, resolved at every poll (see
+    # learner/shards.py). Empty: the log is db itself.
+    shards: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if (self.sample is not None or self.gate is not None) and not self.server:
@@ -284,6 +288,14 @@ def parse_config(
         if key not in top:
             raise ConfigError(f"the learner config needs {key}")
         top[key] = base / top[key].expanduser()
+    if "shards" in top:
+        top["shards"] = tuple(str(base / Path(s).expanduser()) for s in top["shards"])
+        mine = [s for s in top["shards"] if fnmatch.fnmatch(str(top["db"]), s)]
+        if mine:
+            raise ConfigError(
+                f"shards {mine[0]!r} names db ({top['db']}): with shards, db is the learner's "
+                "own file, not a shard"
+            )
     if not top.get("adapter") or not top.get("base_model"):
         raise ConfigError("the learner config needs adapter and base_model")
     token_env = top.pop("token_env", None)

@@ -20,6 +20,7 @@ from ..data.cmpo import cmpo_pairs
 from ..data.examples import PreferencePair, SFTExample
 from ..data.jsonl import load_pairs, load_sft, save_pairs, save_sft
 from ..data.pairs import feedback_pairs, judge_pairs, score_pairs
+from ..shards import SINGLE, Cursor, total
 from .config import LearnConfig
 from .served import Served, conditioning
 
@@ -32,9 +33,13 @@ class IterationData:
     reasons rows were skipped (counts), and the version served when they were built."""
 
     examples: Examples
-    annotation_seq: int
+    cursor: Cursor  # per shard, the label seq the data was built up to
     skipped: Mapping[str, int]
     served: Served
+
+    @property
+    def annotation_seq(self) -> int:
+        return total(self.cursor)
 
 
 def on_policy(
@@ -119,6 +124,7 @@ def freeze(work: Path, data: IterationData) -> None:
     meta = {
         "kind": "pairs" if pairs else "sft",
         "annotation_seq": data.annotation_seq,
+        "shard_cursors": data.cursor,
         "skipped": dict(data.skipped),
         "served_version": now.version,
         "served_path": str(now.path) if now.path else None,
@@ -141,4 +147,5 @@ def load_frozen(work: Path) -> IterationData | None:
     )
     path = Path(meta["served_path"]) if meta["served_path"] else None
     now = Served(meta["served_version"], path, load_manifest(path) if path else None)
-    return IterationData(examples, int(meta["annotation_seq"]), dict(meta["skipped"]), now)
+    cursor = meta.get("shard_cursors") or {SINGLE: int(meta["annotation_seq"])}
+    return IterationData(examples, cursor, dict(meta["skipped"]), now)

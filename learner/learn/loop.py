@@ -25,31 +25,30 @@ template, no LoRA), published and promoted before the first iteration. ALT sampl
 exemplar feedback from the start, and the first candidate is gated against the base *prompted*
 with the tags, so a trained version must beat what the tag words alone already do.
 
-The annotation cursor is the ``annotation_seq`` of the last recorded iteration, so a restart
-continues after the last finished iteration. One learner per adapter at a time.
+The annotation cursor is the ``annotation_seq`` of the last recorded iteration (per shard with
+several log shards, ``learner.shards``), so a restart continues after the last finished
+iteration. One learner per adapter at a time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
+from dataclasses import replace
 from typing import Any
 
 import sqlite_utils
 
 from tiller.client import AsyncClient
-from tiller.server.formats.logstore import (
-    IterationRecord,
-    last_generation_seq,
-    last_iteration,
-    record_iteration,
-)
+from tiller.server.formats.logstore import IterationRecord, last_iteration, record_iteration
 
 from ..fluency import Scorer, load_scoring_model
+from ..shards import Cursor, LogShards, cursor_of, total
 from ..trainer import TrainResult
 from . import dataset
 from .config import LearnConfig
@@ -60,7 +59,7 @@ from .publish import DataWindow, Published, publish_bootstrap, publish_iteration
 from .sampling import generate_each, sample_jobs
 from .served import Served, served
 from .train import candidate_dir, in_daemon_thread, metrics, train_iteration, workdir
-from .trigger import Sampled, wait_for_trigger
+from .trigger import Sampled, generation_seqs, wait_for_trigger
 
 log = logging.getLogger("tiller.learn")
 
@@ -85,7 +84,8 @@ class Learner:
         progress: bool = True,
     ) -> None:
         self.cfg = cfg
-        self.db = db
+        self.db = db  # the learner's own records (and the log itself without shards)
+        self.log = LogShards(db, cfg.shards)
         self.report = report
         self.progress = progress
         self._client: AsyncClient | None = None
@@ -128,7 +128,7 @@ class Learner:
         assert s is not None
         if self.gate_runs is not None:
             self.gate_runs.start_ahead(self.client, now)  # beside the sampling, same batches
-        before = last_generation_seq(self.db)
+        before = generation_seqs(self.log.shards())
         texts = await generate_each(
             self.client, sample_jobs(s, iteration, self.cfg.adapter, now), s.concurrency
         )
@@ -138,24 +138,27 @@ class Learner:
         )
         if self.cfg.data.source == "feedback":
             return None
-        return Sampled(before, last_generation_seq(self.db))
+        return Sampled(before, generation_seqs(self.log.shards()))
 
     async def collect(
-        self, iteration: int, cursor: int, started: float, stop: asyncio.Event
+        self, iteration: int, cursor: Cursor, started: float, stop: asyncio.Event
     ) -> IterationData:
         """Sample, wait for the trigger and build the data (not yet frozen)."""
         now = served(self.cfg)
         sampled = await self.sample(iteration, now) if self.cfg.sample is not None else None
         last = last_iteration(self.db, self.cfg.adapter)
         since = float(last["finished_at"]) if last else started
-        hi = await wait_for_trigger(self.db, self.cfg, cursor, since, stop, sampled)
+        hi = await wait_for_trigger(self.log.shards, self.cfg, cursor, since, stop, sampled)
         if stop.is_set():
             raise Stopped
         skipped: Counter[str] = Counter()
-        examples = dataset.build(self.db, self.cfg, now, skipped)
+        with self.log.union() as log_db:
+            examples = dataset.build(log_db, self.cfg, now, skipped)
         return IterationData(examples, hi, dict(skipped), now)
 
-    async def iteration(self, iteration: int, cursor: int, stop: asyncio.Event) -> IterationRecord:
+    async def iteration(
+        self, iteration: int, cursor: Cursor, stop: asyncio.Event
+    ) -> IterationRecord:
         """Run one iteration (module docstring) and return its record."""
         started, work = time.time(), workdir(self.cfg, iteration)
         data = dataset.load_frozen(work)
@@ -171,7 +174,10 @@ class Learner:
         gated = await self.gate(iteration, result, data.served)
         out = await self.publish(iteration, cursor, data, result, gated)
         verdict = gated.verdict if gated is not None else None
-        return _record(self.cfg, iteration, started, data, result, out, verdict)
+        rec = _record(self.cfg, iteration, started, data, result, out, verdict)
+        if self.log.single:
+            return rec
+        return replace(rec, details={**(rec.details or {}), **self._cursors(data.cursor)})
 
     async def train(self, iteration: int, data: IterationData) -> TrainResult:
         objective = "cmpo heads" if self.cfg.heads else self.cfg.train.objective
@@ -196,7 +202,7 @@ class Learner:
     async def publish(
         self,
         iteration: int,
-        cursor: int,
+        cursor: Cursor,
         data: IterationData,
         result: TrainResult,
         gated: GateResult | None,
@@ -208,8 +214,8 @@ class Learner:
         if gated is not None:
             numbers["gate"] = gated.verdict.to_json()
         window = DataWindow(
-            iteration, (cursor, data.annotation_seq), len(data.examples), data.served.version,
-            data.skipped,
+            iteration, (total(cursor), data.annotation_seq), len(data.examples),
+            data.served.version, data.skipped, None if self.log.single else data.cursor,
         )  # fmt: skip
         verdict = gated.verdict if gated is not None else None
         client = self.client if cfg.server else None
@@ -230,8 +236,12 @@ class Learner:
         return IterationRecord(
             adapter=self.cfg.adapter, iteration=iteration, status="skipped", started_at=started,
             finished_at=time.time(), annotation_seq=data.annotation_seq, examples=n,
-            reason=reason, details={"skipped": skipped},
+            reason=reason, details={"skipped": skipped, **self._cursors(data.cursor)},
         )  # fmt: skip
+
+    def _cursors(self, cursor: Cursor) -> dict[str, Cursor]:
+        """A record's per-shard cursors (none in the one-file layout: annotation_seq is it)."""
+        return {} if self.log.single else {"shard_cursors": cursor}
 
     # -------------------------------------------------------------------- the loop
 
@@ -263,7 +273,7 @@ class Learner:
                 iteration = int(last["iteration"]) + 1 if last else 1
                 if self.cfg.max_iterations is not None and iteration > self.cfg.max_iterations:
                     break
-                cursor = int(last["annotation_seq"]) if last else 0
+                cursor = self._last_cursor(last)
                 try:
                     rec = await self._one(iteration, cursor, stop)
                 except Stopped:
@@ -273,9 +283,16 @@ class Learner:
         finally:
             await self._drop_ahead()
             await self.close()
+            self.log.close()
         return done
 
-    async def _one(self, iteration: int, cursor: int, stop: asyncio.Event) -> IterationRecord:
+    @staticmethod
+    def _last_cursor(last: dict[str, Any] | None) -> Cursor:
+        if last is None:
+            return {}
+        return cursor_of(int(last["annotation_seq"]), json.loads(last["details_json"] or "{}"))
+
+    async def _one(self, iteration: int, cursor: Cursor, stop: asyncio.Event) -> IterationRecord:
         """One iteration's record; a failure is recorded (and retried with the same data)."""
         started = time.time()
         try:
@@ -289,8 +306,8 @@ class Learner:
                 await asyncio.wait_for(stop.wait(), self.cfg.trigger.poll_s)
             return IterationRecord(
                 adapter=self.cfg.adapter, iteration=iteration, status="failed",
-                started_at=started, finished_at=time.time(), annotation_seq=cursor,
-                reason=f"{type(e).__name__}: {e}",
+                started_at=started, finished_at=time.time(), annotation_seq=total(cursor),
+                reason=f"{type(e).__name__}: {e}", details=self._cursors(cursor) or None,
             )  # fmt: skip
         finally:
             await self._drop_ahead()  # a skipped or failed iteration leaves its runs unused

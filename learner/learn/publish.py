@@ -31,15 +31,19 @@ class DataWindow:
     examples: int
     served_version: int | None
     skipped: Mapping[str, int]
+    shard_cursors: Mapping[str, int] | None = None  # per log shard, the labels' upper seq
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "iteration": self.iteration,
             "annotation_seq": list(self.annotation_seq),
             "examples": self.examples,
             "served_version": self.served_version,
             "skipped": dict(self.skipped),
         }
+        if self.shard_cursors is not None:
+            out["shard_cursors"] = dict(self.shard_cursors)
+        return out
 
 
 @dataclass(frozen=True)

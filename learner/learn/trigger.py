@@ -6,57 +6,84 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import sqlite_utils
 
-from tiller.server.formats.logstore import count_labels_after, count_unlabelled
+from tiller.server.formats.logstore import (
+    count_labels_after,
+    count_unlabelled,
+    last_generation_seq,
+)
 
+from ..shards import Cursor
 from .config import LearnConfig
 
 
 @dataclass(frozen=True)
 class Sampled:
-    """The generation seqs ``after < seq <= upto`` an iteration's active sampling logged."""
+    """Per shard, the generation seqs ``after < seq <= upto`` an iteration's active sampling
+    logged (behind a balancer its requests land on several replicas' shards)."""
 
-    after: int
-    upto: int
+    after: Cursor
+    upto: Cursor
 
 
 @dataclass(frozen=True)
 class Labels:
-    """Usable labels after a cursor: how many, and the highest seq (the cursor when none)."""
+    """Usable labels after a cursor: how many, and per shard the highest seq (the cursor's
+    own where there is none)."""
 
     count: int
-    upto: int
+    upto: Cursor
 
 
-def new_labels(db: sqlite_utils.Database, cfg: LearnConfig, after: int) -> Labels:
+def new_labels(
+    shards: Mapping[str, sqlite_utils.Database], cfg: LearnConfig, after: Cursor
+) -> Labels:
     """Labels after ``after``: error-free annotations of the data's provider, or app feedback
-    rows for ``source='feedback'`` (their seq in the feedback table)."""
+    rows for ``source='feedback'`` (their seq in the feedback table), summed over shards."""
     feedback = cfg.data.kind == "pairs" and cfg.data.source == "feedback"
-    n, hi = count_labels_after(db, None if feedback else cfg.data.provider, after)
-    return Labels(n, hi)
+    count, upto = 0, dict(after)
+    for name, db in shards.items():
+        n, hi = count_labels_after(db, None if feedback else cfg.data.provider, after.get(name, 0))
+        count, upto[name] = count + n, hi
+    return Labels(count, upto)
+
+
+def unlabelled(shards: Mapping[str, sqlite_utils.Database], provider: str, sampled: Sampled) -> int:
+    return sum(
+        count_unlabelled(db, provider, sampled.after.get(name, 0), sampled.upto[name])
+        for name, db in shards.items()
+        if name in sampled.upto
+    )
+
+
+def generation_seqs(shards: Mapping[str, sqlite_utils.Database]) -> Cursor:
+    """Each shard's last generation seq."""
+    return {name: last_generation_seq(db) for name, db in shards.items()}
 
 
 async def wait_for_trigger(
-    db: sqlite_utils.Database,
+    shards: Callable[[], Mapping[str, sqlite_utils.Database]],
     cfg: LearnConfig,
-    cursor: int,
+    cursor: Cursor,
     since: float,
     stop: asyncio.Event,
     sampled: Sampled | None,
-) -> int:
-    """The label seq to train up to, once ``cfg.trigger`` fired: ``min_annotations`` new labels
-    (and ``sampled``, this iteration's own generations, all labelled: a dataset built from
-    half of them would be small and, after on-policy filtering, often empty), or
-    ``max_interval_s`` since ``since`` with at least one. Returns ``cursor`` once ``stop``."""
+) -> Cursor:
+    """The label cursor to train up to, once ``cfg.trigger`` fired: ``min_annotations`` new
+    labels over all shards (``shards()`` is asked at every poll: new replicas join) and
+    ``sampled``, this iteration's own generations, all labelled (a dataset built from half of
+    them would be small and, after on-policy filtering, often empty), or ``max_interval_s``
+    since ``since`` with at least one. Returns ``cursor`` once ``stop``."""
     t = cfg.trigger
     while not stop.is_set():
-        labels = new_labels(db, cfg, cursor)
+        now = shards()
+        labels = new_labels(now, cfg, cursor)
         ready = labels.count >= t.min_annotations and (
-            sampled is None
-            or count_unlabelled(db, cfg.data.provider, sampled.after, sampled.upto) == 0
+            sampled is None or unlabelled(now, cfg.data.provider, sampled) == 0
         )
         if ready or (labels.count > 0 and time.time() - since >= t.max_interval_s):
             return labels.upto
