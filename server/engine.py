@@ -6,6 +6,7 @@ The service never imports vLLM; it sees ``EngineRequest`` in and ``Delta`` value
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -72,6 +73,12 @@ class Engine(Protocol):
     @property
     def steering_dims(self) -> tuple[int, int] | None:
         """(hidden_size, vocab_size) when attribute heads can be served; None otherwise."""
+        ...
+
+    @property
+    def sampling_defaults(self) -> Mapping[str, Any]:
+        """Sampling defaults of the model (its generation_config.json) for requests that give
+        none: temperature, top_p, top_k, repetition_penalty."""
         ...
 
 
@@ -265,6 +272,10 @@ class VllmEngine:
     @property
     def tokenizer(self) -> Tokenizer:
         return self.llm.get_tokenizer()
+
+    @functools.cached_property
+    def sampling_defaults(self) -> Mapping[str, Any]:
+        return dict(self.llm.model_config.get_diff_sampling_param())
 
     @property
     def steering_dims(self) -> tuple[int, int] | None:

@@ -114,7 +114,7 @@ class GenerationService:
         if self._draining:
             raise Unavailable("server is shutting down; retry on another replica")
         check_input(req, self._limits)
-        sampling = resolve_sampling(req.sampling, self._limits)
+        sampling = resolve_sampling(req.sampling, self._limits, self._engine.sampling_defaults)
         adapter = self._adapters.resolve(req.adapter)
         check_feedback(req, adapter, self._limits)
         check_attributes(req, adapter, self._limits)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import math
 import secrets
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
 
 from .adapters import LoadedAdapter
 from .config import Limits
@@ -19,8 +22,19 @@ def _finite(value: float, field: str) -> float:
     return value
 
 
-def resolve_sampling(s: Sampling, limits: Limits) -> ResolvedSampling:
-    """Fill defaults and check ranges. ``seed`` is drawn here when the client gave none."""
+# The sampling fields a model's generation_config.json may default (vLLM's own reading of it).
+MODEL_DEFAULTS = ("temperature", "top_p", "top_k", "repetition_penalty")
+
+
+def resolve_sampling(
+    s: Sampling, limits: Limits, model_defaults: Mapping[str, Any] | None = None
+) -> ResolvedSampling:
+    """Fill defaults and check ranges: what the request gives, else the model's own defaults
+    (``model_defaults``: its generation_config.json, as ``vllm serve`` applies them), else
+    neutral ones. ``seed`` is drawn here when the client gave none."""
+    if model_defaults:
+        given = {k: v for k in MODEL_DEFAULTS if (v := model_defaults.get(k)) is not None}
+        s = replace(s, **{k: v for k, v in given.items() if getattr(s, k) is None})
     max_tokens = limits.default_max_tokens if s.max_tokens is None else s.max_tokens
     if max_tokens <= 0:
         raise InvalidArgument(

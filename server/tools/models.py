@@ -39,10 +39,16 @@ def smollm2_gguf() -> Path:
     return found[0]
 
 
+# The sampling the model card's example uses; requests that set none get these (vLLM reads
+# generation_config.json the same way). At temperature 1 a 135M model rambles off topic.
+SMOLLM2_SAMPLING = {"temperature": 0.2, "top_p": 0.9, "do_sample": True}
+
+
 def prepare_smollm2(cache_dir: Path) -> Path:
     """Convert the GGUF to ``cache_dir/models/SmolLM2-135M-Instruct`` (float32) once; return it."""
     out = cache_dir / "models" / SMOLLM2
     if (out / "tiller-model.json").exists():
+        _sampling_defaults(out)  # a cache prepared before they were written
         return out
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -62,10 +68,22 @@ def prepare_smollm2(cache_dir: Path) -> Path:
     setattr(model, "is_quantized", False)  # noqa: B010 (not a declared attribute)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    _sampling_defaults(tmp)
     (tmp / "tiller-model.json").write_text(json.dumps({"source": str(gguf), "name": SMOLLM2}))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
+
+
+def _sampling_defaults(model_dir: Path) -> None:
+    """Add ``SMOLLM2_SAMPLING`` to the model's generation_config.json where it sets none."""
+    path = model_dir / "generation_config.json"
+    config = json.loads(path.read_text()) if path.exists() else {}
+    if all(k in config for k in SMOLLM2_SAMPLING):
+        return
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({**SMOLLM2_SAMPLING, **config}, indent=2))
+    tmp.replace(path)
 
 
 def write_feedback_profile(version_dir: Path, base_model: str, name: str = "feedback") -> Path:

@@ -155,3 +155,14 @@ def test_attribute_rules() -> None:
         check_attributes(
             GenerateRequest(prompt="x", attributes=(("verbosity", 6.0),)), TAGGED, LIMITS
         )
+
+
+def test_the_model_s_sampling_defaults_fill_what_the_request_leaves_unset() -> None:
+    model = {"temperature": 0.2, "top_p": 0.9, "min_p": 0.1, "max_tokens": 7}
+    s = resolve_sampling(Sampling(top_p=0.5), LIMITS, model)
+    assert s.temperature == 0.2 and s.top_p == 0.5  # the request wins where it says
+    assert s.max_tokens == LIMITS.default_max_tokens  # only the fields Tiller takes from it
+    neutral = resolve_sampling(Sampling(), LIMITS, {})
+    assert neutral.temperature == 1.0 and neutral.top_p == 1.0
+    with pytest.raises(InvalidArgument, match="temperature"):
+        resolve_sampling(Sampling(), LIMITS, {"temperature": -1.0})  # checked like a request's
