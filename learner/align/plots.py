@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +124,33 @@ def eval_bars(stats: Sequence[Stats], scorer: str, out: Path) -> Path:
     ax.set_ylabel(f"mean {scorer} (95% CI)")
     ax.set_title("held-out evaluation")
     plt.setp(ax.get_xticklabels(), rotation=15, ha="right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def judge_consistency(judges: Mapping[str, Mapping[str, Any]], out: Path) -> Path:
+    """Per pairwise judge: its both-order agreement rate and its agreement with each offline
+    scorer on the pairs both decided (report.json's ``judges``), with the counts on the bars."""
+    plt = _plt()
+    bars: list[tuple[str, float, str]] = []
+    for name, j in judges.items():
+        rate = j.get("order_consistency")
+        bars.append(
+            (f"{name}\norder consistency", rate or 0.0, f"{j['consistent']}/{j['verdicts']}")
+        )
+        for scorer, a in (j.get("scorer_agreement") or {}).items():
+            bars.append((f"{name}\nagrees with {scorer}", a["rate"] or 0.0,
+                         f"{a['agreeing']}/{a['compared']}"))  # fmt: skip
+    fig, ax = plt.subplots(figsize=(max(4.0, 2.2 * len(bars)), 4.0))
+    drawn = ax.bar([b[0] for b in bars], [b[1] for b in bars], color="tab:purple")
+    ax.bar_label(drawn, labels=[b[2] for b in bars], fontsize=8)
+    ax.axhline(0.5, color="gray", linewidth=0.8, linestyle="--")  # a coin's agreement
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("rate")
+    ax.set_title("judges: both-order consistency and agreement with the scorers")
+    plt.setp(ax.get_xticklabels(), fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

@@ -69,9 +69,11 @@ def write_report(
         "plots": [],
     }
     judges = judge_report(db, cfg.annotator)
+    drawn: list[str] = report["plots"]
     if judges:
         report["judges"] = judges
-    drawn: list[str] = report["plots"]
+        out = paths.plots / "judges.png"
+        drawn.append(str(plots.judge_consistency(judges, out)))
     if cfg.eval is not None:
         say("evaluating on held-out prompts ...")
         _evaluate(cfg, cfg.eval, paths, target, model, active, report)

@@ -286,6 +286,10 @@ def test_align_judges_with_the_served_model_itself(tiny_model: Path, tmp_path: P
     proc = _align(_align_argv(tmp_path, SELF_JUDGED, tiny_model, "selfjudged", str(run)))
     report = json.loads((run / "report.json").read_text())
     assert "promoted" in [i["status"] for i in report["iterations"]]
+    judged = report["judges"]["judge"]
+    assert judged["verdicts"] >= 2 and 0.0 <= judged["order_consistency"] <= 1.0
+    assert "len" in judged["scorer_agreement"]
+    assert (run / "plots" / "judges.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     annotator = json.loads((run / "annotator.json").read_text())
     judge = next(p for p in annotator["providers"] if p["name"] == "judge")
     http_port = (run / "server.http_port").read_text().strip()
