@@ -344,12 +344,33 @@ class AsyncClient(_Base):
         return convert.status(resp)
 
     async def load_adapter(
-        self, name: str, path: str, *, timeout: float | None = None
+        self,
+        name: str,
+        path: str | None = None,
+        *,
+        registry_version: int | None = None,
+        registry_name: str | None = None,
+        timeout: float | None = None,
     ) -> list[AdapterInfo]:
-        """Admin: load the version directory ``path`` (it holds a manifest) as adapter ``name``;
-        it becomes routable as ``name@v<manifest version>``. Returns the adapter listing."""
+        """Admin: load a version as adapter ``name``; it becomes routable as
+        ``name@v<manifest version>``. Returns the adapter listing.
+
+        Give exactly one source: ``registry_version`` (version ``registry_version`` of
+        ``registry_name``, default ``name``, in the server's own ``--registry``; every file is
+        checked against the manifest's sha256), or ``path``, a version directory on the server
+        that lies inside one of its ``--adapter-root`` directories. ``ValueError`` for neither
+        or both.
+        """
+        if (path is None) == (registry_version is None):
+            raise ValueError("load_adapter needs exactly one of path and registry_version")
+        if registry_name is not None and registry_version is None:
+            raise ValueError("load_adapter: registry_name needs registry_version")
         admin = pb_grpc.TillerAdminStub(self._channel)
-        req = pb.LoadAdapterRequest(name=name, path=path)
+        if registry_version is not None:
+            ref = pb.RegistryRef(name=registry_name or name, version=registry_version)
+            req = pb.LoadAdapterRequest(name=name, registry=ref)
+        else:
+            req = pb.LoadAdapterRequest(name=name, path=path)
         await self._call(lambda: admin.LoadAdapter(req, **self._kw(timeout)))
         return await self.adapters(timeout=timeout)
 

@@ -43,13 +43,21 @@ def completion_logits(model: Any, b: Batch, autocast: bool = False) -> Tensor:
     return out.logits[:, :-1].float()
 
 
+def peft_model(model: Any) -> Any:
+    """The peft model inside ``model``'s DDP/FSDP wrappers (``model`` itself when unwrapped)."""
+    while not hasattr(model, "disable_adapter"):
+        model = model.module
+    return model
+
+
 @contextmanager
 def reference(model: Any) -> Iterator[None]:
-    """The base model (adapter off, eval mode, no grad): the reference policy."""
+    """The base model (adapter off, eval mode, no grad): the reference policy. ``model`` may be
+    wrapped (DDP, FSDP); forwards still go through the wrapper."""
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), model.disable_adapter():
+        with torch.no_grad(), peft_model(model).disable_adapter():
             yield
     finally:
         model.train(was_training)
@@ -61,23 +69,34 @@ def summed_logps(model: Any, b: Batch, amp: bool) -> Tensor:
 
 
 def reference_logps(
-    model: Any, items: Sequence[Item], cfg: TrainConfig, device: torch.device, pad: int
+    model: Any,
+    items: Sequence[Item],
+    cfg: TrainConfig,
+    device: torch.device,
+    pad: int,
+    shard: tuple[int, int] = (0, 1),
 ) -> Tensor:
     """``[n, 2]``: each pair's (chosen, rejected) summed completion log-prob under the reference.
 
     The reference is fixed, so the DPO family needs these once, not once per epoch (its forward
     is about a quarter of a step's compute). Computed before the first step in fixed batches,
-    so a resumed run gets the same values."""
+    so a resumed run gets the same values. ``shard`` ``(rank, processes)``: this process fills
+    every N-th batch and leaves zeros elsewhere (the trainer sums the processes' tensors)."""
     amp = device.type == "cpu" and bf16_autocast(cfg, device)
-    out = []
+    rank, world = shard
+    starts = range(0, len(items), cfg.batch_size)
+    out = torch.zeros(len(items), 2, device=device)
     with reference(model):
-        for start in range(0, len(items), cfg.batch_size):
+        # As many forwards on every process (a wrapped model's forward may be a collective):
+        # one past the end repeats the first batch and is dropped.
+        for i in range(rank, -(-len(starts) // world) * world, world):
+            start = starts[i] if i < len(starts) else 0
             chunk = items[start : start + cfg.batch_size]
             b = collate([it.seqs[0] for it in chunk] + [it.seqs[1] for it in chunk], pad)
-            b = b.to(device)
-            lp = summed_logps(model, b, amp)
-            out.append(torch.stack(lp.chunk(2), dim=1))
-    return torch.cat(out)
+            lp = summed_logps(model, b.to(device), amp)
+            if i < len(starts):
+                out[start : start + len(chunk)] = torch.stack(lp.chunk(2), dim=1)
+    return out
 
 
 def batch_loss(

@@ -25,9 +25,12 @@ if TYPE_CHECKING:
     from .trainer import TrainConfig
 
 # Fields that may change between a run and its resumption without changing the result.
-# (gradient_checkpointing recomputes the same float32 ops in the same order: the same weights.)
+# (gradient_checkpointing recomputes the same float32 ops in the same order: the same weights;
+# processes changes only the order of float sums: a run may resume on another number.)
 RESUME_FREE = (
     "device",
+    "processes",
+    "accelerate_config",
     "checkpoint_dir",
     "checkpoint_every",
     "keep_checkpoints",

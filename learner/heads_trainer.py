@@ -4,8 +4,11 @@ the server's steering processor loads (``tiller.server.formats.heads``).
 The trunk (and any LoRA already merged into the given model) stays frozen, so every
 completion's last hidden states are computed once, without gradients; training then
 touches only the head factors A_j [r, H] and B_j [V, r] (W_j = W_0 + B_j·A_j), which is cheap
-enough for many epochs on a CPU. B starts at zero: before the first step every λ with Σλ = 1
-reproduces the base model, the reference of the cDPO loss (``objectives.cmpo``).
+enough for many epochs on a CPU. The trunk runs where the learner's frozen models run
+(``fluency.load_scoring_model``: the learner's device, bfloat16 where it multiplies that
+natively), sharing the gate's copy of the base when one is loaded. B starts at zero: before
+the first step every λ with Σλ = 1 reproduces the base model, the reference of the cDPO loss
+(``objectives.cmpo``).
 
 Each ``PreferencePair`` must carry ``attribute_weights`` (CMPO's power-set λ, see
 ``data.cmpo``); attributes outside ``HeadsTrainConfig.attributes`` raise ``ValueError``.
@@ -14,6 +17,7 @@ Seeded and reproducible on CPU; not resumable (a run takes seconds to minutes).
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Sequence
@@ -28,6 +32,7 @@ from tiller.server.formats.heads import HeadsManifest, HeadSpec, save_heads
 
 from .batches import encode
 from .data.examples import PreferencePair
+from .fluency import load_scoring_model
 from .objectives.cmpo import CMPOConfig, cmpo_loss, mixed_logits
 from .trainer import TrainConfig
 
@@ -49,8 +54,16 @@ class HeadsTrainConfig:
     # Keep the frozen base logits h·W_0ᵀ of every distinct sequence when they fit in this many
     # GiB (float32 [tokens, vocab]): each step then skips the [tokens, H] x [H, V] matmul.
     logits_cache_gib: float = 2.0
+    # Where the frozen trunk runs and its dtype (``TrainConfig.device`` / ``.precision`` values,
+    # read by ``precision.inference_device`` / ``.inference_dtype``); the heads train in float32.
+    device: str = "auto"
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device {self.device!r} is not one of: auto, cpu, cuda")
+        if self.precision not in ("auto", "fast", "fp32", "bf16"):
+            raise ValueError(f"precision {self.precision!r} is not one of: auto, fast, fp32, bf16")
         if not self.attributes or len(set(self.attributes)) != len(self.attributes):
             raise ValueError("attributes must be distinct names, at least one")
         for name in ("rank", "epochs", "batch_size"):
@@ -84,20 +97,29 @@ def _weights(pair: PreferencePair, names: Sequence[str]) -> list[float]:
     return [float(given.get(n, 0.0)) for n in names]
 
 
-def _hidden(model: Any, p: Sequence[int], c: Sequence[int], keep_logits: bool) -> _Seq:
-    """Hidden states, targets and reference log-prob of prompt ids ``p`` + completion ids ``c``."""
-    ids = torch.tensor([list(p) + list(c)])
-    out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
-    h = out.hidden_states[-1][0, len(p) - 1 : -1]  # the final (normed) states before each target
+def _hidden(model: Any, w0: Tensor, p: Sequence[int], c: Sequence[int], keep_logits: bool) -> _Seq:
+    """Hidden states, targets and reference log-prob of prompt ids ``p`` + completion ids ``c``.
+
+    The trunk runs on ``model``'s device in its dtype; the states come back as float32 on the
+    CPU. The reference logits are h·W_0ᵀ in float32 (``w0`` on the model's device), the same
+    product the heads' policy computes, so at B = 0 policy and reference agree exactly."""
+    ids = torch.tensor([list(p) + list(c)], device=w0.device)
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in _forward_params(model) else {}
+    out = model(input_ids=ids, output_hidden_states=True, use_cache=False, **extra)
+    h = out.hidden_states[-1][0, len(p) - 1 : -1].float()  # final (normed) states before targets
     targets = torch.tensor(c)
-    logits = out.logits[0, len(p) - 1 : -1].float()
-    ref = torch.log_softmax(logits, -1)
+    logits = h @ w0.T
+    ref = torch.log_softmax(logits, -1).gather(1, targets.to(w0.device)[:, None])
     return _Seq(
-        h.float().clone(),
+        h.cpu().clone(),
         targets,
-        float(ref.gather(1, targets[:, None]).sum()),
-        logits.clone() if keep_logits else None,
+        float(ref.sum()),
+        logits.cpu().clone() if keep_logits else None,
     )
+
+
+def _forward_params(model: Any) -> Any:
+    return inspect.signature(model.forward).parameters
 
 
 def _policy_logps(seqs: Sequence[_Seq], lam: Tensor, w0: Tensor, a: Tensor, b: Tensor) -> Tensor:
@@ -143,30 +165,29 @@ def train_heads(
     ``init_heads``: a directory with heads of the same attributes and rank to continue from
     (the online loop's served version); otherwise A is random and B zero (the base model)."""
     from tqdm import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not pairs:
         raise ValueError("no training pairs")
     torch.manual_seed(cfg.seed)
     names = list(cfg.attributes)
     lam = torch.tensor([_weights(p, names) for p in pairs])  # [P, k]
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tok, model = load_scoring_model(model_dir, device=cfg.device, precision=cfg.precision)
     tc = TrainConfig(objective="cdpo", max_length=cfg.max_length, progress=False)
     # One trunk forward per distinct (prompt, completion): CMPO data repeats each generation in
     # many pairs (every other sample of its prompt, both directions, each attribute subset).
-    w0 = model.get_output_embeddings().weight.detach().float().clone()
-    vocab, hidden = w0.shape
+    head = model.get_output_embeddings().weight.detach().float()  # on the trunk's device
+    vocab, hidden = head.shape
     distinct = dict.fromkeys((p.prompt, c) for p in pairs for c in (p.chosen, p.rejected))
     encoded = {key: encode(tok, *key, tc) for key in distinct}
     tokens = sum(len(c) for _, c in encoded.values())
     keep = tokens * vocab * 4 <= cfg.logits_cache_gib * 2**30
     with torch.no_grad():  # not inference_mode: these tensors feed autograd later
         bar = tqdm(encoded.items(), disable=not cfg.progress, desc="cmpo trunk")
-        cache = {key: _hidden(model, p, c, keep) for key, (p, c) in bar}
+        cache = {key: _hidden(model, head, p, c, keep) for key, (p, c) in bar}
     chosen = [cache[p.prompt, p.chosen] for p in pairs]
     rejected = [cache[p.prompt, p.rejected] for p in pairs]
-    del model
+    w0 = head.cpu().clone()  # the heads train on the CPU in float32
+    del model, head  # the trunk is freed here unless the gate still holds the base model
     k, r = len(names), cfg.rank
     gen = torch.Generator().manual_seed(cfg.seed)
     a = torch.randn(k, r, hidden, generator=gen) * cfg.init_std

@@ -1,13 +1,19 @@
-"""``tiller log``: read the generation log — tail it, show one generation, export, plot labels.
+"""``tiller log``: read the generation log — tail it, show one generation, export, snapshot,
+plot labels.
 
 Every command only reads: the log is opened read-only (``mode=ro``) while the server and the
-annotator keep writing it (WAL). Exports read one snapshot (a single read transaction).
+annotator keep writing it (WAL). Exports read one snapshot (a single read transaction);
+``snapshot`` copies the whole file (SQLite's online backup) for readers on other hosts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import sqlite3
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +33,14 @@ _DB = click.option(
     required=True,
     help="The generation log (SQLite).",
 )
+# The reading commands take several logs too: one shard per server replica, as paths or globs.
+_DBS = click.option(
+    "--db",
+    "db_paths",
+    multiple=True,
+    required=True,
+    help="The generation log (SQLite); repeat it or give a glob for several shards.",
+)
 _CHUNK = 500
 
 
@@ -44,6 +58,24 @@ def _open(path: Path) -> sqlite_utils.Database:
             f"{path} has log schema version {version}; this Tiller reads 1..{SCHEMA_VERSION}"
         )
     return db
+
+
+def _open_all(specs: Sequence[str]) -> sqlite_utils.Database:
+    """One read-only connection over every log ``specs`` names (paths or globs): the log itself
+    for one, else the union of the shards' generations, annotations and feedback."""
+    from .shards import resolve, union_of
+
+    try:
+        paths = resolve(specs)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    if len(paths) == 1:
+        return _open(paths[0])
+    for path in paths:
+        _open(path).close()  # each one a Tiller log, or a clear error naming it
+    if not paths:
+        raise click.ClickException(f"no generation log matches {', '.join(specs)}")
+    return union_of(paths)
 
 
 def _adapter(adapter: str, version: int | None) -> str:
@@ -106,11 +138,11 @@ def _tail_table(db: sqlite_utils.Database, rows: Sequence[GenerationView]) -> An
 
 
 @log.command()
-@_DB
+@_DBS
 @click.option("-n", "n", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--follow", is_flag=True, help="Keep printing new generations (Ctrl-C stops).")
 @click.option("--interval", type=float, default=1.0, show_default=True, help="With --follow.")
-def tail(db_path: Path, n: int, follow: bool, interval: float) -> None:
+def tail(db_paths: tuple[str, ...], n: int, follow: bool, interval: float) -> None:
     """The last N generations. FEEDBACK is the tag the generation was conditioned on; RATED is
     the app feedback it received (tag and/or score)."""
     from rich.console import Console
@@ -118,7 +150,9 @@ def tail(db_path: Path, n: int, follow: bool, interval: float) -> None:
     from tiller.server.formats.logstore import latest_generations
 
     console = Console()
-    db = _open(db_path)
+    if follow and len(db_paths) > 1:
+        raise click.UsageError("--follow follows one log; run one tail per shard")
+    db = _open_all(db_paths)
     try:
         rows = latest_generations(db, 0, n)
         console.print(_tail_table(db, rows))
@@ -153,17 +187,18 @@ def _decoded(row: dict[str, Any]) -> dict[str, Any]:
 
 @log.command()
 @click.argument("generation_id")
-@_DB
-def show(generation_id: str, db_path: Path) -> None:
+@_DBS
+def show(generation_id: str, db_paths: tuple[str, ...]) -> None:
     """One generation with every annotation (as either generation of a pair) and every piece
     of app feedback that names it, as JSON."""
     from tiller.server.formats import logstore
 
-    db = _open(db_path)
+    db = _open_all(db_paths)
     try:
         row = logstore.generation_record(db, generation_id)
         if row is None:
-            raise click.ClickException(f"unknown generation id {generation_id!r} in {db_path}")
+            where = ", ".join(db_paths)
+            raise click.ClickException(f"unknown generation id {generation_id!r} in {where}")
         notes = logstore.annotation_records_of(db, generation_id)
         feedback = logstore.feedback_records_of(db, generation_id)
     finally:
@@ -248,6 +283,97 @@ def export(
         db.close()
         tmp.unlink(missing_ok=True)
     click.echo(f"exported {n} generations ({notes} annotations) to {out}", err=True)
+
+
+# ------------------------------------------------------------------------------------ snapshot
+
+
+def _fsync(path: Path, *, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def take_snapshot(db_path: Path, out: Path) -> int:
+    """Copy the live log at ``db_path`` to ``out`` as one consistent state; the page count.
+
+    SQLite's online backup in one step is one read transaction on the source, so writers (WAL)
+    carry on and the copy is a single point in time. The copy is switched to rollback-journal
+    mode (a WAL file cannot be opened on a read-only mount), fsynced as ``.OUT.tmp`` beside OUT,
+    then renamed over OUT: readers see the old file or the new one, never a half-written one,
+    and a reader that has the old file open keeps reading it. The previous snapshot stays
+    hard-linked as ``.OUT.prev`` until the next one, so its data outlives the rename on network
+    file systems, where another client's open file is otherwise gone (ESTALE)."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    prev = out.with_name(f".{out.name}.prev")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in (tmp, tmp.with_name(tmp.name + "-journal")):
+        stale.unlink(missing_ok=True)  # a crashed run's leftovers; one writer per OUT
+    src = _open(db_path)
+    try:
+        dst = sqlite3.connect(tmp, isolation_level=None)
+        try:
+            src.conn.backup(dst, pages=-1)  # -1: every page in one step, one read transaction
+            dst.execute("PRAGMA journal_mode=DELETE")
+            pages = int(dst.execute("PRAGMA page_count").fetchone()[0])
+        finally:
+            dst.close()
+    finally:
+        src.close()
+    _fsync(tmp)
+    if out.exists():
+        prev.unlink(missing_ok=True)
+        # Without hard links (some SMB shares) readers there may see the old one vanish.
+        with contextlib.suppress(OSError):
+            os.link(out, prev)
+    os.replace(tmp, out)
+    _fsync(out.parent, directory=True)
+    return pages
+
+
+@log.command()
+@_DB
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="The snapshot file; replaced atomically.",
+)
+@click.option(
+    "--every",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Take a snapshot every SECONDS until SIGTERM or SIGINT (the current one finishes).",
+)
+def snapshot(db_path: Path, out: Path, every: float | None) -> None:
+    """A consistent copy of a live log, for readers on other hosts: the learner reads every
+    server replica's shard through these copies on a shared volume (SQLite's WAL must not be
+    shared over a network file system). OUT is written beside itself as .OUT.tmp and renamed
+    over OUT, so readers never see a half-written file. With --every, a shard that is missing
+    or unreadable is reported and tried again at the next tick."""
+    if every is None:
+        pages = take_snapshot(db_path, out)
+        click.echo(f"snapshot of {db_path} ({pages} pages) to {out}", err=True)
+        return
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: object) -> None:
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, request_stop)
+    while not stop.is_set():
+        started = time.monotonic()
+        try:
+            pages = take_snapshot(db_path, out)
+            click.echo(f"snapshot of {db_path} ({pages} pages) to {out}", err=True)
+        except (click.ClickException, sqlite3.Error, OSError) as e:
+            msg = e.format_message() if isinstance(e, click.ClickException) else repr(e)
+            click.echo(f"no snapshot of {db_path} this time: {msg}", err=True)
+        stop.wait(max(0.0, every - (time.monotonic() - started)))
 
 
 # ---------------------------------------------------------------------------------------- plot

@@ -34,3 +34,26 @@ def bf16_autocast(cfg: TrainConfig, device: torch.device) -> bool:
     if cfg.precision == "fast":
         return native_bf16(device)
     return cfg.precision == "bf16"
+
+
+def inference_device(device: str = "auto") -> torch.device:
+    """Where a frozen model scores (fluency, CMPO trunk): ``device`` as in ``TrainConfig.device``,
+    ``auto`` meaning CUDA when available, else the CPU."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device {device!r} is not one of: auto, cpu, cuda")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def inference_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
+    """The dtype a frozen model is loaded in on ``device`` (``TrainConfig.precision`` values):
+    ``auto`` / ``fast``: bfloat16 where ``device`` multiplies it natively (``native_bf16``),
+    float32 elsewhere; ``fp32`` / ``bf16``: that dtype."""
+    if precision not in ("auto", "fast", "fp32", "bf16"):
+        raise ValueError(f"precision {precision!r} is not one of: auto, fast, fp32, bf16")
+    if precision == "fp32":
+        return torch.float32
+    if precision == "bf16" or native_bf16(device):
+        return torch.bfloat16
+    return torch.float32

@@ -94,26 +94,36 @@ class LogShards:
         if self.single:
             yield self.state
             return
-        paths = [p for p in resolve(self.spec) if p.exists()]
-        if not paths:
-            yield empty_log()
-            return
-        conn = sqlite3.connect(":memory:", uri=True)
+        db = union_of([p for p in resolve(self.spec) if p.exists()])
         try:
-            limit = conn.getlimit(sqlite3.SQLITE_LIMIT_ATTACHED)
-            if len(paths) > limit:
-                raise ValueError(
-                    f"{len(paths)} log shards, but this SQLite attaches at most {limit}: "
-                    "merge shards or raise SQLITE_MAX_ATTACHED"
-                )
-            for i, path in enumerate(paths):
-                conn.execute(f"ATTACH DATABASE ? AS s{i}", (f"file:{path}?mode=ro",))
-            for table in _UNION_TABLES:
-                body = " UNION ALL ".join(f"SELECT * FROM s{i}.{table}" for i in range(len(paths)))
-                conn.execute(f"CREATE TEMP VIEW {table} AS {body}")
-            yield sqlite_utils.Database(conn)
+            yield db
         finally:
-            conn.close()
+            db.conn.close()
+
+
+def union_of(paths: Sequence[Path]) -> sqlite_utils.Database:
+    """A connection whose ``generations``, ``annotations`` and ``feedback`` are the union of the
+    shards at ``paths``, read-only (ATTACH + TEMP views); the caller closes it. No paths: an
+    empty log."""
+    if not paths:
+        return empty_log()
+    conn = sqlite3.connect(":memory:", uri=True, check_same_thread=False)
+    try:
+        limit = conn.getlimit(sqlite3.SQLITE_LIMIT_ATTACHED)
+        if len(paths) > limit:
+            raise ValueError(
+                f"{len(paths)} log shards, but this SQLite attaches at most {limit}: "
+                "merge shards or raise SQLITE_MAX_ATTACHED"
+            )
+        for i, path in enumerate(paths):
+            conn.execute(f"ATTACH DATABASE ? AS s{i}", (f"file:{path}?mode=ro",))
+        for table in _UNION_TABLES:
+            body = " UNION ALL ".join(f"SELECT * FROM s{i}.{table}" for i in range(len(paths)))
+            conn.execute(f"CREATE TEMP VIEW {table} AS {body}")
+    except BaseException:
+        conn.close()
+        raise
+    return sqlite_utils.Database(conn)
 
 
 def empty_log() -> sqlite_utils.Database:

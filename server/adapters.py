@@ -18,7 +18,6 @@ from .formats.heads import HeadsManifest, attach_heads
 from .formats.manifest import (
     Conditioning,
     Manifest,
-    check_inside,
     load_manifest,
     validate_name,
 )
@@ -72,17 +71,14 @@ class AdapterTable:
         source: AdapterSource,
         *,
         activate: bool | None = None,
-        roots: tuple[Path, ...] = (),
     ) -> LoadedAdapter:
         """Verify (sha256 of every file) and load a version directory under a new LoRA id.
 
         ``activate=None`` activates it if it is the newest version of its name. Loading a
         version that is already loaded only (re)activates it: versions are immutable.
-        With ``roots``, the directory must lie inside one of them (``PermissionDenied``).
+        Where the directory may come from is the caller's decision (``registry.admin_source``).
         """
         name = validate_name(source.name)
-        if roots:
-            check_inside(source.path, roots)
         manifest = load_manifest(source.path)
         if manifest.name != name:
             raise InvalidArgument(

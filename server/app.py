@@ -78,7 +78,7 @@ async def start(config: ServerConfig, engine: Engine | None = None) -> Running:
     server = _grpc_server(config, edge)
     pb_grpc.add_TillerServicer_to_server(TillerServicer(service, adapters), server)
     names = [SERVICE_NAMES[0]]
-    admin = TillerAdminServicer(adapters, sec.adapter_roots)
+    admin = TillerAdminServicer(adapters, sec.adapter_roots, config.registry)
     admin_server = None
     if sec.admin_port is not None:  # admin only there (typically loopback), never on the main port
         admin_server = _grpc_server(config, edge)

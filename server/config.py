@@ -118,7 +118,7 @@ class SecurityConfig:
     tls: TlsConfig | None = None
     admin_host: str = "127.0.0.1"  # where admin_port listens
     admin_port: int | None = None  # set: TillerAdmin is served only there, not on the main port
-    adapter_roots: tuple[Path, ...] = ()  # LoadAdapter paths must lie inside one (empty: any)
+    adapter_roots: tuple[Path, ...] = ()  # LoadAdapter paths must lie inside one (empty: none may)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from .config import AdapterSource
 from .errors import InvalidArgument, NotFound
 from .formats.prompt import ChatTurn
 from .logrecords import FeedbackInput
+from .registry import RegistryRef
 from .service import Status
 from .values import (
     AdapterPick,
@@ -210,9 +211,19 @@ def adapter_info(
     raise NotFound(f"adapter {name!r} is not loaded", field="name")
 
 
-def adapter_source(m: pb.LoadAdapterRequest) -> AdapterSource:
-    if not m.name or not m.path:
-        raise InvalidArgument("LoadAdapter needs name and path", field="path")
+def adapter_source(m: pb.LoadAdapterRequest) -> AdapterSource | RegistryRef:
+    """A path load or a registry reference; ``InvalidArgument`` naming the missing field."""
+    if not m.name:
+        raise InvalidArgument("LoadAdapter needs name (the served name)", field="name")
+    which = m.WhichOneof("source")
+    if which == "registry":
+        if m.registry.version < 1:
+            raise InvalidArgument(
+                "LoadAdapter registry.version must be >= 1", field="registry.version"
+            )
+        return RegistryRef(m.name, m.registry.name or m.name, m.registry.version)
+    if not m.path:
+        raise InvalidArgument("LoadAdapter needs a registry reference or a path", field="path")
     return AdapterSource(m.name, Path(m.path))
 
 

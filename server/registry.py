@@ -5,6 +5,10 @@ through the same module); ``active`` names the promoted version. The watcher pol
 files; a change loads the version (sha256 verified) under a new LoRA id and routes new requests
 to it; in-flight requests finish on the old version, which is then removed. A version that
 fails verification is reported and skipped; the current one keeps serving.
+
+``admin_source`` decides where an admin ``LoadAdapter`` may load from: a registry reference
+resolves inside the server's own registry; a path only inside the ``--adapter-root``
+directories (none configured: no path is accepted).
 """
 
 from __future__ import annotations
@@ -12,14 +16,63 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from .adapters import AdapterTable
 from .config import AdapterSource
-from .formats.errors import TillerError
-from .formats.registry import PublishError, read_state, version_path
+from .formats.errors import FailedPrecondition, NotFound, PermissionDenied, TillerError
+from .formats.manifest import check_inside
+from .formats.registry import PublishError, list_versions, read_state, version_path
 
 log = logging.getLogger("tiller.registry")
+
+
+@dataclass(frozen=True)
+class RegistryRef:
+    """Version ``version`` of adapter ``name`` in the server's registry, served as ``served``."""
+
+    served: str
+    name: str
+    version: int
+
+
+def resolve(registry: Path | None, ref: RegistryRef) -> AdapterSource:
+    """The version directory ``ref`` names. ``FailedPrecondition`` when the server follows no
+    registry; ``NotFound`` for a name or version the registry does not hold (complete versions
+    only). The files are verified against the manifest when the version is loaded."""
+    if registry is None:
+        raise FailedPrecondition(
+            "this server has no registry (tiller serve --registry DIR): it cannot load "
+            f"{ref.name} v{ref.version} by reference",
+            field="registry",
+        )
+    versions = list_versions(registry, ref.name)
+    if ref.version not in versions:
+        held = ", ".join(str(v) for v in versions) or "none"
+        raise NotFound(
+            f"adapter {ref.name!r} has no version {ref.version} in the registry "
+            f"(complete versions: {held})",
+            field="registry.version",
+        )
+    return AdapterSource(ref.served, version_path(registry, ref.name, ref.version))
+
+
+def admin_source(
+    source: AdapterSource | RegistryRef, registry: Path | None, roots: tuple[Path, ...]
+) -> AdapterSource:
+    """Where an admin ``LoadAdapter`` loads from: a reference resolved in ``registry``, or a
+    path (symlinks resolved) inside one of ``roots``; ``PermissionDenied`` for a path outside
+    them or when there are none."""
+    if isinstance(source, RegistryRef):
+        return resolve(registry, source)
+    if not roots:
+        raise PermissionDenied(
+            "LoadAdapter by path is refused: this server has no --adapter-root; load by "
+            "registry reference, or start the server with --adapter-root DIR",
+            field="path",
+        )
+    return AdapterSource(source.name, check_inside(source.path, roots))
 
 
 def read_active(registry: Path, name: str) -> int | None:

@@ -14,6 +14,7 @@ from tiller.protos.tiller.v1 import tiller_pb2_grpc as pb_grpc
 from . import convert
 from .adapters import AdapterTable
 from .errors import TillerError, grpc_status
+from .registry import admin_source
 from .service import GenerationService
 
 T = TypeVar("T")
@@ -80,9 +81,12 @@ class TillerServicer(pb_grpc.TillerServicer):
 class TillerAdminServicer(pb_grpc.TillerAdminServicer):
     """Adapter version management (served only with --enable-admin or on --admin-port)."""
 
-    def __init__(self, adapters: AdapterTable, roots: tuple[Path, ...] = ()) -> None:
+    def __init__(
+        self, adapters: AdapterTable, roots: tuple[Path, ...] = (), registry: Path | None = None
+    ) -> None:
         self._adapters = adapters
-        self._roots = roots  # LoadAdapter paths must lie inside one of these (empty: any)
+        self._roots = roots  # LoadAdapter paths must lie inside one of these (empty: none may)
+        self._registry = registry  # where LoadAdapter's registry references resolve
 
     def _info(self, name: str) -> pb.AdapterInfo:
         return convert.adapter_info(self._adapters.snapshot(), name, self._adapters.base_model)
@@ -91,8 +95,9 @@ class TillerAdminServicer(pb_grpc.TillerAdminServicer):
         self, request: pb.LoadAdapterRequest, context: grpc.aio.ServicerContext
     ) -> pb.LoadAdapterResponse:
         async def call() -> pb.LoadAdapterResponse:
-            source = convert.adapter_source(request)
-            await self._adapters.load(source, activate=False, roots=self._roots)
+            wanted = convert.adapter_source(request)
+            source = admin_source(wanted, self._registry, self._roots)
+            await self._adapters.load(source, activate=False)
             return pb.LoadAdapterResponse(adapter=self._info(source.name))
 
         return await _unary(context, call)

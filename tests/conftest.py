@@ -180,6 +180,8 @@ def server(
         "--adapter",
         f"detox={lora_versions[1]}",
         "--enable-admin",
+        "--adapter-root",  # the tests' admin loads come from their temporary directories
+        str(tmp_path_factory.getbasetemp()),
     )
     yield srv
     stop_server(srv)

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -222,7 +222,7 @@ def with_prompts(raw: Mapping[str, Any], base: Path, where: str) -> dict[str, An
     return out
 
 
-def _train(raw: Any, where: str) -> TrainConfig:
+def _train(raw: Any, where: str, base: Path) -> TrainConfig:
     t = sections.table(raw, where)
     objective = sections.check_value(
         str,
@@ -239,7 +239,10 @@ def _train(raw: Any, where: str) -> TrainConfig:
     for key in ("checkpoint_dir", "checkpoint_every"):
         if key in t:
             raise ConfigError(f"{where}: {key} is managed by the learner (per iteration)")
-    return build_section(TrainConfig, t, where)
+    built = build_section(TrainConfig, t, where)
+    if built.accelerate_config is not None:  # relative to the config file, like the paths
+        built = replace(built, accelerate_config=base / built.accelerate_config.expanduser())
+    return built
 
 
 def _gate(raw: Any, base: Path, env: Mapping[str, str], prefix: str) -> GateConfig:
@@ -310,7 +313,7 @@ def parse_config(
     sample = tables.get("sample")
     return LearnConfig(
         **top,
-        train=_train(tables.get("train", {}), f"[{prefix}train]"),
+        train=_train(tables.get("train", {}), f"[{prefix}train]", base),
         data=data_cfg,
         trigger=build_section(TriggerConfig, tables.get("trigger", {}), f"[{prefix}trigger]"),
         token=env.get(token_env) if token_env else None,

@@ -73,6 +73,9 @@ class GateConfig:
     judge: JudgeConfig | None = None
     min_win_rate: float = 0.5
     sampling: HeldoutSampling = field(default_factory=HeldoutSampling)  # [gate.sampling]
+    # The admin address of every replica behind ``server``: the candidate is loaded on each
+    # (the gate's requests still go to ``server``). Empty: the gate is pinned to one server.
+    replicas: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.prompts:
@@ -97,6 +100,11 @@ class GateConfig:
             r = getattr(self, name)
             if not (math.isfinite(r) and (r == 0 or r >= 1)):
                 raise ValueError(f"gate.{name} must be 0 (off) or >= 1, got {r}")
+        for r in self.replicas:
+            if not r or r != r.strip() or ":" not in r:
+                raise ValueError(f"gate.replicas: {r!r} is not a host:port address")
+        if len(set(self.replicas)) != len(self.replicas):
+            raise ValueError(f"gate.replicas lists an address twice: {list(self.replicas)}")
 
     @property
     def tags(self) -> tuple[str, ...]:
@@ -146,6 +154,7 @@ class Verdict:
     # incumbent) or "sampling" (generated beside the iteration's sampling)
     incumbent_source: str = ""
     base_perplexity: float | None = None  # with ``max_base_perplexity_ratio``: the anchor
+    placement: str = ""  # where the candidate was served (the learner's word, as it reports it)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -264,15 +264,50 @@ class GateRuns:
             elif not run.cancelled():
                 run.exception()  # retrieved: an unused run's error is not an iteration's
 
+    @property
+    def placement(self) -> str:
+        """Where the candidate is served, in the learner's words: loaded on every replica in
+        ``gate.replicas``, or pinned to the one server that loads it and generates with it."""
+        replicas = self.gate.replicas
+        if replicas:
+            return (
+                f"gate: candidate loaded on {len(replicas)} replicas ({', '.join(replicas)}); "
+                f"gate requests go to {self.cfg.server}"
+            )
+        admin = self.cfg.admin_server
+        via = f" (loaded through its admin address {admin})" if admin else ""
+        return f"gate: pinned to {self.cfg.server}{via}"
+
+    async def serve_candidate(
+        self, admin: AsyncClient, name: str, iteration: int, cand: Path
+    ) -> None:
+        """Load the candidate directory ``cand`` as ``name`` v``iteration`` and activate it:
+        through ``admin``, or with ``gate.replicas`` on every replica (all or an error).
+        Activating the candidate name retires its older candidates on each server, so at most
+        the active and the previous candidate stay loaded."""
+
+        async def on(server: AsyncClient) -> None:
+            await server.load_adapter(name, str(cand))
+            await server.activate_adapter(name, iteration)
+
+        if not self.gate.replicas:
+            await on(admin)
+            return
+
+        async def on_replica(address: str) -> None:
+            async with AsyncClient(address, token=self.cfg.token, timeout=300.0) as replica:
+                await on(replica)
+
+        await asyncio.gather(*(on_replica(a) for a in self.gate.replicas))
+
     async def judge(
         self, client: AsyncClient, admin: AsyncClient, iteration: int, cand: Path, now: Served
     ) -> GateResult:
-        """Serve the candidate in ``cand`` as ``<adapter>-candidate`` v``iteration`` and gate
-        it against the served version, reusing every run this cache knows."""
+        """Serve the candidate in ``cand`` as ``<adapter>-candidate`` v``iteration``
+        (``serve_candidate``) and gate it against the served version, reusing every run this
+        cache knows."""
         name = self.cfg.adapter + CANDIDATE_SUFFIX
-        await admin.load_adapter(name, str(cand))
-        # Activating the candidate name retires its older candidates (memory stays bounded).
-        await admin.activate_adapter(name, iteration)
+        await self.serve_candidate(admin, name, iteration, cand)
         weights = tuple(self.gate.attributes.items())
         candidate = Side(name, iteration, attributes=weights if self.cfg.heads else ())
         known, source = self.promoted_run(now), "promoted"
@@ -286,5 +321,9 @@ class GateRuns:
             client, candidate, self.incumbent_side(now), self.gate, self.fluency,
             incumbent_run=known, base_run=self.base,
         )  # fmt: skip
-        verdict = replace(verdict, incumbent_source=source if known is not None else "")
+        verdict = replace(
+            verdict,
+            incumbent_source=source if known is not None else "",
+            placement=self.placement,
+        )
         return GateResult(verdict, run)

@@ -116,7 +116,10 @@ class Learner:
     def fluency_model(self) -> Scorer:
         """The base model for the gate's perplexity check, loaded on first use."""
         if self._fluency is None:
-            self._fluency = load_scoring_model(self.cfg.model)
+            t = self.cfg.train  # the heads trunk loads with the same keys: one shared copy
+            self._fluency = load_scoring_model(
+                self.cfg.model, device=t.device, precision=t.precision
+            )
         return self._fluency
 
     # -------------------------------------------------------------------- one iteration
@@ -262,6 +265,8 @@ class Learner:
         done = 0
         try:
             await self.bootstrap()
+            if self.gate_runs is not None:
+                self.report(self.gate_runs.placement)
             g = self.cfg.gate
             if g is not None and g.measures_perplexity:
                 # Load the gate's scoring model before any iteration: a gate run started beside

@@ -38,10 +38,13 @@ def train_iteration(
     cfg: LearnConfig, iteration: int, data: IterationData, progress: bool
 ) -> TrainResult:
     """Train on ``data`` (blocking; run it with ``in_daemon_thread``). LoRA training keeps
-    checkpoints in ``<workdir>/ckpt`` and resumes from them after a restart."""
+    checkpoints in ``<workdir>/ckpt`` and resumes from them after a restart; with
+    ``train.processes > 1`` it runs on that many processes (``learner.distributed``), this
+    process waiting for them, so sampling, the gate and publishing stay here, once."""
     work, now = workdir(cfg, iteration), data.served
     if cfg.heads is not None:  # CMPO: plural heads, continuing the served ones
-        heads = replace(cfg.heads, progress=progress)
+        t = cfg.train  # as the gate's fluency model: the trunk shares its copy
+        heads = replace(cfg.heads, progress=progress, device=t.device, precision=t.precision)
         init = None
         if cfg.continue_training and now.manifest is not None:
             init = now.path if now.manifest.attributes else None
@@ -75,7 +78,7 @@ def metrics(result: TrainResult) -> dict[str, Any]:
 def hyperparameters(cfg: LearnConfig) -> dict[str, Any]:
     """The trainer's config as JSON, without the per-run fields."""
     t = asdict(cfg.heads) if cfg.heads else asdict(cfg.train)
-    for key in ("checkpoint_dir", "progress", "device"):
+    for key in ("checkpoint_dir", "progress", "device", "processes", "accelerate_config"):
         t.pop(key, None)
     out: dict[str, Any] = json.loads(json.dumps(t, default=str))
     return out

@@ -80,6 +80,8 @@ def learn_server(
         "--registry-poll",
         "0.2",
         "--enable-admin",
+        "--adapter-root",  # the gate's candidates come from the learners' workdirs
+        str(tmp_path_factory.getbasetemp()),
     )
     yield srv, db, registry
     stop_server(srv)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -109,3 +110,23 @@ def test_annotator_takes_db_or_shards(tmp_path: Path) -> None:
     for bad in ({}, {"db": "x.sqlite", "shards": ["/s/*.sqlite"]}):
         with pytest.raises(ValueError, match=r"db .* or shards"):
             parse_annotator({**bad, "providers": providers}, {})
+
+
+def test_tiller_log_reads_several_shards(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from tiller.learner.logcli import log
+
+    _shard(tmp_path / "r0.sqlite", ["gen-a", "gen-b"])
+    _shard(tmp_path / "r1.sqlite", ["gen-c"])
+    runner = CliRunner()
+    shown = runner.invoke(log, ["show", "gen-c", "--db", str(tmp_path / "*.sqlite")])
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.output)["generation"]["id"] == "gen-c"
+    tail = runner.invoke(
+        log, ["tail", "--db", str(tmp_path / "r0.sqlite"), "--db", str(tmp_path / "r1.sqlite")]
+    )
+    assert tail.exit_code == 0, tail.output
+    assert all(g in tail.output for g in ("gen-a", "gen-b", "gen-c"))
+    missing = runner.invoke(log, ["show", "gen-z", "--db", str(tmp_path / "*.sqlite")])
+    assert missing.exit_code != 0 and "gen-z" in missing.output
