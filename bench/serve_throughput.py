@@ -1,4 +1,5 @@
-"""Serving throughput: Tiller gRPC vs direct AsyncLLM (in-process) vs `vllm serve` (OpenAI HTTP).
+"""Serving throughput: Tiller gRPC and Tiller's OpenAI HTTP API vs direct AsyncLLM (in-process)
+vs `vllm serve` (OpenAI HTTP).
 
 Same model, prompts, sampling (fixed seed per request) and engine settings, N concurrent streams.
 Each system runs in its own subprocess, one at a time; rounds rotate the order; medians are
@@ -35,8 +36,9 @@ from tqdm import tqdm
 
 from tiller.server.device import detect_dtype
 
-SYSTEMS = ("tiller", "asyncllm", "vllm-serve")
-TARGETS = {"asyncllm": 0.95, "vllm-serve": 1.0}
+SYSTEMS = ("tiller", "asyncllm", "vllm-serve", "tiller-http")
+TARGETS = {"asyncllm": 0.95, "vllm-serve": 1.0}  # Tiller gRPC over these
+HTTP_TARGET = 1.0  # Tiller HTTP over vllm-serve: the same API, the same client
 _TOPICS = (
     "sourdough bread",
     "the moon landing",
@@ -188,7 +190,9 @@ async def tiller_load(target: str, s: Settings, progress: Callable[[], object]) 
         return await drive(send, s, progress, os.getpid())
 
 
-async def openai_load(base: str, s: Settings, progress: Callable[[], object]) -> Result:
+async def openai_load(
+    base: str, s: Settings, progress: Callable[[], object], model: str = "bench"
+) -> Result:
     import aiohttp
 
     timeout = aiohttp.ClientTimeout(total=600)
@@ -198,7 +202,7 @@ async def openai_load(base: str, s: Settings, progress: Callable[[], object]) ->
 
         async def send(prompt: str, sampling: dict[str, Any]) -> int:
             body = {
-                "model": "bench",
+                "model": model,
                 "prompt": prompt,
                 "stream": True,
                 "stream_options": {"include_usage": True},
@@ -207,7 +211,7 @@ async def openai_load(base: str, s: Settings, progress: Callable[[], object]) ->
             reported = chunks = 0
             async with http.post(f"{base}/v1/completions", json=body) as resp:
                 if resp.status != 200:
-                    raise RuntimeError(f"vllm serve: HTTP {resp.status}: {await resp.text()}")
+                    raise RuntimeError(f"{base}: HTTP {resp.status}: {await resp.text()}")
                 async for line in resp.content:
                     if not line.startswith(b"data: {"):
                         continue  # blank separators and "data: [DONE]"
@@ -315,8 +319,11 @@ def vllm_serve_cmd(s: Settings, port: int) -> list[str]:
     ]
 
 
-def tiller_serve_cmd(s: Settings, port_file: Path, cache_dir: Path) -> list[str]:
+def tiller_serve_cmd(
+    s: Settings, port_file: Path, cache_dir: Path, http_port_file: Path | None = None
+) -> list[str]:
     log = {} if s.tiller_log else {"no_log": True}
+    http = {} if http_port_file is None else {"http_port": 0, "http_port_file": http_port_file}
     return [
         sys.executable,
         "-m",
@@ -332,6 +339,7 @@ def tiller_serve_cmd(s: Settings, port_file: Path, cache_dir: Path) -> list[str]
             max_num_seqs=s.max_num_seqs,
             cache_dir=cache_dir,
             **log,
+            **http,
         ),
     ]
 
@@ -347,6 +355,14 @@ def run_phase(system: str, rnd: int, s: Settings, work: Path) -> Phase:
                 wait_ready(port_file.exists, proc, log)
                 target = f"127.0.0.1:{port_file.read_text().strip()}"
                 tokens, wall, other = run_async(tiller_load(target, s, bar.update))
+        elif system == "tiller-http":
+            port_file, http_file = work / f"http-r{rnd}.port", work / f"http-r{rnd}.http"
+            cmd = tiller_serve_cmd(s, port_file, work / f"cache-http-r{rnd}", http_file)
+            with process(cmd, log) as proc:
+                wait_ready(port_file.exists, proc, log)  # written after the HTTP port
+                base = f"http://127.0.0.1:{http_file.read_text().strip()}"
+                load = openai_load(base, s, bar.update, model=Path(s.model).name)
+                tokens, wall, other = run_async(load)
         elif system == "vllm-serve":
             port = free_port()
             with process(vllm_serve_cmd(s, port), log) as proc:
@@ -407,6 +423,13 @@ def report(phases: list[Phase], s: Settings, out: Path) -> None:
             f"Tiller/{names[k]} tok/s ratio: {ratios[k]:.2f} (tiller {median['tiller']:.1f} "
             f"tok/s, {k} {median[k]:.1f} tok/s; target >= {target:.2f}: {verdict})"
         )
+    http = median["tiller-http"] / median["vllm-serve"]
+    ratios["tiller-http/vllm-serve"] = http
+    print(
+        f"Tiller-HTTP/vllm-serve tok/s ratio: {http:.2f} (tiller-http "
+        f"{median['tiller-http']:.1f} tok/s, vllm-serve {median['vllm-serve']:.1f} tok/s; "
+        f"target >= {HTTP_TARGET:.2f}: {'met' if http >= HTTP_TARGET else 'NOT met'})"
+    )
     print("completion tokens per round: " + ", ".join(f"{k} {v}" for k, v in tokens.items()))
     if len({t for v in tokens.values() for t in v}) > 1:
         print("note: systems produced different token counts (EOS); tok/s still comparable")
@@ -458,7 +481,8 @@ def main() -> None:
     work.mkdir(parents=True)
     phases: list[Phase] = []
     for rnd in range(a.rounds):
-        for system in SYSTEMS[rnd % 3 :] + SYSTEMS[: rnd % 3]:
+        k = rnd % len(SYSTEMS)
+        for system in SYSTEMS[k:] + SYSTEMS[:k]:
             phase = run_phase(system, rnd, s, work)
             tqdm.write(
                 f"round {rnd} {system}: {phase.completion_tokens} tokens in {phase.wall_s:.2f} s"

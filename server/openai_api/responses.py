@@ -8,8 +8,8 @@ on their last.
 
 from __future__ import annotations
 
+import json
 import math
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -180,6 +180,7 @@ class StreamEncoder:
         self._model = ""
         self._offsets: dict[int, int] = {}
         self._opened: set[int] = set()
+        self._prefix: bytes | None = None  # the envelope up to the choices list, as SSE
 
     def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {
@@ -194,6 +195,9 @@ class StreamEncoder:
         self._start = event
         self._id = f"{'chatcmpl' if self.chat else 'cmpl'}-{event.request_id}"
         self._model = model_name(event.served_by)
+        envelope = json.dumps(self._chunk([]), separators=(",", ":")).encode()
+        self._prefix = b"data: " + envelope.removesuffix(b"]}")  # ends with '"choices":['
+        assert envelope.endswith(b'"choices":[]}')
         if not self.chat:
             return []
         # Chat streams open each choice with the assistant role, as OpenAI's do.
@@ -209,7 +213,22 @@ class StreamEncoder:
         body["tiller"] = tiller_info(event, None)
         return [body]
 
+    def delta_sse(self, d: Delta) -> bytes:
+        """``delta(d)`` as an SSE event. The envelope is encoded once per stream and only the
+        choice per event (the hot path: one event per engine step and completion)."""
+        if self._prefix is None or (not self.chat and not self._opened):
+            return sse(self.delta(d))
+        choice = self._choice(d)
+        return self._prefix + json.dumps(choice, separators=(",", ":")).encode() + b"]}\n\n"
+
     def delta(self, d: Delta) -> dict[str, Any]:
+        body = self._chunk([self._choice(d)])
+        if not self.chat and self._start is not None and not self._opened:
+            body["tiller"] = tiller_info(self._start, None)  # completions: on the first chunk
+            self._opened.add(-1)
+        return body
+
+    def _choice(self, d: Delta) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": d.index, "finish_reason": _finish(d.finish)}
         if self.chat:
             choice["delta"] = {"content": d.text} if d.text else {}
@@ -220,11 +239,7 @@ class StreamEncoder:
             offset = self._offsets.get(d.index, 0)
             choice["logprobs"] = text_logprobs(d.logprobs, offset) if self.want_logprobs else None
             self._offsets[d.index] = offset + sum(len(t.token) for t in d.logprobs)
-        body = self._chunk([choice])
-        if not self.chat and self._start is not None and not self._opened:
-            body["tiller"] = tiller_info(self._start, None)  # completions: on the first chunk
-            self._opened.add(-1)
-        return body
+        return choice
 
     def end(self, event: StreamEnd) -> dict[str, Any]:
         """The last chunk: no choices, the usage (when asked for) and ``tiller.logged``."""
@@ -236,5 +251,5 @@ class StreamEncoder:
         return body
 
 
-def new_id() -> str:
-    return uuid.uuid4().hex
+def sse(body: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"

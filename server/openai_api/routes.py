@@ -4,7 +4,6 @@ same ``GenerationService``, then ``responses``. Used from the event loop only.""
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import AsyncGenerator
@@ -208,7 +207,7 @@ class _Call:
         self._rearm()  # this generator runs in the response's task, not the handler's
         try:
             for chunk in encoder.start(first):
-                yield _sse(chunk)
+                yield responses.sse(chunk)
             while True:
                 try:
                     event = await self.watchdog.wait(anext(events))
@@ -219,14 +218,14 @@ class _Call:
                         if not tokens:
                             metrics.first_chunk.observe(time.perf_counter() - self.start)
                         tokens += len(event.token_ids)
-                    yield _sse(encoder.delta(event))
+                    yield encoder.delta_sse(event)
                 elif isinstance(event, StreamEnd):
-                    yield _sse(encoder.end(event))
+                    yield responses.sse(encoder.end(event))
             yield _DONE
         except TillerError as e:
             status, body = tiller_error_body(e)
             self.status = status
-            yield _sse(body)
+            yield responses.sse(body)
             yield _DONE
         except BaseException:
             self.status = 499  # the client went away (nginx's convention)
@@ -236,10 +235,6 @@ class _Call:
             if metrics is not None and tokens:
                 metrics.tokens.inc(tokens)
             self.finish()
-
-
-def _sse(body: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
 
 
 def build_app(api: Api) -> FastAPI:
