@@ -25,6 +25,9 @@ _FINISH = {
 }
 
 
+_PRIORITY = {"interactive": pb.PRIORITY_INTERACTIVE, "background": pb.PRIORITY_BACKGROUND}
+
+
 def build_request(
     prompt: str | Sequence[Mapping[str, str]],
     *,
@@ -44,6 +47,7 @@ def build_request(
     logprobs: int | None = None,
     log: bool | None = None,
     request_id: str = "",
+    priority: str = "interactive",
 ) -> pb.GenerateRequest:
     """A ``GenerateRequest``; ``prompt`` is text or a list of ``{"role", "content"}`` messages."""
     req = pb.GenerateRequest(feedback=feedback, request_id=request_id)
@@ -76,6 +80,9 @@ def build_request(
         req.adapter.version = adapter_version
     if log is not None:
         req.log = log
+    if priority not in _PRIORITY:
+        raise ValueError(f"priority must be one of {', '.join(_PRIORITY)}, got {priority!r}")
+    req.priority = _PRIORITY[priority]
     return req
 
 

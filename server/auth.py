@@ -149,6 +149,16 @@ class Authenticator:
             )
         return grant
 
+    @staticmethod
+    def require(grant: TokenGrant, role: str, what: str) -> None:
+        """``PermissionDenied`` unless ``grant`` has ``role`` (for ``what``, a request field)."""
+        if role not in grant.roles:
+            raise PermissionDenied(
+                f"token '{grant.name}' lacks role '{role}' for {what} "
+                f"(it has: {', '.join(sorted(grant.roles))})",
+                field=what.split(" ", 1)[0],
+            )
+
     def acquire(self, grant: TokenGrant) -> None:
         """Take one concurrency permit; ``Overloaded`` when the token is at its cap."""
         if grant.max_concurrent and self._in_flight[grant.name] >= grant.max_concurrent:

@@ -68,6 +68,7 @@ def request_from_pb(m: pb.GenerateRequest) -> GenerateRequest:
         ),
         log=m.log if m.HasField("log") else None,
         request_id=m.request_id,
+        background=m.priority == pb.PRIORITY_BACKGROUND,
     )
 
 

@@ -34,6 +34,7 @@ from .metrics import Metrics, completion_tokens, steering_kind
 log = logging.getLogger("tiller.edge")
 _GUARDED_PREFIX = "/tiller.v1."
 _GENERATE = ("/tiller.v1.Tiller/Generate", "/tiller.v1.Tiller/GenerateStream")
+PRIORITY_BACKGROUND = 2  # tiller.v1.Priority.PRIORITY_BACKGROUND (a test keeps them equal)
 
 Decode = Callable[[bytes], Any]
 
@@ -63,6 +64,8 @@ class _Rpc:
                 f"the request bytes are not a valid message for {name}", field="request"
             ) from None
         if auth is not None:
+            if self.method in _GENERATE and getattr(request, "priority", 0) == PRIORITY_BACKGROUND:
+                auth.require(grant, "admin", "priority BACKGROUND")
             auth.acquire(grant)
             self.grant = grant
         if self.edge.metrics is not None and self.method in _GENERATE:

@@ -103,7 +103,12 @@ CPU_DEFAULTS: dict[str, Any] = {
 }
 # What Tiller sets on every platform: logprobs are those of the distribution actually sampled
 # from (after steering, feedback mixing, penalties, temperature, top-k/top-p), not the raw model's.
-TILLER_DEFAULTS: dict[str, Any] = {"logprobs_mode": "processed_logprobs"}
+# Priority scheduling: waiting interactive requests go before waiting background ones (the
+# learner's), and KV-cache preemption takes background requests first.
+TILLER_DEFAULTS: dict[str, Any] = {
+    "logprobs_mode": "processed_logprobs",
+    "scheduling_policy": "priority",
+}
 _OPTIONAL = (
     "max_model_len",
     "gpu_memory_utilization",
@@ -323,7 +328,11 @@ class VllmEngine:
         prompt = TokensPrompt(prompt_token_ids=list(request.prompt_token_ids))
         try:
             stream = self.llm.generate(
-                prompt, self._sampling_params(request), request.request_id, lora_request=lora
+                prompt,
+                self._sampling_params(request),
+                request.request_id,
+                lora_request=lora,
+                priority=request.priority,
             )
             k = request.sampling.logprobs
             async for out in stream:
@@ -352,6 +361,7 @@ class VllmEngine:
                             TokensPrompt(prompt_token_ids=list(r.prompt_token_ids)),
                             self._sampling_params(r),
                             lora_request=self._lora(r),
+                            priority=r.priority,
                         )
                         for r in requests
                     ]

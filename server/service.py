@@ -28,6 +28,7 @@ from .logrecords import (
 from .logwriter import LogLoss, LogWriter
 from .validation import check_attributes, check_feedback, check_input, resolve_sampling
 from .values import (
+    BACKGROUND_PRIORITY,
     CompletionResult,
     Delta,
     EngineRequest,
@@ -143,6 +144,7 @@ class GenerationService:
                     lora_path=str(adapter.path) if adapter.lora_id else None,
                     mix=MixMember(engine_id, member, len(conditions), weight) if mix else None,
                     steer=steer,
+                    priority=BACKGROUND_PRIORITY if req.background else 0,
                 )
             )
         self._adapters.acquire(adapter.name, adapter.version)  # released when the stream ends

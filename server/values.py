@@ -53,6 +53,7 @@ class GenerateRequest:
     adapter: AdapterPick = field(default_factory=AdapterPick)
     log: bool | None = None
     request_id: str = ""
+    background: bool = False  # scheduled after every waiting interactive request
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,10 @@ class EngineRequest:
     lora_path: str | None = None
     mix: MixMember | None = None
     steer: Steer | None = None
+    priority: int = 0  # vLLM's: lower is scheduled first (background: BACKGROUND_PRIORITY)
+
+
+BACKGROUND_PRIORITY = 1  # interactive requests have vLLM's default, 0
 
 
 @dataclass(frozen=True)

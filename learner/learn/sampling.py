@@ -52,6 +52,7 @@ class GenerationJob:
             "feedback": self.feedback,
             "attributes": dict(self.attributes) if self.attributes else None,
             "log": self.log,
+            "priority": "background",  # the learner's work waits behind users' requests
         }
 
 

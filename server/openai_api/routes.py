@@ -178,6 +178,11 @@ class _Call:
         left = None if cap is None else max(0.0, cap - (time.perf_counter() - self.start))
         self.watchdog = Watchdog(self.path, left)
 
+    def check_priority(self, req: GenerateRequest) -> None:
+        """Background priority is the learner's: it needs the admin role, as over gRPC."""
+        if req.background and self.api.auth is not None and self.grant is not None:
+            self.api.auth.require(self.grant, "admin", "priority background")
+
     def count(self, req: GenerateRequest) -> None:
         if self.api.metrics is not None:
             self.api.metrics.steering.labels(steering_kind(req)).inc()
@@ -249,6 +254,7 @@ def build_app(api: Api) -> FastAPI:
             if path == "/v1/chat/completions":
                 chat: ChatBody = await call.body(ChatBody)
                 req = chat.request(api.pick(chat.model, chat.adapter_version))
+                call.check_priority(req)
                 want = chat.logprobs
                 if chat.stream:
                     opts = chat.stream_options
@@ -264,6 +270,7 @@ def build_app(api: Api) -> FastAPI:
                 return JSONResponse(responses.chat(result, created, want))
             body: CompletionBody = await call.body(CompletionBody)
             reqs = body.requests(api.pick(body.model, body.adapter_version))
+            call.check_priority(reqs[0])
             want = body.logprobs is not None
             if body.stream:
                 if len(reqs) > 1:

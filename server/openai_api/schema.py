@@ -88,6 +88,7 @@ class _Common(_Body):
     adapter_version: Annotated[StrictInt, Field(ge=0)] | None = None
     log: StrictBool | None = None
     request_id: StrictStr = ""
+    priority: Literal["interactive", "background"] = "interactive"  # background: admin role
 
     def _unsupported(self) -> None:
         for name in ("presence_penalty", "frequency_penalty"):
@@ -123,6 +124,7 @@ class _Common(_Body):
             adapter=adapter,
             log=self.log,
             request_id=self.request_id,
+            background=self.priority == "background",
             **input_,
         )
 

@@ -450,3 +450,18 @@ def test_http_requests_are_in_the_metrics(secured: Secured) -> None:
     assert delta("tiller_requests_total", (("code", "401"), ("method", "Completions"))) == 1
     assert delta("tiller_stream_first_chunk_seconds_count") == 1
     assert delta("tiller_generate_requests_by_steering_total", (("kind", "none"),)) == 2
+
+
+def test_background_priority_needs_the_admin_role(secured: Secured) -> None:
+    with secured.client("app") as c:
+        e = _err(lambda: c.generate("learner work", max_tokens=2, priority="background"))
+    assert e.code == CODE.PERMISSION_DENIED and "'admin'" in e.message
+    with _oa(secured, "app") as oa:
+        err = _http_status(
+            lambda: oa.completions.create(
+                model="tiny-llama", prompt="x", max_tokens=2, extra_body={"priority": "background"}
+            )
+        )
+        assert err.status_code == 403 and "'admin'" in err.message
+        ok = oa.completions.create(model="tiny-llama", prompt="x", max_tokens=2)
+        assert ok.usage is not None

@@ -54,3 +54,13 @@ def test_cli_weights() -> None:
         _weights(("novalue",), "--mix")
     with pytest.raises(click.BadParameter):
         _weights(("x=abc",), "--mix")
+
+
+def test_priority_maps_to_the_enum_and_refuses_others() -> None:
+    from tiller.client.convert import build_request
+    from tiller.protos.tiller.v1 import tiller_pb2 as pb
+
+    assert build_request("x").priority == pb.PRIORITY_INTERACTIVE
+    assert build_request("x", priority="background").priority == pb.PRIORITY_BACKGROUND
+    with pytest.raises(ValueError, match="priority"):
+        build_request("x", priority="urgent")

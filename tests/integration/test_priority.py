@@ -1,0 +1,97 @@
+"""Priority scheduling on a real engine with one seat (``--max-num-seqs 1``): a waiting
+interactive request runs before background requests that arrived earlier, and background
+requests still finish once users pause."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ServerProc, start_server, stop_server
+from tiller.client import Client
+from tiller.protos.tiller.v1 import tiller_pb2 as pb
+from tiller.server.edge import PRIORITY_BACKGROUND
+
+
+@pytest.fixture(scope="module")
+def one_seat(
+    tiny_model: Path, tmp_path_factory: pytest.TempPathFactory, server: object
+) -> Iterator[ServerProc]:
+    # `server` (the session one) first: engines never start concurrently on 2 cores.
+    srv = start_server(
+        tiny_model, tmp_path_factory.mktemp("one-seat"), "--no-log", "--", "--max-num-seqs", "1"
+    )
+    yield srv
+    stop_server(srv)
+
+
+def test_the_edge_knows_the_proto_s_background_value() -> None:
+    assert PRIORITY_BACKGROUND == pb.PRIORITY_BACKGROUND
+
+
+def _wait_busy(target: str, n: int) -> None:
+    with Client(target, timeout=30) as c:
+        deadline = time.monotonic() + 60
+        while c.status().engine_unfinished < n:
+            assert time.monotonic() < deadline, "the engine never got busy"
+            time.sleep(0.01)
+
+
+def test_a_waiting_user_request_goes_before_earlier_background_ones(one_seat: ServerProc) -> None:
+    done: list[str] = []
+
+    def run(name: str, priority: str, max_tokens: int) -> None:
+        with Client(one_seat.target, timeout=300) as c:
+            c.generate(f"def {name}(x):", max_tokens=max_tokens, temperature=0.0,
+                       priority=priority)  # fmt: skip
+        done.append(name)
+
+    # The one seat is taken by a long background request; then two more background requests
+    # and one interactive request queue up, in that order of arrival.
+    threads = [threading.Thread(target=run, args=("holder", "background", 400))]
+    threads[0].start()
+    _wait_busy(one_seat.target, 1)
+    for name, priority in (("bg1", "background"), ("bg2", "background"), ("user", "interactive")):
+        t = threading.Thread(target=run, args=(name, priority, 24))
+        t.start()
+        threads.append(t)
+        _wait_busy(one_seat.target, len(threads))  # arrival order is the order started
+    for t in threads:
+        t.join(timeout=300)
+    assert len(done) == 4
+    assert done.index("user") < done.index("bg1") < done.index("bg2"), done
+
+
+def test_background_requests_finish_when_users_pause(one_seat: ServerProc) -> None:
+    stop = threading.Event()
+    served = [0]
+
+    def user() -> None:
+        with Client(one_seat.target, timeout=300) as c:
+            while not stop.is_set():
+                c.generate("def user(x):", max_tokens=16, temperature=0.0)
+                served[0] += 1
+
+    users = [threading.Thread(target=user) for _ in range(3)]
+    for t in users:
+        t.start()
+    _wait_busy(one_seat.target, 2)
+    result: list[object] = []
+    background = threading.Thread(
+        target=lambda: result.append(
+            Client(one_seat.target, timeout=300).generate(
+                "def learner(x):", max_tokens=16, temperature=0.0, priority="background"
+            )
+        )
+    )
+    background.start()
+    time.sleep(3.0)
+    stop.set()
+    for t in users:
+        t.join(timeout=120)
+    background.join(timeout=120)
+    assert served[0] > 0 and len(result) == 1, "the background request starved"
