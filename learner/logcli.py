@@ -60,15 +60,22 @@ def _open(path: Path) -> sqlite_utils.Database:
     return db
 
 
+def _logs(specs: Sequence[str]) -> list[Path]:
+    """The log files ``specs`` (paths or globs) name; ``ClickException`` for two of one name."""
+    from .shards import resolve
+
+    try:
+        return resolve(specs)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+
+
 def _open_all(specs: Sequence[str]) -> sqlite_utils.Database:
     """One read-only connection over every log ``specs`` names (paths or globs): the log itself
     for one, else the union of the shards' generations, annotations and feedback."""
-    from .shards import resolve, union_of
+    from .shards import union_of
 
-    try:
-        paths = resolve(specs)
-    except ValueError as e:
-        raise click.ClickException(str(e)) from None
+    paths = _logs(specs)
     if len(paths) == 1:
         return _open(paths[0])
     for path in paths:
@@ -231,7 +238,7 @@ def _arrow_schema(db: sqlite_utils.Database) -> Any:
 
 
 @log.command()
-@_DB
+@_DBS
 @click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), required=True)
 @click.option("--since-seq", type=int, default=0, show_default=True, help="Export seq > N.")
 @click.option("--until-seq", type=int, default=None, help="Export seq <= M.")
@@ -243,11 +250,12 @@ def _arrow_schema(db: sqlite_utils.Database) -> Any:
     help="Default: parquet if OUT ends in .parquet, else jsonl.",
 )
 def export(
-    db_path: Path, out: Path, since_seq: int, until_seq: int | None, fmt: str | None
+    db_paths: tuple[str, ...], out: Path, since_seq: int, until_seq: int | None, fmt: str | None
 ) -> None:
     """Generations joined with their annotations, one record per generation: the log's
     columns as stored (JSON columns stay JSON text) plus ``annotations``, a list of annotation
-    rows. Written to a temporary file and renamed, so OUT is never half-written."""
+    rows. Several shards export together (seqs are per shard: no seq range then). Written to
+    a temporary file and renamed, so OUT is never half-written."""
     fmt = fmt or ("parquet" if out.suffix == ".parquet" else "jsonl")
     if fmt == "parquet":
         try:
@@ -259,7 +267,9 @@ def export(
             ) from None
     from tiller.server.formats.logstore import generation_records, read_snapshot
 
-    db = _open(db_path)
+    if (since_seq or until_seq is not None) and len(_logs(db_paths)) > 1:
+        raise click.UsageError("--since-seq/--until-seq take one log: seqs are per shard")
+    db = _open_all(db_paths)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     n = notes = 0
     try:
@@ -392,10 +402,10 @@ def _tag_order(rows: Sequence[LabelRow]) -> list[str]:
 
 
 @log.command()
-@_DB
+@_DBS
 @click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), required=True)
 @click.option("--provider", default=None, help="Only this annotation provider.")
-def plot(db_path: Path, out: Path, provider: str | None) -> None:
+def plot(db_paths: tuple[str, ...], out: Path, provider: str | None) -> None:
     """How labels shift across adapter versions: one panel per provider — the share of each
     tag per adapter version (bars) for tag annotations, score histograms per adapter version
     for score annotations. Written as PNG."""
@@ -408,7 +418,7 @@ def plot(db_path: Path, out: Path, provider: str | None) -> None:
         raise click.ClickException("plot needs matplotlib: pip install matplotlib") from None
     from tiller.server.formats.logstore import iterations, tag_and_score_labels
 
-    db = _open(db_path)
+    db = _open_all(db_paths)
     try:
         rows = tag_and_score_labels(db, provider)
         learned = iterations(db)
@@ -416,7 +426,7 @@ def plot(db_path: Path, out: Path, provider: str | None) -> None:
         db.close()
     if not rows and not learned:
         which = f" from provider {provider!r}" if provider else ""
-        raise click.ClickException(f"no tag or score annotations{which} in {db_path}")
+        raise click.ClickException(f"no tag or score annotations{which} in {', '.join(db_paths)}")
     panels: dict[tuple[str, str], list[LabelRow]] = {}
     for r in rows:
         panels.setdefault((r.provider, r.kind), []).append(r)

@@ -130,3 +130,21 @@ def test_tiller_log_reads_several_shards(tmp_path: Path) -> None:
     assert all(g in tail.output for g in ("gen-a", "gen-b", "gen-c"))
     missing = runner.invoke(log, ["show", "gen-z", "--db", str(tmp_path / "*.sqlite")])
     assert missing.exit_code != 0 and "gen-z" in missing.output
+
+
+def test_tiller_log_exports_and_plots_several_shards(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from tiller.learner.logcli import log
+
+    _shard(tmp_path / "r0.sqlite", ["gen-a", "gen-b"])
+    _shard(tmp_path / "r1.sqlite", ["gen-c"])
+    runner = CliRunner()
+    out = tmp_path / "all.jsonl"
+    done = runner.invoke(log, ["export", "--db", str(tmp_path / "r*.sqlite"), "--out", str(out)])
+    assert done.exit_code == 0, done.output
+    assert sorted(json.loads(x)["id"] for x in out.open()) == ["gen-a", "gen-b", "gen-c"]
+    ranged = runner.invoke(
+        log, ["export", "--db", str(tmp_path / "r*.sqlite"), "--out", str(out), "--since-seq", "1"]
+    )
+    assert ranged.exit_code != 0 and "per shard" in ranged.output
