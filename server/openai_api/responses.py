@@ -168,7 +168,7 @@ def chat(result: GenerateResult, created: int, want_logprobs: bool) -> dict[str,
 
 
 class StreamEncoder:
-    """One stream's events as chunk bodies (``None``: nothing to send for this event)."""
+    """One stream's events as SSE chunks (``start`` first, then ``delta_sse``, then ``end``)."""
 
     def __init__(self, kind: str, created: int, want_logprobs: bool, include_usage: bool) -> None:
         self.chat = kind == "chat"
@@ -179,8 +179,8 @@ class StreamEncoder:
         self._id = ""
         self._model = ""
         self._offsets: dict[int, int] = {}
-        self._opened: set[int] = set()
-        self._prefix: bytes | None = None  # the envelope up to the choices list, as SSE
+        self._info_pending = False  # completions send the tiller object on their first chunk
+        self._prefix = b""  # the envelope up to the choices list, as SSE
 
     def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {
@@ -199,6 +199,7 @@ class StreamEncoder:
         self._prefix = b"data: " + envelope.removesuffix(b"]}")  # ends with '"choices":['
         assert envelope.endswith(b'"choices":[]}')
         if not self.chat:
+            self._info_pending = True
             return []
         # Chat streams open each choice with the assistant role, as OpenAI's do.
         opening = [
@@ -208,25 +209,21 @@ class StreamEncoder:
         if self.want_logprobs:
             for c in opening:
                 c["logprobs"] = None
-        self._opened = set(range(len(event.generation_ids)))
         body = self._chunk(opening)
         body["tiller"] = tiller_info(event, None)
         return [body]
 
     def delta_sse(self, d: Delta) -> bytes:
-        """``delta(d)`` as an SSE event. The envelope is encoded once per stream and only the
+        """One delta as an SSE event. The envelope is encoded once per stream and only the
         choice per event (the hot path: one event per engine step and completion)."""
-        if self._prefix is None or (not self.chat and not self._opened):
-            return sse(self.delta(d))
+        assert self._start is not None, "start() first"
         choice = self._choice(d)
+        if self._info_pending:
+            self._info_pending = False
+            body = self._chunk([choice])
+            body["tiller"] = tiller_info(self._start, None)
+            return sse(body)
         return self._prefix + json.dumps(choice, separators=(",", ":")).encode() + b"]}\n\n"
-
-    def delta(self, d: Delta) -> dict[str, Any]:
-        body = self._chunk([self._choice(d)])
-        if not self.chat and self._start is not None and not self._opened:
-            body["tiller"] = tiller_info(self._start, None)  # completions: on the first chunk
-            self._opened.add(-1)
-        return body
 
     def _choice(self, d: Delta) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": d.index, "finish_reason": _finish(d.finish)}

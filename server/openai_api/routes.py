@@ -75,14 +75,12 @@ class Api:
                 )
         else:
             name = model
-        served = {row[0]: {v.version for v in row[2]} for row in self.adapters.snapshot()}
-        if (
-            name not in served
-            or name == "base"
-            or (pinned is not None and pinned not in served[name])
-        ):
-            raise NotFound(self._unknown(model), field="model")
-        return AdapterPick(name, pinned)
+        pick = AdapterPick(name, pinned)
+        try:
+            self.adapters.resolve(pick)  # the table's own lookup: a name or version it lacks
+        except InvalidArgument:
+            raise NotFound(self._unknown(model), field="model") from None
+        return pick
 
     def _unknown(self, model: str) -> str:
         return f"model {model!r} does not exist; GET /v1/models lists: " + ", ".join(
@@ -251,36 +249,19 @@ def build_app(api: Api) -> FastAPI:
         try:
             call.admit()
             created = int(time.time())
-            if path == "/v1/chat/completions":
-                chat: ChatBody = await call.body(ChatBody)
-                req = chat.request(api.pick(chat.model, chat.adapter_version))
-                call.check_priority(req)
-                want = chat.logprobs
-                if chat.stream:
-                    opts = chat.stream_options
-                    enc = responses.StreamEncoder(
-                        "chat", created, want, bool(opts and opts.include_usage)
-                    )
-                    response = await call.stream(req, enc)
-                    streaming = True
-                    return response
-                call.count(req)
-                result = await call.watchdog.wait(api.service.generate(req))
-                _count_tokens(api, result.completion_tokens)
-                return JSONResponse(responses.chat(result, created, want))
-            body: CompletionBody = await call.body(CompletionBody)
-            reqs = body.requests(api.pick(body.model, body.adapter_version))
+            chat = path == "/v1/chat/completions"
+            body: ChatBody | CompletionBody = await call.body(ChatBody if chat else CompletionBody)
+            pick = api.pick(body.model, body.adapter_version)
+            reqs = [body.request(pick)] if isinstance(body, ChatBody) else body.requests(pick)
             call.check_priority(reqs[0])
-            want = body.logprobs is not None
+            want = body.logprobs if isinstance(body, ChatBody) else body.logprobs is not None
             if body.stream:
                 if len(reqs) > 1:
                     raise InvalidArgument(
                         "stream takes one prompt; send a request per prompt", field="prompt"
                     )
-                opts = body.stream_options
-                enc = responses.StreamEncoder(
-                    "text", created, want, bool(opts and opts.include_usage)
-                )
+                usage = bool(body.stream_options and body.stream_options.include_usage)
+                enc = responses.StreamEncoder("chat" if chat else "text", created, want, usage)
                 response = await call.stream(reqs[0], enc)
                 streaming = True
                 return response
@@ -289,6 +270,8 @@ def build_app(api: Api) -> FastAPI:
                 call.count(r)
                 results.append(await call.watchdog.wait(api.service.generate(r)))
             _count_tokens(api, sum(r.completion_tokens for r in results))
+            if chat:
+                return JSONResponse(responses.chat(results[0], created, want))
             return JSONResponse(responses.completion(results, created, want))
         except TillerError as e:
             return call.error(e)

@@ -99,10 +99,16 @@ def test_stop_seed_and_sampling_params_reach_the_engine(oa: openai.OpenAI) -> No
     b = oa.completions.create(seed=5, **kw)  # type: ignore[arg-type]
     assert a.choices[0].text == b.choices[0].text and _tiller(a)["seed"] == 5
     text = a.choices[0].text
-    if len(text) > 4:
-        stop = text[2:4]
-        c = oa.completions.create(seed=5, stop=[stop], **kw)  # type: ignore[arg-type]
-        assert stop not in c.choices[0].text and c.choices[0].finish_reason == "stop"
+    assert len(text) > 4, text  # seed 5 samples 16 tokens
+    stop = text[2:4]
+    c = oa.completions.create(seed=5, stop=[stop], **kw)  # type: ignore[arg-type]
+    assert stop not in c.choices[0].text and c.choices[0].finish_reason == "stop"
+    # top_k = 1 leaves only the argmax to sample at any temperature: the greedy text.
+    greedy = oa.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=16,
+                                   temperature=0.0)  # fmt: skip
+    top1 = oa.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=16,
+                                 temperature=1.0, seed=9, extra_body={"top_k": 1})  # fmt: skip
+    assert top1.choices[0].text == greedy.choices[0].text
 
 
 @pytest.mark.parametrize("api", ["completions", "chat"])
