@@ -45,6 +45,7 @@ def build_request(
     n: int | None = None,
     repetition_penalty: float | None = None,
     logprobs: int | None = None,
+    ignore_eos: bool = False,
     log: bool | None = None,
     request_id: str = "",
     priority: str = "interactive",
@@ -72,6 +73,7 @@ def build_request(
         if value is not None:
             setattr(s, name, value)
     s.stop.extend(stop)
+    s.ignore_eos = ignore_eos
     req.feedback_mix.update(feedback_mix or {})
     req.attributes.update(attributes or {})
     if adapter:

@@ -51,6 +51,7 @@ def request_from_pb(m: pb.GenerateRequest) -> GenerateRequest:
         n=_opt(s, "n"),  # type: ignore[arg-type]
         repetition_penalty=_opt(s, "repetition_penalty"),  # type: ignore[arg-type]
         logprobs=_opt(s, "logprobs"),  # type: ignore[arg-type]
+        ignore_eos=s.ignore_eos,
     )
     which = m.WhichOneof("input")
     chat = None

@@ -304,6 +304,7 @@ class VllmEngine:
             stop=list(s.stop) or None,
             repetition_penalty=s.repetition_penalty,
             logprobs=s.logprobs,
+            ignore_eos=s.ignore_eos,
             structured_outputs=StructuredOutputsParams(**s.structured) if s.structured else None,
             output_kind=RequestOutputKind.DELTA,
             extra_args=self._extra_args(request),

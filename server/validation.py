@@ -106,6 +106,7 @@ def resolve_sampling(
         repetition_penalty=rep,
         logprobs=s.logprobs,
         structured=s.structured,
+        ignore_eos=s.ignore_eos,
     )
 
 

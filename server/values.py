@@ -30,6 +30,7 @@ class Sampling:
     n: int | None = None
     repetition_penalty: float | None = None
     logprobs: int | None = None  # top alternatives per token; None = no logprobs
+    ignore_eos: bool = False  # generate past end-of-sequence up to max_tokens
     # vLLM's structured outputs (exactly one of json, regex, choice, grammar): HTTP API only
     structured: Mapping[str, Any] | None = None
 
@@ -70,6 +71,7 @@ class ResolvedSampling:
     repetition_penalty: float
     logprobs: int | None = None
     structured: Mapping[str, Any] | None = None
+    ignore_eos: bool = False
 
 
 @dataclass(frozen=True)

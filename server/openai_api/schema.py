@@ -80,6 +80,7 @@ class _Common(_Body):
     # vLLM's sampling extras
     top_k: StrictInt | None = None
     repetition_penalty: Number | None = None
+    ignore_eos: StrictBool = False
     structured_outputs: StructuredBody | None = None
     # Tiller's steering, as in gRPC
     feedback: StrictStr = ""
@@ -111,6 +112,7 @@ class _Common(_Body):
             n=self.n,
             repetition_penalty=_float(self.repetition_penalty),
             logprobs=logprobs,
+            ignore_eos=self.ignore_eos,
             structured=self.structured_outputs.params() if self.structured_outputs else None,
         )
 

@@ -114,3 +114,19 @@ async def test_async_stream(target: str) -> None:
     produced = sum(len(p.token_ids) for p in pieces)
     assert produced == pieces[-1].completion_tokens
     assert produced == 10 or finish == ["stop"]
+
+
+def test_ignore_eos_generates_past_the_end_of_sequence(client: Client) -> None:
+    # Find a seeded sample that ends at EOS, then replay it with ignore_eos: the same tokens
+    # (EOS included), then more, up to max_tokens.
+    for seed in range(64):
+        g = client.generate("x =", max_tokens=400, temperature=1.5, seed=seed)
+        if g.completions[0].finish_reason == "stop":
+            break
+    else:
+        pytest.fail("no seed in 64 sampled an end-of-sequence token")
+    stopped = g.completions[0].token_ids
+    again = client.generate("x =", max_tokens=400, temperature=1.5, seed=seed, ignore_eos=True)
+    c = again.completions[0]
+    assert c.finish_reason == "length" and len(c.token_ids) == 400
+    assert c.token_ids[: len(stopped)] == stopped

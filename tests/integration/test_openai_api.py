@@ -111,6 +111,18 @@ def test_stop_seed_and_sampling_params_reach_the_engine(oa: openai.OpenAI) -> No
     assert top1.choices[0].text == greedy.choices[0].text
 
 
+def test_ignore_eos_in_extra_body(oa: openai.OpenAI) -> None:
+    kw = dict(model="tiny-llama", prompt="x =", max_tokens=300, temperature=1.5)
+    stopped = next(
+        (s for s in range(64)
+         if oa.completions.create(seed=s, **kw).choices[0].finish_reason == "stop"),  # type: ignore[arg-type]
+        None,
+    )  # fmt: skip
+    assert stopped is not None, "no seed in 64 sampled an end-of-sequence token"
+    r = oa.completions.create(seed=stopped, extra_body={"ignore_eos": True}, **kw)  # type: ignore[arg-type]
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 300
+
+
 @pytest.mark.parametrize("api", ["completions", "chat"])
 def test_stream_equals_unary(oa: openai.OpenAI, api: str) -> None:
     if api == "chat":

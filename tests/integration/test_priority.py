@@ -43,26 +43,37 @@ def _wait_busy(target: str, n: int) -> None:
 
 def test_a_waiting_user_request_goes_before_earlier_background_ones(one_seat: ServerProc) -> None:
     done: list[str] = []
+    release = threading.Event()
 
-    def run(name: str, priority: str, max_tokens: int) -> None:
+    def hold() -> None:
+        # Holds the one seat until released (closing the stream cancels the request).
         with Client(one_seat.target, timeout=300) as c:
-            c.generate(f"def {name}(x):", max_tokens=max_tokens, temperature=0.0,
+            for _ in c.stream("def holder(x):", max_tokens=1900, temperature=0.0,
+                              ignore_eos=True, priority="background"):  # fmt: skip
+                if release.is_set():
+                    break
+
+    def run(name: str, priority: str) -> None:
+        with Client(one_seat.target, timeout=300) as c:
+            c.generate(f"def {name}(x):", max_tokens=24, temperature=0.0, ignore_eos=True,
                        priority=priority)  # fmt: skip
         done.append(name)
 
-    # The one seat is taken by a long background request; then two more background requests
-    # and one interactive request queue up, in that order of arrival.
-    threads = [threading.Thread(target=run, args=("holder", "background", 400))]
-    threads[0].start()
+    # The one seat is taken by a background request; then two more background requests and
+    # one interactive request queue up, in that order of arrival.
+    holder = threading.Thread(target=hold)
+    holder.start()
     _wait_busy(one_seat.target, 1)
+    threads = []
     for name, priority in (("bg1", "background"), ("bg2", "background"), ("user", "interactive")):
-        t = threading.Thread(target=run, args=(name, priority, 24))
+        t = threading.Thread(target=run, args=(name, priority))
         t.start()
         threads.append(t)
-        _wait_busy(one_seat.target, len(threads))  # arrival order is the order started
-    for t in threads:
+        _wait_busy(one_seat.target, 1 + len(threads))  # arrival order is the order started
+    release.set()
+    for t in [holder, *threads]:
         t.join(timeout=300)
-    assert len(done) == 4
+    assert len(done) == 3
     assert done.index("user") < done.index("bg1") < done.index("bg2"), done
 
 
