@@ -7,6 +7,8 @@ Thread-safety: used from the event loop only.
 from __future__ import annotations
 
 import itertools
+import logging
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,8 @@ from .formats.manifest import (
 )
 from .values import AdapterPick, ServedBy
 
+log = logging.getLogger("tiller.adapters")
+
 
 @dataclass(frozen=True)
 class LoadedAdapter:
@@ -35,6 +39,9 @@ class LoadedAdapter:
     lora_id: int | None
     manifest: Manifest | None
     heads: HeadsManifest | None = None  # attribute steering heads shipped in ``path``
+    # The name the engine knows ``lora_id`` by (vLLM tells LoRA requests apart by name), which is
+    # the first loader's when versions share weights.
+    lora_name: str | None = None
 
     @property
     def conditioning(self) -> Conditioning | None:
@@ -61,6 +68,12 @@ class AdapterTable:
         self._active: dict[str, int] = {}
         self._default: str | None = None
         self._ids = itertools.count(1)
+        # Engine LoRAs by weight content (sha256 of the LoRA files): a version whose weights are
+        # already loaded (a gate's candidate, published unchanged) reuses that LoRA id, so
+        # promoting it only switches the route. ``_lora_users`` counts table entries per id.
+        self._lora_by_weights: dict[tuple[str, ...], int] = {}
+        self._lora_names: dict[int, str] = {}
+        self._lora_users: Counter[int] = Counter()
 
     @property
     def base_model(self) -> str:
@@ -79,27 +92,60 @@ class AdapterTable:
         Where the directory may come from is the caller's decision (``registry.admin_source``).
         """
         name = validate_name(source.name)
+        t0 = time.perf_counter()
         manifest = load_manifest(source.path)
-        if manifest.name != name:
-            raise InvalidArgument(
-                f"{source.path} holds adapter {manifest.name!r}, not {name!r}", field="name"
-            )
+        verified = time.perf_counter()
         loaded = self._versions.get(name, {}).get(manifest.version)
         if loaded is None:
             heads = attach_heads(source.path, manifest.attributes, self._engine.steering_dims)
             lora_id = None
             if manifest.has_lora:
-                lora_id = next(self._ids)
-                await self._engine.add_lora(
-                    f"{name}@v{manifest.version}", lora_id, str(source.path)
-                )
-            loaded = LoadedAdapter(name, manifest.version, source.path, lora_id, manifest, heads)
+                lora_id, how = await self._engine_lora(name, manifest, source.path)
+                log.info(
+                    "loaded %s v%d: verify %.3f s, %s %.3f s",
+                    name, manifest.version, verified - t0, how, time.perf_counter() - verified,
+                )  # fmt: skip
+            loaded = LoadedAdapter(
+                name,
+                manifest.version,
+                source.path,
+                lora_id,
+                manifest,
+                heads,
+                lora_name=self._lora_names.get(lora_id) if lora_id is not None else None,
+            )
             self._versions.setdefault(name, {})[manifest.version] = loaded
         if activate is None:
             activate = manifest.version >= self._active.get(name, 0)
         if activate:
             await self.activate(name, manifest.version)
         return loaded
+
+    async def _engine_lora(self, name: str, manifest: Manifest, path: Path) -> tuple[int, str]:
+        """The engine LoRA id serving ``manifest``'s weights: one already loaded with the same
+        files, else a new one (``add_lora``: vLLM loads it between engine steps)."""
+        key = lora_weights_key(manifest)
+        lora_id = self._lora_by_weights.get(key)
+        how = "same weights already in the engine: reused LoRA id"
+        if lora_id is None:
+            lora_id = next(self._ids)
+            lora_name = f"{name}@v{manifest.version}"
+            await self._engine.add_lora(lora_name, lora_id, str(path))
+            self._lora_by_weights[key] = lora_id
+            self._lora_names[lora_id] = lora_name
+            how = "engine add_lora"
+        self._lora_users[lora_id] += 1
+        return lora_id, how
+
+    async def _drop_lora(self, lora_id: int) -> None:
+        """One table entry fewer uses ``lora_id``; the engine forgets it with the last one."""
+        self._lora_users[lora_id] -= 1
+        if self._lora_users[lora_id] > 0:
+            return
+        del self._lora_users[lora_id]
+        del self._lora_names[lora_id]
+        self._lora_by_weights = {k: v for k, v in self._lora_by_weights.items() if v != lora_id}
+        await self._engine.remove_lora(lora_id)
 
     def active_version(self, name: str) -> int | None:
         return self._active.get(name)
@@ -151,7 +197,7 @@ class AdapterTable:
                 continue
             gone = self._versions[name].pop(version)
             if gone.lora_id is not None:
-                await self._engine.remove_lora(gone.lora_id)
+                await self._drop_lora(gone.lora_id)
 
     def set_default(self, name: str | None) -> None:
         if name is not None and name not in self._active:
@@ -201,3 +247,12 @@ class AdapterTable:
             # 0: loaded but never activated (LoadAdapter without activation; pinned use only)
             rows.append((name, self._active.get(name, 0), versions, self._default == name))
         return rows
+
+
+def lora_weights_key(manifest: Manifest) -> tuple[str, ...]:
+    """What identifies a version's LoRA weights: the sha256 of its peft files."""
+    return tuple(
+        f"{rel}:{digest}"
+        for rel, digest in sorted(manifest.files.items())
+        if rel in ("adapter_config.json", "adapter_model.safetensors")
+    )

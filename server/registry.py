@@ -100,7 +100,9 @@ async def sync_once(table: AdapterTable, registry: Path, failed: set[tuple[str, 
                 AdapterSource(name, version_path(registry, name, active)), activate=True
             )
             swaps += 1
-            log.info("hot-swapped %s to v%d", name, active)
+            log.info(
+                "hot-swapped %s to v%d", name, active, extra={"adapter": name, "version": active}
+            )
         except TillerError as e:
             failed.add((name, active))
             log.error(

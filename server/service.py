@@ -139,7 +139,7 @@ class GenerationService:
                     request_id=f"{engine_id}-m{member}" if mix else engine_id,
                     prompt_token_ids=ids,
                     sampling=sampling,
-                    lora_name=f"{adapter.name}@v{adapter.version}" if adapter.lora_id else None,
+                    lora_name=adapter.lora_name,
                     lora_id=adapter.lora_id,
                     lora_path=str(adapter.path) if adapter.lora_id else None,
                     mix=MixMember(engine_id, member, len(conditions), weight) if mix else None,
