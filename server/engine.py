@@ -307,6 +307,7 @@ class VllmEngine:
             ignore_eos=s.ignore_eos,
             structured_outputs=StructuredOutputsParams(**s.structured) if s.structured else None,
             output_kind=RequestOutputKind.DELTA,
+            stream_interval=request.stream_interval,
             extra_args=self._extra_args(request),
         )
 

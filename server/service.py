@@ -29,6 +29,7 @@ from .logwriter import LogLoss, LogWriter
 from .validation import check_attributes, check_feedback, check_input, resolve_sampling
 from .values import (
     BACKGROUND_PRIORITY,
+    UNARY_STREAM_INTERVAL,
     CompletionResult,
     Delta,
     EngineRequest,
@@ -198,8 +199,14 @@ class GenerationService:
     def _wants_log(self, req: GenerateRequest) -> bool:
         return self._log is not None and req.log is not False
 
-    async def stream(self, req: GenerateRequest) -> AsyncGenerator[StreamEvent, None]:
+    async def stream(
+        self, req: GenerateRequest, *, unary: bool = False
+    ) -> AsyncGenerator[StreamEvent, None]:
         """StreamStart, then Deltas as the engine produces them, then StreamEnd.
+
+        ``unary``: the caller only wants the whole result, so the engine delivers output in
+        chunks of ``UNARY_STREAM_INTERVAL`` tokens (the first token at once, for the time to
+        first token): fewer wake-ups per token. An aborted unary request logs what had arrived.
 
         Closing the iterator early (client cancel, deadline) aborts the engine request; what
         was generated so far is still logged, with finish reason ``abort``. StreamEnd comes
@@ -225,8 +232,10 @@ class GenerationService:
             submitted = time.monotonic()
             deltas_in = (
                 mixed_deltas(self._engine, prepared.siblings)
-                if prepared.siblings
-                else self._engine.generate(er)
+                if prepared.siblings  # lockstep needs every step's output
+                else self._engine.generate(
+                    replace(er, stream_interval=UNARY_STREAM_INTERVAL) if unary else er
+                )
             )
             async for deltas in deltas_in:
                 for d in deltas:
@@ -303,7 +312,7 @@ class GenerationService:
         finish: dict[int, Finish] = {}
         start: StreamStart | None = None
         end: StreamEnd | None = None
-        async for event in self.stream(req):
+        async for event in self.stream(req, unary=True):
             if isinstance(event, StreamStart):
                 start = event
             elif isinstance(event, Delta):

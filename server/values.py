@@ -94,9 +94,13 @@ class EngineRequest:
     mix: MixMember | None = None
     steer: Steer | None = None
     priority: int = 0  # vLLM's: lower is scheduled first (background: BACKGROUND_PRIORITY)
+    # Deliver output every this many tokens (the first token at once, the last with the end):
+    # None = every step. Unary requests need no per-token wake-ups.
+    stream_interval: int | None = None
 
 
 BACKGROUND_PRIORITY = 1  # interactive requests have vLLM's default, 0
+UNARY_STREAM_INTERVAL = 16  # tokens per output of a unary request (see EngineRequest)
 
 
 @dataclass(frozen=True)
