@@ -9,8 +9,9 @@ DPO beta 0.1, lr 5e-4, batch 8), 48 new tokens, temperature 1.0, repetition pena
 One trained pair per prompt: TRL samples 2 continuations; Tiller samples 4 (the config's
 ``sample.n``: vLLM samples them at little extra cost) and pairs the best with the worst.
 
-1. Serving baseline: a plain ``tiller serve`` on the same model, 4 concurrent Generate calls
-   (32 tokens, ``log=False``) for ``--baseline-s``: completed tokens/s.
+1. Serving baseline: a plain ``tiller serve`` on the same model, 4 closed-loop users
+   (``user_load.UserLoad``: 32 tokens with ``ignore_eos``, ``log=False``) for ``--baseline-s``:
+   completed tokens/s and request latencies.
 2. Tiller: ``tiller align --config deploy/align/oaif-critic.toml`` (server + annotator +
    learner); the budget starts when its server is up (``server.port``), the same client load runs
    throughout, and SIGINT at the end of the budget stops the loop (the iteration in flight may
@@ -53,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 import sqlite_utils
-from closed_loop import ClosedLoop
+from user_load import TRAINED, UserLoad, pairs_lines, user_lines
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "deploy" / "align" / "oaif-critic.toml"
@@ -80,8 +81,9 @@ ITERATION_KEYS = ("iteration", "status", "examples", "steps", "samples_per_s",
 # --------------------------------------------------------------------------- serving load
 
 
-class Load(ClosedLoop):
-    """``LOAD_CONCURRENCY`` closed-loop Generate streams (``log=False``) on the held-out prompts."""
+class Load(UserLoad):
+    """``LOAD_CONCURRENCY`` closed-loop Generate streams (``log=False``) on the held-out prompts,
+    ``LOAD_TOKENS`` tokens each (``ignore_eos``: every request generates that many)."""
 
     def __init__(self, target: str) -> None:
         super().__init__(
@@ -90,19 +92,9 @@ class Load(ClosedLoop):
             LOAD_CONCURRENCY,
             max_tokens=LOAD_TOKENS,
             temperature=1.0,
+            ignore_eos=True,
             log=False,
         )
-
-    def tok_per_s(self, t0: float, t1: float) -> dict[str, float]:
-        inside = [n for t, n in self.done if t0 <= t <= t1]
-        span = max(t1 - t0, 1e-9)
-        return {
-            "tok_per_s": sum(inside) / span,
-            "requests": len(inside),
-            "tokens": sum(inside),
-            "window_s": span,
-            "errors": len(self.failures),
-        }
 
 
 def lines(path: Path) -> list[str]:
@@ -159,7 +151,8 @@ def loaded_server(model: Path, work: Path) -> Iterator[Load]:
     try:
         target = wait_port(port_file, proc, log, 600)
         wait_serving(target, 120)
-        load = Load(target).start()
+        load = Load(target)
+        load.start()
         try:
             yield load
         finally:
@@ -173,7 +166,7 @@ def serving_baseline(model: Path, work: Path, seconds: float) -> dict[str, Any]:
     with loaded_server(model, work) as load:
         t0 = time.time()
         time.sleep(seconds)
-        return load.tok_per_s(t0, time.time())
+        return load.window(t0, time.time())
 
 
 # --------------------------------------------------------------------------- the two sides
@@ -212,7 +205,7 @@ def run_trl_loaded(model: Path, budget_s: float, work: Path) -> dict[str, Any]:
     with loaded_server(model, work / "server") as load:
         out = run_trl(model, budget_s, work)
         began, ended = out["train_window"]
-        out["serving"] = load.tok_per_s(began, ended)
+        out["serving"] = load.window(began, ended)
     return out
 
 
@@ -250,13 +243,14 @@ def run_tiller(model: Path, budget_s: float, work: Path) -> dict[str, Any]:
     try:
         target = wait_port(run_dir / "server.port", proc, log, 900)
         ready = time.time()
-        load = Load(target).start()
+        load = Load(target)
+        load.start()
         while time.time() < ready + budget_s and proc.poll() is None:
             time.sleep(1.0)
         end = time.time()
         os.kill(proc.pid, signal.SIGINT)  # the align process only: it stops its children
         load.stop()
-        serving = load.tok_per_s(ready, end)
+        serving = load.window(ready, end)
         proc.wait(timeout=1800)
     finally:
         stop(proc)
@@ -277,7 +271,7 @@ def tiller_figures(run_dir: Path, ready: float, end: float, budget_s: float) -> 
 
     db = sqlite_utils.Database(run_dir / "log.sqlite")
     rows = sorted(iterations(db), key=lambda r: r["iteration"])
-    trained = [r for r in rows if r["status"] in ("promoted", "rejected", "published")]
+    trained = [r for r in rows if r["status"] in TRAINED]
     pairs = sum(int(r["examples"]) * epochs for r in trained)
     last_end = max((float(r["finished_at"]) for r in rows), default=end)
     wall = max(end, last_end) - ready
@@ -370,6 +364,19 @@ def ratio(a: float, b: float) -> float:
     return a / b if b else float("nan")
 
 
+def tiller_pairs(t: dict[str, Any]) -> dict[str, Any]:
+    """Tiller's figures as ``user_load.pairs_lines`` takes them (over the budget's wall time)."""
+    done = sum(i["status"] in TRAINED for i in t["iterations"])
+    return {"pairs": t["trained_pairs"], "pairs_per_s": t["samples_per_s"],
+            "iterations": done, "window_s": t["wall_s"]}  # fmt: skip
+
+
+def trl_pairs(r: dict[str, Any]) -> dict[str, Any]:
+    """A TRL run's figures as ``user_load.pairs_lines`` takes them (steps for iterations)."""
+    return {"pairs": r["samples"], "pairs_per_s": r["samples_per_s"],
+            "iterations": r["steps"], "window_s": r["wall_s"]}  # fmt: skip
+
+
 def summarize(res: dict[str, Any]) -> list[str]:
     ev, out = res["eval"], []
     base = ev["base"]["mean_reward"]
@@ -409,13 +416,18 @@ def summarize(res: dict[str, Any]) -> list[str]:
             f"{t['finished_samples_per_s']:.3f} pairs/s over {t['finished_span_s']:.0f} s to its "
             f"last finished iteration; TRL {r['samples_per_s']:.3f} to its last step end)"
         )
-    if t and res.get("baseline"):
-        kept, b = t["serving"]["tok_per_s"], res["baseline"]["tok_per_s"]
-        out.append(
-            f"Tiller serving kept during training: {ratio(kept, b):.2f} of baseline "
-            f"({kept:.1f} vs {b:.1f} tok/s, {LOAD_CONCURRENCY} concurrent, {LOAD_TOKENS} tokens)"
-        )
+    # The serving and pairs/s lines as bench/serving_during_learning.py prints them.
+    load = f"{LOAD_CONCURRENCY} users, {LOAD_TOKENS} tokens each"
     tl, le = res.get("trl_loaded"), ev.get("trl_loaded")
+    if t and res.get("baseline"):
+        out += user_lines(res["baseline"], t["serving"], load)
+    if tl and res.get("baseline"):
+        out += user_lines(res["baseline"], tl["serving"], load, beside="TRL")
+    if t:
+        out += pairs_lines(tiller_pairs(t), None, load)
+    if tl:
+        alone = trl_pairs(r) if r else None
+        out += pairs_lines(trl_pairs(tl), alone, load, learner="TRL", rounds="steps")
     if t and tl and te and le:
         lm = le["mean_reward"]
         out.append(
@@ -426,13 +438,6 @@ def summarize(res: dict[str, Any]) -> list[str]:
             f"{ratio(t.get('finished_samples_per_s', 0.0), tl['samples_per_s']):.2f} (finished "
             f"iterations; TRL {tl['samples_per_s']:.3f} pairs/s in {tl['steps']} steps)"
         )
-        if res.get("baseline"):
-            b = res["baseline"]["tok_per_s"]
-            out.append(
-                f"serving kept: Tiller {ratio(t['serving']['tok_per_s'], b):.2f}, beside TRL "
-                f"{ratio(tl['serving']['tok_per_s'], b):.2f} of baseline "
-                f"({t['serving']['tok_per_s']:.1f} vs {tl['serving']['tok_per_s']:.1f} tok/s)"
-            )
     d2 = ", ".join(f"{k} {v['distinct2']:.3f}" for k, v in ev.items())
     out.append(f"held-out distinct-2: {d2}")
     return out

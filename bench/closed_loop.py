@@ -7,14 +7,15 @@ import asyncio
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Self
 
 
 class ClosedLoop:
     """``streams`` closed-loop Generate calls against ``target`` (prompt ``i`` with seed ``i``,
-    plus ``generate_kw``) until ``stop()``. ``done`` holds (finish time, completion tokens) per
-    finished call, ``failures`` the error of each failed one (after which a stream waits 1 s:
-    a server going away at the end is counted, not fatal)."""
+    plus ``generate_kw``) until ``stop()``. ``done`` holds (finish time, completion tokens) and
+    ``requests`` (start, finish, completion tokens) per finished call, wall clock; ``failures``
+    the error of each failed one (after which a stream waits 1 s: a server going away at the
+    end is counted, not fatal)."""
 
     def __init__(
         self, target: str, prompts: Sequence[str], streams: int, **generate_kw: Any
@@ -24,11 +25,12 @@ class ClosedLoop:
         self.streams = streams
         self.generate_kw = generate_kw
         self.done: list[tuple[float, int]] = []
+        self.requests: list[tuple[float, float, int]] = []
         self.failures: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
 
-    def start(self) -> ClosedLoop:
+    def start(self) -> Self:
         self._thread.start()
         return self
 
@@ -45,9 +47,12 @@ class ClosedLoop:
                 i = k
                 while not self._stop.is_set():
                     prompt = self.prompts[i % len(self.prompts)]
+                    began = time.time()
                     try:
                         g = await client.generate(prompt, seed=i, **self.generate_kw)
-                        self.done.append((time.time(), g.completion_tokens))
+                        ended = time.time()
+                        self.done.append((ended, g.completion_tokens))
+                        self.requests.append((began, ended, g.completion_tokens))
                     except Exception as e:
                         self.failures.append(f"{type(e).__name__}: {e}")
                         await asyncio.sleep(1.0)
