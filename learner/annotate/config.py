@@ -38,7 +38,8 @@ from .judge import JudgeConfig
 @dataclass(frozen=True)
 class AnnotatorConfig:
     db: Path | None  # the generation log the server writes (None: shards)
-    providers: tuple[Any, ...]  # JudgeConfig | QuantileConfig | RatingConfig | ScoreConfig
+    # JudgeConfig | QuantileConfig | RatingConfig | ScoreConfig | scorer_feedback's configs
+    providers: tuple[Any, ...]
     batch_size: int = 32  # generations per provider call
     poll_interval_s: float = 1.0  # how often the log is checked for new generations
     retry_delay_s: float = 5.0  # wait before a failed batch is tried again
@@ -55,13 +56,26 @@ def build_section(cls: type, data: Mapping[str, Any], where: str) -> Any:
     return replace(built, template_path=path.expanduser()) if path is not None else built
 
 
-PROVIDER_TYPES = ("llm_judge", "quantile", "rating", "score")
+PROVIDER_TYPES = (
+    "llm_judge", "quantile", "rating", "score",
+    "scorer_critique", "scorer_refinement", "scorer_pairwise",
+)  # fmt: skip
 
 
 def _provider(raw: Any, where: str, env: Mapping[str, str]) -> Any:
     from .quantile import QuantileConfig, ScoreConfig
     from .ratings import RatingConfig
+    from .scorer_feedback import (
+        ScorerCritiqueConfig,
+        ScorerPairwiseConfig,
+        ScorerRefinementConfig,
+    )
 
+    offline = {
+        "scorer_critique": ScorerCritiqueConfig,
+        "scorer_refinement": ScorerRefinementConfig,
+        "scorer_pairwise": ScorerPairwiseConfig,
+    }
     p = sections.table(raw, where)
     kind = p.pop("type", None)
     where = f"{where} ({p.get('name', '?')})"
@@ -70,11 +84,16 @@ def _provider(raw: Any, where: str, env: Mapping[str, str]) -> Any:
         if key_env:
             p["api_key"] = env.get(key_env, "unused")
         return build_section(JudgeConfig, p, where)
-    if kind in ("quantile", "score"):
+    if kind in ("quantile", "score", *offline):
         if "name" not in p:
             raise ConfigError(f"{where}: required key missing: name (string)")
         p["provider_name"] = p.pop("name")
-        return build_section(QuantileConfig if kind == "quantile" else ScoreConfig, p, where)
+        if kind == "scorer_refinement":  # talks to the server: may need a token, as a judge
+            key_env = sections.check_value(str, p.pop("api_key_env", ""), f"{where} api_key_env")
+            if key_env:
+                p["api_key"] = env.get(key_env, "unused")
+        cls = {"quantile": QuantileConfig, "score": ScoreConfig, **offline}[kind]
+        return build_section(cls, p, where)
     if kind == "rating":
         return RatingConfig.parse(p, where)
     raise ConfigError(f"{where}: type {kind!r} is not one of {', '.join(PROVIDER_TYPES)}")
@@ -114,10 +133,24 @@ def build_providers(config: AnnotatorConfig) -> list[Any]:
     from .judge import LLMJudge
     from .quantile import QuantileConfig, QuantileTagProvider, ScoreProvider
     from .ratings import RatingConfig, RatingProvider
+    from .scorer_feedback import (
+        ScorerCritique,
+        ScorerCritiqueConfig,
+        ScorerPairwise,
+        ScorerPairwiseConfig,
+        ScorerRefinement,
+        ScorerRefinementConfig,
+    )
 
     out: list[Any] = []
     for p in config.providers:
-        if isinstance(p, JudgeConfig):
+        if isinstance(p, ScorerCritiqueConfig):
+            out.append(ScorerCritique(p))
+        elif isinstance(p, ScorerRefinementConfig):
+            out.append(ScorerRefinement(p))
+        elif isinstance(p, ScorerPairwiseConfig):
+            out.append(ScorerPairwise(p))
+        elif isinstance(p, JudgeConfig):
             out.append(LLMJudge(p))
         elif isinstance(p, QuantileConfig):
             out.append(QuantileTagProvider(p))

@@ -165,6 +165,11 @@ def components() -> list[tuple[str, str, list[Section]]]:
     from tiller.learner.annotate.judge import JudgeConfig
     from tiller.learner.annotate.quantile import QuantileConfig, ScoreConfig
     from tiller.learner.annotate.ratings import RatedAttribute, RatingConfig
+    from tiller.learner.annotate.scorer_feedback import (
+        ScorerCritiqueConfig,
+        ScorerPairwiseConfig,
+        ScorerRefinementConfig,
+    )
     from tiller.learner.heads_trainer import HeadsTrainConfig
     from tiller.learner.learn.config import DataConfig, LearnConfig, SampleConfig, TriggerConfig
     from tiller.learner.learn.gate import GateConfig
@@ -216,6 +221,9 @@ def components() -> list[tuple[str, str, list[Section]]]:
         Section('[[providers]] type = "score"', ScoreConfig, rename=name),
         Section('[[providers]] type = "rating"', RatingConfig, rename=name),
         Section('[[providers.attributes]] (type = "rating")', RatedAttribute),
+        Section('[[providers]] type = "scorer_critique"', ScorerCritiqueConfig, rename=name),
+        Section('[[providers]] type = "scorer_refinement"', ScorerRefinementConfig, rename=name),
+        Section('[[providers]] type = "scorer_pairwise"', ScorerPairwiseConfig, rename=name),
     ]
     align_tables = ("annotator", "learner", "server_args", "judge", "eval", "base")
     align = [
