@@ -9,6 +9,7 @@ reported. tok/s = completion tokens reported by the system / wall time of the me
 
     python bench/serve_throughput.py                        # SmolLM2-135M, 128 requests, 32 streams
     python bench/serve_throughput.py --model tiny --requests 64 --rounds 3
+    python bench/serve_throughput.py --unary    # whole results: no system streams tokens
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ class Settings:
     gpu_memory_utilization: float
     max_num_seqs: int
     tiller_log: bool
+    unary: bool = False  # whole results (no streaming) in every system
 
     def sampling(self, i: int, max_tokens: int | None = None) -> dict[str, Any]:
         """Identical keyword names in Tiller's client, the OpenAI body and ``SamplingParams``."""
@@ -181,6 +183,8 @@ async def tiller_load(target: str, s: Settings, progress: Callable[[], object]) 
     async with AsyncClient(target, timeout=600) as client:
 
         async def send(prompt: str, sampling: dict[str, Any]) -> int:
+            if s.unary:
+                return (await client.generate(prompt, **sampling)).completion_tokens
             counted = reported = 0
             async for chunk in client.stream(prompt, **sampling):
                 counted += len(chunk.token_ids)
@@ -201,17 +205,14 @@ async def openai_load(
     ) as http:
 
         async def send(prompt: str, sampling: dict[str, Any]) -> int:
-            body = {
-                "model": model,
-                "prompt": prompt,
-                "stream": True,
-                "stream_options": {"include_usage": True},
-                **sampling,
-            }
+            stream = {"stream": True, "stream_options": {"include_usage": True}}
+            body = {"model": model, "prompt": prompt, **({} if s.unary else stream), **sampling}
             reported = chunks = 0
             async with http.post(f"{base}/v1/completions", json=body) as resp:
                 if resp.status != 200:
                     raise RuntimeError(f"{base}: HTTP {resp.status}: {await resp.text()}")
+                if s.unary:
+                    return int((await resp.json())["usage"]["completion_tokens"])
                 async for line in resp.content:
                     if not line.startswith(b"data: {"):
                         continue  # blank separators and "data: [DONE]"
@@ -238,7 +239,8 @@ async def asyncllm_load(s: Settings, progress: Callable[[], object]) -> Result:
     try:
 
         async def send(prompt: str, sampling: dict[str, Any]) -> int:
-            params = SamplingParams(**sampling, output_kind=RequestOutputKind.DELTA)
+            kind = RequestOutputKind.FINAL_ONLY if s.unary else RequestOutputKind.DELTA
+            params = SamplingParams(**sampling, output_kind=kind)
             tokens = 0
             async for out in llm.generate(prompt, params, uuid.uuid4().hex):
                 tokens += sum(len(c.token_ids) for c in out.outputs)
@@ -461,6 +463,7 @@ def main() -> None:
         default=True,
         help="Tiller's generation log (its default: on)",
     )
+    ap.add_argument("--unary", action="store_true", help="whole results, no streaming")
     ap.add_argument("--out", type=Path, default=Path("bench/out/serve_throughput.json"))
     ap.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)  # SETTINGS_JSON OUT PROGRESS
     a = ap.parse_args()

@@ -6,6 +6,8 @@
 - ``heldout_vs_time``: the gate's held-out value of each candidate and of the served version
   against wall time since the run started (higher is better: the gate's sign convention).
 - ``eval_bars``: the final evaluation, mean ± 95% CI per condition.
+- ``feedback_to_served``: per served version, the median and max seconds from a label of its
+  data window landing in the log to the server serving it, against wall time.
 """
 
 from __future__ import annotations
@@ -107,6 +109,33 @@ def heldout_vs_time(db: sqlite_utils.Database, adapter: str, started: float, out
     ax.set_xlabel("minutes since start")
     ax.set_ylabel("held-out value (gate; higher is better)")
     ax.set_title(f"{adapter}: held-out reward vs wall time")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def feedback_to_served(db: sqlite_utils.Database, adapter: str, started: float, out: Path) -> Path:
+    plt = _plt()
+    rows = [
+        r
+        for r in iterations(db, adapter)
+        if r.get("feedback_to_served_median_s") is not None  # .get: older tables lack it
+    ]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    t = [(r["served_at"] - started) / 60 for r in rows]
+    med = [r["feedback_to_served_median_s"] for r in rows]
+    top = [r["feedback_to_served_max_s"] for r in rows]
+    ax.vlines(t, med, top, color="tab:blue", alpha=0.4)
+    ax.plot(t, med, "o-", color="tab:blue", label="median")
+    ax.plot(t, top, "v", color="tab:red", label="max")
+    for ti, m, r in zip(t, med, rows, strict=True):
+        ax.annotate(f"v{r['version']}", (ti, m), textcoords="offset points", xytext=(4, -10))
+    ax.set_xlabel("minutes since start (when served)")
+    ax.set_ylabel("seconds from label to served")
+    ax.set_title(f"{adapter}: feedback-to-served time per served version")
+    ax.set_ylim(bottom=0)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)

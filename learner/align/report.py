@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,10 @@ ITERATION_FIELDS = (
     "reason",
     "started_at",
     "finished_at",
+    "sampled_version",
+    "served_at",
+    "feedback_to_served_median_s",
+    "feedback_to_served_max_s",
 )
 
 
@@ -64,7 +69,8 @@ def write_report(
         "wall_s": time.time() - started,
         "adapter": cfg.adapter,
         "promoted_version": active,
-        "iterations": [{k: r[k] for k in ITERATION_FIELDS} for r in rows],
+        # .get: a table an older Tiller wrote lacks the newer columns
+        "iterations": [{k: r.get(k) for k in ITERATION_FIELDS} for r in rows],
         "samples_logged": count_generations(db),
         "plots": [],
     }
@@ -93,8 +99,31 @@ def write_report(
     if rows:
         out = paths.plots / "heldout_vs_time.png"
         drawn.append(str(plots.heldout_vs_time(db, cfg.adapter, started, out)))
+    served = [r for r in rows if r.get("feedback_to_served_median_s") is not None]
+    if served:
+        report["feedback_to_served"] = feedback_summary(served)
+        out = paths.plots / "feedback_to_served.png"
+        drawn.append(str(plots.feedback_to_served(db, cfg.adapter, started, out)))
     (paths.root / "report.json").write_text(json.dumps(report, indent=2, default=str))
     return report
+
+
+def feedback_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The served versions' feedback-to-served times: per version (median, max seconds) and
+    the run's median of medians and its max."""
+    per = {
+        int(r["version"]): {
+            "median_s": r["feedback_to_served_median_s"],
+            "max_s": r["feedback_to_served_max_s"],
+        }
+        for r in rows
+    }
+    medians = sorted(v["median_s"] for v in per.values())
+    return {
+        "versions": per,
+        "median_s": statistics.median(medians),
+        "max_s": max(v["max_s"] for v in per.values()),
+    }
 
 
 def _evaluate(
@@ -169,7 +198,8 @@ def sweep(
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
-    """The report's comparisons, its conditions and its judges' consistency, one line each."""
+    """The report's comparisons, its feedback-to-served time, its conditions and its judges'
+    consistency, one line each."""
     ev = report.get("eval") or {}
     lines = [
         f"  {k}: gain {v['gain']:+.4f} ± {v['ci95']:.4f} "
@@ -177,6 +207,12 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         for k, v in ev.items()
         if k != "conditions"
     ]
+    fts = report.get("feedback_to_served")
+    if fts:
+        lines.append(
+            f"  feedback to served: {fts['median_s']:.1f}s median, {fts['max_s']:.1f}s max "
+            f"over {len(fts['versions'])} served versions"
+        )
     for s in ev.get("conditions", []):
         ppl = "-" if s["perplexity"] is None else f"{s['perplexity']:.1f}"
         lines.append(

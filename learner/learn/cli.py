@@ -85,14 +85,27 @@ def learn(
 )
 @click.option("--adapter", default=None, help="Only this adapter.")
 def history(db_path: Path, adapter: str | None) -> None:
-    """The learner's iterations: status, data, loss, gate numbers."""
+    """The learner's iterations: status, data, loss, gate numbers, the version sampled and the
+    feedback-to-served time (median / max seconds from a label landing in the log to the version
+    trained on it being served)."""
     from rich.console import Console
     from rich.table import Table
 
     from tiller.server.formats.logstore import iterations, open_readonly
 
     rows = iterations(open_readonly(db_path), adapter)
-    table = Table("adapter", "iter", "status", "version", "examples", "loss", "gate", "reason")
+    table = Table(
+        "adapter",
+        "iter",
+        "status",
+        "version",
+        "sampled",
+        "examples",
+        "loss",
+        "gate",
+        "fb→served s",
+        "reason",
+    )
     for r in rows:
         gate = (
             ""
@@ -104,16 +117,31 @@ def history(db_path: Path, adapter: str | None) -> None:
             str(r["iteration"]),
             r["status"],
             f"v{r['version']}" if r["version"] is not None else "",
+            _sampled(r.get("sampled_version")),  # .get: a table an older Tiller wrote
             str(r["examples"]),
             _num(r["final_loss"]),
             gate,
+            _served(r.get("feedback_to_served_median_s"), r.get("feedback_to_served_max_s")),
             (r["reason"] or "")[:60],
         )
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # piped or captured: whole rows, not the 80 columns rich assumes
+        console = Console(width=max(console.width, 160))
+    console.print(table)
 
 
 def _num(v: float | None) -> str:
     return "" if v is None else f"{v:.3f}"
+
+
+def _sampled(version: int | None) -> str:
+    """The version an iteration's active sampling used (0 is the base model)."""
+    return "" if version is None else "base" if version == 0 else f"v{version}"
+
+
+def _served(median: float | None, longest: float | None) -> str:
+    """Feedback-to-served seconds, median / max."""
+    return "" if median is None or longest is None else f"{median:.1f} / {longest:.1f}"
 
 
 @learn.command()

@@ -62,6 +62,11 @@ from ..trainer import OBJECTIVES, TrainConfig
 from .gate import GateConfig
 
 PairSource = Literal["judge", "score", "feedback"]
+# kind 'cdf': the policy continues its own prompt again after reading the critique.
+CDF_REWRITE_TEMPLATE = (
+    "{prompt}{answer}\n\nFeedback on the text above: {critique}\n"
+    "The same text, rewritten to follow the feedback:\n{prompt}"
+)
 
 
 @dataclass(frozen=True)
@@ -123,10 +128,14 @@ class DataConfig:
     over a replay window of the ``replay_versions`` latest adapter versions. ``kind='pairs'``:
     preference pairs from ``source``; ``on_policy`` keeps only pairs sampled from the version
     being served (the base model before the first promotion), as in online DPO.
+    ``kind='cdf'`` (``docs/cdf.md``): prompts split into perplexity terciles; easy ones pair the
+    policy's rewrite after ``critique_provider``'s critique with the original, medium ones
+    ``refinement_provider``'s refinement with it, hard ones take ``preference_provider``'s
+    verdicts; trained like ``'pairs'``. ``provider`` (one of the three) triggers iterations.
     """
 
-    kind: Literal["alt", "pairs", "cmpo"] = "pairs"
-    provider: str = ""  # the annotation provider the data comes from
+    kind: Literal["alt", "pairs", "cmpo", "cdf"] = "pairs"
+    provider: str = ""  # the annotation provider the data comes from (kind 'cdf': the trigger's)
     source: PairSource = "score"  # kind 'pairs': pairs from judge verdicts, scores or feedback
     higher_is_better: bool = True  # source 'score': the better completion has the higher score
     min_margin: float = 0.0  # source 'score': pairs closer than this are dropped
@@ -143,10 +152,20 @@ class DataConfig:
     max_examples: int | None = None  # the newest N examples (None: all)
     attributes: tuple[str, ...] = ()  # kind 'cmpo': the steering attributes (head order)
     max_subset_size: int | None = None  # kind 'cmpo': the largest attribute subset paired
+    critique_provider: str = ""  # kind 'cdf': critiques of easy prompts' answers
+    refinement_provider: str = ""  # kind 'cdf': refined answers of medium prompts
+    preference_provider: str = ""  # kind 'cdf': pairwise verdicts on hard prompts
+    # kind 'cdf': the policy's rewrite request for a text prompt ({prompt}, {answer}, {critique});
+    # a chat gets its answer and a user turn with the critique instead
+    rewrite_template: str = CDF_REWRITE_TEMPLATE
+    rewrite_max_tokens: int = 64  # kind 'cdf': the rewrite's sampling
+    rewrite_temperature: float = 0.7
+    rewrite_repetition_penalty: float | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in ("alt", "pairs", "cmpo"):
-            raise ValueError(f"data.kind {self.kind!r} is not one of: alt, cmpo, pairs")
+        if self.kind not in ("alt", "pairs", "cmpo", "cdf"):
+            raise ValueError(f"data.kind {self.kind!r} is not one of: alt, cdf, cmpo, pairs")
+        self._check_cdf()
         if self.kind == "cmpo" and not self.attributes:
             raise ValueError("data.kind 'cmpo' needs data.attributes (the steering attributes)")
         if self.attributes and self.kind != "cmpo":
@@ -160,6 +179,34 @@ class DataConfig:
             raise ValueError(f"data.judge_tie_margin must be in [0, 0.5), got {m}")
         if (self.kind == "alt" or self.source != "feedback") and not self.provider:
             raise ValueError("data.provider (the annotation provider) is required")
+
+    def _check_cdf(self) -> None:
+        names = {
+            "critique_provider": self.critique_provider,
+            "refinement_provider": self.refinement_provider,
+            "preference_provider": self.preference_provider,
+        }
+        if self.kind != "cdf":
+            for key, value in names.items():
+                if value:
+                    raise ValueError(f"data.{key} applies to data.kind 'cdf' only")
+            return
+        for key, value in names.items():
+            if not value:
+                raise ValueError(f"data.kind 'cdf' needs data.{key} (an annotation provider)")
+        if self.provider not in names.values():
+            raise ValueError(
+                f"data.provider {self.provider!r} (whose labels trigger an iteration) must be "
+                f"one of the cdf providers: {', '.join(sorted(set(names.values())))}"
+            )
+        if self.source != "score":  # the default: kind 'cdf' reads no pair source
+            raise ValueError("data.source applies to data.kind 'pairs' only, not 'cdf'")
+        if "{critique}" not in self.rewrite_template:
+            raise ValueError("data.rewrite_template must contain {critique}")
+        if self.rewrite_max_tokens < 1 or self.rewrite_temperature < 0:
+            raise ValueError(
+                "data.rewrite_max_tokens must be >= 1 and data.rewrite_temperature >= 0"
+            )
 
 
 @dataclass(frozen=True)
@@ -183,6 +230,9 @@ class LearnConfig:
     heads: HeadsTrainConfig | None = None  # data.kind 'cmpo': the plural heads' training
     continue_training: bool = True  # train each version from the served one (else the base)
     max_iterations: int | None = None  # stop after this many (None: run until stopped)
+    # Active mode: sample the next iteration as soon as this one's data is frozen, beside its
+    # training and gate (from the version served then: one version behind, see loop.py).
+    pipeline: bool = False
     # Log shards to read, one per server replica: paths or globs, resolved at every poll (see
     # learner/shards.py). Empty: the log is db itself.
     shards: tuple[str, ...] = ()
@@ -193,8 +243,11 @@ class LearnConfig:
         wants = "alt" if self.data.kind == "alt" else None
         if wants == "alt" and self.train.objective not in ("alt", "sft"):
             raise ValueError("data.kind 'alt' trains with train.objective 'alt' or 'sft'")
-        if self.data.kind == "pairs" and self.train.objective in ("alt", "sft"):
-            raise ValueError(f"data.kind 'pairs' cannot train objective {self.train.objective!r}")
+        if self.data.kind in ("pairs", "cdf") and self.train.objective in ("alt", "sft"):
+            k = self.data.kind
+            raise ValueError(f"data.kind {k!r} cannot train objective {self.train.objective!r}")
+        if self.data.kind == "cdf" and not self.server:
+            raise ValueError("data.kind 'cdf' needs server: the policy rewrites answers through it")
         if (self.data.kind == "cmpo") != (self.heads is not None):
             raise ValueError("[heads] goes with data.kind 'cmpo' (and only with it)")
         if self.heads is not None and self.heads.attributes != self.data.attributes:

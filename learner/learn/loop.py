@@ -28,6 +28,19 @@ with the tags, so a trained version must beat what the tag words alone already d
 The annotation cursor is the ``annotation_seq`` of the last recorded iteration (per shard with
 several log shards, ``learner.shards``), so a restart continues after the last finished
 iteration. One learner per adapter at a time.
+
+Pipelining (``pipeline = true``, active mode): once iteration k's data is frozen, iteration
+k+1's sampling starts in the background, so its sampling and labelling overlap k's training,
+gate and publish; k+1's trigger then waits only for the labels still missing. Those samples come
+from the version served while k trains (k-1's: an on-policy lag of one, as in asynchronous RL),
+so k+1's on-policy filter keeps the generations of the version it sampled, not of the one served
+when it builds (which it still continues training from and is gated against), and drops the pairs
+k trained on when k's version is the one served. The cursors do not change: k+1 consumes the
+labels after k's frozen cursor. Sampling run ahead is not persisted: a restarted learner samples
+again (the earlier samples stay in the log). Every record keeps its sampling's version and times
+(``sampled_version``, ``details.sampling``; the sampling of a frozen iteration is kept in its
+work directory beside the data), and a promoted version's feedback-to-served time: from each
+label of its window landing in the log to the server serving the version (median and max).
 """
 
 from __future__ import annotations
@@ -40,6 +53,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import sqlite_utils
@@ -47,6 +61,7 @@ import sqlite_utils
 from tiller.client import AsyncClient
 from tiller.server.formats.logstore import IterationRecord, last_iteration, record_iteration
 
+from ..data.examples import PreferencePair
 from ..fluency import Scorer, load_scoring_model
 from ..shards import Cursor, LogShards, cursor_of, total
 from ..trainer import TrainResult
@@ -55,11 +70,17 @@ from .config import LearnConfig
 from .dataset import IterationData
 from .gate import Verdict
 from .gate_runs import GateResult, GateRuns
-from .publish import DataWindow, Published, publish_bootstrap, publish_iteration
-from .sampling import generate_each, sample_jobs
+from .publish import (
+    DataWindow,
+    Published,
+    feedback_to_served,
+    publish_bootstrap,
+    publish_iteration,
+)
+from .sampling import SamplingRun, generate_each, sample_jobs
 from .served import Served, served
 from .train import candidate_dir, in_daemon_thread, metrics, train_iteration, workdir
-from .trigger import Sampled, generation_seqs, wait_for_trigger
+from .trigger import Sampled, generation_seqs, wait_for_trigger, window_label_times
 
 log = logging.getLogger("tiller.learn")
 
@@ -91,6 +112,8 @@ class Learner:
         self._client: AsyncClient | None = None
         self._admin: AsyncClient | None = None
         self._fluency: Scorer | None = None
+        # The next iteration's sampling run ahead (pipeline): its number, what it sampled from
+        self._ahead: tuple[int, asyncio.Future[tuple[Served, SamplingRun]]] | None = None
         self.gate_runs = GateRuns(cfg, cfg.gate, self.fluency_model) if cfg.gate else None
 
     @property
@@ -124,31 +147,58 @@ class Learner:
 
     # -------------------------------------------------------------------- one iteration
 
-    async def sample(self, iteration: int, now: Served) -> Sampled | None:
-        """Active mode's sampling; the seq range of its generations when they must be labelled
-        before the trigger fires (app feedback arrives on its own time: None)."""
+    async def sample(
+        self, iteration: int, now: Served, *, pipelined: bool = False
+    ) -> tuple[Served, SamplingRun]:
+        """Active mode's sampling from ``now``. Run ahead (``pipelined``) it starts no gate
+        runs: the current iteration's gate is still using those."""
         s = self.cfg.sample
         assert s is not None
-        if self.gate_runs is not None:
+        if self.gate_runs is not None and not pipelined:
             self.gate_runs.start_ahead(self.client, now)  # beside the sampling, same batches
-        before = generation_seqs(self.log.shards())
+        began, before = time.time(), generation_seqs(self.log.shards())
         texts = await generate_each(
             self.client, sample_jobs(s, iteration, self.cfg.adapter, now), s.concurrency
         )
         n = sum(len(t) for t in texts)
+        beside = f", beside iteration {iteration - 1}" if pipelined else ""
         self.report(
-            f"iteration {iteration}: sampled {n} generations from {now.label(self.cfg.adapter)}"
+            f"iteration {iteration}: sampled {n} generations from "
+            f"{now.label(self.cfg.adapter)}{beside}"
         )
-        if self.cfg.data.source == "feedback":
-            return None
-        return Sampled(before, generation_seqs(self.log.shards()))
+        upto = generation_seqs(self.log.shards())
+        return now, SamplingRun(now.version or 0, began, time.time(), pipelined, before, upto)
+
+    def start_ahead(self, iteration: int, stop: asyncio.Event) -> None:
+        """Pipeline: start ``iteration``'s sampling now, from the version served now."""
+        cfg = self.cfg
+        if not cfg.pipeline or cfg.sample is None or stop.is_set() or self._ahead is not None:
+            return
+        if cfg.max_iterations is not None and iteration > cfg.max_iterations:
+            return
+        run = asyncio.ensure_future(self.sample(iteration, served(cfg), pipelined=True))
+        self._ahead = (iteration, run)
+
+    async def _sampling(self, iteration: int, now: Served) -> tuple[Served, SamplingRun] | None:
+        """``iteration``'s sampling: the one run ahead for it, else sampled now (active mode)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            if ahead[0] == iteration:
+                return await ahead[1]
+            await _cancel(ahead[1])
+        return await self.sample(iteration, now) if self.cfg.sample is not None else None
 
     async def collect(
         self, iteration: int, cursor: Cursor, started: float, stop: asyncio.Event
-    ) -> IterationData:
-        """Sample, wait for the trigger and build the data (not yet frozen)."""
+    ) -> tuple[IterationData, SamplingRun | None]:
+        """Sample (or take the sampling run ahead), wait for the trigger and build the data (not
+        yet frozen); the on-policy version is the sampled one."""
         now = served(self.cfg)
-        sampled = await self.sample(iteration, now) if self.cfg.sample is not None else None
+        got = await self._sampling(iteration, now)
+        policy, run = got if got is not None else (now, None)
+        sampled = None
+        if run is not None and self.cfg.data.source != "feedback":
+            sampled = Sampled(dict(run.after), dict(run.upto))  # app feedback comes on its own
         last = last_iteration(self.db, self.cfg.adapter)
         since = float(last["finished_at"]) if last else started
         hi = await wait_for_trigger(self.log.shards, self.cfg, cursor, since, stop, sampled)
@@ -156,8 +206,37 @@ class Learner:
             raise Stopped
         skipped: Counter[str] = Counter()
         with self.log.union() as log_db:
-            examples = dataset.build(log_db, self.cfg, now, skipped)
-        return IterationData(examples, hi, dict(skipped), now)
+            examples = await dataset.build_async(
+                log_db, self.cfg, policy, skipped, client=self.client, scorer=self.fluency_model
+            )
+        if run is not None and run.pipelined:
+            examples = self._untrained(iteration, examples, now, skipped)
+        return IterationData(examples, hi, dict(skipped), now), run
+
+    def _untrained(
+        self, iteration: int, examples: dataset.Examples, now: Served, skipped: Counter[str]
+    ) -> dataset.Examples:
+        """A pipelined iteration's on-policy pairs without those the previous iteration trained
+        on when its version is the one served (both sampled one version: the first two
+        iterations); a rejected or failed one's pairs stay, as without pipelining."""
+        if not self.cfg.data.on_policy or not examples:
+            return examples
+        if not isinstance(examples[0], PreferencePair):
+            return examples  # ALT replays its window of versions by design
+        last = last_iteration(self.db, self.cfg.adapter)
+        if last is None or int(last["iteration"]) != iteration - 1:
+            return examples
+        if last["status"] != "promoted" or last["version"] != now.version:
+            return examples
+        prev = dataset.load_frozen(workdir(self.cfg, iteration - 1))
+        if prev is None:
+            return examples
+        seen = {(p.chosen_id, p.rejected_id) for p in prev.examples}  # type: ignore[union-attr]
+        pairs: list[PreferencePair] = list(examples)  # type: ignore[arg-type]
+        kept = [p for p in pairs if (p.chosen_id, p.rejected_id) not in seen]
+        if len(kept) < len(pairs):
+            skipped["trained_before"] += len(pairs) - len(kept)
+        return kept
 
     async def iteration(
         self, iteration: int, cursor: Cursor, stop: asyncio.Event
@@ -166,18 +245,41 @@ class Learner:
         started, work = time.time(), workdir(self.cfg, iteration)
         data = dataset.load_frozen(work)
         if data is None:
-            data = await self.collect(iteration, cursor, started, stop)
+            data, run = await self.collect(iteration, cursor, started, stop)
+            sampling = run.to_json() if run is not None else None
             if len(data.examples) < self.cfg.trigger.min_examples:
-                return self._skipped(iteration, started, data)
+                return self._skipped(iteration, started, data, sampling)
+            _keep_sampling(work, sampling)
             dataset.freeze(work, data)
         else:  # a restarted iteration: same data, same starting point
+            sampling = _kept_sampling(work)
             n = len(data.examples)
             self.report(f"iteration {iteration}: resuming with its {n} frozen examples")
+        self.start_ahead(iteration + 1, stop)
         result = await self.train(iteration, data)
         gated = await self.gate(iteration, result, data.served)
-        out = await self.publish(iteration, cursor, data, result, gated)
+        out = await self.publish(iteration, cursor, data, result, gated, sampling)
         verdict = gated.verdict if gated is not None else None
         rec = _record(self.cfg, iteration, started, data, result, out, verdict)
+        rec = replace(
+            rec,
+            sampled_version=None if sampling is None else sampling["version"],
+            details={**(rec.details or {}), **({"sampling": sampling} if sampling else {})},
+        )
+        if out.served_at is not None:
+            times = window_label_times(self.log.shards(), self.cfg, cursor, data.cursor)
+            median, longest = feedback_to_served(times, out.served_at)
+            rec = replace(
+                rec,
+                served_at=out.served_at,
+                feedback_to_served_median_s=median,
+                feedback_to_served_max_s=longest,
+            )
+            if median is not None:
+                self.report(
+                    f"iteration {iteration}: feedback to served {median:.1f}s median, "
+                    f"{longest:.1f}s max ({len(times)} labels)"
+                )
         if self.log.single:
             return rec
         return replace(rec, details={**(rec.details or {}), **self._cursors(data.cursor)})
@@ -209,6 +311,7 @@ class Learner:
         data: IterationData,
         result: TrainResult,
         gated: GateResult | None,
+        sampling: dict[str, Any] | None = None,
     ) -> Published:
         """Publish the trained adapter, promoted unless the gate failed; a promoted candidate's
         gate run is kept as the next gate's incumbent run."""
@@ -219,6 +322,7 @@ class Learner:
         window = DataWindow(
             iteration, (total(cursor), data.annotation_seq), len(data.examples),
             data.served.version, data.skipped, None if self.log.single else data.cursor,
+            None if sampling is None else sampling["version"],
         )  # fmt: skip
         verdict = gated.verdict if gated is not None else None
         client = self.client if cfg.server else None
@@ -232,14 +336,22 @@ class Learner:
         self.report(f"iteration {iteration}: {out.status} {cfg.adapter}@v{out.version}")
         return out
 
-    def _skipped(self, iteration: int, started: float, data: IterationData) -> IterationRecord:
+    def _skipped(
+        self,
+        iteration: int,
+        started: float,
+        data: IterationData,
+        sampling: dict[str, Any] | None,
+    ) -> IterationRecord:
         n, skipped = len(data.examples), dict(data.skipped)
         reason = f"{n} examples < min_examples {self.cfg.trigger.min_examples}"
         self.report(f"iteration {iteration}: skipped ({reason}; skipped: {skipped})")
+        extra = {"sampling": sampling} if sampling else {}
         return IterationRecord(
             adapter=self.cfg.adapter, iteration=iteration, status="skipped", started_at=started,
             finished_at=time.time(), annotation_seq=data.annotation_seq, examples=n,
-            reason=reason, details={"skipped": skipped, **self._cursors(data.cursor)},
+            reason=reason, details={"skipped": skipped, **extra, **self._cursors(data.cursor)},
+            sampled_version=None if sampling is None else sampling["version"],
         )  # fmt: skip
 
     def _cursors(self, cursor: Cursor) -> dict[str, Cursor]:
@@ -287,6 +399,9 @@ class Learner:
                 done += 1
         finally:
             await self._drop_ahead()
+            if self._ahead is not None:  # a pipelined sampling nobody will use
+                await _cancel(self._ahead[1])
+                self._ahead = None
             await self.close()
             self.log.close()
         return done
@@ -320,6 +435,33 @@ class Learner:
     async def _drop_ahead(self) -> None:
         if self.gate_runs is not None:
             await self.gate_runs.drop_ahead()
+
+
+async def _cancel(task: asyncio.Future[Any]) -> None:
+    """Cancel ``task`` and wait for it; its error, if it had one, is nobody's."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+
+
+_SAMPLING = "sampling.json"  # beside the frozen data: the iteration's sampling, for its record
+
+
+def _keep_sampling(work: Path, sampling: dict[str, Any] | None) -> None:
+    """Write the iteration's sampling before its data is frozen, so a restarted iteration
+    records it too."""
+    work.mkdir(parents=True, exist_ok=True)
+    tmp = work / (_SAMPLING + ".tmp")
+    tmp.write_text(json.dumps(sampling))
+    tmp.replace(work / _SAMPLING)
+
+
+def _kept_sampling(work: Path) -> dict[str, Any] | None:
+    path = work / _SAMPLING
+    if not path.exists():
+        return None
+    kept: dict[str, Any] | None = json.loads(path.read_text())
+    return kept
 
 
 async def _until_stopped(

@@ -1,11 +1,13 @@
 """The publish stage: an immutable version with its verdict, metrics and data window; promoted
-when the gate passed (no gate: always), then awaited until the server serves it."""
+when the gate passed (no gate: always), then awaited until the server serves it; and the
+feedback-to-served time of a served version (``feedback_to_served``)."""
 
 from __future__ import annotations
 
 import asyncio
+import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ class DataWindow:
     served_version: int | None
     skipped: Mapping[str, int]
     shard_cursors: Mapping[str, int] | None = None  # per log shard, the labels' upper seq
+    sampled_version: int | None = None  # active sampling's version (0: base); None: none
 
     def to_json(self) -> dict[str, Any]:
         out = {
@@ -43,18 +46,22 @@ class DataWindow:
         }
         if self.shard_cursors is not None:
             out["shard_cursors"] = dict(self.shard_cursors)
+        if self.sampled_version is not None:
+            out["sampled_version"] = self.sampled_version
         return out
 
 
 @dataclass(frozen=True)
 class Published:
     """The published version and what became of it (``promoted`` or ``rejected``; a version
-    published without a gate verdict is promoted); ``swap_s``: seconds until served."""
+    published without a gate verdict is promoted); ``swap_s``: seconds until served,
+    ``served_at``: when (epoch seconds; None when not promoted or no server was asked)."""
 
     version: int
     path: Path  # the version's directory in the registry
     status: Status
     swap_s: float | None = None
+    served_at: float | None = None
     reused: bool = False  # published before a crash, found again rather than published twice
 
 
@@ -131,7 +138,19 @@ async def publish_iteration(
         return Published(version, path, "rejected", reused=reused is not None)
     promote(cfg.registry, cfg.adapter, version)
     swap_s = await wait_served(client, cfg.adapter, version) if client is not None else None
-    return Published(version, path, "promoted", swap_s, reused=reused is not None)
+    served_at = time.time() if swap_s is not None else None
+    return Published(version, path, "promoted", swap_s, served_at, reused=reused is not None)
+
+
+def feedback_to_served(
+    label_times: Sequence[float], served_at: float
+) -> tuple[float | None, float | None]:
+    """Median and max seconds from each label landing in the log (``label_times``) to the
+    version trained on them being served; ``(None, None)`` without labels."""
+    waits = [served_at - t for t in label_times]
+    if not waits:
+        return None, None
+    return statistics.median(waits), max(waits)
 
 
 async def publish_bootstrap(cfg: LearnConfig, client: AsyncClient | None) -> int:

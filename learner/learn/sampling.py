@@ -1,15 +1,16 @@
 """Many generations through the server at bounded concurrency, and active mode's sampling.
 
 ``GenerationJob`` is one ``Generate`` request as a value; ``generate_each`` sends a list of
-them. The learner's active mode (``sample_jobs``) draws prompts from the pool each iteration;
-held-out generation (``tiller.learner.heldout``) builds its jobs from a sampling spec.
+them. The learner's active mode (``sample_jobs``) draws prompts from the pool each iteration
+(``SamplingRun``: what one iteration's sampling did); held-out generation
+(``tiller.learner.heldout``) builds its jobs from a sampling spec.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +54,30 @@ class GenerationJob:
             "attributes": dict(self.attributes) if self.attributes else None,
             "log": self.log,
             "priority": "background",  # the learner's work waits behind users' requests
+        }
+
+
+@dataclass(frozen=True)
+class SamplingRun:
+    """One iteration's active sampling, as its record keeps it: the version sampled (0: the base
+    model, as the log writes it), when, whether it ran ahead beside the previous iteration's
+    training and gate (``pipelined``), and per log shard the seqs ``after < seq <= upto`` of
+    the generations logged meanwhile."""
+
+    version: int
+    started_at: float
+    finished_at: float
+    pipelined: bool
+    after: Mapping[str, int]
+    upto: Mapping[str, int]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "pipelined": self.pipelined,
+            "generations": {k: [self.after.get(k, 0), v] for k, v in self.upto.items()},
         }
 
 

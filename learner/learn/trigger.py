@@ -16,6 +16,7 @@ from tiller.server.formats.logstore import (
     count_unlabelled,
     last_generation_seq,
 )
+from tiller.server.formats.logstore.runs import label_times
 
 from ..shards import Cursor
 from .config import LearnConfig
@@ -39,17 +40,35 @@ class Labels:
     upto: Cursor
 
 
+def label_provider(cfg: LearnConfig) -> str | None:
+    """Whose labels the data is built from: the annotation provider, or None for app feedback
+    rows (``source='feedback'``, their seq in the feedback table)."""
+    feedback = cfg.data.kind == "pairs" and cfg.data.source == "feedback"
+    return None if feedback else cfg.data.provider
+
+
 def new_labels(
     shards: Mapping[str, sqlite_utils.Database], cfg: LearnConfig, after: Cursor
 ) -> Labels:
     """Labels after ``after``: error-free annotations of the data's provider, or app feedback
     rows for ``source='feedback'`` (their seq in the feedback table), summed over shards."""
-    feedback = cfg.data.kind == "pairs" and cfg.data.source == "feedback"
     count, upto = 0, dict(after)
     for name, db in shards.items():
-        n, hi = count_labels_after(db, None if feedback else cfg.data.provider, after.get(name, 0))
+        n, hi = count_labels_after(db, label_provider(cfg), after.get(name, 0))
         count, upto[name] = count + n, hi
     return Labels(count, upto)
+
+
+def window_label_times(
+    shards: Mapping[str, sqlite_utils.Database], cfg: LearnConfig, after: Cursor, upto: Cursor
+) -> list[float]:
+    """When each label of an iteration's window (``after``, ``upto``] landed in the log, over
+    all shards (the labels ``new_labels`` counted for it)."""
+    return [
+        t
+        for name, db in shards.items()
+        for t in label_times(db, label_provider(cfg), after.get(name, 0), upto.get(name, 0))
+    ]
 
 
 def unlabelled(shards: Mapping[str, sqlite_utils.Database], provider: str, sampled: Sampled) -> int:

@@ -3,12 +3,15 @@
 ``learner_iterations`` is created by migration 2 (``schema``). A row is written
 once an iteration ends (``promoted``, ``rejected``, ``published``, ``skipped`` or ``failed``);
 ``annotation_seq`` is the annotation cursor the iteration consumed up to, so a restarted
-learner carries on after the last recorded iteration.
+learner carries on after the last recorded iteration. Fields added to ``IterationRecord`` later
+are optional (default None); ``record_iteration`` adds their columns, with their declared
+types, to a table an older Tiller created.
 """
 
 from __future__ import annotations
 
 import json
+import sqlite3
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
@@ -38,6 +41,12 @@ class IterationRecord:
     win_rate: float | None = None
     reason: str = ""
     details: dict[str, Any] | None = None
+    # Active sampling's version (0: the base model; None: the iteration did not sample).
+    sampled_version: int | None = None
+    served_at: float | None = None  # when the server served the promoted version
+    # Seconds from each label in the iteration's window landing in the log to served_at.
+    feedback_to_served_median_s: float | None = None
+    feedback_to_served_max_s: float | None = None
 
 
 def _column_type(hint: Any) -> type:
@@ -62,15 +71,34 @@ COLUMNS: dict[str, type] = {
 }
 
 
+def _add_missing_columns(db: sqlite_utils.Database) -> None:
+    """Give a table an older Tiller created the columns of fields added since, with their
+    declared types (``insert(alter=True)`` would make a column first written as None TEXT)."""
+    table = db.table(TABLE)
+    if not table.exists():
+        table.create(COLUMNS, pk=("adapter", "iteration"), if_not_exists=True)
+        return
+    have = table.columns_dict
+    for name, kind in COLUMNS.items():
+        if name not in have:
+            try:
+                table.add_column(name, kind)
+            except sqlite3.OperationalError:  # another process added it meanwhile
+                if name not in db.table(TABLE).columns_dict:
+                    raise
+
+
 def record_iteration(db: sqlite_utils.Database, rec: IterationRecord) -> None:
     """Insert or replace the row of ``(rec.adapter, rec.iteration)``."""
+    _add_missing_columns(db)
     row = asdict(rec)
     row["details_json"] = json.dumps(row.pop("details") or {}, allow_nan=False, default=str)
     db.table(TABLE).insert(row, pk=("adapter", "iteration"), replace=True, alter=True)
 
 
 def iterations(db: sqlite_utils.Database, adapter: str | None = None) -> list[dict[str, Any]]:
-    """Recorded iterations in order (all adapters unless ``adapter``)."""
+    """Recorded iterations in order (all adapters unless ``adapter``). A table an older Tiller
+    wrote lacks the newer columns: read those with ``row.get``."""
     if not db.table(TABLE).exists():
         return []
     where, args = ("adapter = ?", [adapter]) if adapter is not None else (None, None)
@@ -90,3 +118,21 @@ def iteration_counts(db: sqlite_utils.Database) -> dict[tuple[str, str], int]:
         f"SELECT adapter, status, COUNT(*) FROM {TABLE} GROUP BY adapter, status"
     ).fetchall()
     return {(str(a), str(s)): int(n) for a, s, n in rows}
+
+
+def label_times(
+    db: sqlite_utils.Database, provider: str | None, after: int, upto: int
+) -> list[float]:
+    """``created_at`` of the labels an iteration's window ``after < seq <= upto`` holds:
+    ``provider``'s error-free annotations, or with ``provider=None`` app feedback rows (the
+    same rows ``count_labels_after`` counts), for the feedback-to-served time."""
+    if provider is None:
+        sql = "SELECT created_at FROM feedback WHERE seq > ? AND seq <= ?"
+        args: list[Any] = [after, upto]
+    else:
+        sql = (
+            "SELECT created_at FROM annotations WHERE seq > ? AND seq <= ? AND provider = ? "
+            "AND coalesce(error, '') = ''"
+        )
+        args = [after, upto, provider]
+    return [float(t) for (t,) in db.execute(sql, args).fetchall() if t is not None]
