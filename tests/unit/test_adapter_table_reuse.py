@@ -7,8 +7,6 @@ import shutil
 from pathlib import Path
 from typing import cast
 
-import pytest
-
 from tests.conftest import make_lora_version
 from tiller.server.adapters import AdapterTable
 from tiller.server.config import AdapterSource
@@ -49,8 +47,9 @@ async def test_published_candidate_reuses_the_lora_and_is_removed_last(
     engine = RecordingEngine()
     table = AdapterTable(cast(Engine, engine), "tiny-llama", keep_versions=1)
     cands = [
-        make_lora_version(tiny_model, tmp_path / f"cand{i}", name="detox-candidate",
-                          version=i, seed=50 + i)  # fmt: skip
+        make_lora_version(
+            tiny_model, tmp_path / f"cand{i}", name="detox-candidate", version=i, seed=50 + i
+        )
         for i in (1, 2, 3)
     ]
     cand1 = await table.load(AdapterSource("detox-candidate", cands[0]), activate=True)
