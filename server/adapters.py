@@ -95,6 +95,10 @@ class AdapterTable:
         t0 = time.perf_counter()
         manifest = load_manifest(source.path)
         verified = time.perf_counter()
+        if manifest.name != name:
+            raise InvalidArgument(
+                f"{source.path} holds adapter {manifest.name!r}, not {name!r}", field="name"
+            )
         loaded = self._versions.get(name, {}).get(manifest.version)
         if loaded is None:
             heads = attach_heads(source.path, manifest.attributes, self._engine.steering_dims)
