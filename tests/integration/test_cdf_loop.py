@@ -6,8 +6,6 @@ rewrite the easy route's answers through the server, and trains DPO on all three
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 from collections import Counter
 from collections.abc import Iterator
@@ -15,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ServerProc, start_server, stop_server
+from tests.conftest import ServerProc, stop_server
+from tests.learning import run_learner, start_learn_server
 from tiller.client import AsyncClient, Client
-from tiller.learner.annotate.runner import Annotator
 from tiller.learner.annotate.scorer_feedback import (
     ScorerCritique,
     ScorerCritiqueConfig,
@@ -30,7 +28,6 @@ from tiller.learner.data.jsonl import load_pairs
 from tiller.learner.fluency import load_scoring_model
 from tiller.learner.learn import dataset
 from tiller.learner.learn.config import DataConfig, LearnConfig, SampleConfig, TriggerConfig
-from tiller.learner.learn.loop import Learner
 from tiller.learner.learn.served import Served
 from tiller.learner.learn.train import workdir
 from tiller.learner.trainer import TrainConfig
@@ -45,13 +42,7 @@ SCORER = "readability"  # continuous on the tiny model's gibberish: few ties
 def cdf_server(
     tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[ServerProc, Path, Path]]:
-    root = tmp_path_factory.mktemp("cdf")
-    db, registry = root / "log.sqlite", root / "registry"
-    registry.mkdir()
-    srv = start_server(
-        tiny_model, root / "server", "--log-db", str(db), "--registry", str(registry),
-        "--registry-poll", "0.2", "--enable-admin",
-    )  # fmt: skip
+    srv, db, registry = start_learn_server(tiny_model, tmp_path_factory.mktemp("cdf"))
     yield srv, db, registry
     stop_server(srv)
 
@@ -123,24 +114,8 @@ async def test_cdf_learner_iteration_trains_on_pairs_of_all_three_routes(
         refiner(srv, tiny_model),
         ScorerPairwise(ScorerPairwiseConfig(provider_name="pw", scorer=SCORER)),
     ]
-    annotator = Annotator(connect(db), providers, batch_size=64)
-    lines: list[str] = []
-    stop = asyncio.Event()
-
-    async def annotate() -> None:
-        while not stop.is_set():
-            await annotator.drain()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 0.1)
-
-    side = asyncio.create_task(annotate())
     before = _last(db)
-    try:
-        learner = Learner(cfg, connect(db), report=lines.append, progress=False)
-        await asyncio.wait_for(learner.run(stop), 600)
-    finally:
-        stop.set()
-        await side
+    lines = await run_learner(cfg, providers, 600)
 
     (rec,) = runs.iterations(connect(db), "critic")
     assert rec["status"] == "promoted", lines

@@ -9,7 +9,6 @@ for the gate's candidate.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import math
 from collections.abc import Iterator
@@ -20,7 +19,8 @@ from typing import Any
 import grpc
 import pytest
 
-from tests.conftest import ServerProc, start_server, stop_server
+from tests.conftest import ServerProc, stop_server
+from tests.learning import run_learner, start_learn_server
 from tiller.client import AsyncClient, Client, TillerClientError
 from tiller.learner.annotate.quantile import (
     QuantileConfig,
@@ -29,7 +29,6 @@ from tiller.learner.annotate.quantile import (
     ScoreProvider,
 )
 from tiller.learner.annotate.ratings import RatedAttribute, RatingConfig, RatingProvider
-from tiller.learner.annotate.runner import Annotator
 from tiller.learner.fluency import Scorer, load_scoring_model
 from tiller.learner.heads_trainer import HeadsTrainConfig
 from tiller.learner.heldout import HeldoutSampling
@@ -67,21 +66,8 @@ HELD_OUT = ("Describe the sea.", "Describe a forest.", "Describe a city.")
 def learn_server(
     tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[ServerProc, Path, Path]]:
-    root = tmp_path_factory.mktemp("learn")
-    db, registry = root / "log.sqlite", root / "registry"
-    registry.mkdir()
-    srv = start_server(
-        tiny_model,
-        root / "server",
-        "--log-db",
-        str(db),
-        "--registry",
-        str(registry),
-        "--registry-poll",
-        "0.2",
-        "--enable-admin",
-        "--adapter-root",  # the gate's candidates come from the learners' workdirs
-        str(tmp_path_factory.getbasetemp()),
+    srv, db, registry = start_learn_server(
+        tiny_model, tmp_path_factory.mktemp("learn"), tmp_path_factory.getbasetemp()
     )
     yield srv, db, registry
     stop_server(srv)
@@ -116,25 +102,7 @@ def _config(
 
 
 async def _run(cfg: LearnConfig, providers: list[object]) -> list[str]:
-    """Run the learner with an annotator beside it (as the sidecar would be) until done."""
-    db = connect(cfg.db)
-    annotator = Annotator(connect(cfg.db), providers, batch_size=64)  # type: ignore[arg-type]
-    lines: list[str] = []
-    stop = asyncio.Event()
-
-    async def annotate() -> None:
-        while not stop.is_set():
-            await annotator.drain()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 0.1)
-
-    side = asyncio.create_task(annotate())
-    try:
-        await asyncio.wait_for(Learner(cfg, db, report=lines.append, progress=False).run(stop), 300)
-    finally:
-        stop.set()
-        await side
-    return lines
+    return await run_learner(cfg, providers, 300)
 
 
 async def test_learn_loop_promotes_and_server_swaps(

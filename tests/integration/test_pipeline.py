@@ -9,8 +9,11 @@ annotator's score provider over the SQLite log, the trainer, the gate's admin ``
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
+import signal
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,13 +21,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from tests.conftest import ServerProc, start_server, stop_server
+from tests.conftest import ServerProc, stop_server
 from tests.integration.test_learn import _config
+from tests.learning import run_learner, start_learn_server
 from tiller.learner.annotate.quantile import ScoreConfig, ScoreProvider
 from tiller.learner.annotate.runner import Annotator
 from tiller.learner.learn.cli import learn
-from tiller.learner.learn.config import LearnConfig
-from tiller.learner.learn.loop import Learner
 from tiller.server.formats.logstore import connect, iterations
 from tiller.server.formats.manifest import load_manifest
 from tiller.server.formats.registry import version_path
@@ -34,47 +36,11 @@ from tiller.server.formats.registry import version_path
 def pipe_server(
     tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[ServerProc, Path, Path]]:
-    root = tmp_path_factory.mktemp("pipeline")
-    db, registry = root / "log.sqlite", root / "registry"
-    registry.mkdir()
-    srv = start_server(
-        tiny_model,
-        root / "server",
-        "--log-db",
-        str(db),
-        "--registry",
-        str(registry),
-        "--registry-poll",
-        "0.2",
-        "--enable-admin",
-        "--adapter-root",  # the gate's candidates come from the learner's workdir
-        str(tmp_path_factory.getbasetemp()),
+    srv, db, registry = start_learn_server(
+        tiny_model, tmp_path_factory.mktemp("pipeline"), tmp_path_factory.getbasetemp()
     )
     yield srv, db, registry
     stop_server(srv)
-
-
-async def _run(cfg: LearnConfig) -> list[str]:
-    """The learner with an annotator beside it (as the sidecar would be) until it is done."""
-    provider = ScoreProvider(ScoreConfig(scorer="length", provider_name="len"))
-    annotator = Annotator(connect(cfg.db), [provider], batch_size=64)
-    lines: list[str] = []
-    stop = asyncio.Event()
-
-    async def annotate() -> None:
-        while not stop.is_set():
-            await annotator.drain()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 0.1)
-
-    side = asyncio.create_task(annotate())
-    try:
-        learner = Learner(cfg, connect(cfg.db), report=lines.append, progress=False)
-        await asyncio.wait_for(learner.run(stop), 540)
-    finally:
-        stop.set()
-        await side
-    return lines
 
 
 @pytest.mark.timeout(900)
@@ -84,7 +50,9 @@ async def test_pipelined_iterations_sample_before_the_previous_is_served(
     srv, db, registry = pipe_server
     cfg = _config(tiny_model, srv, db, registry, tmp_path / "work", pipeline=True, max_iterations=3)
     began = time.time()
-    lines = await _run(cfg)
+    lines = await run_learner(
+        cfg, [ScoreProvider(ScoreConfig(scorer="length", provider_name="len"))], 540
+    )
     ended = time.time()
 
     rows = iterations(connect(db), "critic")
@@ -139,3 +107,67 @@ async def test_pipelined_iterations_sample_before_the_previous_is_served(
     for r in rows:
         shown = f"{r['feedback_to_served_median_s']:.1f} / {r['feedback_to_served_max_s']:.1f}"
         assert shown in result.output, result.output
+
+
+@pytest.mark.timeout(1200)
+def test_pipelined_learner_killed_mid_training_resumes(
+    tiny_model: Path, pipe_server: tuple[ServerProc, Path, Path], tmp_path: Path
+) -> None:
+    """kill -9 while iteration 1 trains and iteration 2 samples ahead: the restarted learner
+    resumes iteration 1 from its frozen data and checkpoint, samples iteration 2 again, and
+    records and publishes each iteration once."""
+    srv, db, registry = pipe_server
+    work = tmp_path / "work"
+    config = {
+        "db": str(db), "registry": str(registry), "workdir": str(work),
+        "model": str(tiny_model), "adapter": "killed", "base_model": "tiny-llama",
+        "server": srv.target, "max_iterations": 2, "pipeline": True,
+        "trigger": {"min_annotations": 1, "min_examples": 2, "poll_s": 0.1},
+        "sample": {"prompts": [f"Say {i} things." for i in range(8)], "per_iteration": 8,
+                   "n": 2, "max_tokens": 8},
+        "data": {"kind": "pairs", "source": "score", "provider": "len"},
+        "train": {"objective": "dpo", "lora_r": 4, "lora_alpha": 8,
+                  "target_modules": ["q_proj", "v_proj"], "batch_size": 2, "max_steps": 150,
+                  "max_length": 64},
+    }  # fmt: skip
+    path = tmp_path / "learn.json"
+    path.write_text(json.dumps(config))
+    argv = [sys.executable, "-m", "tiller.client.cli", "learn", "--config", str(path),
+            "--no-progress"]  # fmt: skip
+    stop = threading.Event()
+    labeller = threading.Thread(target=_label_until, args=(db, stop), daemon=True)
+    labeller.start()
+    try:
+        with (tmp_path / "learn.log").open("wb") as out:
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        ckpt, deadline = work / "iter-0001" / "ckpt", time.monotonic() + 300
+        while not any(ckpt.glob("step-*")):
+            assert proc.poll() is None, (tmp_path / "learn.log").read_text()[-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert iterations(connect(db), "killed") == []
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=900)
+    finally:
+        stop.set()
+        labeller.join(timeout=30)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming with its" in done.stderr
+    rows = iterations(connect(db), "killed")
+    assert [(r["iteration"], r["version"]) for r in rows] == [(1, 1), (2, 2)], rows
+    assert json.loads(rows[0]["details_json"])["resumed_from_step"] >= 1
+    assert sorted(p.name for p in (registry / "killed").glob("v*")) == ["v0001", "v0002"]
+
+
+def _label_until(db: Path, stop: threading.Event) -> None:
+    """The annotator sidecar ('len' scores) on a thread of its own until ``stop``."""
+
+    async def run() -> None:
+        provider = ScoreProvider(ScoreConfig(scorer="length", provider_name="len"))
+        annotator = Annotator(connect(db), [provider], batch_size=64)
+        while not stop.is_set():
+            await annotator.drain()
+            await asyncio.sleep(0.1)
+
+    asyncio.run(run())
