@@ -321,6 +321,7 @@ def main() -> None:
     model = resolve_model(a.model)
     # The loop trains adapters of the model served, whatever the config names.
     cfg = replace(cfg, model=str(model), learner={**cfg.learner, "base_model": model.name})
+    a.out = a.out.resolve()  # align's children run in the run directory
     work = a.out.with_name(a.out.stem + "-work")
     work.mkdir(parents=True, exist_ok=True)
     res = measure(a, cfg, model, work)

@@ -191,6 +191,14 @@ _PORT = field_default(ServerConfig, "port")
 )
 @click.option("--max-n", type=int, default=field_default(Limits, "max_n"), show_default=True)
 @click.option(
+    "--background-seat-share",
+    type=click.FloatRange(0.0, 1.0, min_open=True),
+    default=field_default(Limits, "background_seat_share"),
+    show_default=True,
+    help="Share of the engine's sequence seats the learner's background requests may hold "
+    "at once (1: no cap); the rest stay free for users.",
+)
+@click.option(
     "--log-db",
     type=click.Path(path_type=Path),
     default=None,
@@ -253,6 +261,7 @@ def serve_config(kw: dict[str, Any]) -> ServerConfig:
             max_tokens_cap=cap,
             default_max_tokens=min(field_default(Limits, "default_max_tokens"), cap),
             max_n=kw["max_n"],
+            background_seat_share=kw["background_seat_share"],
             max_prompt_tokens=edge.max_prompt_tokens,
             max_request_s=edge.max_request_s,
         ),

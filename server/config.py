@@ -72,8 +72,16 @@ class Limits:
     max_prompt_tokens: int | None = None  # None: the model's context is the only bound
     # server-side cap on one RPC's duration (DEADLINE_EXCEEDED); None: the client's deadline only
     max_request_s: float | None = 900.0
+    # Background requests (the learner's) in the engine at once, as a share of its sequence
+    # seats (at least 1; 1.0: no cap): the rest stay free for interactive requests, which vLLM's
+    # priority order alone cannot give them once background ones hold every seat.
+    background_seat_share: float = 0.25
 
     def __post_init__(self) -> None:
+        if not 0 < self.background_seat_share <= 1:
+            raise ValueError(
+                f"background_seat_share must be in (0, 1], got {self.background_seat_share}"
+            )
         if not 0 < self.default_max_tokens <= self.max_tokens_cap:
             raise ValueError(
                 f"default_max_tokens {self.default_max_tokens} must be in (0, max_tokens_cap "

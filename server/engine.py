@@ -76,6 +76,11 @@ class Engine(Protocol):
         ...
 
     @property
+    def max_num_seqs(self) -> int:
+        """Sequences the scheduler runs in one step (its seats)."""
+        ...
+
+    @property
     def sampling_defaults(self) -> Mapping[str, Any]:
         """Sampling defaults of the model (its generation_config.json) for requests that give
         none: temperature, top_p, top_k, repetition_penalty."""
@@ -281,6 +286,10 @@ class VllmEngine:
     @functools.cached_property
     def sampling_defaults(self) -> Mapping[str, Any]:
         return dict(self.llm.model_config.get_diff_sampling_param())
+
+    @property
+    def max_num_seqs(self) -> int:
+        return int(self.llm.vllm_config.scheduler_config.max_num_seqs)
 
     @property
     def steering_dims(self) -> tuple[int, int] | None:

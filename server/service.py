@@ -6,10 +6,11 @@ Knows nothing about gRPC or vLLM. Safe to call concurrently from one event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field, replace
 
 from .adapters import AdapterTable
@@ -75,6 +76,7 @@ class GenerationService:
         self._limits = limits
         self._draining = False
         self._inflight = _InFlight()
+        self._background: Seats | None = None  # made on first use: needs the engine's seats
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -196,6 +198,19 @@ class GenerationService:
             for i, gid in enumerate(p.generation_ids)
         ]
 
+    def _seats_for(
+        self, req: GenerateRequest, prepared: Prepared
+    ) -> contextlib.AbstractAsyncContextManager[None]:
+        """Interactive requests go straight to the engine; background ones first take a seat
+        per sequence (``Limits.background_seat_share`` of the engine's) and hold it to the end."""
+        if not req.background:
+            return contextlib.nullcontext()
+        if self._background is None:
+            share = self._limits.background_seat_share
+            self._background = Seats(max(1, int(self._engine.max_num_seqs * share)))
+        sequences = prepared.engine_request.sampling.n * max(1, len(prepared.siblings))
+        return self._background.take(sequences)
+
     def _wants_log(self, req: GenerateRequest) -> bool:
         return self._log is not None and req.log is not False
 
@@ -229,23 +244,24 @@ class GenerationService:
                 generation_ids=prepared.generation_ids,
                 rendered_prompt=prepared.rendered_prompt,
             )
-            submitted = time.monotonic()
-            deltas_in = (
-                mixed_deltas(self._engine, prepared.siblings)
-                if prepared.siblings  # lockstep needs every step's output
-                else self._engine.generate(
-                    replace(er, stream_interval=UNARY_STREAM_INTERVAL) if unary else er
+            async with self._seats_for(req, prepared):
+                submitted = time.monotonic()
+                deltas_in = (
+                    mixed_deltas(self._engine, prepared.siblings)
+                    if prepared.siblings  # lockstep needs every step's output
+                    else self._engine.generate(
+                        replace(er, stream_interval=UNARY_STREAM_INTERVAL) if unary else er
+                    )
                 )
-            )
-            async for deltas in deltas_in:
-                for d in deltas:
-                    if first is None and d.token_ids:
-                        first = time.monotonic()
-                    texts.setdefault(d.index, []).append(d.text)
-                    tokens.setdefault(d.index, []).extend(d.token_ids)
-                    if d.finish is not Finish.NONE:
-                        finish[d.index] = d.finish
-                    yield d
+                async for deltas in deltas_in:
+                    for d in deltas:
+                        if first is None and d.token_ids:
+                            first = time.monotonic()
+                        texts.setdefault(d.index, []).append(d.text)
+                        tokens.setdefault(d.index, []).extend(d.token_ids)
+                        if d.finish is not Finish.NONE:
+                            finish[d.index] = d.finish
+                        yield d
             end = time.monotonic()
             completed = True
             logged = False
@@ -359,3 +375,32 @@ class GenerationService:
         except LogLoss as e:
             raise Unavailable(f"feedback could not be recorded ({e}); retry") from e
         return str(feedback_id), bool(duplicate)
+
+
+class Seats:
+    """A pool of engine sequence seats; ``take(k)`` waits until k are free (k above the pool
+    takes the whole pool) and gives them back on exit, even when cancelled. Event loop only."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.free = size
+        self._turn = asyncio.Condition()
+        self._wakers: set[asyncio.Task[None]] = set()
+
+    @contextlib.asynccontextmanager
+    async def take(self, k: int) -> AsyncIterator[None]:
+        k = min(k, self.size)
+        async with self._turn:
+            await self._turn.wait_for(lambda: self.free >= k)
+            self.free -= k
+        try:
+            yield
+        finally:
+            self.free += k  # at once: a cancelled holder must not keep its seats
+            waker = asyncio.get_running_loop().create_task(self._wake())
+            self._wakers.add(waker)
+            waker.add_done_callback(self._wakers.discard)
+
+    async def _wake(self) -> None:
+        async with self._turn:
+            self._turn.notify_all()

@@ -33,11 +33,12 @@ def test_the_edge_knows_the_proto_s_background_value() -> None:
     assert PRIORITY_BACKGROUND == pb.PRIORITY_BACKGROUND
 
 
-def _wait_busy(target: str, n: int) -> None:
+def _wait_busy(target: str, n: int, what: str = "engine_unfinished") -> None:
+    """Until ``n`` requests are in the engine (or, ``in_flight``, accepted by the server)."""
     with Client(target, timeout=30) as c:
         deadline = time.monotonic() + 60
-        while c.status().engine_unfinished < n:
-            assert time.monotonic() < deadline, "the engine never got busy"
+        while getattr(c.status(), what) < n:
+            assert time.monotonic() < deadline, f"{what} never reached {n}"
             time.sleep(0.01)
 
 
@@ -69,7 +70,12 @@ def test_a_waiting_user_request_goes_before_earlier_background_ones(one_seat: Se
         t = threading.Thread(target=run, args=(name, priority))
         t.start()
         threads.append(t)
-        _wait_busy(one_seat.target, 1 + len(threads))  # arrival order is the order started
+        _wait_busy(one_seat.target, 1 + len(threads), "in_flight")  # arrival order = start order
+    # The holder has the one background seat (a quarter of one seat is still one): bg1 and bg2
+    # wait for it in the server, only the user's request waits in the engine.
+    _wait_busy(one_seat.target, 2)
+    with Client(one_seat.target) as c:
+        assert c.status().engine_unfinished == 2
     release.set()
     for t in [holder, *threads]:
         t.join(timeout=300)
