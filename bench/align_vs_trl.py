@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 import sqlite_utils
-from user_load import TRAINED, UserLoad, pairs_lines, user_lines
+from user_load import TRAINED, UserLoad, pairs_lines, report, user_lines
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "deploy" / "align" / "oaif-critic.toml"
@@ -552,13 +552,7 @@ def main() -> None:
         if "tiller" in ev and other in ev:
             t = stats.ttest_ind(ev["tiller"]["rewards"], ev[other]["rewards"], equal_var=False)
             res[f"tiller_vs_{other}_p"] = float(t.pvalue)
-    res["summary"] = summarize(res)
-    for line in res["summary"]:
-        print(line)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(res, indent=2, default=str))
-    plot(res, a.out.with_suffix(".png"))
-    print(f"wrote {a.out} and {a.out.with_suffix('.png')}")
+    report(res, a.out, summarize, plot)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@ boundaries. The run directory (log, registry, the children's logs) is ``<out>-wo
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import time
@@ -47,7 +46,7 @@ from typing import Any
 
 from align_vs_trl import CONFIG, ENV, HELDOUT, ITERATION_KEYS, LOAD_CONCURRENCY, LOAD_TOKENS, lines
 from tqdm import tqdm
-from user_load import UserLoad, pairs_lines, ratio, trained_pairs, user_lines
+from user_load import UserLoad, pairs_lines, ratio, report, trained_pairs, user_lines
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -334,13 +333,7 @@ def main() -> None:
         "model": str(model),
         "model_name": model.name,
     }
-    res["summary"] = summarize(res)
-    for line in res["summary"]:
-        print(line)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(res, indent=2, default=str))
-    plot(res, a.out.with_suffix(".png"))
-    print(f"wrote {a.out} and {a.out.with_suffix('.png')}")
+    report(res, a.out, summarize, plot)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@ the benchmarks that run a learner beside serving print (``serving_during_learnin
 
 from __future__ import annotations
 
+import json
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from closed_loop import ClosedLoop
@@ -106,3 +108,19 @@ def pairs_lines(
             f"{alone['window_s']:.0f} s)"
         )
     return out
+
+
+def report(
+    res: dict[str, Any],
+    out: Path,
+    summarize: Callable[[dict[str, Any]], list[str]],
+    plot: Callable[[dict[str, Any], Path], None],
+) -> None:
+    """Print the summary lines, write ``out`` (JSON) and its plot beside it (PNG)."""
+    res["summary"] = summarize(res)
+    for line in res["summary"]:
+        print(line)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2, default=str))
+    plot(res, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")

@@ -32,7 +32,7 @@ from typing import Any
 from .base import Annotation, GenerationView, ProviderUnavailable
 from .quantile import score_all
 from .scorers import check_scorer, make_scorer
-from .transport import MAX_RAW_CHARS, classify
+from .transport import MAX_RAW_CHARS, classify, openai_client
 
 TEMPLATE = "The text scores {score} on {scorer}; it needs a {direction} score: make it more {goal}."
 KEEP_TEMPLATE = "The text scores {score} on {scorer}, already {goal}: keep it so, and fluent."
@@ -211,17 +211,10 @@ class ScorerRefinement:
     One instance per configured provider, used from one event loop."""
 
     def __init__(self, config: ScorerRefinementConfig, client: Any = None) -> None:
-        from openai import AsyncOpenAI
-
         self.config = config
         self.name = config.provider_name
         self._scorer = make_scorer(config.scorer)
-        self._client = client or AsyncOpenAI(
-            base_url=config.base_url,
-            api_key=config.api_key,
-            timeout=config.timeout_s,
-            max_retries=0,
-        )
+        self._client = client or openai_client(config.base_url, config.api_key, config.timeout_s)
         self._sem = asyncio.Semaphore(config.max_concurrency)
 
     def _request(self, g: GenerationView) -> tuple[Any, dict[str, Any]]:

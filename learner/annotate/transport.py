@@ -209,22 +209,23 @@ class RateLimiter:
             await asyncio.sleep(delay)
 
 
+def openai_client(base_url: str, api_key: str, timeout_s: float) -> Any:
+    """An ``AsyncOpenAI`` without the SDK's own retries: retries and backoff are the caller's
+    (``classify`` sorts each fault)."""
+    from openai import AsyncOpenAI
+
+    return AsyncOpenAI(base_url=base_url, api_key=api_key, timeout=timeout_s, max_retries=0)
+
+
 class JudgeClient:
     """Sends prompts to one judge: returns a ``Reply``, raises ``JudgeFault`` for a per-item
     fault and ``ProviderUnavailable`` for an endpoint-wide one (module docstring)."""
 
     def __init__(self, config: JudgeConfig, client: Any = None) -> None:
-        from openai import AsyncOpenAI
-
         self.config = config
         self.structured = config.structured  # off for good after a 400 naming the field
         self.logprobs = True
-        self._client = client or AsyncOpenAI(
-            base_url=config.base_url,
-            api_key=config.api_key,
-            timeout=config.timeout_s,
-            max_retries=0,
-        )
+        self._client = client or openai_client(config.base_url, config.api_key, config.timeout_s)
         self._sem = asyncio.Semaphore(config.max_concurrency)
         self.breaker = Breaker(config.breaker_threshold, config.breaker_cooldown_s)
         self._limiter = RateLimiter(config.requests_per_s)
