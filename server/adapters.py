@@ -72,7 +72,7 @@ class AdapterTable:
         # already loaded (a gate's candidate, published unchanged) reuses that LoRA id, so
         # promoting it only switches the route. ``_lora_users`` counts table entries per id.
         self._lora_by_weights: dict[tuple[str, ...], int] = {}
-        self._lora_names: dict[int, str] = {}
+        self._lora_names: dict[int, str] = {}  # the engine's name of each id
         self._lora_users: Counter[int] = Counter()
 
     @property
@@ -102,9 +102,9 @@ class AdapterTable:
         loaded = self._versions.get(name, {}).get(manifest.version)
         if loaded is None:
             heads = attach_heads(source.path, manifest.attributes, self._engine.steering_dims)
-            lora_id = None
+            lora_id = lora_name = None
             if manifest.has_lora:
-                lora_id, how = await self._engine_lora(name, manifest, source.path)
+                lora_id, lora_name, how = await self._engine_lora(name, manifest, source.path)
                 log.info(
                     "loaded %s v%d: verify %.3f s, %s %.3f s",
                     name, manifest.version, verified - t0, how, time.perf_counter() - verified,
@@ -116,7 +116,7 @@ class AdapterTable:
                 lora_id,
                 manifest,
                 heads,
-                lora_name=self._lora_names.get(lora_id) if lora_id is not None else None,
+                lora_name=lora_name,
             )
             self._versions.setdefault(name, {})[manifest.version] = loaded
         if activate is None:
@@ -125,30 +125,29 @@ class AdapterTable:
             await self.activate(name, manifest.version)
         return loaded
 
-    async def _engine_lora(self, name: str, manifest: Manifest, path: Path) -> tuple[int, str]:
-        """The engine LoRA id serving ``manifest``'s weights: one already loaded with the same
-        files, else a new one (``add_lora``: vLLM loads it between engine steps)."""
+    async def _engine_lora(self, name: str, manifest: Manifest, path: Path) -> tuple[int, str, str]:
+        """(id, engine name, how) of the engine LoRA serving ``manifest``'s weights: one already
+        loaded with the same files, else a new one (``add_lora``: vLLM loads it between steps)."""
         key = lora_weights_key(manifest)
         lora_id = self._lora_by_weights.get(key)
         how = "same weights already in the engine: reused LoRA id"
         if lora_id is None:
             lora_id = next(self._ids)
-            lora_name = f"{name}@v{manifest.version}"
-            await self._engine.add_lora(lora_name, lora_id, str(path))
+            self._lora_names[lora_id] = f"{name}@v{manifest.version}"
+            await self._engine.add_lora(self._lora_names[lora_id], lora_id, str(path))
             self._lora_by_weights[key] = lora_id
-            self._lora_names[lora_id] = lora_name
             how = "engine add_lora"
         self._lora_users[lora_id] += 1
-        return lora_id, how
+        return lora_id, self._lora_names[lora_id], how
 
     async def _drop_lora(self, lora_id: int) -> None:
         """One table entry fewer uses ``lora_id``; the engine forgets it with the last one."""
         self._lora_users[lora_id] -= 1
         if self._lora_users[lora_id] > 0:
             return
-        del self._lora_users[lora_id]
-        del self._lora_names[lora_id]
-        self._lora_by_weights = {k: v for k, v in self._lora_by_weights.items() if v != lora_id}
+        del self._lora_users[lora_id], self._lora_names[lora_id]
+        key = next(k for k, v in self._lora_by_weights.items() if v == lora_id)
+        del self._lora_by_weights[key]
         await self._engine.remove_lora(lora_id)
 
     def active_version(self, name: str) -> int | None:

@@ -142,20 +142,12 @@ def build_providers(config: AnnotatorConfig) -> list[Any]:
         ScorerRefinementConfig,
     )
 
-    out: list[Any] = []
-    for p in config.providers:
-        if isinstance(p, ScorerCritiqueConfig):
-            out.append(ScorerCritique(p))
-        elif isinstance(p, ScorerRefinementConfig):
-            out.append(ScorerRefinement(p))
-        elif isinstance(p, ScorerPairwiseConfig):
-            out.append(ScorerPairwise(p))
-        elif isinstance(p, JudgeConfig):
-            out.append(LLMJudge(p))
-        elif isinstance(p, QuantileConfig):
-            out.append(QuantileTagProvider(p))
-        elif isinstance(p, RatingConfig):
-            out.append(RatingProvider(p))
-        else:
-            out.append(ScoreProvider(p))
-    return out
+    made_by: dict[type, Any] = {
+        ScorerCritiqueConfig: ScorerCritique,
+        ScorerRefinementConfig: ScorerRefinement,
+        ScorerPairwiseConfig: ScorerPairwise,
+        JudgeConfig: LLMJudge,
+        QuantileConfig: QuantileTagProvider,
+        RatingConfig: RatingProvider,
+    }
+    return [made_by.get(type(p), ScoreProvider)(p) for p in config.providers]
