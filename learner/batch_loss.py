@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .batches import Batch, Item, collate
-from .objectives.alt import ALTConfig, alt_loss
+from .objectives.alt import ALTConfig, alt_loss, tag_contrast_loss
 from .objectives.cdpo import cdpo_loss
 from .objectives.dpo import DPOConfig, dpo_loss
 from .objectives.ipo import IPOConfig, ipo_loss
@@ -99,6 +99,21 @@ def reference_logps(
     return out
 
 
+def _contrast_logps(
+    model: Any, items: Sequence[Item], pad: int, device: torch.device, amp: bool
+) -> Tensor:
+    """``[K, B]``: each item's completion summed log-prob under its K contrast prompts (with
+    grad). Every item needs the same K >= 1 (``ValueError`` otherwise)."""
+    k = {len(it.contrast_seqs) for it in items}
+    if len(k) != 1 or 0 in k:
+        raise ValueError(
+            "ALT contrast > 0 needs every example to carry the same number (>= 1) of "
+            f"contrast prompts (data.contrast_tags); got counts {sorted(k)}"
+        )
+    seqs = [it.contrast_seqs[j] for j in range(k.pop()) for it in items]
+    return summed_logps(model, collate(seqs, pad).to(device), amp).view(-1, len(items))
+
+
 def batch_loss(
     model: Any,
     items: Sequence[Item],
@@ -121,9 +136,19 @@ def batch_loss(
             return sft_loss(logits, b.labels, b.label_mask, obj, weights)
         ref = None
         if obj.beta > 0:
+            rb = b
+            if any(it.ref_seq is not None for it in items):
+                rb = collate([it.ref_seq or it.seqs[0] for it in items], pad).to(device)
             with reference(model):
-                ref = completion_logits(model, b, amp)
-        return alt_loss(logits, ref, b.labels, b.label_mask, obj, weights)
+                ref = completion_logits(model, rb, amp)
+        loss, metrics = alt_loss(logits, ref, b.labels, b.label_mask, obj, weights)
+        if obj.contrast > 0:
+            own = (token_logps(logits, b.labels) * b.label_mask).sum(-1)
+            others = _contrast_logps(model, items, pad, device, amp)
+            tag_loss, tag_metrics = tag_contrast_loss(own, others, weights)
+            loss = loss + obj.contrast * tag_loss
+            metrics = {**metrics, **tag_metrics, "loss": float(loss.detach())}
+        return loss, metrics
     if ref_logps is None:
         raise ValueError(f"objective {cfg.objective!r} needs the reference log-probs")
     logps = summed_logps(model, b, amp)

@@ -34,6 +34,8 @@ class Item:
     seqs: tuple[Seq, ...]  # 1 for SFT/ALT, 2 (chosen, rejected) for pairs
     weight: float = 1.0
     confidence: float = 1.0
+    ref_seq: Seq | None = None  # the reference's (prompt, completion) when its prompt differs
+    contrast_seqs: tuple[Seq, ...] = ()  # the completion under ALT's contrast prompts
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,13 @@ def tokenize(examples: Sequence[Any], tok: Any, cfg: TrainConfig, *, pairs: bool
             )
             items.append(Item(seqs, confidence=ex.label_confidence))
         else:
-            items.append(Item((encode(tok, ex.prompt, ex.completion, cfg),), weight=ex.weight))
+            seq = encode(tok, ex.prompt, ex.completion, cfg)
+            # Same completion tokens, so the reference's logits line up column by column.
+            ref = None
+            if ex.reference_prompt is not None:
+                ref = encode(tok, ex.reference_prompt, ex.completion, cfg)
+            contrast = tuple(encode(tok, p, ex.completion, cfg) for p in ex.contrast_prompts)
+            items.append(Item((seq,), weight=ex.weight, ref_seq=ref, contrast_seqs=contrast))
     if not items:
         raise ValueError("no training examples")
     return items

@@ -24,6 +24,11 @@ Selection, in this order:
    ``weight = total / (tags * count(tag))`` so every tag carries the same total weight;
    ``'none'`` keeps all with weight 1.
 
+Each example may also carry, for the trainer: ``reference_prompt`` (``reference='untagged'``:
+the user's prompt without any tag, for ALT's KL reference p_0(y | x) as the paper writes it) and
+``contrast_prompts`` (``contrast_tags=K``: the prompt rendered with K other tags of the
+vocabulary, a seeded choice per example, for the tag-contrast term of ``objectives.alt``).
+
 Examples come in log order; ``source`` is the generation id. Chat generations need
 ``chat_template`` (turns -> text, e.g. the tokenizer's ``apply_chat_template`` with
 ``add_generation_prompt=True``); without one they raise ``ValueError``.
@@ -88,8 +93,18 @@ class AltConfig:
     unknown_tags: Literal["error", "skip"] = "error"
     balance: Balance = "none"
     seed: int = 0
+    reference: Literal["tagged", "untagged"] = "tagged"
+    contrast_tags: int = 0
 
     def __post_init__(self) -> None:
+        if self.reference not in ("tagged", "untagged"):
+            raise ValueError(f"reference {self.reference!r} is not one of: tagged, untagged")
+        others = len(self.conditioning.tags) - 1
+        if not 0 <= self.contrast_tags <= others:
+            raise ValueError(
+                f"contrast_tags must be in [0, {others}] (the other tags of the vocabulary), "
+                f"got {self.contrast_tags}"
+            )
         if self.balance not in ("none", "downsample", "weight"):
             raise ValueError(f"balance {self.balance!r} is not one of: none, downsample, weight")
         if self.unknown_tags not in ("error", "skip"):
@@ -172,15 +187,32 @@ def build_alt(
         else:
             kept.append((g, tag))
     kept, weights = _balance(kept, cfg, skipped)
-    return [
-        SFTExample(
-            prompt=render_prompt(g, tag, cond, chat_template),
-            completion=g.output_text,
-            weight=weights[tag],
-            source=g.id,
+    rng = random.Random(cfg.seed)
+    out = []
+    for g, tag in kept:
+        others = rng.sample([t for t in cond.tags if t != tag], cfg.contrast_tags)
+        out.append(
+            SFTExample(
+                prompt=render_prompt(g, tag, cond, chat_template),
+                completion=g.output_text,
+                weight=weights[tag],
+                source=g.id,
+                reference_prompt=(
+                    untagged_prompt(g, chat_template) if cfg.reference == "untagged" else None
+                ),
+                contrast_prompts=tuple(render_prompt(g, t, cond, chat_template) for t in others),
+            )
         )
-        for g, tag in kept
-    ]
+    return out
+
+
+def untagged_prompt(g: GenerationView, chat_template: ChatTemplate | None) -> str:
+    """The user's prompt of ``g`` as the base model sees it without any feedback."""
+    if not g.chat_json:
+        return g.prompt
+    if chat_template is None:
+        raise ValueError(f"generation {g.id} is a chat; build_alt needs chat_template for chats")
+    return chat_template(json.loads(g.chat_json))
 
 
 def _balance(

@@ -18,6 +18,10 @@ class SFTExample:
     completion: str
     weight: float = 1.0
     source: str = ""  # provenance, e.g. "gen-..." or "jsonl:line 12"
+    # What ALT's KL reference is conditioned on; None = ``prompt`` (the tagged prompt).
+    reference_prompt: str | None = None
+    # ALT's tag contrast: the same user prompt rendered with other tags than the label.
+    contrast_prompts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

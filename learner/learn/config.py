@@ -58,6 +58,7 @@ from tiller.server.formats.sections import ConfigError
 from ..annotate.config import build_section
 from ..annotate.judge import JudgeConfig
 from ..heads_trainer import HeadsTrainConfig
+from ..objectives.alt import ALTConfig
 from ..trainer import OBJECTIVES, TrainConfig
 from .gate import GateConfig
 
@@ -149,6 +150,8 @@ class DataConfig:
     separator: str = DEFAULT_SEPARATOR  # after the rendered prompt ("" for plain continuation)
     balance: Literal["none", "downsample", "weight"] = "weight"  # kind 'alt': tags' shares
     replay_versions: int | None = None  # kind 'alt': data of the latest N versions (None: all)
+    reference: Literal["tagged", "untagged"] = "tagged"  # kind 'alt': KL reference's prompt
+    contrast_tags: int = 0  # kind 'alt': other tags per example for train contrast (0: none)
     max_examples: int | None = None  # the newest N examples (None: all)
     attributes: tuple[str, ...] = ()  # kind 'cmpo': the steering attributes (head order)
     max_subset_size: int | None = None  # kind 'cmpo': the largest attribute subset paired
@@ -174,6 +177,15 @@ class DataConfig:
             raise ValueError(f"data.source {self.source!r} is not one of: judge, score, feedback")
         if self.kind == "alt" and not self.tags:
             raise ValueError("data.kind 'alt' needs data.tags (the feedback vocabulary)")
+        if self.kind != "alt" and (self.contrast_tags or self.reference != "tagged"):
+            raise ValueError("data.contrast_tags and data.reference apply to data.kind 'alt' only")
+        if self.reference not in ("tagged", "untagged"):
+            raise ValueError(f"data.reference {self.reference!r} is not one of: tagged, untagged")
+        if not 0 <= self.contrast_tags < max(1, len(self.tags)):
+            raise ValueError(
+                f"data.contrast_tags must be in [0, {max(0, len(self.tags) - 1)}] "
+                f"(the other tags of data.tags), got {self.contrast_tags}"
+            )
         m = self.judge_tie_margin
         if m is not None and not (0.0 <= m < 0.5):
             raise ValueError(f"data.judge_tie_margin must be in [0, 0.5), got {m}")
@@ -243,6 +255,12 @@ class LearnConfig:
         wants = "alt" if self.data.kind == "alt" else None
         if wants == "alt" and self.train.objective not in ("alt", "sft"):
             raise ValueError("data.kind 'alt' trains with train.objective 'alt' or 'sft'")
+        obj = self.train.loss_config
+        if isinstance(obj, ALTConfig) and obj.contrast > 0 and self.data.contrast_tags < 1:
+            raise ValueError(
+                "train.objective_config.contrast > 0 needs data.contrast_tags >= 1 "
+                "(the other tags each example is contrasted with)"
+            )
         if self.data.kind in ("pairs", "cdf") and self.train.objective in ("alt", "sft"):
             k = self.data.kind
             raise ValueError(f"data.kind {k!r} cannot train objective {self.train.objective!r}")

@@ -97,6 +97,8 @@ def build(
             unknown_tags="skip",
             balance=d.balance,
             seed=cfg.train.seed,
+            reference=d.reference,
+            contrast_tags=d.contrast_tags,
         )
         examples = build_alt(db, alt, skipped=skipped)
         return examples[-d.max_examples :] if d.max_examples else examples

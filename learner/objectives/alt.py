@@ -20,6 +20,14 @@ The entropy term enters with a MINUS sign: minimising L raises the policy's entr
 Defaults are the paper's toxicity setting (Table 3): β = 0.05, α = 0.06. Summarisation and
 dialogue (Tables 4–5) drop the KL term: β = 0, α = 0.06; then no reference is needed.
 
+Tag contrast (``contrast`` = γ > 0, not in the paper): conditional NLL on the policy's own samples
+mostly teaches what every tag shares (the samples' style), so the tags can drift together while
+their difference stays at what prompting gave. The contrast term trains the difference alone:
+with ``s_f = log p_θ(y | x, f)`` summed over the completion, it adds
+``γ · −log softmax_f(s)[f_label]`` over the label and the example's contrast tags, i.e. the
+cross-entropy of the policy read as a Bayes classifier of its own feedback
+(``tag_contrast_loss``; ``bench/alt_experiments.py`` measures it).
+
 Reference prompt: the paper writes p_0(y | x) (no feedback) while the authors' KL trainer feeds
 the reference the same input ids as the policy; this function takes whatever reference logits it
 is given, aligned to the same completion tokens.
@@ -41,10 +49,14 @@ class ALTConfig:
 
     beta: float = 0.05
     alpha: float = 0.06
+    contrast: float = 0.0  # γ of the tag-contrast term (needs examples with contrast prompts)
 
     def __post_init__(self) -> None:
-        if self.beta < 0 or self.alpha < 0:
-            raise ValueError(f"ALT beta and alpha must be >= 0 (got {self.beta}, {self.alpha})")
+        if self.beta < 0 or self.alpha < 0 or self.contrast < 0:
+            raise ValueError(
+                f"ALT beta, alpha and contrast must be >= 0 "
+                f"(got {self.beta}, {self.alpha}, {self.contrast})"
+            )
 
 
 def alt_loss(
@@ -83,3 +95,22 @@ def alt_loss(
             "entropy": float(masked_mean(entropy, mask)),
         }
     return loss, metrics
+
+
+def tag_contrast_loss(
+    label_logps: Tensor, other_logps: Tensor, weights: Tensor | None = None
+) -> tuple[Tensor, dict[str, float]]:
+    """Cross-entropy of the labelled tag among the example's tags, by sequence likelihood.
+
+    ``label_logps``: ``[B]`` summed log p(y | x, f_label); ``other_logps``: ``[K, B]`` the same
+    completions under K contrast tags; ``weights``: optional ``[B]``. Returns the (weighted) mean
+    of ``−log softmax([s_label, s_1..s_K])[0]`` and metrics ``tag_ce`` and ``tag_acc`` (the share
+    of examples whose label is the most likely tag).
+    """
+    scores = torch.cat([label_logps.unsqueeze(0), other_logps], dim=0)  # [K+1, B]
+    ce = -torch.log_softmax(scores, dim=0)[0]
+    w = torch.ones_like(ce) if weights is None else weights.to(ce.dtype)
+    loss = (ce * w).sum() / w.sum().clamp(min=1e-12)
+    with torch.no_grad():
+        acc = (scores.argmax(dim=0) == 0).float().mean()
+    return loss, {"tag_ce": float(loss.detach()), "tag_acc": float(acc)}

@@ -138,6 +138,30 @@ def test_alt_renders_the_received_tag_and_rejects_unfinished(db: sqlite_utils.Da
     assert [e.source for e in build_alt(db, cfg)] == ["g1", "g2", "g3"]
 
 
+def test_alt_untagged_reference_and_contrast_prompts(db: sqlite_utils.Database) -> None:
+    cond = Conditioning(tags=("A", "B", "C", "D"), template="{feedback}: {prompt}", separator="")
+    for i in range(8):
+        gen(db, f"g{i}", f"o{i}", prompt=f"p{i}")
+        annotate(db, tag(f"g{i}", "ABCD"[i % 4]))
+    cfg = AltConfig(conditioning=cond, provider="rm", reference="untagged", contrast_tags=2)
+    out = build_alt(db, cfg)
+    for i, ex in enumerate(out):
+        label = "ABCD"[i % 4]
+        assert ex.prompt == f"{label}: p{i}" and ex.reference_prompt == f"p{i}"
+        others = [p.split(":")[0] for p in ex.contrast_prompts]
+        assert len(set(others)) == 2 and label not in others
+        assert all(p.endswith(f": p{i}") for p in ex.contrast_prompts)
+    assert build_alt(db, cfg) == out  # seeded
+    drawn = {p for ex in out for p in ex.contrast_prompts}
+    assert len({p.split(":")[0] for p in drawn}) == 4  # every tag is somebody's contrast
+    plain = build_alt(db, AltConfig(conditioning=cond, provider="rm"))
+    assert all(ex.reference_prompt is None and ex.contrast_prompts == () for ex in plain)
+    with pytest.raises(ValueError, match="contrast_tags"):
+        AltConfig(conditioning=cond, provider="rm", contrast_tags=4)
+    with pytest.raises(ValueError, match="reference"):
+        AltConfig(conditioning=cond, provider="rm", reference="none")  # type: ignore[arg-type]
+
+
 def test_alt_from_app_feedback_tags_takes_the_latest(db: sqlite_utils.Database) -> None:
     gen(db, "g1", "o1", prompt="p1")
     gen(db, "g2", "o2", prompt="p2")

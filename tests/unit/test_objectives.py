@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 
-from tiller.learner.objectives.alt import ALTConfig, alt_loss
+from tiller.learner.objectives.alt import ALTConfig, alt_loss, tag_contrast_loss
 from tiller.learner.objectives.cdpo import CDPOConfig, cdpo_loss, effective_smoothing
 from tiller.learner.objectives.dpo import DPOConfig, dpo_loss
 from tiller.learner.objectives.ipo import IPOConfig, ipo_loss
@@ -170,6 +170,26 @@ def test_alt_entropy_term_is_a_bonus() -> None:
         return (z - 0.1 * grad).detach()
 
     assert _entropy(descend(1.0)) > _entropy(logits) > _entropy(descend(0.0))
+
+
+def test_tag_contrast_by_hand() -> None:
+    """Cross-entropy of the label among [label, contrast tags] by sequence log-likelihood."""
+    own, others = T([-1.0, -5.0]), T([[-2.0, -1.0], [-3.0, -9.0]])
+    ce = [
+        -math.log(math.exp(-1) / (math.exp(-1) + math.exp(-2) + math.exp(-3))),
+        -math.log(math.exp(-5) / (math.exp(-5) + math.exp(-1) + math.exp(-9))),
+    ]
+    loss, m = tag_contrast_loss(own, others)
+    assert float(loss) == pytest.approx(sum(ce) / 2, rel=1e-6)
+    assert m["tag_acc"] == 0.5
+    weighted, _ = tag_contrast_loss(own, others, T([3.0, 1.0]))
+    assert float(weighted) == pytest.approx((3 * ce[0] + ce[1]) / 4, rel=1e-6)
+    # Descent raises the label's likelihood against the others.
+    z = own.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(tag_contrast_loss(z, others)[0], z)
+    assert (grad < 0).all()
+    with pytest.raises(ValueError, match="contrast"):
+        ALTConfig(contrast=-1.0)
 
 
 def test_sft_and_masked_mean() -> None:

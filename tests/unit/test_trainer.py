@@ -136,6 +136,81 @@ def test_alt_raises_completion_likelihood_under_feedback(tiny_model: Path, tmp_p
         assert after > before + 1.0, ex
 
 
+def _token_dists(model: Any, tok: Any, prompt: str, completion: str) -> torch.Tensor:
+    """log-distributions over the vocabulary at each token of ``completion`` + EOS."""
+    p = tok(prompt).input_ids
+    c = [*tok(completion, add_special_tokens=False).input_ids, tok.eos_token_id]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1 : -1]
+    return torch.log_softmax(logits.float(), -1)
+
+
+def test_alt_reference_prompt_conditions_the_kl_reference(tiny_model: Path, tmp_path: Path) -> None:
+    # The first step's KL is measured at the base weights: 0 against the tagged prompt, and
+    # KL(base(y | x) || base(y | f, x)) against the untagged one, re-measured here unpadded.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    untagged = [
+        SFTExample(prompt=ex.prompt, completion=ex.completion, reference_prompt=raw)
+        for ex, raw in zip(SFT, ["def add(a, b):", "class Foo:", "for i", "if x"], strict=True)
+    ]
+    cfg = TrainConfig(
+        objective="alt", objective_config=ALTConfig(alpha=0.0), batch_size=4, max_steps=1, **QUIET
+    )
+    first = train(tiny_model, untagged, cfg, tmp_path / "u").history[0]["kl"]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    kls = []
+    for ex in untagged:
+        assert ex.reference_prompt is not None
+        pol = _token_dists(model, tok, ex.prompt, ex.completion)
+        ref = _token_dists(model, tok, ex.reference_prompt, ex.completion)
+        kls.append((ref.exp() * (ref - pol)).sum(-1))
+    expected = float(torch.cat(kls).mean())
+    assert expected > 1e-3
+    assert first == pytest.approx(expected, rel=1e-3)
+    assert train(tiny_model, SFT, cfg, tmp_path / "t").history[0]["kl"] == pytest.approx(
+        0.0, abs=1e-5
+    )
+
+
+def test_alt_tag_contrast_scores_the_other_tags_and_separates_them(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    other = "Highest Toxicity input: {p}<|separator|>"
+    raw = ["def add(a, b):", "class Foo:", "for i in range(3):", "if x is None:"]
+    examples = [
+        SFTExample(
+            prompt=ex.prompt, completion=ex.completion, contrast_prompts=(other.format(p=p),)
+        )
+        for ex, p in zip(SFT, raw, strict=True)
+    ]
+    cfg = TrainConfig(
+        objective="alt",
+        objective_config=ALTConfig(beta=0.0, alpha=0.0, contrast=1.0),
+        lr=5e-3,
+        batch_size=4,
+        max_steps=10,
+        **QUIET,
+    )
+    result = train(tiny_model, examples, cfg, tmp_path / "out")
+    model, tok = _load(tiny_model, tmp_path / "out")
+
+    def gap(ex: SFTExample) -> float:
+        own = _seq_logp(model, tok, ex.prompt, ex.completion)
+        return own - _seq_logp(model, tok, ex.contrast_prompts[0], ex.completion)
+
+    after = [gap(ex) for ex in examples]
+    with model.disable_adapter():
+        before = [gap(ex) for ex in examples]
+    # The first step's term is re-measured at the base weights, one sequence at a time.
+    ce = sum(math.log1p(math.exp(-g)) for g in before) / len(before)
+    assert result.history[0]["tag_ce"] == pytest.approx(ce, rel=1e-3)
+    assert all(a > b + 0.5 for a, b in zip(after, before, strict=True)), (before, after)
+    with pytest.raises(ValueError, match="contrast prompts"):
+        train(tiny_model, SFT, cfg, tmp_path / "none")
+
+
 def test_same_seed_same_weights(tiny_model: Path, tmp_path: Path) -> None:
     # Dropout, accumulation and an epoch boundary inside a step all draw on the seeded state.
     base = {

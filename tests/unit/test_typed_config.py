@@ -14,6 +14,7 @@ import pytest
 from tiller.learner.align.config import load_config as load_align
 from tiller.learner.annotate.config import load_config as load_annotate
 from tiller.learner.learn.config import load_config as load_learn
+from tiller.learner.objectives.alt import ALTConfig
 from tiller.server.config import EngineConfig, Limits, LogConfig, ServerConfig
 from tiller.server.formats.sections import ConfigError, field_default
 
@@ -135,6 +136,32 @@ def test_learn_config_keeps_its_checks_and_converts_json_numbers(tmp_path: Path)
     cfg = load_learn(good, {})
     assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float) and cfg.max_iterations == 2
     assert cfg.db == tmp_path / "log.sqlite" and cfg.continue_training is True
+
+
+def test_learn_config_alt_contrast_and_reference(tmp_path: Path) -> None:
+    def alt(data: str, tables: str = "") -> Path:
+        text = LEARN.format(top="", tables='[train]\nobjective = "alt"\n' + tables).replace(
+            'kind = "pairs"\nsource = "score"',
+            f'kind = "alt"\ntags = ["A", "B", "C"]\ntemplate = "{{feedback}}: {{prompt}}"\n{data}',
+        )
+        return _file(tmp_path, text)
+
+    contrast = "[train.objective_config]\ncontrast = 0.5"
+    _fails(lambda p: load_learn(p, {}), alt("", contrast), r"needs data.contrast_tags >= 1")
+    _fails(
+        lambda p: load_learn(p, {}), alt("contrast_tags = 3"), r"contrast_tags must be in \[0, 2\]"
+    )
+    _fails(lambda p: load_learn(p, {}), alt('reference = "base"'), r"reference")
+    cfg = load_learn(alt('contrast_tags = 2\nreference = "untagged"', contrast), {})
+    assert cfg.data.contrast_tags == 2 and cfg.data.reference == "untagged"
+    assert cfg.train.loss_config == ALTConfig(contrast=0.5)
+    pairs = _file(
+        tmp_path,
+        LEARN.format(top="", tables="").replace(
+            'provider = "len"', 'provider = "len"\ncontrast_tags = 1'
+        ),
+    )
+    _fails(lambda p: load_learn(p, {}), pairs, r"apply to data.kind 'alt' only")
 
 
 def test_learn_config_syntax_errors_name_the_file(tmp_path: Path) -> None:
