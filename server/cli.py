@@ -199,6 +199,14 @@ _PORT = field_default(ServerConfig, "port")
     "at once (1: no cap); the rest stay free for users.",
 )
 @click.option(
+    "--background-seats-under-load",
+    type=click.IntRange(min=-1),
+    default=field_default(Limits, "background_seats_under_load"),
+    show_default="2 on CPUs, -1 on GPUs",
+    help="Sequences background requests may hold while users' requests are in the engine "
+    "(-1: the share alone; 0: background waits for a pause in user traffic).",
+)
+@click.option(
     "--log-db",
     type=click.Path(path_type=Path),
     default=None,
@@ -262,6 +270,7 @@ def serve_config(kw: dict[str, Any]) -> ServerConfig:
             default_max_tokens=min(field_default(Limits, "default_max_tokens"), cap),
             max_n=kw["max_n"],
             background_seat_share=kw["background_seat_share"],
+            background_seats_under_load=kw["background_seats_under_load"],
             max_prompt_tokens=edge.max_prompt_tokens,
             max_request_s=edge.max_request_s,
         ),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -201,14 +202,22 @@ class GenerationService:
     def _seats_for(
         self, req: GenerateRequest, prepared: Prepared
     ) -> contextlib.AbstractAsyncContextManager[None]:
-        """Interactive requests go straight to the engine; background ones first take a seat
-        per sequence (``Limits.background_seat_share`` of the engine's) and hold it to the end."""
-        if not req.background:
-            return contextlib.nullcontext()
+        """Interactive requests go straight to the engine (counted, so background work yields
+        to them); background ones first take a seat per sequence (``Limits``'
+        ``background_seat_share`` of the engine's, ``background_seats_under_load`` while
+        users are in the engine) and hold it to the end."""
         if self._background is None:
             share = self._limits.background_seat_share
-            self._background = Seats(max(1, int(self._engine.max_num_seqs * share)))
+            under_load = self._limits.background_seats_under_load
+            if under_load is None:
+                under_load = CPU_BACKGROUND_SEATS_UNDER_LOAD if self._engine.on_cpu else -1
+            self._background = Seats(
+                max(1, int(self._engine.max_num_seqs * share)),
+                None if under_load < 0 else under_load,
+            )
         sequences = prepared.engine_request.sampling.n * max(1, len(prepared.siblings))
+        if not req.background:
+            return self._background.interactive(sequences)
         return self._background.take(sequences)
 
     def _wants_log(self, req: GenerateRequest) -> bool:
@@ -377,29 +386,70 @@ class GenerationService:
         return str(feedback_id), bool(duplicate)
 
 
-class Seats:
-    """A pool of engine sequence seats; ``take(k)`` waits until k are free (k above the pool
-    takes the whole pool) and gives them back on exit, even when cancelled. Event loop only."""
+CPU_BACKGROUND_SEATS_UNDER_LOAD = 2  # ``Limits.background_seats_under_load`` on a CPU engine
 
-    def __init__(self, size: int) -> None:
+
+class Seats:
+    """Background work's engine sequence seats: ``size`` of them, or ``under_load`` (None:
+    ``size``) while interactive sequences are in the engine. ``take(k)`` waits until k fit (k
+    above the capacity goes alone, when no seat is held and the capacity is not 0) and gives
+    them back on exit, even when cancelled; ``interactive(k)`` counts users' sequences for as
+    long as they run. The load lasts ``linger_s`` past the last user's sequence, so that a
+    client's next request finds its seat free rather than background work admitted in the gap.
+    Event loop only."""
+
+    def __init__(self, size: int, under_load: int | None = None, linger_s: float = 1.0) -> None:
         self.size = size
-        self.free = size
+        self.under_load = under_load
+        self.linger_s = linger_s
+        self.held = 0
+        self.users = 0
+        self._last_user = -math.inf
         self._turn = asyncio.Condition()
         self._wakers: set[asyncio.Task[None]] = set()
 
+    @property
+    def capacity(self) -> int:
+        idle = self.users == 0 and time.monotonic() - self._last_user >= self.linger_s
+        if idle or self.under_load is None:
+            return self.size
+        return min(self.size, self.under_load)
+
+    @property
+    def free(self) -> int:
+        return max(0, self.capacity - self.held)
+
+    def _fits(self, k: int) -> bool:
+        cap = self.capacity
+        return self.held + k <= cap or (self.held == 0 and cap > 0)
+
     @contextlib.asynccontextmanager
     async def take(self, k: int) -> AsyncIterator[None]:
-        k = min(k, self.size)
         async with self._turn:
-            await self._turn.wait_for(lambda: self.free >= k)
-            self.free -= k
+            await self._turn.wait_for(lambda: self._fits(k))
+            self.held += k
         try:
             yield
         finally:
-            self.free += k  # at once: a cancelled holder must not keep its seats
-            waker = asyncio.get_running_loop().create_task(self._wake())
-            self._wakers.add(waker)
-            waker.add_done_callback(self._wakers.discard)
+            self.held -= k  # at once: a cancelled holder must not keep its seats
+            self._notify()
+
+    @contextlib.asynccontextmanager
+    async def interactive(self, k: int) -> AsyncIterator[None]:
+        self.users += k
+        try:
+            yield
+        finally:
+            self.users -= k
+            self._last_user = time.monotonic()
+            if self.users == 0:
+                # waiters re-check once the load has lingered out
+                asyncio.get_running_loop().call_later(self.linger_s + 0.01, self._notify)
+
+    def _notify(self) -> None:
+        waker = asyncio.get_running_loop().create_task(self._wake())
+        self._wakers.add(waker)
+        waker.add_done_callback(self._wakers.discard)
 
     async def _wake(self) -> None:
         async with self._turn:

@@ -11,7 +11,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,13 +115,54 @@ def child_env(**extra: str) -> dict[str, str]:
     return {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")} | extra
 
 
+@dataclass(frozen=True)
+class CpuSplit:
+    """Which CPUs the server's vLLM engine threads use and which the other children keep to."""
+
+    engine: tuple[int, ...]
+    workers: tuple[int, ...]
+
+    def engine_env(self) -> dict[str, str]:
+        """vLLM's CPU worker binds its OpenMP threads to exactly these CPUs."""
+        return {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, self.engine))}
+
+    def worker_env(self) -> dict[str, str]:
+        return {"OMP_NUM_THREADS": str(len(self.workers))}
+
+
+def cpu_split(worker_cpus: int, usable: Sequence[int], cuda: bool) -> CpuSplit | None:
+    """The run's CPU split on a host without CUDA: training and annotation on ``worker_cpus``
+    of the ``usable`` CPUs (-1: a quarter, at least 1), the engine on the rest, so that a
+    training step never takes a core from the users' decode steps. None: no pinning (CUDA,
+    ``worker_cpus`` 0, or a single CPU). ``ValueError`` if nothing would be left for the engine."""
+    if cuda or worker_cpus == 0 or len(usable) < 2:
+        return None
+    k = worker_cpus if worker_cpus > 0 else max(1, len(usable) // 4)
+    if k >= len(usable):
+        raise ValueError(
+            f"worker_cpus {k} leaves no CPU for the engine ({len(usable)} usable: {sorted(usable)})"
+        )
+    cpus = sorted(usable)
+    return CpuSplit(engine=tuple(cpus[:-k]), workers=tuple(cpus[-k:]))
+
+
+def host_cpu_split(cfg: AlignConfig) -> CpuSplit | None:
+    """``cpu_split`` for this host: its usable CPUs, and whether torch sees a CUDA device."""
+    import torch
+
+    return cpu_split(cfg.worker_cpus, sorted(os.sched_getaffinity(0)), torch.cuda.is_available())
+
+
 def tiller_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "tiller.client.cli", *args]
 
 
-def judge_spec(cfg: AlignConfig, paths: RunPaths) -> tuple[ChildSpec, str]:
+def judge_spec(
+    cfg: AlignConfig, paths: RunPaths, split: CpuSplit | None = None
+) -> tuple[ChildSpec, str]:
     """vLLM's OpenAI server for ``[judge]`` on a free port; returns the spec and its ``/v1`` URL.
-    Resolves (and may convert) the judge model now."""
+    Resolves (and may convert) the judge model now. With a ``split`` it keeps to the workers'
+    CPUs: it is the annotator's tool, not the users'."""
     assert cfg.judge is not None
     port = free_port()
     model = resolve_model(cfg.judge.model, cfg.base, DEFAULT_CACHE)
@@ -141,7 +182,9 @@ def judge_spec(cfg: AlignConfig, paths: RunPaths) -> tuple[ChildSpec, str]:
             # the engine core in the API server's process: no IPC hop, faster on CPUs
             VLLM_ENABLE_V1_MULTIPROCESSING="0",
             VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+            **({"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, split.workers))} if split else {}),
         ),
+        cpus=frozenset(split.workers) if split else None,
     )
     return spec, url + "/v1"
 
@@ -163,6 +206,7 @@ def server_spec(
     port: int,
     exit_status: Callable[[], int | None],
     http_port: int = 0,
+    split: CpuSplit | None = None,
 ) -> ChildSpec:
     """``tiller serve`` on ``port`` and its OpenAI-compatible API on ``http_port`` (0: the
     server binds free ones and writes them to the port files) over the run's log and registry,
@@ -184,7 +228,10 @@ def server_spec(
 
     # On CPUs vLLM sizes its KV cache from free memory unless told: with a judge, a trainer
     # and the server on one machine that over-commits. 2 GiB holds ~90k SmolLM2 tokens.
-    env = child_env(VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"))
+    env = child_env(
+        VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
+        **(split.engine_env() if split else {}),
+    )
     return ChildSpec("server", argv, paths.log("server"), ready, env=env)
 
 
@@ -195,6 +242,7 @@ def worker_specs(
     server: str,
     judge_url: str | None,
     self_url: str,
+    split: CpuSplit | None = None,
 ) -> list[ChildSpec]:
     """The annotator and the learner, in start order. Writes their configs as run
     (``annotator.json``, ``learner.json``) into the run directory first."""
@@ -217,11 +265,13 @@ def worker_specs(
     )
     learner_cfg = paths.root / "learner.json"
     learner_cfg.write_text(json.dumps(learner, indent=2))
+    cpus = frozenset(split.workers) if split else None
     annotator = ChildSpec(
         "annotator",
         tiller_argv("annotate", "--config", str(annotator_cfg)),
         paths.log("annotator"),
-        env=child_env(),
+        env=child_env(**(split.worker_env() if split else {})),
+        cpus=cpus,
     )
     trainer = ChildSpec(
         "learner",
@@ -232,6 +282,10 @@ def worker_specs(
         # glibc's mmap threshold at its dynamic maximum (32 MiB): only the largest buffers are
         # mmapped per step, which keeps page faults out of the training step. The learner
         # container keeps glibc's 128 KiB: under a memory limit the lower peak matters more.
-        env=child_env(MALLOC_MMAP_THRESHOLD_=os.environ.get("MALLOC_MMAP_THRESHOLD_", "33554432")),
+        env=child_env(
+            MALLOC_MMAP_THRESHOLD_=os.environ.get("MALLOC_MMAP_THRESHOLD_", "33554432"),
+            **(split.worker_env() if split else {}),
+        ),
+        cpus=cpus,
     )
     return [annotator, trainer]

@@ -9,6 +9,8 @@ Layout (paths relative to the file)::
     mode = "active"                # active: the learner samples its prompt pool; passive: live
                                    # traffic and app feedback only ([learner.sample] not allowed)
     reward_provider = "sentiment"  # annotation provider plotted as the reward
+    worker_cpus = 0                # without CUDA: CPUs for annotator, learner and judge, apart
+                                   # from the engine's threads (-1: a quarter; 0: no pinning)
 
     [server]
     args = ["--max-num-seqs", "64"]    # extra `tiller serve` arguments
@@ -137,6 +139,10 @@ class AlignConfig:
     judge: JudgeServerConfig | None = None
     eval: EvalConfig | None = None
     reward_provider: str = ""  # annotation provider plotted as the reward
+    # Without CUDA: CPUs kept for the annotator, learner and judge, apart from the server's
+    # engine threads (-1: a quarter of the usable CPUs, at least 1; 0: no pinning). Off by
+    # default: on 2 cores the learner's core is the one vLLM leaves to the server's frontend.
+    worker_cpus: int = 0
     base: Path = field(default_factory=Path.cwd)  # the file's directory: relative paths start here
 
     @property
@@ -212,6 +218,10 @@ def parse_config(data: Mapping[str, Any], base: Path) -> AlignConfig:
         raise ConfigError("mode 'active' needs [learner.sample] (the prompt pool)")
     if cfg.duration_s <= 0:
         raise ConfigError("duration_s must be > 0")
+    if cfg.worker_cpus < -1:
+        raise ConfigError(
+            f"worker_cpus must be -1 (auto), 0 (no pinning) or > 0, got {cfg.worker_cpus}"
+        )
     tmp = Path("/nonexistent")
     learner = learner_section(cfg, db=tmp, registry=tmp, workdir=tmp, model=tmp, server="x:1")
     parse_learner(learner, tmp, {}, prefix="learner.")

@@ -27,6 +27,7 @@ from .children import (
     RunPaths,
     bound_http_port,
     bound_port,
+    host_cpu_split,
     judge_spec,
     server_spec,
     worker_specs,
@@ -49,6 +50,12 @@ class AlignRun:
         self.http_port = 0  # likewise for its OpenAI-compatible API (the "self" judge)
         self.target = ""
         self.started = time.time()
+        self.split = host_cpu_split(cfg)
+        if self.split is not None:
+            report(
+                f"CPUs: engine threads on {list(self.split.engine)}, "
+                f"annotator/learner/judge on {list(self.split.workers)}"
+            )
 
     # ----------------------------------------------------------------- children
 
@@ -62,7 +69,7 @@ class AlignRun:
         p.registry.mkdir(parents=True, exist_ok=True)
         judge_url = None
         if self.cfg.judge is not None:
-            spec, judge_url = judge_spec(self.cfg, p)
+            spec, judge_url = judge_spec(self.cfg, p, self.split)
             self.sup.start(spec)
         p.port_file.unlink(missing_ok=True)
         p.http_port_file.unlink(missing_ok=True)
@@ -72,19 +79,23 @@ class AlignRun:
             assert server.proc is not None
             return server.proc.poll()
 
-        child = self.sup.start(server_spec(self.cfg, p, self.model, 0, server_exit_status))
+        child = self.sup.start(
+            server_spec(self.cfg, p, self.model, 0, server_exit_status, split=self.split)
+        )
         # Restarts keep the port the workers already talk to.
         self.port, self.http_port = bound_port(p), bound_http_port(p)
         self.target = f"127.0.0.1:{self.port}"
         child.spec = server_spec(
-            self.cfg, p, self.model, self.port, server_exit_status, self.http_port
+            self.cfg, p, self.model, self.port, server_exit_status, self.http_port, self.split
         )
         return judge_url
 
     def start_workers(self, judge_url: str | None) -> None:
         """The annotator, then the learner, against the running server."""
         self_url = f"http://127.0.0.1:{self.http_port}/v1"
-        specs = worker_specs(self.cfg, self.paths, self.model, self.target, judge_url, self_url)
+        specs = worker_specs(
+            self.cfg, self.paths, self.model, self.target, judge_url, self_url, self.split
+        )
         for spec in specs:
             self.sup.start(spec)
 

@@ -34,6 +34,17 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def _child_setup(cpus: frozenset[int] | None) -> Callable[[], None]:
+    """What runs in a child between fork and exec: die with the parent, keep to ``cpus``."""
+
+    def setup() -> None:
+        _die_with_parent()
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+
+    return setup
+
+
 class ChildFailed(RuntimeError):
     """A child kept crashing (or could not start); the run must stop."""
 
@@ -48,6 +59,7 @@ class ChildSpec:
     max_restarts: int = 3
     stop_grace_s: float = 60.0
     env: dict[str, str] | None = None
+    cpus: frozenset[int] | None = None  # the CPUs it may run on (None: any)
 
 
 @dataclass
@@ -77,7 +89,7 @@ class Supervisor:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=_child_setup(spec.cpus),
                 env={**os.environ, **(spec.env or {})},
             )
         if spec.ready is not None:

@@ -112,3 +112,36 @@ def test_background_requests_finish_when_users_pause(one_seat: ServerProc) -> No
         t.join(timeout=120)
     background.join(timeout=120)
     assert served[0] > 0 and len(result) == 1, "the background request starved"
+
+
+def test_background_work_shrinks_to_its_under_load_seats_while_a_user_runs(
+    server: ServerProc,
+) -> None:
+    # The session server: 64 seats on the CPU, so a quarter (16) for background work when no
+    # user is in the engine and `background_seats_under_load` (2) while one is.
+    release_user, release_bg = threading.Event(), threading.Event()
+
+    def hold(priority: str, release: threading.Event) -> None:
+        with Client(server.target, timeout=300) as c:
+            for _ in c.stream(f"def {priority}(x):", max_tokens=1900, temperature=0.0,
+                              ignore_eos=True, priority=priority):  # fmt: skip
+                if release.is_set():
+                    break
+
+    user = threading.Thread(target=hold, args=("interactive", release_user))
+    user.start()
+    _wait_busy(server.target, 1)
+    background = [threading.Thread(target=hold, args=("background", release_bg)) for _ in range(4)]
+    for t in background:
+        t.start()
+    _wait_busy(server.target, 5, "in_flight")
+    _wait_busy(server.target, 3)
+    time.sleep(0.5)
+    with Client(server.target) as c:
+        assert c.status().engine_unfinished == 3  # the user and two background sequences
+    release_user.set()
+    user.join(timeout=120)
+    _wait_busy(server.target, 4)  # the user left: every background request gets a seat
+    release_bg.set()
+    for t in background:
+        t.join(timeout=120)

@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+
 import pytest
 
-from tiller.learner.align.children import child_env
+from tiller.learner.align.children import (
+    CpuSplit,
+    RunPaths,
+    child_env,
+    cpu_split,
+    server_spec,
+    worker_specs,
+)
+from tiller.learner.align.config import AlignConfig
+from tiller.learner.align.supervisor import ChildSpec, Supervisor
 
 
 def test_children_wait_passively_in_openmp_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -16,3 +29,46 @@ def test_children_wait_passively_in_openmp_by_default(monkeypatch: pytest.Monkey
 def test_an_operators_wait_policy_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     assert child_env()["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+def test_cpu_split_keeps_training_off_the_engine_cpus() -> None:
+    assert cpu_split(-1, [0, 1], cuda=False) == CpuSplit(engine=(0,), workers=(1,))
+    split = cpu_split(-1, list(range(16)), cuda=False)
+    assert split is not None and split.workers == (12, 13, 14, 15) and len(split.engine) == 12
+    assert cpu_split(3, [4, 5, 6, 7], cuda=False) == CpuSplit(engine=(4,), workers=(5, 6, 7))
+    assert split.engine_env() == {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, range(12)))}
+    assert split.worker_env() == {"OMP_NUM_THREADS": "4"}
+    # No pinning on a GPU host, when asked for none, or with one CPU.
+    assert cpu_split(-1, [0, 1], cuda=True) is None
+    assert cpu_split(0, [0, 1], cuda=False) is None
+    assert cpu_split(-1, [3], cuda=False) is None
+    with pytest.raises(ValueError, match="leaves no CPU for the engine"):
+        cpu_split(2, [0, 1], cuda=False)
+
+
+def test_the_split_reaches_the_server_and_worker_specs(tmp_path: Path) -> None:
+    cfg = AlignConfig(name="t", annotator={"providers": []}, learner={"adapter": "a"})
+    split = CpuSplit(engine=(0,), workers=(1,))
+    paths = RunPaths(tmp_path)
+    server = server_spec(cfg, paths, tmp_path, 0, lambda: None, split=split)
+    assert server.env is not None and server.env["VLLM_CPU_OMP_THREADS_BIND"] == "0"
+    assert server.cpus is None  # the server's own threads are vLLM's business
+    for spec in worker_specs(cfg, paths, tmp_path, "127.0.0.1:1", None, "http://x/v1", split):
+        assert spec.cpus == frozenset({1}), spec.name
+        assert spec.env is not None and spec.env["OMP_NUM_THREADS"] == "1", spec.name
+    unpinned = worker_specs(cfg, paths, tmp_path, "127.0.0.1:1", None, "http://x/v1")
+    assert all(s.cpus is None and "OMP_NUM_THREADS" not in (s.env or {}) for s in unpinned)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two usable CPUs")
+def test_a_pinned_child_runs_on_its_cpus_only(tmp_path: Path) -> None:
+    cpu = max(os.sched_getaffinity(0))
+    code = "import os; print(sorted(os.sched_getaffinity(0)))"
+    spec = ChildSpec(
+        "probe", [sys.executable, "-c", code], tmp_path / "probe.log", finishes=True,
+        cpus=frozenset({cpu}),
+    )  # fmt: skip
+    sup = Supervisor(report=lambda _: None)
+    child = sup.start(spec)
+    assert child.proc is not None and child.proc.wait(timeout=60) == 0
+    assert (tmp_path / "probe.log").read_text().strip() == f"[{cpu}]"
