@@ -4,17 +4,20 @@ Each scorer is constructed once per provider (the constructor imports its librar
 lexicon) and then called per generation. ``score`` is pure and deterministic; an instance may
 be used from one thread at a time.
 
-===============  ==============================================  ===================
-name             value                                           library
-===============  ==============================================  ===================
-``sentiment``    VADER compound score, -1 (negative) .. +1       vaderSentiment
-``profanity``    fraction of words censored, 0 .. 1              better-profanity
-``readability``  Flesch reading ease (higher = easier; can be    textstat
-                 negative for long run-on text; 0 for no words)
-``length``       number of whitespace-separated words            —
-``rm:<dir>``     a local reward model's logit for the text       transformers, torch
-                 (``reward_model`` module: settings, device)
-===============  ==============================================  ===================
+=================  ==============================================  ===================
+name               value                                           library
+=================  ==============================================  ===================
+``sentiment``      VADER compound score, -1 (negative) .. +1       vaderSentiment
+``profanity``      fraction of words censored, 0 .. 1              better-profanity
+``readability``    Flesch reading ease (higher = easier; can be    textstat
+                   negative for long run-on text; 0 for no words)
+``simple_words``   share of words that are plain: on the Dale-     textstat
+                   Chall easy-word list or of one syllable
+                   (0 .. 1; 0 for no words)
+``length``         number of whitespace-separated words            —
+``rm:<dir>``       a local reward model's logit for the text       transformers, torch
+                   (``reward_model`` module: settings, device)
+=================  ==============================================  ===================
 
 A scorer may also have ``score_batch(texts) -> list[float]`` (the reward model: one forward
 pass per batch); ``quantile.score_all`` uses it when present.
@@ -84,6 +87,26 @@ class ReadabilityScorer:
         return float(self._textstat.flesch_reading_ease(text))
 
 
+class SimpleWordsScorer:
+    """Word-level simplicity: the share of word occurrences that textstat does not count as
+    difficult (on the Dale-Chall easy-word list, or under two syllables). No sentence-length
+    term, so a short or truncated snippet is scored on its words alone, unlike Flesch."""
+
+    name = "simple_words"
+
+    def __init__(self) -> None:
+        import textstat
+
+        self._textstat: Any = textstat
+
+    def score(self, text: str) -> float:
+        words = str(self._textstat.remove_punctuation(text)).lower().split()
+        if not words:
+            return 0.0
+        plain = sum(not self._textstat.is_difficult_word(w) for w in words)
+        return plain / len(words)
+
+
 class LengthScorer:
     name = "length"
 
@@ -95,6 +118,7 @@ SCORERS: dict[str, Callable[[], Scorer]] = {
     "sentiment": SentimentScorer,
     "profanity": ProfanityScorer,
     "readability": ReadabilityScorer,
+    "simple_words": SimpleWordsScorer,
     "length": LengthScorer,
 }
 
