@@ -31,8 +31,10 @@ seeds, so the pairing removes the prompt-to-prompt variance a point comparison o
 means would act on); ``distinct2`` at least ``min_distinct2_ratio`` × the
 incumbent's; ``perplexity`` at most ``max_perplexity_ratio`` × the incumbent's (per version, so
 drift compounds over promotions) and at most ``max_base_perplexity_ratio`` × the base model's
-perplexity on its own gate texts (an anchor that does not move); ``win_rate`` at
-least ``min_win_rate``. The verdict records every number.
+perplexity on its own gate texts (an anchor that does not move); ``distinct2`` also at least
+``min_base_distinct2_ratio`` × the base model's on its own gate texts (the same anchor: a
+per-version floor lets diversity fall a little every version); ``win_rate`` at least
+``min_win_rate``. The verdict records every number.
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ class GateConfig:
     min_distinct2_ratio: float = 0.0
     max_perplexity_ratio: float = 0.0  # 0: off
     max_base_perplexity_ratio: float = 0.0  # 0: off; against the base model's own texts
+    min_base_distinct2_ratio: float = 0.0  # 0: off; against the base model's own texts
     judge: JudgeConfig | None = None
     min_win_rate: float = 0.5
     sampling: HeldoutSampling = field(default_factory=HeldoutSampling)  # [gate.sampling]
@@ -100,6 +103,10 @@ class GateConfig:
             r = getattr(self, name)
             if not (math.isfinite(r) and (r == 0 or r >= 1)):
                 raise ValueError(f"gate.{name} must be 0 (off) or >= 1, got {r}")
+        for name in ("min_distinct2_ratio", "min_base_distinct2_ratio"):
+            r = getattr(self, name)
+            if not (math.isfinite(r) and 0 <= r <= 1):
+                raise ValueError(f"gate.{name} must be in [0, 1] (0: off), got {r}")
         for r in self.replicas:
             if not r or r != r.strip() or ":" not in r:
                 raise ValueError(f"gate.replicas: {r!r} is not a host:port address")
@@ -114,6 +121,11 @@ class GateConfig:
     @property
     def measures_perplexity(self) -> bool:
         return self.max_perplexity_ratio > 0 or self.max_base_perplexity_ratio > 0
+
+    @property
+    def anchors_on_base(self) -> bool:
+        """A check compares the candidate with the base model's own run."""
+        return self.max_base_perplexity_ratio > 0 or self.min_base_distinct2_ratio > 0
 
 
 @dataclass(frozen=True)
@@ -154,6 +166,7 @@ class Verdict:
     # incumbent) or "sampling" (generated beside the iteration's sampling)
     incumbent_source: str = ""
     base_perplexity: float | None = None  # with ``max_base_perplexity_ratio``: the anchor
+    base_distinct2: float | None = None  # with ``min_base_distinct2_ratio``: the anchor
     placement: str = ""  # where the candidate was served (the learner's word, as it reports it)
 
     def to_json(self) -> dict[str, Any]:
@@ -228,6 +241,7 @@ def decide(
     cfg: GateConfig,
     win_rate: float | None = None,
     base_perplexity: float | None = None,
+    base_distinct2: float | None = None,
 ) -> Verdict:
     """Apply the gate's checks (module docstring); the reasons list the failed ones."""
     reasons: list[str] = []
@@ -256,6 +270,15 @@ def decide(
             reasons.append(
                 f"fluency: distinct-2 {candidate.distinct2:.3f} < {cfg.min_distinct2_ratio} × "
                 f"incumbent {incumbent.distinct2:.3f}"
+            )
+    if cfg.min_base_distinct2_ratio > 0:
+        r = cfg.min_base_distinct2_ratio
+        if base_distinct2 is None:
+            reasons.append("fluency: no distinct-2 of the base model's to compare with")
+        elif candidate.distinct2 < r * base_distinct2:
+            reasons.append(
+                f"fluency: distinct-2 {candidate.distinct2:.3f} < {r} × the base model's own "
+                f"{base_distinct2:.3f}"
             )
     if cfg.max_perplexity_ratio > 0:
         cp, ip = candidate.perplexity, incumbent.perplexity
@@ -298,4 +321,5 @@ def decide(
         win_rate=win_rate,
         paired_upper=upper if upper is None or math.isfinite(upper) else None,
         base_perplexity=base_perplexity,
+        base_distinct2=base_distinct2,
     )

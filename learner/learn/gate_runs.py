@@ -3,8 +3,9 @@
 
 Gate runs are deterministic for a gate config (same prompts, seeds, sampling), so three are
 kept rather than generated again: the base model's run (the anchor of
-``max_base_perplexity_ratio``; it never changes), the run of the candidate that was promoted
-(the next gate's incumbent: same weights, only the adapter name differs), and the runs started
+``max_base_perplexity_ratio`` and ``min_base_distinct2_ratio``; it never changes), the run of
+the candidate that was promoted (the next gate's incumbent: same weights, only the adapter name
+differs), and the runs started
 beside an iteration's sampling (``GateRuns.start_ahead``: they share the server's batches).
 """
 
@@ -24,7 +25,7 @@ from ..annotate.judge import LLMJudge
 from ..fluency import Scorer, perplexity
 from ..heldout import Condition, generate
 from .config import LearnConfig
-from .gate import GateConfig, Side, Verdict, decide, evaluate
+from .gate import GateConfig, Side, Verdict, decide, distinct_n, evaluate
 from .served import Served, conditioning
 from .train import CANDIDATE_SUFFIX
 
@@ -164,11 +165,11 @@ async def run_gate(
     incumbent's run from an earlier gate with this config (it was that gate's promoted
     candidate); it is used instead of generating again, which halves the gate's cost after a
     promotion; without it, both sides generate at once (``run_sides``). ``base_run``: the base
-    model's run with this config, for ``max_base_perplexity_ratio`` (when the incumbent is not
+    model's run with this config, for the base-anchored checks (when the incumbent is not
     the base and none is given, the base generates beside the other sides; when the incumbent
     is the base, its run is the base's)."""
     base: Side | None = None
-    if cfg.max_base_perplexity_ratio > 0 and base_run is None and incumbent.name:
+    if cfg.anchors_on_base and base_run is None and incumbent.name:
         base = Side("", 0, incumbent.conditioning)
     todo = [candidate] + ([incumbent] if incumbent_run is None else []) + ([base] if base else [])
     done = await run_sides(client, todo, cfg, fluency)
@@ -187,6 +188,9 @@ async def run_gate(
         cfg,
         win_rate,
         base_perplexity=base_run.perplexity if base_run is not None else None,
+        base_distinct2=(
+            distinct_n([t for _, _, t in base_run.texts]) if base_run is not None else None
+        ),
     )
     return GateOutcome(replace(verdict, incumbent_reused=incumbent_run is not None), cand, base_run)
 
@@ -238,15 +242,11 @@ class GateRuns:
 
     def start_ahead(self, client: AsyncClient, now: Served) -> None:
         """Start the runs the next gate needs and that are not known yet: the incumbent's, and
-        with ``max_base_perplexity_ratio`` the base model's when the incumbent is a version."""
+        with a base-anchored check the base model's when the incumbent is a version."""
         sides: dict[str, Side] = {}
         if self.promoted_run(now) is None:
             sides["incumbent"] = self.incumbent_side(now)
-        if (
-            self.gate.max_base_perplexity_ratio > 0
-            and self.base is None
-            and now.version is not None
-        ):
+        if self.gate.anchors_on_base and self.base is None and now.version is not None:
             sides["base"] = self.base_side()
         self._ahead = {
             role: asyncio.ensure_future(run_side(client, side, self.gate, self.fluency))

@@ -133,6 +133,24 @@ def test_non_inferiority_passes_noise_and_rejects_a_clear_loss() -> None:
     assert not mismatch.passed and "different prompts" in mismatch.reasons[0]
 
 
+def test_decide_bounds_diversity_from_the_base_models_own() -> None:
+    # A 30-minute ALT run's distinct-2 per version: each 0.95x the last passes a per-version
+    # floor of 0.85x, while the drift since the base compounds.
+    cfg = GateConfig(
+        prompts=("p",), scorer="length", min_distinct2_ratio=0.85, min_base_distinct2_ratio=0.85
+    )
+    assert decide(_ev(1.0, 0.697), _ev(1.0, 0.734), cfg, base_distinct2=0.80).passed
+    v = decide(_ev(1.0, 0.642), _ev(1.0, 0.677), cfg, base_distinct2=0.80)
+    assert not v.passed and v.base_distinct2 == 0.80
+    assert v.reasons == ("fluency: distinct-2 0.642 < 0.85 × the base model's own 0.800",)
+    missing = decide(_ev(1.0, 0.642), _ev(1.0, 0.677), cfg)
+    assert missing.reasons == ("fluency: no distinct-2 of the base model's to compare with",)
+    assert cfg.anchors_on_base
+    assert not GateConfig(prompts=("p",), scorer="length", min_distinct2_ratio=0.85).anchors_on_base
+    with pytest.raises(ValueError, match="min_base_distinct2_ratio"):
+        GateConfig(prompts=("p",), scorer="length", min_base_distinct2_ratio=1.5)
+
+
 def test_gate_config_errors() -> None:
     with pytest.raises(ValueError, match="held-out"):
         GateConfig(prompts=())
