@@ -202,7 +202,7 @@ _PORT = field_default(ServerConfig, "port")
     "--background-seats-under-load",
     type=click.IntRange(min=-1),
     default=field_default(Limits, "background_seats_under_load"),
-    show_default="2 on CPUs, -1 on GPUs",
+    show_default=True,
     help="Sequences background requests may hold while users' requests are in the engine "
     "(-1: the share alone; 0: background waits for a pause in user traffic).",
 )

@@ -78,8 +78,9 @@ class Limits:
     background_seat_share: float = 0.25
     # Background sequences in the engine while interactive requests are there too: on a CPU
     # every extra sequence in a step slows the users' tokens (-1: the share alone; None: 2 on
-    # a CPU engine, -1 on a GPU, where a larger decode batch costs users little).
-    background_seats_under_load: int | None = None
+    # a CPU engine, -1 on a GPU, where a larger decode batch costs users little). Off by
+    # default: measured on 2 cores it slowed the learner 2.5x without keeping users faster.
+    background_seats_under_load: int | None = -1
 
     def __post_init__(self) -> None:
         if not 0 < self.background_seat_share <= 1:
