@@ -77,20 +77,18 @@ class Limits:
     # priority order alone cannot give them once background ones hold every seat.
     background_seat_share: float = 0.25
     # Background sequences in the engine while interactive requests are there too: on a CPU
-    # every extra sequence in a step slows the users' tokens (-1: the share alone; None: 2 on
-    # a CPU engine, -1 on a GPU, where a larger decode batch costs users little). Off by
+    # every extra sequence in a step slows the users' tokens (-1: the share alone). Off by
     # default: measured on 2 cores it slowed the learner 2.5x without keeping users faster.
-    background_seats_under_load: int | None = -1
+    background_seats_under_load: int = -1
 
     def __post_init__(self) -> None:
         if not 0 < self.background_seat_share <= 1:
             raise ValueError(
                 f"background_seat_share must be in (0, 1], got {self.background_seat_share}"
             )
-        if self.background_seats_under_load is not None and self.background_seats_under_load < -1:
+        if self.background_seats_under_load < -1:
             raise ValueError(
-                "background_seats_under_load must be >= -1 or None, "
-                f"got {self.background_seats_under_load}"
+                f"background_seats_under_load must be >= -1, got {self.background_seats_under_load}"
             )
         if not 0 < self.default_max_tokens <= self.max_tokens_cap:
             raise ValueError(

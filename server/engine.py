@@ -42,9 +42,6 @@ class Engine(Protocol):
     def max_model_len(self) -> int: ...
 
     @property
-    def on_cpu(self) -> bool: ...
-
-    @property
     def model_id(self) -> str: ...
 
     @property
@@ -275,12 +272,6 @@ class VllmEngine:
     @property
     def max_model_len(self) -> int:
         return int(self.llm.model_config.max_model_len)
-
-    @property
-    def on_cpu(self) -> bool:
-        from vllm.platforms import current_platform
-
-        return bool(current_platform.is_cpu())
 
     @property
     def model_id(self) -> str:

@@ -209,8 +209,6 @@ class GenerationService:
         if self._background is None:
             share = self._limits.background_seat_share
             under_load = self._limits.background_seats_under_load
-            if under_load is None:
-                under_load = CPU_BACKGROUND_SEATS_UNDER_LOAD if self._engine.on_cpu else -1
             self._background = Seats(
                 max(1, int(self._engine.max_num_seqs * share)),
                 None if under_load < 0 else under_load,
@@ -384,9 +382,6 @@ class GenerationService:
         except LogLoss as e:
             raise Unavailable(f"feedback could not be recorded ({e}); retry") from e
         return str(feedback_id), bool(duplicate)
-
-
-CPU_BACKGROUND_SEATS_UNDER_LOAD = 2  # ``Limits.background_seats_under_load`` on a CPU engine
 
 
 class Seats:

@@ -148,6 +148,8 @@ def cpu_split(worker_cpus: int, usable: Sequence[int], cuda: bool) -> CpuSplit |
 
 def host_cpu_split(cfg: AlignConfig) -> CpuSplit | None:
     """``cpu_split`` for this host: its usable CPUs, and whether torch sees a CUDA device."""
+    if cfg.worker_cpus == 0:
+        return None  # the default: no torch import in the supervisor for nothing
     import torch
 
     return cpu_split(cfg.worker_cpus, sorted(os.sched_getaffinity(0)), torch.cuda.is_available())

@@ -150,11 +150,9 @@ def render_prompt(
     """The user's prompt of ``g`` conditioned on ``tag`` exactly as the server would render it."""
     if not g.chat_json:
         return render_text(g.prompt, tag, cond)
-    if chat_template is None:
-        raise ValueError(f"generation {g.id} is a chat; build_alt needs chat_template for chats")
     turns = tuple(ChatTurn(t["role"], t["content"]) for t in json.loads(g.chat_json))
     rendered = render_chat(turns, tag, cond)
-    return chat_template([{"role": t.role, "content": t.content} for t in rendered])
+    return _apply(g, [{"role": t.role, "content": t.content} for t in rendered], chat_template)
 
 
 def build_alt(
@@ -210,9 +208,15 @@ def untagged_prompt(g: GenerationView, chat_template: ChatTemplate | None) -> st
     """The user's prompt of ``g`` as the base model sees it without any feedback."""
     if not g.chat_json:
         return g.prompt
+    return _apply(g, json.loads(g.chat_json), chat_template)
+
+
+def _apply(
+    g: GenerationView, turns: Sequence[dict[str, str]], chat_template: ChatTemplate | None
+) -> str:
     if chat_template is None:
         raise ValueError(f"generation {g.id} is a chat; build_alt needs chat_template for chats")
-    return chat_template(json.loads(g.chat_json))
+    return chat_template(turns)
 
 
 def _balance(
