@@ -103,10 +103,16 @@ class GateConfig:
             r = getattr(self, name)
             if not (math.isfinite(r) and (r == 0 or r >= 1)):
                 raise ValueError(f"gate.{name} must be 0 (off) or >= 1, got {r}")
-        for name in ("min_distinct2_ratio", "min_base_distinct2_ratio"):
-            r = getattr(self, name)
-            if not (math.isfinite(r) and 0 <= r <= 1):
-                raise ValueError(f"gate.{name} must be in [0, 1] (0: off), got {r}")
+        # Against the incumbent, above 1 is a demand for more diversity than is served; the
+        # base-anchored bound is a floor under the base model's own, so at most 1.
+        if not (math.isfinite(self.min_distinct2_ratio) and self.min_distinct2_ratio >= 0):
+            raise ValueError(
+                f"gate.min_distinct2_ratio must be a finite number >= 0 (0: off), "
+                f"got {self.min_distinct2_ratio}"
+            )
+        r = self.min_base_distinct2_ratio
+        if not (math.isfinite(r) and 0 <= r <= 1):
+            raise ValueError(f"gate.min_base_distinct2_ratio must be in [0, 1] (0: off), got {r}")
         for r in self.replicas:
             if not r or r != r.strip() or ":" not in r:
                 raise ValueError(f"gate.replicas: {r!r} is not a host:port address")

@@ -149,6 +149,13 @@ def test_decide_bounds_diversity_from_the_base_models_own() -> None:
     assert not GateConfig(prompts=("p",), scorer="length", min_distinct2_ratio=0.85).anchors_on_base
     with pytest.raises(ValueError, match="min_base_distinct2_ratio"):
         GateConfig(prompts=("p",), scorer="length", min_base_distinct2_ratio=1.5)
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="min_distinct2_ratio"):
+            GateConfig(prompts=("p",), scorer="length", min_distinct2_ratio=bad)
+    # Against the incumbent, a ratio above 1 asks for more diversity than is served.
+    more = GateConfig(prompts=("p",), scorer="length", min_distinct2_ratio=1.1)
+    assert not decide(_ev(1.0, 0.70), _ev(1.0, 0.70), more).passed
+    assert decide(_ev(1.0, 0.78), _ev(1.0, 0.70), more).passed
 
 
 def test_gate_config_errors() -> None:
