@@ -187,6 +187,7 @@ def judge_spec(
             **({"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, split.workers))} if split else {}),
         ),
         cpus=frozenset(split.workers) if split else None,
+        idle=cfg.worker_priority == "background",
     )
     return spec, url + "/v1"
 
@@ -268,12 +269,14 @@ def worker_specs(
     learner_cfg = paths.root / "learner.json"
     learner_cfg.write_text(json.dumps(learner, indent=2))
     cpus = frozenset(split.workers) if split else None
+    idle = cfg.worker_priority == "background"
     annotator = ChildSpec(
         "annotator",
         tiller_argv("annotate", "--config", str(annotator_cfg)),
         paths.log("annotator"),
         env=child_env(**(split.worker_env() if split else {})),
         cpus=cpus,
+        idle=idle,
     )
     trainer = ChildSpec(
         "learner",
@@ -289,5 +292,6 @@ def worker_specs(
             **(split.worker_env() if split else {}),
         ),
         cpus=cpus,
+        idle=idle,
     )
     return [annotator, trainer]

@@ -143,6 +143,9 @@ class AlignConfig:
     # engine threads (-1: a quarter of the usable CPUs, at least 1; 0: no pinning). Off by
     # default: on 2 cores the learner's core is the one vLLM leaves to the server's frontend.
     worker_cpus: int = 0
+    # "background": the annotator, learner and judge run under SCHED_IDLE, so users' requests
+    # (the server's threads) get the CPUs first; "normal": they compete as equals.
+    worker_priority: Literal["background", "normal"] = "background"
     base: Path = field(default_factory=Path.cwd)  # the file's directory: relative paths start here
 
     @property

@@ -34,13 +34,17 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _child_setup(cpus: frozenset[int] | None) -> Callable[[], None]:
-    """What runs in a child between fork and exec: die with the parent, keep to ``cpus``."""
+def _child_setup(cpus: frozenset[int] | None, idle: bool = False) -> Callable[[], None]:
+    """What runs in a child between fork and exec: die with the parent, keep to ``cpus``, and
+    with ``idle`` run under ``SCHED_IDLE`` (its threads get a CPU only when nothing else on it
+    wants one; inherited by every thread and process it starts)."""
 
     def setup() -> None:
         _die_with_parent()
         if cpus:
             os.sched_setaffinity(0, cpus)
+        if idle:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
     return setup
 
@@ -60,6 +64,7 @@ class ChildSpec:
     stop_grace_s: float = 60.0
     env: dict[str, str] | None = None
     cpus: frozenset[int] | None = None  # the CPUs it may run on (None: any)
+    idle: bool = False  # SCHED_IDLE: background work that yields the CPU to everything else
 
 
 @dataclass
@@ -89,7 +94,7 @@ class Supervisor:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_child_setup(spec.cpus),
+                preexec_fn=_child_setup(spec.cpus, spec.idle),
                 env={**os.environ, **(spec.env or {})},
             )
         if spec.ready is not None:

@@ -60,6 +60,34 @@ def test_the_split_reaches_the_server_and_worker_specs(tmp_path: Path) -> None:
     assert all(s.cpus is None and "OMP_NUM_THREADS" not in (s.env or {}) for s in unpinned)
 
 
+def test_workers_are_background_work_unless_asked_otherwise(tmp_path: Path) -> None:
+    paths = RunPaths(tmp_path)
+    cfg = AlignConfig(name="t", annotator={"providers": []}, learner={"adapter": "a"})
+    assert not server_spec(cfg, paths, tmp_path, 0, lambda: None).idle  # users come first
+    specs = worker_specs(cfg, paths, tmp_path, "127.0.0.1:1", None, "http://x/v1")
+    assert [s.name for s in specs if s.idle] == ["annotator", "learner"]
+    normal = AlignConfig(
+        name="t", annotator={"providers": []}, learner={"adapter": "a"}, worker_priority="normal"
+    )
+    assert not any(s.idle for s in worker_specs(normal, paths, tmp_path, "x:1", None, "http://x"))
+
+
+def test_a_background_child_and_its_threads_run_under_sched_idle(tmp_path: Path) -> None:
+    code = (
+        "import os, threading; out = []; "
+        "t = threading.Thread(target=lambda: out.append(os.sched_getscheduler(0))); "
+        "t.start(); t.join(); print(os.sched_getscheduler(0) == os.SCHED_IDLE, "
+        "out[0] == os.SCHED_IDLE)"
+    )
+    sup = Supervisor(report=lambda _: None)
+    for idle, want in ((True, "True True"), (False, "False False")):
+        log = tmp_path / f"probe-{idle}.log"
+        spec = ChildSpec("probe", [sys.executable, "-c", code], log, finishes=True, idle=idle)
+        child = sup.start(spec)
+        assert child.proc is not None and child.proc.wait(timeout=60) == 0
+        assert log.read_text().strip() == want
+
+
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two usable CPUs")
 def test_a_pinned_child_runs_on_its_cpus_only(tmp_path: Path) -> None:
     cpu = max(os.sched_getaffinity(0))

@@ -244,6 +244,12 @@ prompts = ["p"]
     [
         ('duration_s = "long"', "", "", r"^duration_s: Input should be a valid number"),
         ('mode = "sometimes"', "", "", r"^mode: Input should be 'active' or 'passive'"),
+        (
+            'worker_priority = "low"',
+            "",
+            "",
+            r"^worker_priority: Input should be 'background' or 'normal'",
+        ),
         ("model = true", "", "", r"^model: Input should be a valid string \(got True\)"),
         ("", 'continue_training = "false"', "", r"\[learner\] continue_training: .*boolean"),
         ("", 'max_iterations = "3"', "", r"\[learner\] max_iterations: .*valid integer"),
