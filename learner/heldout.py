@@ -6,12 +6,17 @@ same prompts with ``HeldoutSampling.samples`` samples each, prompt ``i`` with se
 ``seed + i`` and ``log=False`` (held-out traffic never enters the training data). Two runs with
 the same spec therefore ask the server the same requests, and score ``k`` of one condition
 pairs with score ``k`` of another (same prompt, same seed).
+
+A guided condition (``Condition.mix``, a feedback mixture the server applies) samples one text
+per request (a mixture serves ``n = 1``): sample ``j`` of prompt ``i`` with seed
+``seed + i + j·len(prompts)``, so guided conditions pair with each other the same way.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tiller.client import AsyncClient
 from tiller.server.formats.manifest import Conditioning
@@ -49,7 +54,9 @@ class Condition:
 
     ``feedback`` is a tag the server renders, or, with ``render``, a tag rendered here into
     the prompt (the base model has no vocabulary); ``attributes`` are steering weights (a
-    version with heads). ``label`` names the condition in reports."""
+    version with heads). ``mix``, when given, is the feedback mixture sent instead of
+    ``feedback`` (which then only names the condition's tag: ``guided``). ``label`` names the
+    condition in reports."""
 
     label: str = ""
     adapter: str = ""
@@ -57,6 +64,33 @@ class Condition:
     feedback: str = ""
     render: Conditioning | None = None
     attributes: Weights = ()
+    mix: Weights = ()
+
+    def __post_init__(self) -> None:
+        if self.mix and (self.render is not None or not self.adapter):
+            raise ValueError(f"{self.label}: a feedback mix needs a served version's tags")
+
+
+def check_guidance(w: float, spec: HeldoutSampling, where: str) -> None:
+    """``ValueError`` naming ``<where>.guidance`` or ``<where>.sampling.repetition_penalty``
+    unless ``w`` is a usable guidance weight for ``spec`` (vLLM's repetition penalty counts the
+    prompt's tokens, which differ between mixed conditions: a mixture refuses it)."""
+    if not (math.isfinite(w) and w >= 0):
+        raise ValueError(f"{where}.guidance must be a finite number >= 0 (0: off), got {w}")
+    if w > 0 and spec.repetition_penalty not in (None, 1.0):
+        raise ValueError(
+            f"{where}.sampling.repetition_penalty must be unset with {where}.guidance > 0 "
+            f"(a feedback mix cannot apply it), got {spec.repetition_penalty}"
+        )
+
+
+def guided(tag: str, away: str, w: float) -> Weights:
+    """Guidance toward ``tag`` and away from ``away`` with weight ``w`` (classifier-free
+    guidance over the two conditionals): ``(1 + w)·log p(y | x, tag) − w·log p(y | x, away)``.
+    ``w = 0`` is ``tag`` alone."""
+    if not (w >= 0 and w < float("inf")):
+        raise ValueError(f"guidance weight must be a finite number >= 0, got {w}")
+    return ((tag, 1.0 + w), (away, -w)) if w > 0 else ((tag, 1.0),)
 
 
 @dataclass(frozen=True)
@@ -77,29 +111,37 @@ class HeldoutRun:
     scores: Mapping[str, tuple[float, ...]]
 
 
-def jobs(cond: Condition, prompts: Sequence[str], spec: HeldoutSampling) -> list[GenerationJob]:
-    """The requests ``cond`` sends for ``prompts``: one per prompt, seed ``spec.seed + i``."""
+def jobs(
+    cond: Condition, prompts: Sequence[str], spec: HeldoutSampling
+) -> list[tuple[int, GenerationJob]]:
+    """The requests ``cond`` sends for ``prompts``, each with the index of its prompt: one per
+    prompt with seed ``spec.seed + i``, or for a guided condition one per sample (module
+    docstring), prompt-major."""
     out = []
     for i, prompt in enumerate(prompts):
         sent, feedback = prompt, cond.feedback
         if cond.feedback and cond.render is not None:
             sent, feedback = render_text(prompt, cond.feedback, cond.render), ""
-        out.append(
-            GenerationJob(
-                prompt=sent,
-                n=spec.samples,
-                max_tokens=spec.max_tokens,
-                temperature=spec.temperature,
-                top_p=spec.top_p,
-                repetition_penalty=spec.repetition_penalty,
-                seed=spec.seed + i,
-                adapter=cond.adapter,
-                adapter_version=cond.version if cond.adapter else None,
-                feedback=feedback,
-                attributes=cond.attributes,
-                log=False,
-            )
+        job = GenerationJob(
+            prompt=sent,
+            n=spec.samples,
+            max_tokens=spec.max_tokens,
+            temperature=spec.temperature,
+            top_p=spec.top_p,
+            repetition_penalty=spec.repetition_penalty,
+            seed=spec.seed + i,
+            adapter=cond.adapter,
+            adapter_version=cond.version if cond.adapter else None,
+            feedback=feedback,
+            attributes=cond.attributes,
+            log=False,
         )
+        if not cond.mix:
+            out.append((i, job))
+            continue
+        for j in range(spec.samples):
+            seed = spec.seed + i + j * len(prompts)
+            out.append((i, replace(job, n=1, seed=seed, feedback="", feedback_mix=cond.mix)))
     return out
 
 
@@ -125,10 +167,12 @@ async def generate(
     sample with each of ``scorers``. Returns one run per condition, in order. Server errors
     propagate as ``TillerClientError``; an unknown scorer is a ``ValueError``."""
     per = [jobs(c, prompts, spec) for c in conditions]
-    texts = await generate_each(client, [j for js in per for j in js], spec.concurrency)
-    runs = []
-    for k, cond in enumerate(conditions):
-        mine = texts[k * len(prompts) : (k + 1) * len(prompts)]
-        samples = tuple(Sample(p, t) for p, ts in zip(prompts, mine, strict=True) for t in ts)
+    texts = await generate_each(client, [j for js in per for _, j in js], spec.concurrency)
+    runs, start = [], 0
+    for cond, js in zip(conditions, per, strict=True):
+        mine, start = texts[start : start + len(js)], start + len(js)
+        samples = tuple(
+            Sample(prompts[i], t) for (i, _), ts in zip(js, mine, strict=True) for t in ts
+        )
         runs.append(HeldoutRun(cond, samples, score([s.text for s in samples], scorers)))
     return runs

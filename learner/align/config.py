@@ -59,7 +59,7 @@ from tiller.server.formats.sections import ConfigError
 from ..annotate.config import build_section
 from ..annotate.config import parse_config as parse_annotator
 from ..annotate.scorers import check_scorer
-from ..heldout import HeldoutSampling
+from ..heldout import HeldoutSampling, check_guidance
 from ..learn.config import parse_config as parse_learner
 from ..learn.config import with_prompts
 
@@ -98,10 +98,16 @@ class EvalConfig:
     perplexity: bool = True
     attributes: Mapping[str, float] = field(default_factory=dict)
     sweep: SweepConfig | None = None
+    # ALT: the trained version and the prompted bootstrap sample each tag guided away from the
+    # other (heldout.guided) with this weight; the base model stays unguided. 0: off.
+    guidance: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.prompts:
             raise ValueError("[eval]: prompts is empty")
+        check_guidance(self.guidance, self.sampling, "eval")
+        if self.guidance > 0 and not self.tags:
+            raise ValueError("eval.guidance needs eval.tags (the two tags to guide between)")
         check_scorer(self.scorer)  # a bad rm: directory fails here, not after the run
         if self.tags and len(self.tags) != 2:
             raise ValueError("[eval]: tags must be the two extreme tags (best first)")

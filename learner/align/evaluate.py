@@ -26,7 +26,7 @@ from tiller.client import AsyncClient
 from tiller.server.formats.manifest import Conditioning
 
 from ..fluency import load_scoring_model, perplexity
-from ..heldout import Condition, generate
+from ..heldout import Condition, generate, guided
 from ..learn.gate import distinct_n
 from ..stats import mean_halfwidth
 from .config import EvalConfig
@@ -105,6 +105,11 @@ async def evaluate(
     return out
 
 
+def prompted_name(adapter: str) -> str:
+    """The name the evaluation loads the conditioning-only bootstrap under for guided runs."""
+    return f"{adapter}-prompted"
+
+
 def conditions(
     cfg: EvalConfig,
     adapter: str,
@@ -115,7 +120,10 @@ def conditions(
     conditioning-only bootstrap ``prompted = (version, its conditioning)`` per tag (the base
     prompted with the tag words, no training), when it is not ``version`` itself. The tag is
     rendered client-side for the base model: the server keeps only the active and the previous
-    version loaded, so after two promotions the bootstrap is no longer servable by number."""
+    version loaded, so after two promotions the bootstrap is no longer servable by number.
+    With ``cfg.guidance`` the tags are guided away from each other, and the bootstrap is asked
+    as ``prompted_name(adapter)@v<boot>``, which the caller has loaded (a mixture needs the
+    server to render the tags)."""
     out = [Condition("base")]
     if version is None:
         return out
@@ -126,13 +134,23 @@ def conditions(
         return [*out, Condition(f"{label} {{{shown}}}", adapter, version, attributes=w)]
     if not cfg.tags:
         return [*out, Condition(label, adapter, version)]
-    out += [Condition(f"{label} [{t}]", adapter, version, t) for t in cfg.tags]
+    g = cfg.guidance
+
+    def mix(tag: str) -> tuple[tuple[str, float], ...]:
+        return guided(tag, cfg.tags[1 - cfg.tags.index(tag)], g) if g > 0 else ()
+
+    shown = f", guided w={g:g}" if g > 0 else ""
+    out += [Condition(f"{label} [{t}{shown}]", adapter, version, t, mix=mix(t)) for t in cfg.tags]
     if prompted is not None and prompted[0] != version:
         boot, cond = prompted
-        out += [
-            Condition(f"prompted {adapter}@v{boot} [{t}]", feedback=t, render=cond)
-            for t in cfg.tags
-        ]
+        name = f"prompted {adapter}@v{boot}"
+        if g > 0:
+            served = prompted_name(adapter)
+            out += [
+                Condition(f"{name} [{t}{shown}]", served, boot, t, mix=mix(t)) for t in cfg.tags
+            ]
+        else:
+            out += [Condition(f"{name} [{t}]", feedback=t, render=cond) for t in cfg.tags]
     return out
 
 

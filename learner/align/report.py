@@ -142,7 +142,7 @@ def _evaluate(
 
     from ..learn.publish import bootstrap_version
     from . import plots
-    from .evaluate import Stats, compare, conditions, evaluate, spread
+    from .evaluate import Stats, compare, conditions, evaluate, prompted_name, spread
 
     boot = bootstrap_version(paths.registry, cfg.adapter)
     report["prompted_version"] = boot
@@ -153,6 +153,10 @@ def _evaluate(
 
     async def run_eval() -> list[Stats]:
         async with AsyncClient(target, timeout=600) as client:
+            if ev.guidance > 0 and prompted is not None and prompted[0] != active:
+                # guided sampling needs the server to render the bootstrap's tags
+                name = prompted_name(cfg.adapter)
+                await client.load_adapter(name, registry_version=boot, registry_name=cfg.adapter)
             conds = conditions(ev, cfg.adapter, active, prompted)
             return await evaluate(client, conds, ev, model)
 

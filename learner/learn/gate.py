@@ -48,7 +48,7 @@ from tiller.server.formats.manifest import Conditioning
 
 from ..annotate.judge import JudgeConfig
 from ..annotate.scorers import check_scorer
-from ..heldout import HeldoutSampling, score
+from ..heldout import HeldoutSampling, check_guidance, score
 from ..stats import mean_halfwidth
 
 Metric = Literal["mean", "spread"]
@@ -76,6 +76,9 @@ class GateConfig:
     judge: JudgeConfig | None = None
     min_win_rate: float = 0.5
     sampling: HeldoutSampling = field(default_factory=HeldoutSampling)  # [gate.sampling]
+    # metric "spread": each served side samples each extreme tag guided away from the other
+    # (heldout.guided) with this weight; the base model's anchor run stays unguided. 0: off.
+    guidance: float = 0.0
     # The admin address of every replica behind ``server``: the candidate is loaded on each
     # (the gate's requests still go to ``server``). Empty: the gate is pinned to one server.
     replicas: tuple[str, ...] = ()
@@ -113,6 +116,9 @@ class GateConfig:
         r = self.min_base_distinct2_ratio
         if not (math.isfinite(r) and 0 <= r <= 1):
             raise ValueError(f"gate.min_base_distinct2_ratio must be in [0, 1] (0: off), got {r}")
+        check_guidance(self.guidance, self.sampling, "gate")
+        if self.guidance > 0 and self.metric != "spread":
+            raise ValueError("gate.guidance needs gate.metric 'spread' (two tags to guide between)")
         for r in self.replicas:
             if not r or r != r.strip() or ":" not in r:
                 raise ValueError(f"gate.replicas: {r!r} is not a host:port address")

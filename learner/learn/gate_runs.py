@@ -23,7 +23,7 @@ from tiller.server.formats.logstore import GenerationView
 
 from ..annotate.judge import LLMJudge
 from ..fluency import Scorer, perplexity
-from ..heldout import Condition, generate
+from ..heldout import Condition, generate, guided
 from .config import LearnConfig
 from .gate import GateConfig, Side, Verdict, decide, distinct_n, evaluate
 from .served import Served, conditioning
@@ -31,12 +31,18 @@ from .train import CANDIDATE_SUFFIX
 
 
 def conditions(side: Side, cfg: GateConfig) -> list[Condition]:
-    """What ``side`` generates: one held-out condition per gate tag. The base model gets a tag
-    rendered into the prompt (``ValueError`` without a conditioning to render it with)."""
+    """What ``side`` generates: one held-out condition per gate tag, guided with
+    ``gate.guidance``. The base model gets a tag rendered into the prompt, unguided
+    (``ValueError`` without a conditioning to render it with)."""
     out = []
     for tag in cfg.tags:
         if side.name:
-            out.append(Condition(side.label, side.name, side.version, tag, None, side.attributes))
+            mix: tuple[tuple[str, float], ...] = ()
+            if cfg.guidance > 0:
+                away = cfg.low_tag if tag == cfg.high_tag else cfg.high_tag
+                mix = guided(tag, away, cfg.guidance)
+            cond = Condition(side.label, side.name, side.version, tag, None, side.attributes, mix)
+            out.append(cond)
         elif tag and side.conditioning is None:
             raise ValueError("the gate needs a conditioning to render tags for the base model")
         else:

@@ -36,6 +36,7 @@ class GenerationJob:
     adapter: str = ""
     adapter_version: int | None = None
     feedback: str = ""
+    feedback_mix: tuple[tuple[str, float], ...] = ()  # instead of ``feedback``; n must be 1
     attributes: tuple[tuple[str, float], ...] = ()
     log: bool | None = None
 
@@ -51,6 +52,7 @@ class GenerationJob:
             "adapter": self.adapter,
             "adapter_version": self.adapter_version,
             "feedback": self.feedback,
+            "feedback_mix": dict(self.feedback_mix) if self.feedback_mix else None,
             "attributes": dict(self.attributes) if self.attributes else None,
             "log": self.log,
             "priority": "background",  # the learner's work waits behind users' requests

@@ -172,7 +172,7 @@ ALT = (
     .replace(
         "margin = 1000.0",
         'metric = "spread"\nhigh_tag = "Long"\nlow_tag = "Short"\n'
-        "margin = 1000.0\nconfidence = 0.9",
+        "margin = 1000.0\nconfidence = 0.9\nguidance = 1.0",
     )
     .replace("[eval]\n", '[eval]\ntags = ["Long", "Short"]\n')
 )
@@ -181,9 +181,10 @@ ALT = (
 def test_alt_align_evaluates_against_the_unloaded_bootstrap_and_again_on_demand(
     tiny_model: Path, tmp_path: Path
 ) -> None:
-    """Bootstrap v1, then v2 and v3 promoted: the server keeps v2 and v3 only, and the held-out
-    evaluation still measures the prompted bootstrap (rendered client-side). ``--evaluate-only``
-    then evaluates the finished run again, without training."""
+    """Bootstrap v1, then v2 and v3 promoted (gated with guided spreads): the server keeps v2
+    and v3 only, and the held-out evaluation still measures the prompted bootstrap (rendered
+    client-side). ``--evaluate-only`` then evaluates the finished run again with guidance,
+    without training: the bootstrap is loaded again to be mixed by the server."""
     run_dir = tmp_path / "run"
     argv = _align_argv(tmp_path, ALT, tiny_model, "alt", str(run_dir))
     _align(argv)
@@ -196,12 +197,20 @@ def test_alt_align_evaluates_against_the_unloaded_bootstrap_and_again_on_demand(
     ]  # fmt: skip
     assert "tag spread, trained over prompted" in report["eval"]
     iterations = report["iterations"]
+    gates = [i for i in iterations if i["status"] == "promoted"]
+    assert len(gates) == 2 and all(i["candidate_value"] is not None for i in gates)
+    config = Path(argv[argv.index("--config") + 1])
+    config.write_text(config.read_text().replace("[eval]\n", "[eval]\nguidance = 1.0\n"))
     again = subprocess.run([*argv, "--evaluate-only"], capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-4000:]
     second = json.loads((run_dir / "report.json").read_text())
     assert second["ended"] == "evaluate only" and second["iterations"] == iterations
-    assert [c["label"] for c in second["eval"]["conditions"]] == labels
+    assert [c["label"] for c in second["eval"]["conditions"]] == [
+        "base", "steer@v3 [Long, guided w=1]", "steer@v3 [Short, guided w=1]",
+        "prompted steer@v1 [Long, guided w=1]", "prompted steer@v1 [Short, guided w=1]",
+    ]  # fmt: skip
     assert [c["n"] for c in second["eval"]["conditions"]] == [6] * 5  # 3 prompts x 2 samples
+    assert "tag spread, trained over prompted" in second["eval"]
     assert "started learner" not in again.stderr and _alive_with(str(run_dir)) == []
 
 

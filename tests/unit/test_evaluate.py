@@ -73,6 +73,32 @@ def test_spread_is_a_paired_condition_and_conditions_add_the_prompted_version() 
     assert [c.label for c in conditions(cfg, "steer", None)] == ["base"]
 
 
+def test_guided_evaluation_asks_the_loaded_bootstrap_with_mixtures() -> None:
+    from tiller.learner.align.evaluate import conditions, prompted_name
+    from tiller.learner.heldout import HeldoutSampling
+    from tiller.server.formats.manifest import Conditioning
+
+    cfg = EvalConfig(prompts=("p",), scorer="length", tags=("Hi", "Lo"), guidance=0.5)
+    cond = Conditioning(tags=("Hi", "Lo"), template="{feedback}: {prompt}", separator="")
+    got = conditions(cfg, "steer", 3, prompted=(1, cond))
+    assert [(c.label, c.adapter, c.version, c.mix) for c in got] == [
+        ("base", "", None, ()),
+        ("steer@v3 [Hi, guided w=0.5]", "steer", 3, (("Hi", 1.5), ("Lo", -0.5))),
+        ("steer@v3 [Lo, guided w=0.5]", "steer", 3, (("Lo", 1.5), ("Hi", -0.5))),
+        ("prompted steer@v1 [Hi, guided w=0.5]", prompted_name("steer"), 1,
+         (("Hi", 1.5), ("Lo", -0.5))),
+        ("prompted steer@v1 [Lo, guided w=0.5]", prompted_name("steer"), 1,
+         (("Lo", 1.5), ("Hi", -0.5))),
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match=r"eval\.guidance needs eval\.tags"):
+        EvalConfig(prompts=("p",), scorer="length", guidance=0.5)
+    with pytest.raises(ValueError, match=r"eval\.sampling\.repetition_penalty"):
+        EvalConfig(
+            prompts=("p",), scorer="length", tags=("Hi", "Lo"), guidance=0.5,
+            sampling=HeldoutSampling(repetition_penalty=1.2),
+        )  # fmt: skip
+
+
 # ------------------------------------------------------------------ held-out generation
 
 
@@ -99,20 +125,41 @@ def test_heldout_jobs_are_a_function_of_the_spec() -> None:
     steer = Condition("steer", "steer", 2, "Hi", attributes=(("x", 1.0),))
     prompts = ("p", "q", "r")
     assert jobs(steer, prompts, spec) == jobs(steer, prompts, spec)  # same seeds, same jobs
-    got = jobs(steer, prompts, spec)
+    assert [i for i, _ in jobs(steer, prompts, spec)] == [0, 1, 2]
+    got = [j for _, j in jobs(steer, prompts, spec)]
     assert [j.seed for j in got] == [100, 101, 102]  # prompt i: seed + i, for every condition
     assert all(j.log is False and j.n == 3 and j.max_tokens == 8 for j in got)
     assert (got[0].adapter, got[0].adapter_version, got[0].feedback) == ("steer", 2, "Hi")
     assert got[0].request_kwargs()["attributes"] == {"x": 1.0}
     # the base model: the tag is rendered into the prompt, not sent
     cond = Conditioning(tags=("Hi", "Lo"), template="{feedback}: {prompt}", separator="")
-    base = jobs(Condition("base", feedback="Hi", render=cond), prompts, spec)
+    base = [j for _, j in jobs(Condition("base", feedback="Hi", render=cond), prompts, spec)]
     first = base[0]
     assert (first.prompt, first.feedback, first.adapter, first.adapter_version) == (
         "Hi: p", "", "", None,
     )  # fmt: skip
     assert [j.seed for j in base] == [100, 101, 102]
-    assert [j.seed for j in jobs(steer, prompts, HeldoutSampling(seed=7))] == [7, 8, 9]
+    assert [j.seed for _, j in jobs(steer, prompts, HeldoutSampling(seed=7))] == [7, 8, 9]
+
+
+def test_a_guided_condition_sends_one_mixed_request_per_sample() -> None:
+    from tiller.learner.heldout import Condition, HeldoutSampling, guided, jobs
+
+    mix = guided("Hi", "Lo", 0.5)
+    assert mix == (("Hi", 1.5), ("Lo", -0.5))
+    assert guided("Hi", "Lo", 0) == (("Hi", 1.0),)
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="guidance weight"):
+            guided("Hi", "Lo", bad)
+    spec = HeldoutSampling(samples=2, seed=10)
+    got = jobs(Condition("g", "steer", 3, "Hi", mix=mix), ("p", "q", "r"), spec)
+    assert [i for i, _ in got] == [0, 0, 1, 1, 2, 2]  # prompt-major, one request per sample
+    assert [j.seed for _, j in got] == [10, 13, 11, 14, 12, 15]  # seed + i + j·len(prompts)
+    first = got[0][1]
+    assert (first.n, first.feedback, first.feedback_mix) == (1, "", mix)
+    assert first.request_kwargs()["feedback_mix"] == {"Hi": 1.5, "Lo": -0.5}
+    with pytest.raises(ValueError, match="served version"):
+        Condition("base", feedback="Hi", mix=mix)
 
 
 async def test_heldout_generate_asks_the_same_requests_and_scores_in_order() -> None:

@@ -103,6 +103,34 @@ def test_gate_sides_are_held_out_conditions() -> None:
     assert [(c.adapter, c.feedback, c.render) for c in plain] == [("", "", None)]
 
 
+def test_a_guided_gate_guides_served_sides_and_leaves_the_base_anchor_plain() -> None:
+    from tiller.learner.heldout import HeldoutSampling
+    from tiller.learner.learn.gate_runs import conditions
+    from tiller.server.formats.manifest import Conditioning
+
+    cfg = GateConfig(
+        prompts=("p",), scorer="length", metric="spread", high_tag="Hi", low_tag="Lo",
+        guidance=1.0,
+    )  # fmt: skip
+    steer = conditions(Side("steer", 3), cfg)
+    assert [(c.feedback, c.mix) for c in steer] == [
+        ("Hi", (("Hi", 2.0), ("Lo", -1.0))),
+        ("Lo", (("Lo", 2.0), ("Hi", -1.0))),
+    ]
+    base = conditions(Side("", 0, Conditioning(tags=("Hi", "Lo"))), cfg)
+    assert all(c.mix == () and c.render is not None for c in base)
+    with pytest.raises(ValueError, match=r"gate\.guidance needs gate\.metric 'spread'"):
+        GateConfig(prompts=("p",), scorer="length", guidance=1.0)
+    with pytest.raises(ValueError, match=r"gate\.guidance must be a finite number"):
+        GateConfig(prompts=("p",), scorer="length", metric="spread", high_tag="Hi",
+                   low_tag="Lo", guidance=-1.0)  # fmt: skip
+    with pytest.raises(ValueError, match=r"gate.sampling.repetition_penalty must be unset"):
+        GateConfig(
+            prompts=("p",), scorer="length", metric="spread", high_tag="Hi", low_tag="Lo",
+            guidance=1.0, sampling=HeldoutSampling(repetition_penalty=1.2),
+        )  # fmt: skip
+
+
 def test_paired_upper_bound_by_hand() -> None:
     # diffs 1, 2, 3: mean 2, sd 1, se 1/sqrt(3); t(0.95, df=2) = 2.919986
     upper = paired_upper_bound([2.0, 4.0, 6.0], [1.0, 2.0, 3.0], 0.95)
