@@ -10,7 +10,8 @@ follows the *difference* between the two conditionals, which is what training sh
 One ``tiller serve`` of SmolLM2 serves the prompted bootstrap (a version without LoRA: the tags
 rendered into the prompt) and every adapter of ``--out``'s ``adapters/`` as versions with the
 same conditioning. For every guidance weight, each version samples the held-out openings at
-"Very positive" and at "Very negative" (the same seeds everywhere); the spread is high − low per
+"Very positive" and at "Very negative" (the same seeds everywhere; the experiments' sampling
+without its repetition penalty, which a feedback mix refuses); the spread is high − low per
 opening and seed, paired against the prompted bootstrap's at the same weight. Prints
 
     ALT guided trained - prompted (NAME, w=W): spread +X ± H (p = P)
@@ -52,6 +53,9 @@ from alt_experiments import (
 
 HERE = Path(__file__).resolve().parent
 PROMPTED = "prompted"
+# The experiments' sampling without the repetition penalty, at every weight: vLLM's penalty
+# counts the prompt's tokens, which differ per mixed condition, so a feedback mix refuses it.
+GUIDED = {k: v for k, v in SAMPLING.items() if k != "repetition_penalty"}
 
 
 def build_versions(out: Path, names: Sequence[str]) -> Path:
@@ -137,7 +141,7 @@ async def sample(target: str, name: str, tag: str, w: float, prompts: Sequence[s
                 seed=seed,
                 log=False,
                 timeout=600,
-                **SAMPLING,
+                **GUIDED,
                 **mix(tag, w),
             )
             return g.text
