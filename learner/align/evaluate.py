@@ -105,11 +105,6 @@ async def evaluate(
     return out
 
 
-def prompted_name(adapter: str) -> str:
-    """The name the evaluation loads the conditioning-only bootstrap under for guided runs."""
-    return f"{adapter}-prompted"
-
-
 def conditions(
     cfg: EvalConfig,
     adapter: str,
@@ -122,8 +117,8 @@ def conditions(
     rendered client-side for the base model: the server keeps only the active and the previous
     version loaded, so after two promotions the bootstrap is no longer servable by number.
     With ``cfg.guidance`` the tags are guided away from each other, and the bootstrap is asked
-    as ``prompted_name(adapter)@v<boot>``, which the caller has loaded (a mixture needs the
-    server to render the tags)."""
+    as ``adapter@v<boot>``, which the caller has loaded again (a mixture needs the server to
+    render the tags)."""
     out = [Condition("base")]
     if version is None:
         return out
@@ -145,9 +140,8 @@ def conditions(
         boot, cond = prompted
         name = f"prompted {adapter}@v{boot}"
         if g > 0:
-            served = prompted_name(adapter)
             out += [
-                Condition(f"{name} [{t}{shown}]", served, boot, t, mix=mix(t)) for t in cfg.tags
+                Condition(f"{name} [{t}{shown}]", adapter, boot, t, mix=mix(t)) for t in cfg.tags
             ]
         else:
             out += [Condition(f"{name} [{t}]", feedback=t, render=cond) for t in cfg.tags]

@@ -142,7 +142,7 @@ def _evaluate(
 
     from ..learn.publish import bootstrap_version
     from . import plots
-    from .evaluate import Stats, compare, conditions, evaluate, prompted_name, spread
+    from .evaluate import Stats, compare, conditions, evaluate, spread
 
     boot = bootstrap_version(paths.registry, cfg.adapter)
     report["prompted_version"] = boot
@@ -154,9 +154,9 @@ def _evaluate(
     async def run_eval() -> list[Stats]:
         async with AsyncClient(target, timeout=600) as client:
             if ev.guidance > 0 and prompted is not None and prompted[0] != active:
-                # guided sampling needs the server to render the bootstrap's tags
-                name = prompted_name(cfg.adapter)
-                await client.load_adapter(name, registry_version=boot, registry_name=cfg.adapter)
+                # The server mixes only the tags of a version it serves: load the bootstrap
+                # again (not activated; a no-op while it is still the previous version).
+                await client.load_adapter(cfg.adapter, registry_version=prompted[0])
             conds = conditions(ev, cfg.adapter, active, prompted)
             return await evaluate(client, conds, ev, model)
 

@@ -74,7 +74,7 @@ def test_spread_is_a_paired_condition_and_conditions_add_the_prompted_version() 
 
 
 def test_guided_evaluation_asks_the_loaded_bootstrap_with_mixtures() -> None:
-    from tiller.learner.align.evaluate import conditions, prompted_name
+    from tiller.learner.align.evaluate import conditions
     from tiller.learner.heldout import HeldoutSampling
     from tiller.server.formats.manifest import Conditioning
 
@@ -85,9 +85,9 @@ def test_guided_evaluation_asks_the_loaded_bootstrap_with_mixtures() -> None:
         ("base", "", None, ()),
         ("steer@v3 [Hi, guided w=0.5]", "steer", 3, (("Hi", 1.5), ("Lo", -0.5))),
         ("steer@v3 [Lo, guided w=0.5]", "steer", 3, (("Lo", 1.5), ("Hi", -0.5))),
-        ("prompted steer@v1 [Hi, guided w=0.5]", prompted_name("steer"), 1,
+        ("prompted steer@v1 [Hi, guided w=0.5]", "steer", 1,
          (("Hi", 1.5), ("Lo", -0.5))),
-        ("prompted steer@v1 [Lo, guided w=0.5]", prompted_name("steer"), 1,
+        ("prompted steer@v1 [Lo, guided w=0.5]", "steer", 1,
          (("Lo", 1.5), ("Hi", -0.5))),
     ]  # fmt: skip
     with pytest.raises(ValueError, match=r"eval\.guidance needs eval\.tags"):
