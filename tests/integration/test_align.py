@@ -358,7 +358,9 @@ SHIPPED = sorted((Path(__file__).parents[2] / "deploy" / "align").glob("*.toml")
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
 def test_shipped_align_configs_load(path: Path) -> None:
     cfg = load_config(path)
-    assert cfg.name == path.stem and cfg.model == "smollm2" and cfg.duration_s <= 1200
+    # 20 minutes at most, ALT's one large iteration 45 (docs/results/alt.md)
+    longest = 2700 if path.stem == "alt-sentiment" else 1200
+    assert cfg.name == path.stem and cfg.model == "smollm2" and cfg.duration_s <= longest
 
 
 def _py(code: str) -> list[str]:
