@@ -28,14 +28,13 @@ import asyncio
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from align_vs_trl import stop, wait_port
 from alt_experiments import (
     EVAL_SAMPLES,
     EVAL_SEED,
@@ -110,20 +109,15 @@ def start(root: Path, names: Sequence[str], work: Path) -> tuple[subprocess.Pope
         proc = subprocess.Popen(
             cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True, env=env
         )
-    deadline = time.monotonic() + 600
-    while not port_file.exists() or not port_file.read_text().strip():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(log.read_text(errors="replace")[-3000:])
-        time.sleep(0.5)
-    return proc, f"127.0.0.1:{port_file.read_text().strip()}"
+    return proc, wait_port(port_file, proc, log, 600)
 
 
 def mix(tag: str, w: float) -> dict[str, Any]:
     """The request fields for ``tag`` guided away from the opposite extreme by ``w``."""
-    if w == 0:
-        return {"feedback": tag}
-    other = LOW if tag == HIGH else HIGH
-    return {"feedback_mix": {tag: 1.0 + w, other: -w}}
+    from tiller.learner.heldout import guided_pair
+
+    mixes = guided_pair(HIGH, LOW, w)
+    return {"feedback_mix": dict(mixes[tag])} if mixes else {"feedback": tag}
 
 
 async def sample(target: str, name: str, tag: str, w: float, prompts: Sequence[str]) -> list[str]:
@@ -250,8 +244,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         for name, w, tag in tqdm(plan, desc="guided sampling"):
             runs[f"{name}|{w}|{tag}"] = asyncio.run(sample(target, name, tag, w, prompts))
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=120)
+        stop(proc)
     (out / "guidance-texts.json").write_text(json.dumps(runs))
     report(out, names, weights, runs)
 

@@ -93,6 +93,12 @@ def guided(tag: str, away: str, w: float) -> Weights:
     return ((tag, 1.0 + w), (away, -w)) if w > 0 else ((tag, 1.0),)
 
 
+def guided_pair(high: str, low: str, w: float) -> dict[str, Weights]:
+    """Each of two extreme tags guided away from the other with ``w`` (``guided``); empty when
+    ``w`` is 0 (unguided: send the tag itself)."""
+    return {high: guided(high, low, w), low: guided(low, high, w)} if w > 0 else {}
+
+
 @dataclass(frozen=True)
 class Sample:
     """One generated text; ``prompt`` is the held-out prompt as given (before any rendering)."""

@@ -124,10 +124,18 @@ class CpuSplit:
 
     def engine_env(self) -> dict[str, str]:
         """vLLM's CPU worker binds its OpenMP threads to exactly these CPUs."""
-        return {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, self.engine))}
+        return _omp_bind(self.engine)
+
+    def judge_env(self) -> dict[str, str]:
+        """The judge's vLLM engine keeps to the workers' CPUs."""
+        return _omp_bind(self.workers)
 
     def worker_env(self) -> dict[str, str]:
         return {"OMP_NUM_THREADS": str(len(self.workers))}
+
+
+def _omp_bind(cpus: Sequence[int]) -> dict[str, str]:
+    return {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cpus))}
 
 
 def cpu_split(worker_cpus: int, usable: Sequence[int], cuda: bool) -> CpuSplit | None:
@@ -184,10 +192,10 @@ def judge_spec(
             # the engine core in the API server's process: no IPC hop, faster on CPUs
             VLLM_ENABLE_V1_MULTIPROCESSING="0",
             VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-            **({"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, split.workers))} if split else {}),
+            **(split.judge_env() if split else {}),
         ),
         cpus=frozenset(split.workers) if split else None,
-        idle=cfg.worker_priority == "background",
+        idle=cfg.background_workers,
     )
     return spec, url + "/v1"
 
@@ -269,7 +277,7 @@ def worker_specs(
     learner_cfg = paths.root / "learner.json"
     learner_cfg.write_text(json.dumps(learner, indent=2))
     cpus = frozenset(split.workers) if split else None
-    idle = cfg.worker_priority == "background"
+    idle = cfg.background_workers
     annotator = ChildSpec(
         "annotator",
         tiller_argv("annotate", "--config", str(annotator_cfg)),

@@ -158,6 +158,11 @@ class AlignConfig:
     def adapter(self) -> str:
         return str(self.learner["adapter"])
 
+    @property
+    def background_workers(self) -> bool:
+        """The annotator, learner and judge run under ``SCHED_IDLE``."""
+        return self.worker_priority == "background"
+
 
 def learner_section(
     cfg: AlignConfig, *, db: Path, registry: Path, workdir: Path, model: Path, server: str

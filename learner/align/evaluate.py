@@ -26,7 +26,7 @@ from tiller.client import AsyncClient
 from tiller.server.formats.manifest import Conditioning
 
 from ..fluency import load_scoring_model, perplexity
-from ..heldout import Condition, generate, guided
+from ..heldout import Condition, generate, guided_pair
 from ..learn.gate import distinct_n
 from ..stats import mean_halfwidth
 from .config import EvalConfig
@@ -130,18 +130,19 @@ def conditions(
     if not cfg.tags:
         return [*out, Condition(label, adapter, version)]
     g = cfg.guidance
-
-    def mix(tag: str) -> tuple[tuple[str, float], ...]:
-        return guided(tag, cfg.tags[1 - cfg.tags.index(tag)], g) if g > 0 else ()
-
+    mixes = guided_pair(cfg.tags[0], cfg.tags[1], g)
     shown = f", guided w={g:g}" if g > 0 else ""
-    out += [Condition(f"{label} [{t}{shown}]", adapter, version, t, mix=mix(t)) for t in cfg.tags]
+    out += [
+        Condition(f"{label} [{t}{shown}]", adapter, version, t, mix=mixes.get(t, ()))
+        for t in cfg.tags
+    ]
     if prompted is not None and prompted[0] != version:
         boot, cond = prompted
         name = f"prompted {adapter}@v{boot}"
         if g > 0:
             out += [
-                Condition(f"{name} [{t}{shown}]", adapter, boot, t, mix=mix(t)) for t in cfg.tags
+                Condition(f"{name} [{t}{shown}]", adapter, boot, t, mix=mixes.get(t, ()))
+                for t in cfg.tags
             ]
         else:
             out += [Condition(f"{name} [{t}]", feedback=t, render=cond) for t in cfg.tags]

@@ -23,7 +23,7 @@ from tiller.server.formats.logstore import GenerationView
 
 from ..annotate.judge import LLMJudge
 from ..fluency import Scorer, perplexity
-from ..heldout import Condition, generate, guided
+from ..heldout import Condition, generate, guided_pair
 from .config import LearnConfig
 from .gate import GateConfig, Side, Verdict, decide, distinct_n, evaluate
 from .served import Served, conditioning
@@ -35,14 +35,13 @@ def conditions(side: Side, cfg: GateConfig) -> list[Condition]:
     ``gate.guidance``. The base model gets a tag rendered into the prompt, unguided
     (``ValueError`` without a conditioning to render it with)."""
     out = []
+    mixes = guided_pair(cfg.high_tag, cfg.low_tag, cfg.guidance)
     for tag in cfg.tags:
         if side.name:
-            mix: tuple[tuple[str, float], ...] = ()
-            if cfg.guidance > 0:
-                away = cfg.low_tag if tag == cfg.high_tag else cfg.high_tag
-                mix = guided(tag, away, cfg.guidance)
-            cond = Condition(side.label, side.name, side.version, tag, None, side.attributes, mix)
-            out.append(cond)
+            mix = mixes.get(tag, ())
+            out.append(
+                Condition(side.label, side.name, side.version, tag, None, side.attributes, mix)
+            )
         elif tag and side.conditioning is None:
             raise ValueError("the gate needs a conditioning to render tags for the base model")
         else:
@@ -110,6 +109,10 @@ class SideRun:
     texts: tuple[tuple[str, str, str], ...]
     perplexity: float | None = None
     scores: tuple[float, ...] = ()  # the scorer's value of each text (empty without a scorer)
+
+    @property
+    def distinct2(self) -> float:
+        return distinct_n([t for _, _, t in self.texts])
 
 
 async def run_side(
@@ -194,9 +197,7 @@ async def run_gate(
         cfg,
         win_rate,
         base_perplexity=base_run.perplexity if base_run is not None else None,
-        base_distinct2=(
-            distinct_n([t for _, _, t in base_run.texts]) if base_run is not None else None
-        ),
+        base_distinct2=base_run.distinct2 if base_run is not None else None,
     )
     return GateOutcome(replace(verdict, incumbent_reused=incumbent_run is not None), cand, base_run)
 

@@ -142,6 +142,16 @@ def test_heldout_jobs_are_a_function_of_the_spec() -> None:
     assert [j.seed for _, j in jobs(steer, prompts, HeldoutSampling(seed=7))] == [7, 8, 9]
 
 
+def test_guided_pair_guides_each_extreme_away_from_the_other() -> None:
+    from tiller.learner.heldout import guided_pair
+
+    assert guided_pair("Hi", "Lo", 1.0) == {
+        "Hi": (("Hi", 2.0), ("Lo", -1.0)),
+        "Lo": (("Lo", 2.0), ("Hi", -1.0)),
+    }
+    assert guided_pair("Hi", "Lo", 0.0) == {}  # unguided: the tag itself is sent
+
+
 def test_a_guided_condition_sends_one_mixed_request_per_sample() -> None:
     from tiller.learner.heldout import Condition, HeldoutSampling, guided, jobs
 
