@@ -14,11 +14,18 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from tiller.server.tools.models import DEFAULT_CACHE
 
 from .config import AlignConfig, annotator_section, learner_section
 from .supervisor import ChildSpec, wait_for_file
+
+# The run's `tiller serve` children: the users' server, and (with ``[sampler]``) the replica that
+# serves only the loop's own generations (the learner's sampling and gate, the "self" judge).
+Role = Literal["server", "sampler"]
+SERVER: Role = "server"
+SAMPLER: Role = "sampler"
 
 
 @dataclass(frozen=True)
@@ -41,11 +48,15 @@ class RunPaths:
 
     @property
     def port_file(self) -> Path:
-        return self.root / "server.port"
+        return self.ports(SERVER)[0]
 
     @property
     def http_port_file(self) -> Path:
-        return self.root / "server.http_port"
+        return self.ports(SERVER)[1]
+
+    def ports(self, role: Role) -> tuple[Path, Path]:
+        """The files a ``tiller serve`` child writes its gRPC and HTTP ports to."""
+        return self.root / f"{role}.port", self.root / f"{role}.http_port"
 
     @property
     def learner_workdir(self) -> Path:
@@ -127,7 +138,7 @@ class CpuSplit:
         return _omp_bind(self.engine)
 
     def judge_env(self) -> dict[str, str]:
-        """The judge's vLLM engine keeps to the workers' CPUs."""
+        """The judge's and the sampler replica's vLLM engines keep to the workers' CPUs."""
         return _omp_bind(self.workers)
 
     def worker_env(self) -> dict[str, str]:
@@ -155,12 +166,15 @@ def cpu_split(worker_cpus: int, usable: Sequence[int], cuda: bool) -> CpuSplit |
 
 
 def host_cpu_split(cfg: AlignConfig) -> CpuSplit | None:
-    """``cpu_split`` for this host: its usable CPUs, and whether torch sees a CUDA device."""
-    if cfg.worker_cpus == 0:
+    """``cpu_split`` for this host: its usable CPUs, and whether torch sees a CUDA device.
+    A sampler replica needs CPUs apart from the users' engine: with ``[sampler]``, worker_cpus
+    0 means the automatic split (-1)."""
+    workers = cfg.worker_cpus or (-1 if cfg.sampler is not None else 0)
+    if workers == 0:
         return None  # the default: no torch import in the supervisor for nothing
     import torch
 
-    return cpu_split(cfg.worker_cpus, sorted(os.sched_getaffinity(0)), torch.cuda.is_available())
+    return cpu_split(workers, sorted(os.sched_getaffinity(0)), torch.cuda.is_available())
 
 
 def tiller_argv(*args: str) -> list[str]:
@@ -200,14 +214,14 @@ def judge_spec(
     return spec, url + "/v1"
 
 
-def bound_port(paths: RunPaths) -> int:
-    """The port the run's server wrote to its port file."""
-    return int(paths.port_file.read_text().strip())
+def bound_port(paths: RunPaths, role: Role = SERVER) -> int:
+    """The gRPC port a ``tiller serve`` child of the run wrote to its port file."""
+    return int(paths.ports(role)[0].read_text().strip())
 
 
-def bound_http_port(paths: RunPaths) -> int:
-    """The port of the run server's OpenAI-compatible API."""
-    return int(paths.http_port_file.read_text().strip())
+def bound_http_port(paths: RunPaths, role: Role = SERVER) -> int:
+    """The port of that child's OpenAI-compatible API."""
+    return int(paths.ports(role)[1].read_text().strip())
 
 
 def server_spec(
@@ -218,32 +232,53 @@ def server_spec(
     exit_status: Callable[[], int | None],
     http_port: int = 0,
     split: CpuSplit | None = None,
+    role: Role = SERVER,
 ) -> ChildSpec:
     """``tiller serve`` on ``port`` and its OpenAI-compatible API on ``http_port`` (0: the
     server binds free ones and writes them to the port files) over the run's log and registry,
     with the admin API. ``exit_status`` polls the running server process (its readiness check
-    gives up if it exits)."""
+    gives up if it exits).
+
+    ``role`` "sampler": the loop's own replica (``[sampler]``). Same log (SQLite serialises the
+    two writers; seqs stay in commit order), same registry; its engine on the workers' CPUs and,
+    with background workers, under ``SCHED_IDLE`` like them; no seat share for background
+    requests, which are all it serves."""
+    port_file, http_port_file = paths.ports(role)
+    sampler = role == SAMPLER
+    if sampler:
+        assert cfg.sampler is not None
+    extra = cfg.sampler.args if sampler and cfg.sampler else cfg.server_args
     argv = tiller_argv(
         "serve", "--model", str(model), "--port", str(port),
-        "--port-file", str(paths.port_file), "--log-db", str(paths.db),
-        "--http-port", str(http_port), "--http-port-file", str(paths.http_port_file),
+        "--port-file", str(port_file), "--log-db", str(paths.db),
+        "--http-port", str(http_port), "--http-port-file", str(http_port_file),
         "--registry", str(paths.registry), "--registry-poll", "0.5", "--enable-admin",
         # the learner's gate loads candidates from its workdir; nothing else is loadable
         "--adapter-root", str(paths.registry), "--adapter-root", str(paths.learner_workdir),
-        *cfg.server_args,
+        *(["--background-seat-share", "1"] if sampler else []),
+        *extra,
     )  # fmt: skip
 
     def ready() -> None:
-        wait_for_file(paths.port_file, exit_status, 600)
-        wait_serving(f"127.0.0.1:{bound_port(paths)}", 120)
+        wait_for_file(port_file, exit_status, 600)
+        wait_serving(f"127.0.0.1:{bound_port(paths, role)}", 120)
 
     # On CPUs vLLM sizes its KV cache from free memory unless told: with a judge, a trainer
     # and the server on one machine that over-commits. 2 GiB holds ~90k SmolLM2 tokens.
-    env = child_env(
-        VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
-        **(split.engine_env() if split else {}),
+    kv = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1" if sampler else "2")
+    bind = (split.judge_env() if sampler else split.engine_env()) if split else {}
+    env = child_env(VLLM_CPU_KVCACHE_SPACE=kv, **bind)
+    if not sampler:
+        return ChildSpec(SERVER, argv, paths.log(SERVER), ready, env=env)
+    return ChildSpec(
+        SAMPLER,
+        argv,
+        paths.log(SAMPLER),
+        ready,
+        env=env,
+        cpus=frozenset(split.workers) if split else None,
+        idle=cfg.background_workers,
     )
-    return ChildSpec("server", argv, paths.log("server"), ready, env=env)
 
 
 def worker_specs(

@@ -17,6 +17,11 @@ Layout (paths relative to the file)::
     [server.engine_args]           # any vLLM engine argument, passed after `--`
     max_num_batched_tokens = 2048
 
+    [sampler]                      # optional: a replica for the loop's own generations (learner
+    args = []                      # sampling, gate, "self" judge, evaluation) on the workers'
+    [sampler.engine_args]          # CPUs under SCHED_IDLE; on a GPU give each engine its share
+    gpu_memory_utilization = 0.3   # (gpu_memory_utilization in both [server] and [sampler])
+
     [judge]                        # optional: an OpenAI-compatible judge server (vLLM's)
     model = "smollm2"
     args = ["--max-model-len", "2048"]
@@ -125,7 +130,8 @@ class JudgeServerConfig:
 
 @dataclass(frozen=True)
 class ServerSection:
-    """`[server]`: the `tiller serve` process align starts."""
+    """`[server]` (the users' server) or `[sampler]` (the loop's replica): a `tiller serve`
+    process align starts."""
 
     args: tuple[str, ...] = ()  # extra `tiller serve` arguments
     # vLLM engine arguments (vLLM's names, dashes or underscores), passed after `--`
@@ -142,6 +148,10 @@ class AlignConfig:
     # active: the learner samples its prompt pool; passive: live traffic and app feedback only
     mode: Literal["active", "passive"] = "active"
     server_args: tuple[str, ...] = ()  # [server] args
+    # [sampler]: a second `tiller serve` for the loop's own generations (the learner's sampling
+    # and gate, the "self" judge, the evaluation), so that they never share the users' engine
+    # batch. Its args include [sampler.engine_args]' flags. None: all on the users' server.
+    sampler: ServerSection | None = None
     judge: JudgeServerConfig | None = None
     eval: EvalConfig | None = None
     reward_provider: str = ""  # annotation provider plotted as the reward
@@ -199,7 +209,7 @@ def annotator_section(
     return out
 
 
-_TABLES = ("server", "judge", "annotator", "learner", "eval")
+_TABLES = ("server", "sampler", "judge", "annotator", "learner", "eval")
 
 
 def parse_config(data: Mapping[str, Any], base: Path) -> AlignConfig:
@@ -213,6 +223,10 @@ def parse_config(data: Mapping[str, Any], base: Path) -> AlignConfig:
         if key not in top and key not in tables:
             raise ConfigError(f"the align config needs {key}")
     server = build_section(ServerSection, tables.get("server", {}), "[server]")
+    sampler = None
+    if "sampler" in tables:
+        given = build_section(ServerSection, tables["sampler"], "[sampler]")
+        sampler = ServerSection(args=(*given.args, *_engine_flags(given.args, given.engine_args)))
     judge = tables.get("judge")
     ev = tables.get("eval")
     if ev is not None:
@@ -222,6 +236,7 @@ def parse_config(data: Mapping[str, Any], base: Path) -> AlignConfig:
         annotator=sections.table(tables["annotator"], "[annotator]"),
         learner=sections.table(tables["learner"], "[learner]"),
         server_args=(*server.args, *_engine_flags(server.args, server.engine_args)),
+        sampler=sampler,
         judge=None if judge is None else build_section(JudgeServerConfig, judge, "[judge]"),
         eval=ev,
         base=base,
@@ -252,7 +267,8 @@ def load_config(path: Path) -> AlignConfig:
 
 
 def _engine_flags(args: Sequence[str], table: Mapping[str, Any]) -> list[str]:
-    """`tiller serve` flags for ``[server.engine_args]``, after ``--`` (vLLM checks them)."""
+    """`tiller serve` flags for ``[server.engine_args]`` (or ``[sampler.engine_args]``), after
+    ``--`` (vLLM checks them)."""
     out: list[str] = [] if not table or "--" in args else ["--"]
     for key, value in table.items():
         flag = "--" + key.replace("_", "-")

@@ -4,15 +4,16 @@ then the held-out evaluation, the plots and ``report.json`` in the run directory
 Run directory::
 
     config.toml  annotator.json  learner.json   the configs as run
-    server.port  log.sqlite  registry/  learner/  the live state
-    logs/{server,annotator,learner,judge}.log
+    server.port  log.sqlite  registry/  learner/  the live state (sampler.port with [sampler])
+    logs/{server,sampler,annotator,learner,judge}.log
     plots/*.png  report.json                      written at the end
 
 The run ends when ``duration_s`` has passed, the learner finished its ``max_iterations``, a
 SIGINT/SIGTERM arrives, or a child keeps crashing (``ChildFailed``: exit status 1). The learner
-and the annotator are stopped first, the evaluation uses the still-running server, then the
-server (and judge) stop. Children never outlive the run (``supervisor``). Each child's command
-line and environment come from ``children``; the evaluation and the report from ``report``.
+and the annotator are stopped first, the evaluation uses the still-running sampler replica (or
+server), then the servers (and judge) stop. Children never outlive the run (``supervisor``).
+Each child's command line and environment come from ``children``; the evaluation and the report
+from ``report``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from .children import (
+    SAMPLER,
+    SERVER,
+    Role,
     RunPaths,
     bound_http_port,
     bound_port,
@@ -49,6 +53,9 @@ class AlignRun:
         self.port = 0  # the server binds a free port itself; start_server reads it back
         self.http_port = 0  # likewise for its OpenAI-compatible API (the "self" judge)
         self.target = ""
+        # where the loop's own generations go: the sampler replica's, else the server's
+        self.loop_target = ""
+        self.loop_http_port = 0
         self.started = time.time()
         self.split = host_cpu_split(cfg)
         if self.split is not None:
@@ -65,36 +72,45 @@ class AlignRun:
 
     def start_server(self) -> str | None:
         """The judge (with ``[judge]``) and the server; returns the judge's URL."""
-        p = self.paths
-        p.registry.mkdir(parents=True, exist_ok=True)
+        self.paths.registry.mkdir(parents=True, exist_ok=True)
         judge_url = None
         if self.cfg.judge is not None:
-            spec, judge_url = judge_spec(self.cfg, p, self.split)
+            spec, judge_url = judge_spec(self.cfg, self.paths, self.split)
             self.sup.start(spec)
-        p.port_file.unlink(missing_ok=True)
-        p.http_port_file.unlink(missing_ok=True)
-
-        def server_exit_status() -> int | None:
-            server = next(c for c in self.sup.children if c.spec.name == "server")
-            assert server.proc is not None
-            return server.proc.poll()
-
-        child = self.sup.start(
-            server_spec(self.cfg, p, self.model, 0, server_exit_status, split=self.split)
-        )
-        # Restarts keep the port the workers already talk to.
-        self.port, self.http_port = bound_port(p), bound_http_port(p)
-        self.target = f"127.0.0.1:{self.port}"
-        child.spec = server_spec(
-            self.cfg, p, self.model, self.port, server_exit_status, self.http_port, self.split
-        )
+        self.port, self.http_port = self._serve(SERVER)
+        self.target = self.loop_target = f"127.0.0.1:{self.port}"
+        self.loop_http_port = self.http_port
         return judge_url
 
+    def _serve(self, role: Role) -> tuple[int, int]:
+        """Start the ``tiller serve`` child ``role``; returns its gRPC and HTTP ports."""
+        p = self.paths
+        for f in p.ports(role):
+            f.unlink(missing_ok=True)
+
+        def exit_status() -> int | None:
+            child = next(c for c in self.sup.children if c.spec.name == role)
+            assert child.proc is not None
+            return child.proc.poll()
+
+        spec = server_spec(self.cfg, p, self.model, 0, exit_status, split=self.split, role=role)
+        child = self.sup.start(spec)
+        # Restarts keep the ports the workers already talk to.
+        port, http_port = bound_port(p, role), bound_http_port(p, role)
+        child.spec = server_spec(
+            self.cfg, p, self.model, port, exit_status, http_port, self.split, role
+        )
+        return port, http_port
+
     def start_workers(self, judge_url: str | None) -> None:
-        """The annotator, then the learner, against the running server."""
-        self_url = f"http://127.0.0.1:{self.http_port}/v1"
+        """The sampler replica (with ``[sampler]``), the annotator, then the learner. The loop's
+        own generations go to the replica when there is one."""
+        if self.cfg.sampler is not None:
+            port, self.loop_http_port = self._serve(SAMPLER)
+            self.loop_target = f"127.0.0.1:{port}"
+        self_url = f"http://127.0.0.1:{self.loop_http_port}/v1"
         specs = worker_specs(
-            self.cfg, self.paths, self.model, self.target, judge_url, self_url, self.split
+            self.cfg, self.paths, self.model, self.loop_target, judge_url, self_url, self.split
         )
         for spec in specs:
             self.sup.start(spec)
@@ -145,7 +161,7 @@ class AlignRun:
         return write_report(
             self.cfg,
             self.paths,
-            target=self.target,
+            target=self.loop_target,
             model=self.model,
             started=self.started,
             reason=reason,

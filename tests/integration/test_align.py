@@ -122,6 +122,39 @@ def test_align_runs_the_loop_and_leaves_a_report(tiny_model: Path, tmp_path: Pat
     assert _alive_with(str(run_dir)) == []  # no orphans
 
 
+SAMPLED = QUICK.replace('name = "quick"', 'name = "sampled"').replace(
+    "[annotator]\n",
+    '[sampler]\nargs = ["--dtype", "float32", "--max-model-len", "512"]\n[annotator]\n',
+)
+
+
+def test_align_sends_the_loops_generations_to_its_sampler_replica(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    proc = _align(_align_argv(tmp_path, SAMPLED, tiny_model, "sampled", str(run_dir)))
+    report = json.loads((run_dir / "report.json").read_text())
+    assert [(i["status"], i["version"]) for i in report["iterations"]] == [
+        ("promoted", 1),
+        ("promoted", 2),
+    ]
+    sampler_port = (run_dir / "sampler.port").read_text().strip()
+    assert sampler_port != (run_dir / "server.port").read_text().strip()
+    learner = json.loads((run_dir / "learner.json").read_text())
+    assert learner["server"] == f"127.0.0.1:{sampler_port}"
+    server_log = (run_dir / "logs" / "server.log").read_text()
+    sampler_log = (run_dir / "logs" / "sampler.log").read_text()
+    # The gate's candidates load on the replica only; both serve every promoted version.
+    assert "loaded critic-candidate v1" in sampler_log
+    assert "critic-candidate" not in server_log
+    for log in (server_log, sampler_log):
+        assert "hot-swapped critic to v2" in log
+    # The learner's samples (logged by the replica into the run's one log) were trained on.
+    assert report["iterations"][0]["examples"] > 0
+    assert "stopped sampler (exit 0)" in proc.stderr
+    assert _alive_with(str(run_dir)) == []
+
+
 JUDGED = (
     QUICK.replace('name = "quick"', 'name = "judged"')
     .replace(

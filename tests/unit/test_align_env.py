@@ -9,14 +9,16 @@ from pathlib import Path
 import pytest
 
 from tiller.learner.align.children import (
+    SAMPLER,
     CpuSplit,
     RunPaths,
     child_env,
     cpu_split,
+    host_cpu_split,
     server_spec,
     worker_specs,
 )
-from tiller.learner.align.config import AlignConfig
+from tiller.learner.align.config import AlignConfig, ServerSection
 from tiller.learner.align.supervisor import ChildSpec, Supervisor
 
 
@@ -100,3 +102,45 @@ def test_a_pinned_child_runs_on_its_cpus_only(tmp_path: Path) -> None:
     child = sup.start(spec)
     assert child.proc is not None and child.proc.wait(timeout=60) == 0
     assert (tmp_path / "probe.log").read_text().strip() == f"[{cpu}]"
+
+
+def _sampler_cfg(**kw: object) -> AlignConfig:
+    return AlignConfig(
+        name="t", annotator={"providers": []}, learner={"adapter": "a"},
+        sampler=ServerSection(args=("--max-num-seqs", "8")), **kw,  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+def test_the_sampler_replica_is_background_work_on_the_workers_cpus(tmp_path: Path) -> None:
+    cfg = _sampler_cfg(server_args=("--users-flag",))
+    split = CpuSplit(engine=(0,), workers=(1,))
+    paths = RunPaths(tmp_path)
+    spec = server_spec(cfg, paths, tmp_path, 0, lambda: None, split=split, role=SAMPLER)
+    assert spec.name == "sampler" and spec.idle and spec.cpus == frozenset({1})
+    assert spec.env is not None and spec.env["VLLM_CPU_OMP_THREADS_BIND"] == "1"
+    argv = list(spec.argv)
+    # its own port files, the run's one log and registry, all its seats for background work
+    assert argv[argv.index("--port-file") + 1] == str(tmp_path / "sampler.port")
+    assert argv[argv.index("--http-port-file") + 1] == str(tmp_path / "sampler.http_port")
+    assert argv[argv.index("--log-db") + 1] == str(paths.db)
+    assert argv[argv.index("--background-seat-share") + 1] == "1"
+    assert argv[-2:] == ["--max-num-seqs", "8"] and "--users-flag" not in argv
+    users = server_spec(cfg, paths, tmp_path, 0, lambda: None, split=split)
+    assert "--background-seat-share" not in users.argv and "--users-flag" in users.argv
+    assert users.env is not None and users.env["VLLM_CPU_OMP_THREADS_BIND"] == "0"
+    normal = _sampler_cfg(worker_priority="normal")
+    assert not server_spec(normal, paths, tmp_path, 0, lambda: None, role=SAMPLER).idle
+
+
+def test_a_sampler_replica_splits_the_cpus_even_when_pinning_is_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import torch
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0, 1})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    plain = AlignConfig(name="t", annotator={"providers": []}, learner={"adapter": "a"})
+    assert host_cpu_split(plain) is None
+    assert host_cpu_split(_sampler_cfg()) == CpuSplit(engine=(0,), workers=(1,))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert host_cpu_split(_sampler_cfg()) is None  # GPUs: engine args share the device

@@ -257,6 +257,8 @@ prompts = ["p"]
         ("", "", '[server]\nargs = "--x"', r"\[server\] args: Input should be a valid array"),
         ("", "", "[judge]\nmodel = 3", r"\[judge\] model: Input should be a valid string"),
         ("", "", "[judge]\nargs = []", r"\[judge\]: required key missing: model \(string\)"),
+        ("", "", "[sampler]\nargs = 1", r"\[sampler\] args: Input should be a valid array"),
+        ("", "", "[sampler]\nport = 1", r"\[sampler\].*port"),
         (
             "",
             "",
@@ -291,6 +293,20 @@ def test_align_server_engine_args_become_vllm_flags_after_the_separator(tmp_path
         "--max-tokens-cap", "64", "--",
         "--max-num-seqs", "7", "--no-enforce-eager", "--max-num-batched-tokens", "512",
     )  # fmt: skip
+
+
+def test_align_sampler_table_becomes_the_replicas_serve_flags(tmp_path: Path) -> None:
+    plain = load_align(_file(tmp_path, ALIGN.format(top="", learner="", tables="")))
+    assert plain.sampler is None
+    tables = (
+        '[sampler]\nargs = ["--max-tokens-cap", "64"]\n[sampler.engine_args]\nmax_num_seqs = 8\n'
+    )
+    cfg = load_align(_file(tmp_path, ALIGN.format(top="", learner="", tables=tables)))
+    assert cfg.sampler is not None
+    assert cfg.sampler.args == ("--max-tokens-cap", "64", "--", "--max-num-seqs", "8")
+    assert cfg.server_args == ()  # the users' server keeps its own flags
+    empty = load_align(_file(tmp_path, ALIGN.format(top="", learner="", tables="[sampler]\n")))
+    assert empty.sampler is not None and empty.sampler.args == ()
 
 
 def test_a_server_built_from_code_has_the_cli_defaults(tmp_path: Path) -> None:
