@@ -200,6 +200,7 @@ def train_heads(
     conf = torch.tensor([p.label_confidence for p in pairs])
     ref_c = torch.tensor([s.ref_logp for s in chosen])
     ref_r = torch.tensor([s.ref_logp for s in rejected])
+    len_c = torch.tensor([float(len(s.targets)) for s in chosen])
     per_epoch = math.ceil(len(pairs) / cfg.batch_size)
     history: list[dict[str, float]] = []
     bar = tqdm(total=cfg.epochs * per_epoch, disable=not cfg.progress, desc="cmpo heads")
@@ -213,8 +214,9 @@ def train_heads(
             pol_c = _policy_logps([chosen[i] for i in idx], lam[idx], w0, a, b)
             pol_r = _policy_logps([rejected[i] for i in idx], lam[idx], w0, a, b)
             loss, metrics = cmpo_loss(
-                pol_c, pol_r, ref_c[idx], ref_r[idx], cfg.objective, label_confidence=conf[idx]
-            )
+                pol_c, pol_r, ref_c[idx], ref_r[idx], cfg.objective,
+                label_confidence=conf[idx], chosen_tokens=len_c[idx],
+            )  # fmt: skip
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.max_grad_norm is not None:

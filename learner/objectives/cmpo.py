@@ -7,10 +7,16 @@ the server's steering processor applies. Each preference pair carries the λ of 
 subset it was judged on (|S|⁻¹ on the attributes in S, Eq 3.2); the loss is conservative DPO
 (``cdpo_loss``: β = 0.5, label smoothing ε = 0.1 in CMPO) between the λ-mixed policy and the
 reference = the base head alone.
+
+``sft_weight`` > 0 adds the chosen completions' mean per-token NLL under the mixed policy (an
+RPO-style anchor): cDPO alone lowers chosen and rejected alike when both are the base's own
+samples, and sampling then follows that mass off the base distribution
+(``docs/results/cmpo.md``).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +30,11 @@ class CMPOConfig:
     beta: float = 0.5
     label_smoothing: float = 0.1
     use_label_confidence: bool = True
+    sft_weight: float = 0.0  # weight of the chosen completions' per-token NLL (0: pure cDPO)
+
+    def __post_init__(self) -> None:
+        if not (self.sft_weight >= 0 and math.isfinite(self.sft_weight)):
+            raise ValueError(f"sft_weight must be a finite number >= 0, got {self.sft_weight}")
 
     def cdpo(self) -> CDPOConfig:
         return CDPOConfig(self.beta, self.label_smoothing, self.use_label_confidence)
@@ -55,9 +66,12 @@ def cmpo_loss(
     config: CMPOConfig,
     *,
     label_confidence: Tensor | None = None,
+    chosen_tokens: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """cDPO on summed completion log-probs of the λ-mixed policy vs the base head."""
-    return cdpo_loss(
+    """cDPO on summed completion log-probs of the λ-mixed policy vs the base head, plus
+    ``sft_weight`` × the chosen completions' mean per-token NLL (``chosen_tokens``: each chosen
+    completion's length; required when ``sft_weight`` > 0)."""
+    loss, metrics = cdpo_loss(
         policy_chosen,
         policy_rejected,
         ref_chosen,
@@ -65,3 +79,12 @@ def cmpo_loss(
         config.cdpo(),
         label_confidence=label_confidence,
     )
+    if config.sft_weight > 0:
+        if chosen_tokens is None:
+            raise ValueError("sft_weight > 0 needs chosen_tokens (the chosen completions' lengths)")
+        nll = (-policy_chosen / chosen_tokens.clamp(min=1)).mean()
+        metrics["dpo_loss"] = metrics["loss"]
+        metrics["sft_nll"] = float(nll.detach())
+        loss = loss + config.sft_weight * nll
+        metrics["loss"] = float(loss.detach())
+    return loss, metrics

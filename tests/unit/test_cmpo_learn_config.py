@@ -49,6 +49,7 @@ def test_cmpo_config_builds_heads_from_the_data_attributes(tmp_path: Path) -> No
         ({"heads": {"attributes": ["x"]}}, r"\[heads\]: attributes is set by the learner"),
         ({"heads": {"bogus": 1}}, r"\[heads\]: unknown keys \['bogus'\]"),
         ({"heads": {"objective": {"gamma": 1}}}, r"\[heads.objective\]: unknown keys"),
+        ({"heads": {"objective": {"sft_weight": -1.0}}}, "sft_weight must be a finite number"),
         ({"sample": {"prompts": ["a"], "attributes": [{}]}}, r"sample.attributes\[0\]"),
         (
             {"data": {"kind": "pairs", "provider": "r", "attributes": ["x"]}},
