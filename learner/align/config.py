@@ -81,6 +81,8 @@ class SweepConfig:
     attributes: tuple[str, str]  # swept from the second (λ = 0) to the first (λ = 1)
     scorers: tuple[str, str]  # how each attribute is measured
     lambdas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    # per scorer: is a higher score more of the attribute? (the heads' verdicts' direction)
+    higher_is_better: tuple[bool, bool] = (True, True)
 
     def __post_init__(self) -> None:
         if len(self.attributes) != 2 or len(set(self.attributes)) != 2:
@@ -91,6 +93,10 @@ class SweepConfig:
             check_scorer(s)  # ValueError naming the valid scorers
         if len(self.lambdas) < 2 or not all(math.isfinite(x) for x in self.lambdas):
             raise ValueError("[eval.sweep]: lambdas must be at least two finite numbers")
+        if len(set(self.lambdas)) != len(self.lambdas):
+            raise ValueError(f"[eval.sweep]: lambdas repeat a value: {list(self.lambdas)}")
+        if len(self.higher_is_better) != 2:
+            raise ValueError("[eval.sweep]: higher_is_better must give one bool per scorer")
 
 
 @dataclass(frozen=True)

@@ -198,7 +198,11 @@ def sweep(
 
     points = asyncio.run(go())
     out = sweeping.plot(points, ev.sweep, cfg.adapter, paths.plots / "sweep.png")
-    return {"points": sweeping.to_json(points), "plot": str(out)}
+    return {
+        "points": sweeping.to_json(points),
+        "heads": sweeping.heads(points, ev.sweep),
+        "plot": str(out),
+    }
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
@@ -211,6 +215,12 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         for k, v in ev.items()
         if k != "conditions"
     ]
+    for h in (report.get("sweep") or {}).get("heads", []):
+        lines.append(
+            f"  head {h['attribute']} ({h['scorer']}) at λ={h['lambda']:g}: gain "
+            f"{h['gain']:+.4f} ± {h['ci95']:.4f} over base (paired p={h['p']:.2g}); "
+            f"sweep {'monotone' if h['monotone'] else 'not monotone'}"
+        )
     fts = report.get("feedback_to_served")
     if fts:
         lines.append(

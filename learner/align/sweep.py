@@ -7,12 +7,18 @@ prompts and ``[eval.sampling]``: the same per-prompt seeds at every λ); every g
 scored by each attribute's scorer. The
 base model generates once, as the reference line. The result is the steerability curve CMPO
 promises: one served version, a different trade-off per request.
+
+``heads`` judges each head against CMPO's promise: at its own extreme (``attributes[0]`` at the
+largest λ, ``attributes[1]`` at the smallest) it moves its attribute's score the right way
+(``higher_is_better``) against the base on the same prompts and seeds (paired t-test), and the
+sweep's means move monotonically toward that extreme.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +35,7 @@ class SweepPoint:
     weights: Mapping[str, float]
     means: Mapping[str, tuple[float, float]]  # scorer -> (mean, 95% half-width)
     n: int
+    scores: Mapping[str, tuple[float, ...]] = field(default_factory=dict, repr=False)
 
 
 def weights_at(cfg: SweepConfig, lam: float) -> dict[str, float]:
@@ -58,9 +65,45 @@ async def sweep(
                 for name in dict.fromkeys(cfg.scorers)
             },
             len(r.samples),
+            {name: tuple(r.scores[name]) for name in dict.fromkeys(cfg.scorers)},
         )
         for r in runs
     ]
+
+
+def heads(points: list[SweepPoint], cfg: SweepConfig) -> list[dict[str, Any]]:
+    """Per attribute: its head's paired gain over the base at its extreme and whether the sweep
+    moves its score monotonically toward that extreme (module docstring). ``points``: the base
+    first, then one point per λ, as ``sweep`` returns them."""
+    from scipy import stats
+
+    base, swept = points[0], points[1:]
+    lam_of = {id(p): p.weights[cfg.attributes[0]] for p in swept}
+    out = []
+    for j, (attr, scorer) in enumerate(zip(cfg.attributes, cfg.scorers, strict=True)):
+        sign = 1.0 if cfg.higher_is_better[j] else -1.0
+        # toward this head: λ rising for the first attribute, falling for the second
+        order = sorted(swept, key=lambda p: lam_of[id(p)], reverse=j == 1)
+        extreme = order[-1]
+        a, b = extreme.scores[scorer], base.scores[scorer]
+        if len(a) != len(b):
+            raise ValueError(f"sweep {extreme.label} and base are not paired: {len(a)} vs {len(b)}")
+        gain, ci = mean_halfwidth([sign * (x - y) for x, y in zip(a, b, strict=True)], 0.975)
+        p = float(stats.ttest_rel(a, b).pvalue) if len(a) > 1 else float("nan")
+        signed = [sign * q.means[scorer][0] for q in order]
+        out.append(
+            {
+                "attribute": attr,
+                "scorer": scorer,
+                "lambda": lam_of[id(extreme)],
+                "gain": gain,  # in the attribute's direction: > 0 is the head's promise kept
+                "ci95": ci,
+                "p": p,
+                "monotone": all(x <= y for x, y in pairwise(signed)),
+                "means_toward_head": [q.means[scorer][0] for q in order],
+            }
+        )
+    return out
 
 
 def to_json(points: list[SweepPoint]) -> list[dict[str, Any]]:

@@ -298,6 +298,12 @@ def test_cmpo_align_trains_heads_and_sweeps_the_weights(tiny_model: Path, tmp_pa
     assert [p["label"] for p in points] == ["base", "λ=0", "λ=1"]
     assert points[2]["weights"] == {"long": 1.0, "plain": 0.0}
     assert all(set(p["means"]) == {"length", "readability"} and p["n"] == 6 for p in points)
+    heads = report["sweep"]["heads"]
+    assert [(h["attribute"], h["scorer"], h["lambda"]) for h in heads] == [
+        ("long", "length", 1.0),
+        ("plain", "readability", 0.0),
+    ]
+    assert all(isinstance(h["monotone"], bool) and "gain" in h and "p" in h for h in heads)
     assert (run_dir / "plots" / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert _alive_with(str(run_dir)) == []
 
