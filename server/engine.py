@@ -101,10 +101,15 @@ def steering_architecture(model: Path) -> str | None:
 # What the CPU path needs, where vLLM's defaults are made for a GPU: no graph compilation (start-up
 # time), a KV-cache share of NUMA node 0 that leaves room for a second engine (a judge), and
 # batches that fit it. Nothing is set on a GPU: vLLM's own defaults (CUDA graphs, 0.9) apply.
+# No chunked prefill: when a seeded request's prefill is split, vLLM rewinds its torch generator,
+# which a CPU generator refuses ("CPU Generator does not use offset"), and the engine dies. A
+# --max-num-batched-tokens given by the user turns chunking back on (a budget below the context
+# needs it); seeded requests then risk that crash (docs/results/cpu-notes.md).
 CPU_DEFAULTS: dict[str, Any] = {
     "enforce_eager": True,
     "gpu_memory_utilization": 0.3,
     "max_num_seqs": 64,
+    "enable_chunked_prefill": False,
 }
 # What Tiller sets on every platform: logprobs are those of the distribution actually sampled
 # from (after steering, feedback mixing, penalties, temperature, top-k/top-p), not the raw model's.
@@ -141,6 +146,9 @@ def tiller_engine_kwargs(config: EngineConfig, *, on_cpu: bool) -> dict[str, Any
     if config.num_kv_blocks is not None:
         kw["num_gpu_blocks_override"] = config.num_kv_blocks
     kw.update(config.vllm_args)
+    if on_cpu and "max_num_batched_tokens" in config.vllm_args:
+        # a token budget the user chose may be below the context: vLLM must chunk to serve it
+        kw["enable_chunked_prefill"] = config.vllm_args.get("enable_chunked_prefill", True)
     if not kw["enable_lora"]:
         raise ValueError("Tiller serves adapters: the engine needs enable_lora")
     return kw

@@ -231,7 +231,8 @@ class GenerationService:
         first token): fewer wake-ups per token. An aborted unary request logs what had arrived.
 
         Closing the iterator early (client cancel, deadline) aborts the engine request; what
-        was generated so far is still logged, with finish reason ``abort``. StreamEnd comes
+        was generated so far is still logged, with finish reason ``abort`` (nothing when no token
+        was generated). StreamEnd comes
         only after the log committed the generations (``logged``), so returned ids are durable.
         """
         prepared = self.prepare(req)
@@ -289,7 +290,10 @@ class GenerationService:
                 logged=logged,
             )
         finally:
-            if not completed and self._wants_log(req) and self._log is not None:
+            # An aborted request logs what it generated; one that never produced a token (the
+            # engine failed or the client left while it queued) is no generation to keep.
+            produced = any(tokens.values())
+            if not completed and produced and self._wants_log(req) and self._log is not None:
                 now = time.monotonic()
                 records = self._records(
                     req,

@@ -114,6 +114,7 @@ class Learner:
         self._fluency: Scorer | None = None
         # The next iteration's sampling run ahead (pipeline): its number, what it sampled from
         self._ahead: tuple[int, asyncio.Future[tuple[Served, SamplingRun]]] | None = None
+        self._failures = 0  # failed iterations in a row (their retries back off)
         self.gate_runs = GateRuns(cfg, cfg.gate, self.fluency_model) if cfg.gate else None
 
     @property
@@ -413,17 +414,25 @@ class Learner:
         return cursor_of(int(last["annotation_seq"]), json.loads(last["details_json"] or "{}"))
 
     async def _one(self, iteration: int, cursor: Cursor, stop: asyncio.Event) -> IterationRecord:
-        """One iteration's record; a failure is recorded (and retried with the same data)."""
+        """One iteration's record; a failure is recorded (and retried with the same data, after
+        a wait that doubles with each failure in a row: ``failure_backoff``)."""
         started = time.time()
         try:
-            return await _until_stopped(self.iteration(iteration, cursor, stop), stop)
+            rec = await _until_stopped(self.iteration(iteration, cursor, stop), stop)
+            self._failures = 0
+            return rec
         except Stopped:
             raise
         except Exception as e:
             log.exception("iteration %d failed", iteration)
-            self.report(f"iteration {iteration}: FAILED: {type(e).__name__}: {e}")
+            self._failures += 1
+            wait = failure_backoff(self.cfg.trigger.poll_s, self._failures)
+            self.report(
+                f"iteration {iteration}: FAILED: {type(e).__name__}: {e} "
+                f"({self._failures} in a row; retrying in {wait:.0f} s)"
+            )
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.cfg.trigger.poll_s)
+                await asyncio.wait_for(stop.wait(), wait)
             return IterationRecord(
                 adapter=self.cfg.adapter, iteration=iteration, status="failed",
                 started_at=started, finished_at=time.time(), annotation_seq=total(cursor),
@@ -435,6 +444,16 @@ class Learner:
     async def _drop_ahead(self) -> None:
         if self.gate_runs is not None:
             await self.gate_runs.drop_ahead()
+
+
+MAX_FAILURE_BACKOFF_S = 60.0
+
+
+def failure_backoff(poll_s: float, failures: int) -> float:
+    """Seconds to wait after the ``failures``-th failed iteration in a row: ``poll_s``, doubling
+    with each further failure, at most ``MAX_FAILURE_BACKOFF_S`` (a server that is down or
+    restarting is not hammered with iterations)."""
+    return float(min(MAX_FAILURE_BACKOFF_S, max(poll_s, poll_s * 2 ** (failures - 1))))
 
 
 async def _cancel(task: asyncio.Future[Any]) -> None:

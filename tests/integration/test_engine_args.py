@@ -41,6 +41,16 @@ def test_gpu_leaves_vllms_defaults_alone() -> None:
     cpu = tiller_engine_kwargs(EngineConfig(model=Path("m")), on_cpu=True)
     assert {k: cpu[k] for k in CPU_DEFAULTS} == CPU_DEFAULTS
     assert "max_model_len" not in cpu
+    assert "enable_chunked_prefill" not in kw  # a GPU's generators rewind: vLLM decides
+
+
+def test_a_users_token_budget_turns_chunked_prefill_back_on_on_cpus() -> None:
+    budget = EngineConfig(model=Path("m"), vllm_args={"max_num_batched_tokens": 512})
+    assert tiller_engine_kwargs(budget, on_cpu=True)["enable_chunked_prefill"] is True
+    both = EngineConfig(
+        model=Path("m"), vllm_args={"max_num_batched_tokens": 4096, "enable_chunked_prefill": False}
+    )
+    assert tiller_engine_kwargs(both, on_cpu=True)["enable_chunked_prefill"] is False
 
 
 def test_tiller_needs_lora_and_its_own_model_option(tmp_path: Path) -> None:
