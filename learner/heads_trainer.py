@@ -215,7 +215,7 @@ def train_heads(
             pol_r = _policy_logps([rejected[i] for i in idx], lam[idx], w0, a, b)
             loss, metrics = cmpo_loss(
                 pol_c, pol_r, ref_c[idx], ref_r[idx], cfg.objective,
-                label_confidence=conf[idx], chosen_tokens=len_c[idx],
+                label_confidence=conf[idx], chosen_lengths=len_c[idx],
             )  # fmt: skip
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

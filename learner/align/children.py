@@ -137,7 +137,7 @@ class CpuSplit:
         """vLLM's CPU worker binds its OpenMP threads to exactly these CPUs."""
         return _omp_bind(self.engine)
 
-    def judge_env(self) -> dict[str, str]:
+    def workers_engine_env(self) -> dict[str, str]:
         """The judge's and the sampler replica's vLLM engines keep to the workers' CPUs."""
         return _omp_bind(self.workers)
 
@@ -206,7 +206,7 @@ def judge_spec(
             # the engine core in the API server's process: no IPC hop, faster on CPUs
             VLLM_ENABLE_V1_MULTIPROCESSING="0",
             VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-            **(split.judge_env() if split else {}),
+            **(split.workers_engine_env() if split else {}),
         ),
         cpus=frozenset(split.workers) if split else None,
         idle=cfg.background_workers,
@@ -245,8 +245,6 @@ def server_spec(
     requests, which are all it serves."""
     port_file, http_port_file = paths.ports(role)
     sampler = role == SAMPLER
-    if sampler:
-        assert cfg.sampler is not None
     extra = cfg.sampler.args if sampler and cfg.sampler else cfg.server_args
     argv = tiller_argv(
         "serve", "--model", str(model), "--port", str(port),
@@ -266,18 +264,16 @@ def server_spec(
     # On CPUs vLLM sizes its KV cache from free memory unless told: with a judge, a trainer
     # and the server on one machine that over-commits. 2 GiB holds ~90k SmolLM2 tokens.
     kv = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1" if sampler else "2")
-    bind = (split.judge_env() if sampler else split.engine_env()) if split else {}
-    env = child_env(VLLM_CPU_KVCACHE_SPACE=kv, **bind)
-    if not sampler:
-        return ChildSpec(SERVER, argv, paths.log(SERVER), ready, env=env)
+    bind = (split.workers_engine_env() if sampler else split.engine_env()) if split else {}
+    # the users' server's own threads are vLLM's business; the sampler keeps to the workers'
     return ChildSpec(
-        SAMPLER,
+        role,
         argv,
-        paths.log(SAMPLER),
+        paths.log(role),
         ready,
-        env=env,
-        cpus=frozenset(split.workers) if split else None,
-        idle=cfg.background_workers,
+        env=child_env(VLLM_CPU_KVCACHE_SPACE=kv, **bind),
+        cpus=frozenset(split.workers) if split and sampler else None,
+        idle=sampler and cfg.background_workers,
     )
 
 

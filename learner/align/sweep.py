@@ -78,12 +78,15 @@ def heads(points: list[SweepPoint], cfg: SweepConfig) -> list[dict[str, Any]]:
     from scipy import stats
 
     base, swept = points[0], points[1:]
-    lam_of = {id(p): p.weights[cfg.attributes[0]] for p in swept}
+
+    def lam(p: SweepPoint) -> float:
+        return p.weights[cfg.attributes[0]]
+
     out = []
     for j, (attr, scorer) in enumerate(zip(cfg.attributes, cfg.scorers, strict=True)):
         sign = 1.0 if cfg.higher_is_better[j] else -1.0
         # toward this head: λ rising for the first attribute, falling for the second
-        order = sorted(swept, key=lambda p: lam_of[id(p)], reverse=j == 1)
+        order = sorted(swept, key=lam, reverse=j == 1)
         extreme = order[-1]
         a, b = extreme.scores[scorer], base.scores[scorer]
         if len(a) != len(b):
@@ -95,7 +98,7 @@ def heads(points: list[SweepPoint], cfg: SweepConfig) -> list[dict[str, Any]]:
             {
                 "attribute": attr,
                 "scorer": scorer,
-                "lambda": lam_of[id(extreme)],
+                "lambda": lam(extreme),
                 "gain": gain,  # in the attribute's direction: > 0 is the head's promise kept
                 "ci95": ci,
                 "p": p,

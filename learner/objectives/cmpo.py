@@ -37,7 +37,9 @@ class CMPOConfig:
             raise ValueError(f"sft_weight must be a finite number >= 0, got {self.sft_weight}")
 
     def cdpo(self) -> CDPOConfig:
-        return CDPOConfig(self.beta, self.label_smoothing, self.use_label_confidence)
+        return CDPOConfig(
+            self.beta, self.label_smoothing, self.use_label_confidence, self.sft_weight
+        )
 
 
 def mixed_logits(
@@ -66,25 +68,17 @@ def cmpo_loss(
     config: CMPOConfig,
     *,
     label_confidence: Tensor | None = None,
-    chosen_tokens: Tensor | None = None,
+    chosen_lengths: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """cDPO on summed completion log-probs of the λ-mixed policy vs the base head, plus
-    ``sft_weight`` × the chosen completions' mean per-token NLL (``chosen_tokens``: each chosen
-    completion's length; required when ``sft_weight`` > 0)."""
-    loss, metrics = cdpo_loss(
+    ``sft_weight`` × the chosen completions' token-mean NLL (``cdpo_loss``; ``chosen_lengths``:
+    each chosen completion's token count, needed when ``sft_weight`` > 0)."""
+    return cdpo_loss(
         policy_chosen,
         policy_rejected,
         ref_chosen,
         ref_rejected,
         config.cdpo(),
         label_confidence=label_confidence,
+        chosen_lengths=chosen_lengths,
     )
-    if config.sft_weight > 0:
-        if chosen_tokens is None:
-            raise ValueError("sft_weight > 0 needs chosen_tokens (the chosen completions' lengths)")
-        nll = (-policy_chosen / chosen_tokens.clamp(min=1)).mean()
-        metrics["dpo_loss"] = metrics["loss"]
-        metrics["sft_nll"] = float(nll.detach())
-        loss = loss + config.sft_weight * nll
-        metrics["loss"] = float(loss.detach())
-    return loss, metrics

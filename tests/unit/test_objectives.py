@@ -122,10 +122,12 @@ def test_cmpo_sft_anchor_is_token_mean_nll_of_chosen() -> None:
     anchored = CMPOConfig(beta=0.1, label_smoothing=0.0, sft_weight=0.5)
     base, _ = cmpo_loss(PC, PR, RC, RR, plain)
     pc = PC.clone().requires_grad_()
-    loss, m = cmpo_loss(pc, PR, RC, RR, anchored, chosen_tokens=T([4.0]))
+    loss, m = cmpo_loss(pc, PR, RC, RR, anchored, chosen_lengths=T([4.0]))
     # -PC / 4 tokens = 0.25 nats per token, weighted 0.5
     assert loss.item() == pytest.approx(base.item() + 0.5 * 0.25)
-    assert m["sft_nll"] == pytest.approx(0.25) and m["dpo_loss"] == pytest.approx(base.item())
+    assert m["sft_nll"] == pytest.approx(0.25) and m["loss"] - 0.5 * 0.25 == pytest.approx(
+        base.item()
+    )
     loss.backward()
     assert pc.grad is not None
     # the anchor pushes the chosen log-prob up by an extra 0.5 / 4 per nat
@@ -133,7 +135,7 @@ def test_cmpo_sft_anchor_is_token_mean_nll_of_chosen() -> None:
     cmpo_loss(base_pc, PR, RC, RR, plain)[0].backward()
     assert base_pc.grad is not None
     assert pc.grad.item() == pytest.approx(base_pc.grad.item() - 0.125)
-    with pytest.raises(ValueError, match="chosen_tokens"):
+    with pytest.raises(ValueError, match="chosen_lengths"):
         cmpo_loss(PC, PR, RC, RR, anchored)
     for bad in (-0.1, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="sft_weight"):
