@@ -128,11 +128,11 @@ _OPTIONAL = (
 )
 
 
-def tiller_engine_kwargs(config: EngineConfig, *, on_cpu: bool) -> dict[str, Any]:
+def tiller_engine_kwargs(config: EngineConfig, *, on_cpu: bool, **overrides: Any) -> dict[str, Any]:
     """The ``AsyncEngineArgs`` keywords Tiller starts vLLM with, without its logits processors
     and model plugin: the platform's defaults, then ``config``'s set fields, then its
-    ``vllm_args`` (the user's engine arguments win). Raises ``ValueError`` if they switch LoRA
-    off (Tiller serves adapters)."""
+    ``vllm_args``, then ``overrides`` (the caller's engine arguments win). Raises ``ValueError``
+    if they switch LoRA off (Tiller serves adapters)."""
     kw: dict[str, Any] = dict(TILLER_DEFAULTS)
     if on_cpu:
         kw.update(CPU_DEFAULTS)
@@ -145,10 +145,11 @@ def tiller_engine_kwargs(config: EngineConfig, *, on_cpu: bool) -> dict[str, Any
     kw.update({k: v for k in _OPTIONAL if (v := getattr(config, k)) is not None})
     if config.num_kv_blocks is not None:
         kw["num_gpu_blocks_override"] = config.num_kv_blocks
-    kw.update(config.vllm_args)
-    if on_cpu and "max_num_batched_tokens" in config.vllm_args:
+    chosen = {**config.vllm_args, **overrides}
+    kw.update(chosen)
+    if on_cpu and "max_num_batched_tokens" in chosen:
         # a token budget the user chose may be below the context: vLLM must chunk to serve it
-        kw["enable_chunked_prefill"] = config.vllm_args.get("enable_chunked_prefill", True)
+        kw["enable_chunked_prefill"] = chosen.get("enable_chunked_prefill", True)
     if not kw["enable_lora"]:
         raise ValueError("Tiller serves adapters: the engine needs enable_lora")
     return kw
@@ -173,8 +174,7 @@ def engine_args(config: EngineConfig, **overrides: Any) -> Any:
     from .steering.processor import SteerProcessor
 
     register()  # the entry point does this in vLLM's processes; here for the front end too
-    kw = tiller_engine_kwargs(config, on_cpu=current_platform.is_cpu())
-    kw.update(overrides)
+    kw = tiller_engine_kwargs(config, on_cpu=current_platform.is_cpu(), **overrides)
     hf = kw.get("hf_overrides")
     user_arch = isinstance(hf, Mapping) and "architectures" in hf  # wins, served unsteered
     steer_arch = None

@@ -15,7 +15,7 @@ Layout (paths relative to the file)::
     [server]
     args = ["--max-num-seqs", "64"]    # extra `tiller serve` arguments
     [server.engine_args]           # any vLLM engine argument, passed after `--`
-    max_num_batched_tokens = 2048
+    max_model_len = 2048
 
     [sampler]                      # optional: a replica for the loop's own generations (learner
     args = []                      # sampling, gate, "self" judge, evaluation) on the workers'

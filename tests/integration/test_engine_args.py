@@ -51,6 +51,10 @@ def test_a_users_token_budget_turns_chunked_prefill_back_on_on_cpus() -> None:
         model=Path("m"), vllm_args={"max_num_batched_tokens": 4096, "enable_chunked_prefill": False}
     )
     assert tiller_engine_kwargs(both, on_cpu=True)["enable_chunked_prefill"] is False
+    # a caller's keyword (engine_args(config, max_num_batched_tokens=...)) counts the same
+    plain = EngineConfig(model=Path("m"))
+    kw = tiller_engine_kwargs(plain, on_cpu=True, max_num_batched_tokens=64)
+    assert kw["max_num_batched_tokens"] == 64 and kw["enable_chunked_prefill"] is True
 
 
 def test_tiller_needs_lora_and_its_own_model_option(tmp_path: Path) -> None:
