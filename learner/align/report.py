@@ -219,7 +219,13 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         lines.append(
             f"  head {h['attribute']} ({h['scorer']}) at λ={h['lambda']:g}: gain "
             f"{h['gain']:+.4f} ± {h['ci95']:.4f} over base (paired p={h['p']:.2g}); "
-            f"sweep {'monotone' if h['monotone'] else 'not monotone'}"
+            f"sweep {'strictly monotone' if h['monotone'] else 'not strictly monotone'}, "
+            f"trend p={h['trend_p']:.2g}, "
+            + (
+                "no significant reversal"
+                if not h["reversals"]
+                else "reversed at λ " + ", ".join(f"{a:g}→{b:g}" for a, b in h["reversals"])
+            )
         )
     fts = report.get("feedback_to_served")
     if fts:

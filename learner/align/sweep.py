@@ -11,7 +11,11 @@ promises: one served version, a different trade-off per request.
 ``heads`` judges each head against CMPO's promise: at its own extreme (``attributes[0]`` at the
 largest λ, ``attributes[1]`` at the smallest) it moves its attribute's score the right way
 (``higher_is_better``) against the base on the same prompts and seeds (paired t-test), and the
-sweep's means move monotonically toward that extreme.
+sweep moves toward that extreme. Strict order of the means is reported, but neighbouring λ can
+differ by less than the noise, so the verdict is statistical: Page's trend test (each
+prompt-and-seed a block, paired across λ; one-sided, toward the head; with two λ, the paired
+t-test) and no step between
+neighbouring λ significantly the wrong way (paired one-sided t-tests, Holm-corrected).
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from tiller.client import AsyncClient
 from ..heldout import Condition, generate
 from ..stats import mean_halfwidth
 from .config import EvalConfig, SweepConfig
+
+ALPHA = 0.05  # the trend test's and the reversal tests' level
 
 
 @dataclass(frozen=True)
@@ -72,9 +78,10 @@ async def sweep(
 
 
 def heads(points: list[SweepPoint], cfg: SweepConfig) -> list[dict[str, Any]]:
-    """Per attribute: its head's paired gain over the base at its extreme and whether the sweep
-    moves its score monotonically toward that extreme (module docstring). ``points``: the base
-    first, then one point per λ, as ``sweep`` returns them."""
+    """Per attribute: its head's paired gain over the base at its extreme, and how the sweep
+    moves its score toward that extreme (module docstring). ``points``: the base first, then
+    one point per λ, as ``sweep`` returns them; every point scores the same prompts and seeds
+    in the same order."""
     from scipy import stats
 
     base, swept = points[0], points[1:]
@@ -87,13 +94,19 @@ def heads(points: list[SweepPoint], cfg: SweepConfig) -> list[dict[str, Any]]:
         sign = 1.0 if cfg.higher_is_better[j] else -1.0
         # toward this head: λ rising for the first attribute, falling for the second
         order = sorted(swept, key=lam, reverse=j == 1)
+        for q in (base, *order):
+            if len(q.scores[scorer]) != len(base.scores[scorer]):
+                raise ValueError(
+                    f"sweep {q.label} and base are not paired: "
+                    f"{len(q.scores[scorer])} vs {len(base.scores[scorer])}"
+                )
         extreme = order[-1]
         a, b = extreme.scores[scorer], base.scores[scorer]
-        if len(a) != len(b):
-            raise ValueError(f"sweep {extreme.label} and base are not paired: {len(a)} vs {len(b)}")
         gain, ci = mean_halfwidth([sign * (x - y) for x, y in zip(a, b, strict=True)], 0.975)
         p = float(stats.ttest_rel(a, b).pvalue) if len(a) > 1 else float("nan")
         signed = [sign * q.means[scorer][0] for q in order]
+        trend_p, steps = _trend(order, scorer, sign)
+        reversals = [(lam(order[k]), lam(order[k + 1])) for k in steps]
         out.append(
             {
                 "attribute": attr,
@@ -102,11 +115,44 @@ def heads(points: list[SweepPoint], cfg: SweepConfig) -> list[dict[str, Any]]:
                 "gain": gain,  # in the attribute's direction: > 0 is the head's promise kept
                 "ci95": ci,
                 "p": p,
-                "monotone": all(x <= y for x, y in pairwise(signed)),
+                "monotone": all(x <= y for x, y in pairwise(signed)),  # strict order of means
+                "trend_p": trend_p,  # Page's L, one-sided toward the head
+                # λ pairs (from, to) whose step goes significantly away from the head
+                "reversals": reversals,
+                "monotone_within_noise": trend_p < ALPHA and not reversals,
                 "means_toward_head": [q.means[scorer][0] for q in order],
             }
         )
     return out
+
+
+def _trend(order: list[SweepPoint], scorer: str, sign: float) -> tuple[float, list[int]]:
+    """Page's trend test over ``order`` (points toward the head) and the indices k of the
+    steps k → k+1 that go significantly the wrong way (Holm over the steps); scores signed so
+    that the head's direction is up."""
+    import numpy as np
+    from scipy import stats
+
+    data = sign * np.array([q.scores[scorer] for q in order], dtype=float).T  # blocks × λ
+    if data.shape[0] < 2:
+        return float("nan"), []
+    if data.shape[1] >= 3:
+        trend = float(stats.page_trend_test(data).pvalue)
+    else:  # two λ: Page's L needs three; the paired one-sided t-test is the trend test
+        trend = float(stats.ttest_rel(data[:, 1], data[:, 0], alternative="greater").pvalue)
+    steps = []
+    for k in range(data.shape[1] - 1):
+        diff = data[:, k + 1] - data[:, k]
+        if np.ptp(diff) <= 1e-9 * (1.0 + np.abs(diff).max()):  # a constant step: no noise
+            steps.append(0.0 if diff[0] < 0 else 1.0)
+        else:  # one-sided: does the step toward the head go significantly down?
+            steps.append(float(stats.ttest_1samp(diff, 0.0, alternative="less").pvalue))
+    m, wrong = len(steps), []
+    for rank, k in enumerate(sorted(range(m), key=lambda i: steps[i])):
+        if steps[k] > ALPHA / (m - rank):
+            break  # Holm's step-down: the first step not rejected ends the rejections
+        wrong.append(k)
+    return trend, sorted(wrong)
 
 
 def to_json(points: list[SweepPoint]) -> list[dict[str, Any]]:

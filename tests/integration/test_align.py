@@ -304,6 +304,12 @@ def test_cmpo_align_trains_heads_and_sweeps_the_weights(tiny_model: Path, tmp_pa
         ("plain", "readability", 0.0),
     ]
     assert all(isinstance(h["monotone"], bool) and "gain" in h and "p" in h for h in heads)
+    assert all(
+        isinstance(h["monotone_within_noise"], bool)
+        and isinstance(h["trend_p"], float)
+        and isinstance(h["reversals"], list)
+        for h in heads
+    )
     assert (run_dir / "plots" / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert _alive_with(str(run_dir)) == []
 

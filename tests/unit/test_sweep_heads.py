@@ -71,3 +71,53 @@ def test_sweep_config_checks_directions_and_lambdas() -> None:
         SweepConfig(("a", "b"), ("length", "length"), higher_is_better=(True,))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="repeat"):
         SweepConfig(("a", "b"), ("length", "length"), lambdas=(0.0, 1.0, 1.0))
+
+
+def _noisy_sweep(crit_means: list[float], n: int = 200, sd: float = 0.3) -> list[SweepPoint]:
+    """Base, then λ = 0, 0.25, ..., 1 with per-sample sentiment drawn around crit_means[i]
+    (independent noise per λ: neighbouring points can invert by chance)."""
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    flat = [60.0] * n
+    pts = [_point("base", None, list(rng.normal(0.0, sd, n)), flat)]
+    for lam, m in zip((0.0, 0.25, 0.5, 0.75, 1.0), crit_means, strict=True):
+        pts.append(_point(f"λ={lam:g}", lam, list(rng.normal(m, sd, n)), flat))
+    return pts
+
+
+CFG5 = SweepConfig(
+    attributes=("crit", "simple"),
+    scorers=("sentiment", "readability"),
+    lambdas=(0.0, 0.25, 0.5, 0.75, 1.0),
+    higher_is_better=(False, True),
+)
+
+
+def test_a_trend_with_a_small_inversion_is_monotone_within_noise_not_strictly() -> None:
+    # sentiment falls with λ, but λ 0.5 -> 0.75 goes back up by less than the noise
+    crit, simple = heads(_noisy_sweep([0.2, 0.1, -0.05, -0.03, -0.2]), CFG5)
+    assert not crit["monotone"]
+    assert crit["trend_p"] < 1e-6 and crit["reversals"] == []
+    assert crit["monotone_within_noise"]
+    # a flat attribute has no trend: not monotone within noise, whatever its order
+    assert simple["trend_p"] > 0.05 and not simple["monotone_within_noise"]
+
+
+def test_a_real_reversal_is_named_even_with_a_trend() -> None:
+    # an overall fall with one large step back up (0.25 -> 0.5)
+    (crit, _) = heads(_noisy_sweep([0.3, 0.0, 0.3, -0.2, -0.4]), CFG5)
+    assert crit["trend_p"] < 0.05
+    assert crit["reversals"] == [(0.25, 0.5)] and not crit["monotone_within_noise"]
+
+
+def test_a_head_moving_the_wrong_way_has_no_trend() -> None:
+    (crit, _) = heads(_noisy_sweep([-0.2, -0.1, 0.0, 0.1, 0.2]), CFG5)
+    assert crit["trend_p"] > 0.95 and not crit["monotone_within_noise"]
+
+
+def test_a_two_point_sweep_gets_a_paired_trend_test() -> None:
+    cfg = SweepConfig(("crit", "simple"), ("sentiment", "readability"), (0.0, 1.0), (False, True))
+    pts = _noisy_sweep([0.2, 0.1, -0.05, -0.03, -0.2])
+    crit, _ = heads([pts[0], pts[1], pts[5]], cfg)  # base, λ = 0, λ = 1
+    assert crit["trend_p"] < 1e-6 and crit["monotone_within_noise"] and crit["monotone"]
