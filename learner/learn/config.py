@@ -272,6 +272,16 @@ class LearnConfig:
             raise ValueError("heads.attributes must be data.attributes")
         if self.gate is not None and self.gate.attributes and self.heads is None:
             raise ValueError("gate.attributes needs data.kind 'cmpo' (a version with heads)")
+        if self.gate is not None and self.heads is not None:
+            points = {"gate.attributes": self.gate.attributes}
+            points |= {
+                f"gate.heads[{k}].attributes": h.attributes for k, h in enumerate(self.gate.heads)
+            }
+            for where, weights in points.items():
+                if unknown := sorted(set(weights) - set(self.heads.attributes)):
+                    raise ValueError(
+                        f"{where} names no head: {unknown} (heads: {list(self.heads.attributes)})"
+                    )
 
 
 def _lines(path: Path) -> tuple[str, ...]:

@@ -34,14 +34,16 @@ drift compounds over promotions) and at most ``max_base_perplexity_ratio`` × th
 perplexity on its own gate texts (an anchor that does not move); ``distinct2`` also at least
 ``min_base_distinct2_ratio`` × the base model's on its own gate texts (the same anchor: a
 per-version floor lets diversity fall a little every version); ``win_rate`` at least
-``min_win_rate``. The verdict records every number.
+``min_win_rate``; and for a version with several heads, each ``heads`` check (further weights,
+each with its own scorer: CMPO's other heads at their extremes) passes the same ``value``
+test as the main one. The verdict records every number.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from tiller.server.formats.manifest import Conditioning
@@ -52,6 +54,32 @@ from ..heldout import HeldoutSampling, check_guidance, score
 from ..stats import mean_halfwidth
 
 Metric = Literal["mean", "spread"]
+
+
+@dataclass(frozen=True)
+class HeadCheck:
+    """`[[gate.heads]]`: one more attribute-weight point both sides generate at, scored by its
+    own scorer and tested as the gate's main value is (CMPO: each further head at its extreme,
+    so that no head's attribute may regress while the first head's is checked)."""
+
+    # the weights both sides generate with for this check (a side without heads: none)
+    attributes: Mapping[str, float]
+    # the scorer this check's value is measured with
+    scorer: str
+    # is a higher score better for this check?
+    higher_is_better: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.attributes:
+            raise ValueError("gate.heads: attributes is empty")
+        for name, w in self.attributes.items():
+            if not math.isfinite(w):
+                raise ValueError(f"gate.heads: attributes.{name} must be finite, got {w}")
+        check_scorer(self.scorer)
+
+    @property
+    def label(self) -> str:
+        return "{" + ", ".join(f"{k}={v:g}" for k, v in self.attributes.items()) + "}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,6 +110,8 @@ class GateConfig:
     # The admin address of every replica behind ``server``: the candidate is loaded on each
     # (the gate's requests still go to ``server``). Empty: the gate is pinned to one server.
     replicas: tuple[str, ...] = ()
+    # CMPO: further weight points with their own scorers, each tested like ``value``
+    heads: tuple[HeadCheck, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.prompts:
@@ -124,6 +154,21 @@ class GateConfig:
                 raise ValueError(f"gate.replicas: {r!r} is not a host:port address")
         if len(set(self.replicas)) != len(self.replicas):
             raise ValueError(f"gate.replicas lists an address twice: {list(self.replicas)}")
+        if self.heads and not (self.attributes and self.metric == "mean" and not self.feedback):
+            raise ValueError(
+                "gate.heads needs a CMPO gate: gate.attributes set, metric 'mean', no feedback"
+            )
+
+    def head(self, k: int) -> GateConfig:
+        """The gate as ``heads[k]`` sees it: its weights, its scorer and direction."""
+        h = self.heads[k]
+        return replace(
+            self,
+            attributes=h.attributes,
+            scorer=h.scorer,
+            higher_is_better=h.higher_is_better,
+            heads=(),
+        )
 
     @property
     def tags(self) -> tuple[str, ...]:
@@ -163,6 +208,7 @@ class Evaluation:
     texts: tuple[tuple[str, str, str], ...] = field(repr=False)  # (tag, prompt, text)
     perplexity: float | None = None  # under the base model, when the gate measures it
     per_prompt: tuple[float, ...] = ()  # the value per gate prompt (same order on both sides)
+    heads: tuple[Evaluation, ...] = ()  # one per ``gate.heads`` check, in order
 
 
 @dataclass(frozen=True)
@@ -180,6 +226,8 @@ class Verdict:
     base_perplexity: float | None = None  # with ``max_base_perplexity_ratio``: the anchor
     base_distinct2: float | None = None  # with ``min_base_distinct2_ratio``: the anchor
     placement: str = ""  # where the candidate was served (the learner's word, as it reports it)
+    # per ``gate.heads`` check: its weights, scorer, both sides' values and the paired bound
+    heads: tuple[dict[str, Any], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -201,9 +249,11 @@ def evaluate(
     cfg: GateConfig,
     perplexity: float | None = None,
     scores: Sequence[float] | None = None,
+    heads: Sequence[tuple[Sequence[tuple[str, str, str]], Sequence[float] | None]] = (),
 ) -> Evaluation:
     """Aggregate one side's generations (module docstring); ``scores``: the scorer's value of
-    each text, in order (None: scored here)."""
+    each text, in order (None: scored here). ``heads``: (texts, scores) per ``gate.heads``
+    check, evaluated with that check's view of the gate."""
     by_tag: dict[str, float] = {}
     value: float | None = None
     per_prompt: tuple[float, ...] = ()
@@ -235,6 +285,7 @@ def evaluate(
         texts=tuple(texts),
         perplexity=perplexity,
         per_prompt=per_prompt,
+        heads=tuple(evaluate(side, t, cfg.head(k), scores=v) for k, (t, v) in enumerate(heads)),
     )
 
 
@@ -259,23 +310,24 @@ def decide(
     reasons: list[str] = []
     upper: float | None = None
     if cfg.scorer is not None:
-        c, i = candidate.value, incumbent.value
-        if c is None or i is None or math.isnan(c) or math.isnan(i):
-            reasons.append("score: no value to compare")
-        elif cfg.confidence > 0:
-            if len(candidate.per_prompt) != len(incumbent.per_prompt):
-                reasons.append("score: the sides scored different prompts")
-            else:
-                upper = paired_upper_bound(
-                    candidate.per_prompt, incumbent.per_prompt, cfg.confidence
-                )
-                if upper < -cfg.margin:
-                    reasons.append(
-                        f"score: {c:.4f} vs incumbent {i:.4f}: worse at {cfg.confidence:.0%} "
-                        f"confidence (paired upper bound {upper:+.4f} < -margin {cfg.margin})"
-                    )
-        elif c < i - cfg.margin:
-            reasons.append(f"score: {c:.4f} < incumbent {i:.4f} - margin {cfg.margin}")
+        upper = _value_check(candidate, incumbent, cfg, "score", reasons)
+    heads: list[dict[str, Any]] = []
+    if cfg.heads and not (len(candidate.heads) == len(incumbent.heads) == len(cfg.heads)):
+        reasons.append(f"heads: {len(cfg.heads)} head checks, not measured on both sides")
+    elif cfg.heads:
+        for k, (h, c, i) in enumerate(
+            zip(cfg.heads, candidate.heads, incumbent.heads, strict=True)
+        ):
+            bound = _value_check(c, i, cfg.head(k), f"head {h.label} ({h.scorer})", reasons)
+            heads.append(
+                {
+                    "attributes": dict(h.attributes),
+                    "scorer": h.scorer,
+                    "candidate": c.value,
+                    "incumbent": i.value,
+                    "paired_upper": bound if bound is None or math.isfinite(bound) else None,
+                }
+            )
     if cfg.min_distinct2_ratio > 0:
         floor = cfg.min_distinct2_ratio * incumbent.distinct2
         if candidate.distinct2 < floor:
@@ -334,4 +386,30 @@ def decide(
         paired_upper=upper if upper is None or math.isfinite(upper) else None,
         base_perplexity=base_perplexity,
         base_distinct2=base_distinct2,
+        heads=tuple(heads),
     )
+
+
+def _value_check(
+    candidate: Evaluation, incumbent: Evaluation, cfg: GateConfig, what: str, reasons: list[str]
+) -> float | None:
+    """The ``value`` test of ``decide`` (point or paired non-inferiority); a failure is
+    appended to ``reasons`` under ``what``. Returns the paired upper bound, if one was used."""
+    c, i = candidate.value, incumbent.value
+    if c is None or i is None or math.isnan(c) or math.isnan(i):
+        reasons.append(f"{what}: no value to compare")
+        return None
+    if cfg.confidence <= 0:
+        if c < i - cfg.margin:
+            reasons.append(f"{what}: {c:.4f} < incumbent {i:.4f} - margin {cfg.margin}")
+        return None
+    if len(candidate.per_prompt) != len(incumbent.per_prompt):
+        reasons.append(f"{what}: the sides scored different prompts")
+        return None
+    upper = paired_upper_bound(candidate.per_prompt, incumbent.per_prompt, cfg.confidence)
+    if upper < -cfg.margin:
+        reasons.append(
+            f"{what}: {c:.4f} vs incumbent {i:.4f}: worse at {cfg.confidence:.0%} "
+            f"confidence (paired upper bound {upper:+.4f} < -margin {cfg.margin})"
+        )
+    return upper

@@ -16,7 +16,7 @@ import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from tiller.client import AsyncClient
 from tiller.server.formats.logstore import GenerationView
@@ -49,16 +49,38 @@ def conditions(side: Side, cfg: GateConfig) -> list[Condition]:
     return out
 
 
+Texts = tuple[tuple[str, str, str], ...]  # (tag, prompt, text) per generation, stable order
+
+
 async def generate_side(
     client: AsyncClient, side: Side, cfg: GateConfig
-) -> tuple[list[tuple[str, str, str]], tuple[float, ...]]:
-    """(tag, prompt, text) for every gate tag × prompt × sample, in a stable order, and each
-    text's score from the gate's scorer (empty without one)."""
-    scorers = (cfg.scorer,) if cfg.scorer is not None else ()
-    runs = await generate(client, conditions(side, cfg), cfg.prompts, cfg.sampling, scorers)
-    texts = [(r.condition.feedback, s.prompt, s.text) for r in runs for s in r.samples]
-    scores = tuple(v for r in runs for v in r.scores.get(cfg.scorer or "", ()))
-    return texts, scores
+) -> tuple[Texts, tuple[float, ...], tuple[tuple[Texts, tuple[float, ...]], ...]]:
+    """(tag, prompt, text) for every gate tag × prompt × sample, in a stable order, each
+    text's score from the gate's scorer (empty without one), and the same (texts, scores) for
+    each ``gate.heads`` check. A side with weights generates each check at the check's
+    weights; a side without heads (the base model) generates once, and its texts are scored
+    by each check's scorer."""
+    conds = conditions(side, cfg)
+    if side.attributes:  # one more condition per head check, at its weights
+        for h in cfg.heads:
+            w = tuple(h.attributes.items())
+            conds.append(
+                Condition(f"{side.label} {h.label}", side.name, side.version, attributes=w)
+            )
+    scorers = tuple(dict.fromkeys(s for s in (cfg.scorer, *(h.scorer for h in cfg.heads)) if s))
+    runs = await generate(client, conds, cfg.prompts, cfg.sampling, scorers)
+    main = runs[: len(runs) - (len(cfg.heads) if side.attributes else 0)]
+
+    def cut(rs: Sequence[Any], scorer: str | None) -> tuple[Texts, tuple[float, ...]]:
+        texts = tuple((r.condition.feedback, s.prompt, s.text) for r in rs for s in r.samples)
+        return texts, tuple(v for r in rs for v in r.scores.get(scorer or "", ()))
+
+    texts, scores = cut(main, cfg.scorer)
+    heads = tuple(
+        cut([runs[len(main) + k]] if side.attributes else main, h.scorer)
+        for k, h in enumerate(cfg.heads)
+    )
+    return texts, scores, heads
 
 
 def _view(i: int, group: str, prompt: str, text: str, side: str) -> GenerationView:
@@ -106,9 +128,10 @@ class SideRun:
     A promoted candidate's run is the next gate's incumbent run: same prompts, seeds and
     sampling, same weights, only the adapter name differs (``run_gate``'s ``incumbent_run``)."""
 
-    texts: tuple[tuple[str, str, str], ...]
+    texts: Texts
     perplexity: float | None = None
     scores: tuple[float, ...] = ()  # the scorer's value of each text (empty without a scorer)
+    heads: tuple[tuple[Texts, tuple[float, ...]], ...] = ()  # per ``gate.heads`` check
 
     @property
     def distinct2(self) -> float:
@@ -139,13 +162,13 @@ async def run_sides(
     # one held-out call per side: each side keeps its own ``concurrency`` requests in flight
     runs = await asyncio.gather(*(generate_side(client, side, cfg) for side in sides))
     if not cfg.measures_perplexity or fluency is None:
-        return [SideRun(tuple(texts), scores=scores) for texts, scores in runs]
+        return [SideRun(texts, scores=scores, heads=heads) for texts, scores, heads in runs]
     model = await asyncio.to_thread(fluency)
     out = []
-    for texts, scores in runs:
+    for texts, scores, heads in runs:
         pairs = [(p, t) for _, p, t in texts]
         ppl = await asyncio.to_thread(perplexity, model, pairs)
-        out.append(SideRun(tuple(texts), ppl, scores))
+        out.append(SideRun(texts, ppl, scores, heads))
     return out
 
 
@@ -192,8 +215,8 @@ async def run_gate(
     if cfg.judge is not None:
         win_rate, _ = await judge_win_rate(LLMJudge(cfg.judge), cand.texts, inc.texts)
     verdict = decide(
-        evaluate(candidate, cand.texts, cfg, cand.perplexity, cand.scores or None),
-        evaluate(incumbent, inc.texts, cfg, inc.perplexity, inc.scores or None),
+        evaluate(candidate, cand.texts, cfg, cand.perplexity, cand.scores or None, cand.heads),
+        evaluate(incumbent, inc.texts, cfg, inc.perplexity, inc.scores or None, inc.heads),
         cfg,
         win_rate,
         base_perplexity=base_run.perplexity if base_run is not None else None,

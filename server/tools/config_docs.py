@@ -172,7 +172,7 @@ def components() -> list[tuple[str, str, list[Section]]]:
     )
     from tiller.learner.heads_trainer import HeadsTrainConfig
     from tiller.learner.learn.config import DataConfig, LearnConfig, SampleConfig, TriggerConfig
-    from tiller.learner.learn.gate import GateConfig
+    from tiller.learner.learn.gate import GateConfig, HeadCheck
     from tiller.learner.trainer import OBJECTIVES, TrainConfig
     from tiller.server.config import ServerConfig, TokenGrant
 
@@ -200,7 +200,12 @@ def components() -> list[tuple[str, str, list[Section]]]:
             Section(f'[train.objective_config] (objective = "{key}")', cls)
             for key, cls in OBJECTIVES.items()
         ),
-        Section("[gate]", GateConfig, skip=("judge",), extra=(PROMPTS_FILE,)),
+        Section("[gate]", GateConfig, skip=("judge", "heads"), extra=(PROMPTS_FILE,)),
+        Section(
+            "[[gate.heads]]",
+            HeadCheck,
+            note="CMPO: with gate.attributes (the first head's point); each entry is one more.",
+        ),
         Section(
             "[gate.judge]",
             JudgeConfig,

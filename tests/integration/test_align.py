@@ -15,6 +15,8 @@ import pytest
 
 from tiller.learner.align.config import load_config, parse_config
 from tiller.learner.align.supervisor import ChildFailed, ChildSpec, Supervisor
+from tiller.server.formats.manifest import load_manifest
+from tiller.server.formats.registry import version_path
 
 QUICK = """
 name = "quick"
@@ -272,7 +274,11 @@ CMPO = (
         'target_modules = ["q_proj", "v_proj"]\nbatch_size = 4\nmax_steps = 2\n',
         "[learner.heads]\nrank = 2\nepochs = 1\nbatch_size = 16\n",
     )
-    .replace("margin = 1000.0", "margin = 1000.0\nattributes = {{long = 1.0, plain = 0.0}}")
+    .replace(
+        "margin = 1000.0",
+        "margin = 1000.0\nattributes = {{long = 1.0, plain = 0.0}}\n"
+        '[[learner.gate.heads]]\nattributes = {{long = 0.0, plain = 1.0}}\nscorer = "readability"',
+    )
     .replace(
         'scorer = "length"\n[eval.sampling]\n',
         'scorer = "length"\nattributes = {{long = 1.0, plain = 0.0}}\n'
@@ -311,6 +317,13 @@ def test_cmpo_align_trains_heads_and_sweeps_the_weights(tiny_model: Path, tmp_pa
         for h in heads
     )
     assert (run_dir / "plots" / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the gate checked the second head too, on its own scorer, for both sides
+    for v in (1, 2):
+        gate = load_manifest(version_path(run_dir / "registry", "plural", v)).extra["metrics"]
+        (head,) = gate["gate"]["heads"]
+        assert head["attributes"] == {"long": 0.0, "plain": 1.0}
+        assert head["scorer"] == "readability"
+        assert isinstance(head["candidate"], float) and isinstance(head["incumbent"], float)
     assert _alive_with(str(run_dir)) == []
 
 

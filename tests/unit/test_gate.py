@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from tiller.learner.fluency import load_scoring_model, perplexity
 from tiller.learner.learn.gate import (
     Evaluation,
     GateConfig,
+    HeadCheck,
     Side,
     decide,
     distinct_n,
@@ -278,3 +280,39 @@ def test_perplexity_in_padded_batches_equals_one_sequence_at_a_time(tiny_model: 
     assert perplexity(scorer, pairs) == pytest.approx(one_by_one, rel=1e-4)
     # Each pair's own value differs, so a mix-up of rows or masks would show.
     assert len({round(perplexity(scorer, [p]), 3) for p in pairs if p[1]}) == 4
+
+
+def _with_heads(value: float, per_prompt: list[float], head: list[float]) -> Evaluation:
+    return replace(_pp(value, per_prompt), heads=(_pp(sum(head) / len(head), head),))
+
+
+def test_a_cmpo_gate_checks_every_head_on_its_own_scorer() -> None:
+    simple = HeadCheck(attributes={"critical": 0.0, "simple": 1.0}, scorer="readability")
+    cfg = GateConfig(
+        prompts=("p",), scorer="length", confidence=0.9,
+        attributes={"critical": 1.0, "simple": 0.0}, heads=(simple,),
+    )  # fmt: skip
+    assert cfg.head(0).scorer == "readability" and cfg.head(0).attributes == simple.attributes
+    incumbent = _with_heads(0.3, [0.3, 0.3, 0.3, 0.3], [70.0, 60.0, 65.0, 75.0])
+    # the first head holds; the simple head loses ~10 Flesch on every prompt
+    worse = decide(_with_heads(0.3, [0.3, 0.3, 0.3, 0.3], [61.0, 49.0, 56.0, 64.0]), incumbent, cfg)
+    assert not worse.passed
+    assert worse.reasons[0].startswith("head {critical=0, simple=1} (readability): 57.5")
+    assert worse.heads[0]["scorer"] == "readability" and worse.heads[0]["candidate"] == 57.5
+    assert worse.heads[0]["paired_upper"] < 0
+    kept = decide(_with_heads(0.3, [0.3, 0.3, 0.3, 0.3], [71.0, 59.0, 66.0, 74.0]), incumbent, cfg)
+    assert kept.passed and kept.heads[0]["incumbent"] == 67.5
+    # a side that did not measure the head check cannot pass
+    missing = decide(_pp(0.3, [0.3, 0.3, 0.3, 0.3]), incumbent, cfg)
+    assert not missing.passed and "not measured" in missing.reasons[0]
+
+
+def test_head_checks_are_validated() -> None:
+    with pytest.raises(ValueError, match="attributes is empty"):
+        HeadCheck(attributes={}, scorer="length")
+    with pytest.raises(ValueError, match="finite"):
+        HeadCheck(attributes={"a": math.nan}, scorer="length")
+    with pytest.raises(ValueError, match="scorer"):
+        HeadCheck(attributes={"a": 1.0}, scorer="no-such-scorer")
+    with pytest.raises(ValueError, match="needs a CMPO gate"):
+        GateConfig(prompts=("p",), scorer="length", heads=(HeadCheck({"a": 1.0}, "length"),))
