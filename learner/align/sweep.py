@@ -12,10 +12,10 @@ promises: one served version, a different trade-off per request.
 largest λ, ``attributes[1]`` at the smallest) it moves its attribute's score the right way
 (``higher_is_better``) against the base on the same prompts and seeds (paired t-test), and the
 sweep moves toward that extreme. Strict order of the means is reported, but neighbouring λ can
-differ by less than the noise, so the verdict is statistical: Page's trend test (each
-prompt-and-seed a block, paired across λ; one-sided, toward the head; with two λ, the paired
-t-test) and no step between
-neighbouring λ significantly the wrong way (paired one-sided t-tests, Holm-corrected).
+differ by less than the noise, so the verdict is statistical: Page's trend test (each held-out
+prompt a block, its samples averaged, paired across λ since every λ uses the same seeds;
+one-sided, toward the head; with two λ, the paired t-test) and no step between neighbouring λ
+significantly the wrong way (paired one-sided t-tests, Holm-corrected).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ class SweepPoint:
     means: Mapping[str, tuple[float, float]]  # scorer -> (mean, 95% half-width)
     n: int
     scores: Mapping[str, tuple[float, ...]] = field(default_factory=dict, repr=False)
+    prompts: tuple[str, ...] = field(default=(), repr=False)  # each score's prompt, in order
 
 
 def weights_at(cfg: SweepConfig, lam: float) -> dict[str, float]:
@@ -72,16 +73,30 @@ async def sweep(
             },
             len(r.samples),
             {name: tuple(r.scores[name]) for name in dict.fromkeys(cfg.scorers)},
+            tuple(x.prompt for x in r.samples),
         )
         for r in runs
     ]
+
+
+def blocks(point: SweepPoint, scorer: str) -> list[float]:
+    """``point``'s scores of ``scorer`` as the statistical blocks: the mean per held-out prompt
+    (its samples share the prompt, so they are not independent), or per sample when the
+    point does not record its prompts."""
+    values = point.scores[scorer]
+    if not point.prompts:
+        return list(values)
+    by_prompt: dict[str, list[float]] = {}
+    for prompt, v in zip(point.prompts, values, strict=True):
+        by_prompt.setdefault(prompt, []).append(v)
+    return [sum(vs) / len(vs) for vs in by_prompt.values()]
 
 
 def heads(points: list[SweepPoint], cfg: SweepConfig) -> list[dict[str, Any]]:
     """Per attribute: its head's paired gain over the base at its extreme, and how the sweep
     moves its score toward that extreme (module docstring). ``points``: the base first, then
     one point per λ, as ``sweep`` returns them; every point scores the same prompts and seeds
-    in the same order."""
+    in the same order. Tests pair by prompt (``blocks``)."""
     from scipy import stats
 
     base, swept = points[0], points[1:]
@@ -94,28 +109,29 @@ def heads(points: list[SweepPoint], cfg: SweepConfig) -> list[dict[str, Any]]:
         sign = 1.0 if cfg.higher_is_better[j] else -1.0
         # toward this head: λ rising for the first attribute, falling for the second
         order = sorted(swept, key=lam, reverse=j == 1)
-        for q in (base, *order):
-            if len(q.scores[scorer]) != len(base.scores[scorer]):
+        for q in order:
+            if len(q.scores[scorer]) != len(base.scores[scorer]) or q.prompts != base.prompts:
                 raise ValueError(
                     f"sweep {q.label} and base are not paired: "
-                    f"{len(q.scores[scorer])} vs {len(base.scores[scorer])}"
+                    f"{len(q.scores[scorer])} vs {len(base.scores[scorer])} scores"
                 )
-        extreme = order[-1]
-        a, b = extreme.scores[scorer], base.scores[scorer]
+        table = [blocks(q, scorer) for q in order]
+        a, b = table[-1], blocks(base, scorer)
         gain, ci = mean_halfwidth([sign * (x - y) for x, y in zip(a, b, strict=True)], 0.975)
         p = float(stats.ttest_rel(a, b).pvalue) if len(a) > 1 else float("nan")
         signed = [sign * q.means[scorer][0] for q in order]
-        trend_p, steps = _trend(order, scorer, sign)
+        trend_p, steps = _trend(table, sign)
         reversals = [(lam(order[k]), lam(order[k + 1])) for k in steps]
         out.append(
             {
                 "attribute": attr,
                 "scorer": scorer,
-                "lambda": lam(extreme),
+                "lambda": lam(order[-1]),
                 "gain": gain,  # in the attribute's direction: > 0 is the head's promise kept
                 "ci95": ci,
                 "p": p,
-                "monotone": all(x <= y for x, y in pairwise(signed)),  # strict order of means
+                "blocks": len(a),  # prompts the tests pair over
+                "monotone": all(x < y for x, y in pairwise(signed)),  # strict order of means
                 "trend_p": trend_p,  # Page's L, one-sided toward the head
                 # λ pairs (from, to) whose step goes significantly away from the head
                 "reversals": reversals,
@@ -126,14 +142,14 @@ def heads(points: list[SweepPoint], cfg: SweepConfig) -> list[dict[str, Any]]:
     return out
 
 
-def _trend(order: list[SweepPoint], scorer: str, sign: float) -> tuple[float, list[int]]:
-    """Page's trend test over ``order`` (points toward the head) and the indices k of the
-    steps k → k+1 that go significantly the wrong way (Holm over the steps); scores signed so
-    that the head's direction is up."""
+def _trend(table: list[list[float]], sign: float) -> tuple[float, list[int]]:
+    """Page's trend test over ``table`` (per point toward the head, its blocks) and the
+    indices k of the steps k → k+1 that go significantly the wrong way (Holm over the steps);
+    scores signed so that the head's direction is up."""
     import numpy as np
     from scipy import stats
 
-    data = sign * np.array([q.scores[scorer] for q in order], dtype=float).T  # blocks × λ
+    data = sign * np.array(table, dtype=float).T  # blocks × λ
     if data.shape[0] < 2:
         return float("nan"), []
     if data.shape[1] >= 3:

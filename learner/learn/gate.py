@@ -35,8 +35,9 @@ perplexity on its own gate texts (an anchor that does not move); ``distinct2`` a
 ``min_base_distinct2_ratio`` × the base model's on its own gate texts (the same anchor: a
 per-version floor lets diversity fall a little every version); ``win_rate`` at least
 ``min_win_rate``; and for a version with several heads, each ``heads`` check (further weights,
-each with its own scorer: CMPO's other heads at their extremes) passes the same ``value``
-test as the main one. The verdict records every number.
+each with its own scorer and margin: CMPO's other heads at their extremes) passes the same
+``value`` test as the main one and the same ``min_distinct2_ratio`` floor (perplexity is
+measured at ``attributes`` only). The verdict records every number.
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ class HeadCheck:
     scorer: str
     # is a higher score better for this check?
     higher_is_better: bool = True
+    # how far below the incumbent this check's value may fall, in its scorer's units
+    margin: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.attributes:
@@ -76,6 +79,8 @@ class HeadCheck:
             if not math.isfinite(w):
                 raise ValueError(f"gate.heads: attributes.{name} must be finite, got {w}")
         check_scorer(self.scorer)
+        if not (math.isfinite(self.margin) and self.margin >= 0):
+            raise ValueError(f"gate.heads: margin must be a finite number >= 0, got {self.margin}")
 
     @property
     def label(self) -> str:
@@ -167,6 +172,7 @@ class GateConfig:
             attributes=h.attributes,
             scorer=h.scorer,
             higher_is_better=h.higher_is_better,
+            margin=h.margin,
             heads=(),
         )
 
@@ -318,13 +324,20 @@ def decide(
         for k, (h, c, i) in enumerate(
             zip(cfg.heads, candidate.heads, incumbent.heads, strict=True)
         ):
-            bound = _value_check(c, i, cfg.head(k), f"head {h.label} ({h.scorer})", reasons)
+            what = f"head {h.label} ({h.scorer})"
+            bound = _value_check(c, i, cfg.head(k), what, reasons)
+            if cfg.min_distinct2_ratio > 0 and c.distinct2 < cfg.min_distinct2_ratio * i.distinct2:
+                reasons.append(
+                    f"{what}: fluency: distinct-2 {c.distinct2:.3f} < "
+                    f"{cfg.min_distinct2_ratio} × incumbent {i.distinct2:.3f}"
+                )
             heads.append(
                 {
                     "attributes": dict(h.attributes),
                     "scorer": h.scorer,
                     "candidate": c.value,
                     "incumbent": i.value,
+                    "distinct2": {"candidate": c.distinct2, "incumbent": i.distinct2},
                     "paired_upper": bound if bound is None or math.isfinite(bound) else None,
                 }
             )

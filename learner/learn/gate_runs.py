@@ -16,14 +16,14 @@ import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from tiller.client import AsyncClient
 from tiller.server.formats.logstore import GenerationView
 
 from ..annotate.judge import LLMJudge
 from ..fluency import Scorer, perplexity
-from ..heldout import Condition, generate, guided_pair
+from ..heldout import Condition, HeldoutRun, generate, guided_pair, score
 from .config import LearnConfig
 from .gate import GateConfig, Side, Verdict, decide, distinct_n, evaluate
 from .served import Served, conditioning
@@ -52,35 +52,44 @@ def conditions(side: Side, cfg: GateConfig) -> list[Condition]:
 Texts = tuple[tuple[str, str, str], ...]  # (tag, prompt, text) per generation, stable order
 
 
+def head_conditions(side: Side, cfg: GateConfig) -> list[Condition]:
+    """What ``side`` generates for the ``gate.heads`` checks: one condition per check at its
+    weights for a side with weights; none for a side without heads (its main texts serve)."""
+    if not side.attributes:
+        return []
+    return [
+        Condition(
+            f"{side.label} {h.label}",
+            side.name,
+            side.version,
+            attributes=tuple(h.attributes.items()),
+        )
+        for h in cfg.heads
+    ]
+
+
 async def generate_side(
     client: AsyncClient, side: Side, cfg: GateConfig
 ) -> tuple[Texts, tuple[float, ...], tuple[tuple[Texts, tuple[float, ...]], ...]]:
     """(tag, prompt, text) for every gate tag × prompt × sample, in a stable order, each
     text's score from the gate's scorer (empty without one), and the same (texts, scores) for
-    each ``gate.heads`` check. A side with weights generates each check at the check's
-    weights; a side without heads (the base model) generates once, and its texts are scored
-    by each check's scorer."""
-    conds = conditions(side, cfg)
-    if side.attributes:  # one more condition per head check, at its weights
-        for h in cfg.heads:
-            w = tuple(h.attributes.items())
-            conds.append(
-                Condition(f"{side.label} {h.label}", side.name, side.version, attributes=w)
-            )
-    scorers = tuple(dict.fromkeys(s for s in (cfg.scorer, *(h.scorer for h in cfg.heads)) if s))
-    runs = await generate(client, conds, cfg.prompts, cfg.sampling, scorers)
-    main = runs[: len(runs) - (len(cfg.heads) if side.attributes else 0)]
+    each ``gate.heads`` check (``head_conditions``; a side without heads: its main texts,
+    scored by the check's scorer). Each text is scored only by the scorers that judge it."""
+    main_conds, head_conds = conditions(side, cfg), head_conditions(side, cfg)
+    runs = await generate(client, [*main_conds, *head_conds], cfg.prompts, cfg.sampling)
 
-    def cut(rs: Sequence[Any], scorer: str | None) -> tuple[Texts, tuple[float, ...]]:
-        texts = tuple((r.condition.feedback, s.prompt, s.text) for r in rs for s in r.samples)
-        return texts, tuple(v for r in rs for v in r.scores.get(scorer or "", ()))
+    def texts_of(rs: Sequence[HeldoutRun]) -> Texts:
+        return tuple((r.condition.feedback, s.prompt, s.text) for r in rs for s in r.samples)
 
-    texts, scores = cut(main, cfg.scorer)
-    heads = tuple(
-        cut([runs[len(main) + k]] if side.attributes else main, h.scorer)
-        for k, h in enumerate(cfg.heads)
+    def scored(texts: Texts, scorer: str | None) -> tuple[float, ...]:
+        return score([t for _, _, t in texts], (scorer,))[scorer] if scorer else ()
+
+    main = texts_of(runs[: len(main_conds)])
+    heads_texts = (
+        [texts_of([r]) for r in runs[len(main_conds) :]] if head_conds else [main] * len(cfg.heads)
     )
-    return texts, scores, heads
+    heads = tuple((t, scored(t, h.scorer)) for t, h in zip(heads_texts, cfg.heads, strict=True))
+    return main, scored(main, cfg.scorer), heads
 
 
 def _view(i: int, group: str, prompt: str, text: str, side: str) -> GenerationView:

@@ -316,3 +316,46 @@ def test_head_checks_are_validated() -> None:
         HeadCheck(attributes={"a": 1.0}, scorer="no-such-scorer")
     with pytest.raises(ValueError, match="needs a CMPO gate"):
         GateConfig(prompts=("p",), scorer="length", heads=(HeadCheck({"a": 1.0}, "length"),))
+
+
+def test_a_head_check_has_its_own_margin_in_its_scorers_units() -> None:
+    simple = HeadCheck(attributes={"simple": 1.0}, scorer="readability", margin=15.0)
+    cfg = GateConfig(
+        prompts=("p",), scorer="length", attributes={"critical": 1.0}, heads=(simple,), margin=0.1
+    )
+    assert cfg.head(0).margin == 15.0
+    incumbent = _with_heads(0.3, [0.3] * 4, [70.0, 60.0, 65.0, 75.0])
+    # 10 Flesch lower: inside the head's margin of 15, far outside the main margin of 0.1
+    assert decide(_with_heads(0.3, [0.3] * 4, [60.0, 50.0, 55.0, 65.0]), incumbent, cfg).passed
+    with pytest.raises(ValueError, match="margin"):
+        HeadCheck(attributes={"simple": 1.0}, scorer="readability", margin=-1.0)
+
+
+def test_a_collapsing_head_fails_the_distinct2_floor() -> None:
+    simple = HeadCheck(attributes={"simple": 1.0}, scorer="readability")
+    cfg = GateConfig(
+        prompts=("p",), scorer="length", attributes={"critical": 1.0}, heads=(simple,),
+        min_distinct2_ratio=0.8,
+    )  # fmt: skip
+    incumbent = _with_heads(0.3, [0.3] * 4, [70.0] * 4)
+    collapsed = _with_heads(0.3, [0.3] * 4, [70.0] * 4)
+    collapsed = replace(collapsed, heads=(replace(collapsed.heads[0], distinct2=0.5),))
+    v = decide(collapsed, incumbent, cfg)
+    assert not v.passed and "distinct-2 0.500" in v.reasons[0]
+    assert v.heads[0]["distinct2"] == {"candidate": 0.5, "incumbent": 1.0}
+
+
+def test_a_typo_in_a_gate_head_check_is_refused() -> None:
+    import tomllib
+
+    from tiller.learner.align.config import parse_config
+
+    where = Path(__file__).resolve().parents[2] / "deploy" / "align"
+    text = (where / "cmpo-plural.toml").read_text()
+    assert "higher_is_better = true\n[learner.gate.sampling]" in text
+    typo = text.replace(
+        "higher_is_better = true\n[learner.gate.sampling]",
+        "higher_is_beter = false\n[learner.gate.sampling]",
+    )
+    with pytest.raises(ValueError, match=r"gate\.heads.*higher_is_beter"):
+        parse_config(tomllib.loads(typo), where)

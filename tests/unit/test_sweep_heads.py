@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from tiller.learner.align.config import SweepConfig
@@ -121,3 +123,20 @@ def test_a_two_point_sweep_gets_a_paired_trend_test() -> None:
     pts = _noisy_sweep([0.2, 0.1, -0.05, -0.03, -0.2])
     crit, _ = heads([pts[0], pts[1], pts[5]], cfg)  # base, λ = 0, λ = 1
     assert crit["trend_p"] < 1e-6 and crit["monotone_within_noise"] and crit["monotone"]
+
+
+def test_the_tests_pair_by_prompt_not_by_sample() -> None:
+    from scipy import stats
+
+    pts = _noisy_sweep([0.2, 0.1, -0.05, -0.03, -0.2], n=200)
+    prompts = tuple(f"p{i // 4}" for i in range(200))  # 50 prompts × 4 samples each
+    pts = [replace(p, prompts=prompts) for p in pts]
+    crit, _ = heads(pts, CFG5)
+    assert crit["blocks"] == 50
+    per = [
+        [sum(p.scores["sentiment"][4 * i : 4 * i + 4]) / 4 for i in range(50)]
+        for p in (pts[5], pts[0])
+    ]
+    assert crit["p"] == pytest.approx(float(stats.ttest_rel(*per).pvalue))
+    with pytest.raises(ValueError, match="not paired"):
+        heads([pts[0], *[replace(p, prompts=prompts[::-1]) for p in pts[1:]]], CFG5)
