@@ -15,7 +15,7 @@ per request (a mixture serves ``n = 1``): sample ``j`` of prompt ``i`` with seed
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from tiller.client import AsyncClient
@@ -26,6 +26,11 @@ from .annotate.scorers import make_scorer
 from .learn.sampling import GenerationJob, generate_each
 
 Weights = tuple[tuple[str, float], ...]
+
+
+def weights_label(weights: Iterable[tuple[str, float]]) -> str:
+    """Attribute weights as reports name them: ``{critical=1, simple=0}``."""
+    return "{" + ", ".join(f"{k}={v:g}" for k, v in weights) + "}"
 
 
 @dataclass(frozen=True, kw_only=True)

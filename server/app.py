@@ -219,30 +219,29 @@ async def serve(config: ServerConfig, port_file: Path | None = None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    died: list[str] = []
-    watch = asyncio.create_task(watch_engine(running.engine, stop, died))
+    watch = asyncio.create_task(watch_engine(running.engine, stop))
     await stop.wait()
     watch.cancel()
+    died = None if watch.cancelled() or not watch.done() else watch.result()
     print("tiller: draining", flush=True)
     await drain_and_stop(running, config.drain_grace_s)
     print("tiller: stopped", flush=True)
     if died:
         # a server without an engine answers nothing: exit so a supervisor restarts it
-        raise SystemExit(f"tiller: the inference engine died ({died[0]}); exiting with status 1")
+        raise SystemExit(f"tiller: the inference engine died ({died}); exiting with status 1")
 
 
-async def watch_engine(
-    engine: Engine, stop: asyncio.Event, died: list[str], period_s: float = 2.0
-) -> None:
-    """Check ``engine``'s health every ``period_s``; when it fails, record why in ``died`` and
-    set ``stop``."""
+async def watch_engine(engine: Engine, stop: asyncio.Event, period_s: float = 2.0) -> str | None:
+    """Check ``engine``'s health every ``period_s`` until ``stop``; when it fails, set ``stop``
+    and return why (``None``: stopped for another reason)."""
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), period_s)
-            return
+            return None
         try:
             await engine.check_health()
         except Exception as e:
             log.error("engine health check failed: %s: %s", type(e).__name__, e)
-            died.append(f"{type(e).__name__}: {e}")
             stop.set()
+            return f"{type(e).__name__}: {e}"
+    return None

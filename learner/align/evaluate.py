@@ -26,7 +26,7 @@ from tiller.client import AsyncClient
 from tiller.server.formats.manifest import Conditioning
 
 from ..fluency import load_scoring_model, perplexity
-from ..heldout import Condition, generate, guided_pair
+from ..heldout import Condition, generate, guided_pair, weights_label
 from ..learn.gate import distinct_n
 from ..stats import mean_halfwidth
 from .config import EvalConfig
@@ -125,8 +125,7 @@ def conditions(
     label = f"{adapter}@v{version}"
     if cfg.attributes:
         w = tuple(cfg.attributes.items())
-        shown = ", ".join(f"{k}={v:g}" for k, v in w)
-        return [*out, Condition(f"{label} {{{shown}}}", adapter, version, attributes=w)]
+        return [*out, Condition(f"{label} {weights_label(w)}", adapter, version, attributes=w)]
     if not cfg.tags:
         return [*out, Condition(label, adapter, version)]
     g = cfg.guidance

@@ -60,7 +60,7 @@ from ..annotate.judge import JudgeConfig
 from ..heads_trainer import HeadsTrainConfig
 from ..objectives.alt import ALTConfig
 from ..trainer import OBJECTIVES, TrainConfig
-from .gate import GateConfig, HeadCheck
+from .gate import GateConfig
 
 PairSource = Literal["judge", "score", "feedback"]
 # kind 'cdf': the policy continues its own prompt again after reading the critique.
@@ -337,12 +337,6 @@ def _gate(raw: Any, base: Path, env: Mapping[str, str], prefix: str) -> GateConf
         j.setdefault("name", "gate-judge")
         j.setdefault("mode", "pairwise")
         g["judge"] = build_section(JudgeConfig, j, where)
-    if "heads" in g:  # each entry built on its own: an unknown key names its entry
-        built = []
-        for k, h in enumerate(sections.check_value(list, g["heads"], f"[{prefix}gate] heads")):
-            where = f"[[{prefix}gate.heads]] #{k + 1}"
-            built.append(build_section(HeadCheck, sections.table(h, where), where))
-        g["heads"] = tuple(built)
     return build_section(GateConfig, g, f"[{prefix}gate]")
 
 

@@ -51,7 +51,7 @@ from tiller.server.formats.manifest import Conditioning
 
 from ..annotate.judge import JudgeConfig
 from ..annotate.scorers import check_scorer
-from ..heldout import HeldoutSampling, check_guidance, score
+from ..heldout import HeldoutSampling, check_guidance, score, weights_label
 from ..stats import mean_halfwidth
 
 Metric = Literal["mean", "spread"]
@@ -84,7 +84,7 @@ class HeadCheck:
 
     @property
     def label(self) -> str:
-        return "{" + ", ".join(f"{k}={v:g}" for k, v in self.attributes.items()) + "}"
+        return weights_label(self.attributes.items())
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -117,6 +117,18 @@ def table_class(hint: Any) -> type[Any] | None:
     return None
 
 
+def table_array_class(hint: Any) -> type[Any] | None:
+    """The dataclass an array-of-tables field holds (``tuple[X, ...]``, or that ``| None``)."""
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    args = [a for a in typing.get_args(hint) if a is not type(None)] if union else [hint]
+    if len(args) != 1 or typing.get_origin(args[0]) is not tuple:
+        return None
+    item = typing.get_args(args[0])
+    if len(item) == 2 and item[1] is Ellipsis:
+        return table_class(item[0])
+    return None
+
+
 def default_of(f: dataclasses.Field[Any]) -> Any:
     """``f``'s default (its factory called), or ``dataclasses.MISSING`` when it has none."""
     if f.default is not dataclasses.MISSING:
@@ -195,7 +207,8 @@ def check_fields(
     that name, or ``extra``'s type for keys that are not fields; unknown keys (``exclude``d
     fields too) are an error listing the allowed ones. Already built objects (nested
     dataclasses) pass through untouched; a table given for a dataclass field is built with
-    ``build_section`` under the name ``[where.key]``."""
+    ``build_section`` under the name ``[where.key]``, and each table of an array given for a
+    ``tuple[dataclass, ...]`` field under ``[[where.key] #n]``."""
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls!r} is not a dataclass")
     data = table(data, where or "the top level")
@@ -218,6 +231,12 @@ def check_fields(
                 # a nested table overrides the keys it gives of the field's default, if any
                 merged = {**_defaults(by_name.get(name)), **value}
                 checked[name] = build_section(sub, merged, _subsection(where, name))
+            elif (sub := table_array_class(known[name])) is not None and isinstance(value, list):
+                # an array of tables: each entry built on its own, so its unknown keys are named
+                at = _subsection(where, name)
+                checked[name] = tuple(
+                    build_section(sub, item, f"[{at}] #{k + 1}") for k, item in enumerate(value)
+                )
             else:
                 checked[name] = check_value(known[name], value, _key(where, name))
         except ConfigError as e:

@@ -343,3 +343,17 @@ def test_config_reference_is_the_generators_output() -> None:
         "docs/config-reference.md is stale: run "
         "python -m tiller.server.tools.config_docs > docs/config-reference.md"
     )
+
+
+def test_each_table_of_an_array_of_tables_refuses_unknown_keys() -> None:
+    from tiller.learner.annotate.ratings import RatingConfig
+    from tiller.server.formats.sections import build_section
+
+    entry = {"name": "a", "scorer": "length", "cuts": [1.0]}
+    ok = build_section(RatingConfig, {"provider_name": "r", "attributes": [entry]}, "[p]")
+    assert ok.attributes[0].name == "a" and ok.attributes[0].cuts == (1.0,)
+    typo = {"provider_name": "r", "attributes": [entry, {**entry, "higher_is_beter": False}]}
+    with pytest.raises(
+        ConfigError, match=r"\[\[p\.attributes\]\] #2: unknown keys \['higher_is_beter'\]"
+    ):
+        build_section(RatingConfig, typo, "[p]")
