@@ -169,9 +169,14 @@ JUDGED = (
         '[[annotator.providers]]\nname = "judge"\ntype = "llm_judge"\nmode = "pairwise"\n'
         'base_url = "judge"\nmodel = "judge"\nmax_tokens = 1\n[learner]\n',
     )
-    .replace('source = "score"\nprovider = "len"', 'source = "judge"\nprovider = "judge"')
+    # A random tiny judge is position-biased (both orders rarely agree, and how rarely depends on
+    # the CPU's kernels): its ties are decided by p_a, so every judged pair is an example.
+    .replace(
+        'source = "score"\nprovider = "len"',
+        'source = "judge"\nprovider = "judge"\njudge_tie_margin = 0.0',
+    )
     .replace("min_annotations = 8", "min_annotations = 6")  # 6 pairs per iteration
-    .replace("max_iterations = 2", "max_iterations = 3")  # ties are dropped: data may take 2
+    .replace("max_iterations = 2", "max_iterations = 3")
 )
 
 
@@ -183,7 +188,12 @@ SELF_JUDGED = (
         'base_url = "self"\nmax_tokens = 1\ncriterion = "Prefer the zebra-striped answer."\n'
         "[learner]\n",
     )
-    .replace('source = "score"\nprovider = "len"', 'source = "judge"\nprovider = "judge"')
+    # A random tiny judge is position-biased (both orders rarely agree, and how rarely depends on
+    # the CPU's kernels): its ties are decided by p_a, so every judged pair is an example.
+    .replace(
+        'source = "score"\nprovider = "len"',
+        'source = "judge"\nprovider = "judge"\njudge_tie_margin = 0.0',
+    )
     .replace("min_annotations = 8", "min_annotations = 6")
     .replace("max_iterations = 2", "max_iterations = 3")
 )
