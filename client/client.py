@@ -298,7 +298,8 @@ class AsyncClient(_Base):
         req = convert.build_request(prompt, **kw)
         call = self._stub.GenerateStream(req, **self._kw(timeout))
         try:
-            async for c in call:
+            # read() directly: ``async for`` over the call adds grpc's own generator per message
+            while (c := await call.read()) is not grpc.aio.EOF:
                 yield convert.chunk(c)
         except grpc.RpcError as e:
             raise _wrap(e) from None

@@ -128,19 +128,19 @@ def generation(r: pb.GenerateResponse) -> Generation:
 
 
 def chunk(c: pb.GenerateChunk) -> StreamChunk:
-    final = c.HasField("usage")
+    # Called once per streamed token: positional, and no work for absent usage or logprobs.
+    if c.HasField("usage"):
+        u = c.usage
+        return StreamChunk(
+            c.index, c.generation_id, c.text_delta, tuple(c.token_ids),
+            _FINISH.get(c.finish_reason), True, u.prompt_tokens, u.completion_tokens, c.logged,
+            _logprobs(c.logprobs),
+        )  # fmt: skip
+    lp = _logprobs(c.logprobs) if c.logprobs else ()
     return StreamChunk(
-        index=c.index,
-        generation_id=c.generation_id,
-        text=c.text_delta,
-        token_ids=tuple(c.token_ids),
-        finish_reason=_FINISH.get(c.finish_reason),
-        final=final,
-        prompt_tokens=c.usage.prompt_tokens,
-        completion_tokens=c.usage.completion_tokens,
-        logged=c.logged,
-        logprobs=_logprobs(c.logprobs),
-    )
+        c.index, c.generation_id, c.text_delta, tuple(c.token_ids), _FINISH.get(c.finish_reason),
+        False, 0, 0, c.logged, lp,
+    )  # fmt: skip
 
 
 def adapters(r: pb.ListAdaptersResponse) -> list[AdapterInfo]:
