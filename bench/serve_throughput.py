@@ -10,6 +10,12 @@ reported. tok/s = completion tokens reported by the system / wall time of the me
     python bench/serve_throughput.py                        # SmolLM2-135M, 128 requests, 32 streams
     python bench/serve_throughput.py --model tiny --requests 64 --rounds 3
     python bench/serve_throughput.py --unary    # whole results: no system streams tokens
+    python bench/serve_throughput.py --systems tiller,asyncllm --rounds 6 --interleave
+
+``--interleave`` starts every system once and alternates their phases (ABBA with two), so
+that both sides of a ratio see the same minutes of a machine whose speed drifts; without it each
+phase gets a freshly started system. Every engine is in memory at once: two SmolLM2 engines fit
+a 2-core box, four do not.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -77,6 +83,7 @@ class Settings:
     max_num_seqs: int
     tiller_log: bool
     unary: bool = False  # whole results (no streaming) in every system
+    stream_interval: int = 1  # vLLM's --stream-interval, given to every system alike
 
     def sampling(self, i: int, max_tokens: int | None = None) -> dict[str, Any]:
         """Identical keyword names in Tiller's client, the OpenAI body and ``SamplingParams``."""
@@ -104,7 +111,8 @@ class Settings:
             gpu_memory_utilization=self.gpu_memory_utilization,
             max_num_seqs=self.max_num_seqs,
         )
-        return tiller_engine_kwargs(c, on_cpu=current_platform.is_cpu())
+        extra = {"stream_interval": self.stream_interval} if self.stream_interval > 1 else {}
+        return tiller_engine_kwargs(c, on_cpu=current_platform.is_cpu(), **extra)
 
 
 @dataclass
@@ -114,10 +122,13 @@ class Phase:
     completion_tokens: int
     wall_s: float
     other_cpu_pct: float  # CPU that processes outside the benchmark took meanwhile
+    front_cpu_s: float  # CPU outside vLLM's engine cores: the serving front end and the client
     tok_s: float = field(init=False)
+    front_us_per_token: float = field(init=False)
 
     def __post_init__(self) -> None:
         self.tok_s = self.completion_tokens / self.wall_s
+        self.front_us_per_token = self.front_cpu_s / self.completion_tokens * 1e6
 
 
 def run_async(coro: Coroutine[Any, Any, T]) -> T:
@@ -129,31 +140,40 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run(coro)
 
 
-def cpu_ticks(root: int) -> tuple[int, int]:
-    """(busy clock ticks of the whole machine, ticks used by ``root`` and its descendants)."""
+def cpu_ticks(root: int) -> tuple[int, int, int]:
+    """(busy clock ticks of the whole machine, ticks used by ``root`` and its descendants, the
+    part of those outside vLLM's engine-core processes: the serving front end and client)."""
     total = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     parent: dict[int, int] = {}
     used: dict[int, int] = {}
+    engine: set[int] = set()
     for pid in filter(str.isdigit, os.listdir("/proc")):
         with suppress(OSError):  # gone meanwhile
-            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            parent[int(pid)], used[int(pid)] = int(stat[1]), int(stat[11]) + int(stat[12])
+            comm, stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)
+            fields = stat.split()
+            parent[int(pid)], used[int(pid)] = int(fields[1]), int(fields[11]) + int(fields[12])
+            if comm.split("(", 1)[1].startswith("VLLM::"):
+                engine.add(int(pid))
 
     def ours(pid: int) -> bool:
         while pid > 1 and pid != root:
             pid = parent.get(pid, 0)
         return pid == root
 
-    return sum(total) - total[3] - total[4], sum(t for p, t in used.items() if ours(p))
+    mine = {p: t for p, t in used.items() if ours(p)}
+    front = sum(t for p, t in mine.items() if p not in engine)
+    return sum(total) - total[3] - total[4], sum(mine.values()), front
 
 
-Result = tuple[int, float, float]  # completion tokens, wall seconds, other processes' CPU %
+# completion tokens, wall seconds, other processes' CPU %, front-end CPU seconds
+Result = tuple[int, float, float, float]
 
 
 async def drive(send: Send, s: Settings, progress: Callable[[], object], root: int) -> Result:
     """Warm up (not counted), then ``s.requests`` requests over ``s.concurrency`` streams.
 
-    Also measures the CPU that processes outside ``root``'s tree took meanwhile (% of a core).
+    Also measures the CPU that processes outside ``root``'s tree took meanwhile (% of a core),
+    and the CPU of ``root``'s tree outside vLLM's engine cores (seconds).
     """
     warm = [
         send(f"Warm-up {i}: say hello.", s.sampling(10_000 + i, 8)) for i in range(s.concurrency)
@@ -169,12 +189,13 @@ async def drive(send: Send, s: Settings, progress: Callable[[], object], root: i
             tokens += n  # not `tokens += await ...`: that reads `tokens` before the await
             progress()
 
-    busy, own, start = *cpu_ticks(root), time.perf_counter()
+    busy, own, front, start = *cpu_ticks(root), time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(s.concurrency)))
     wall = time.perf_counter() - start
-    busy_end, own_end = cpu_ticks(root)
-    other = (busy_end - busy - (own_end - own)) / os.sysconf("SC_CLK_TCK") / wall * 100
-    return tokens, wall, max(other, 0.0)
+    busy_end, own_end, front_end = cpu_ticks(root)
+    tick = os.sysconf("SC_CLK_TCK")
+    other = (busy_end - busy - (own_end - own)) / tick / wall * 100
+    return tokens, wall, max(other, 0.0), (front_end - front) / tick
 
 
 async def tiller_load(target: str, s: Settings, progress: Callable[[], object]) -> Result:
@@ -226,8 +247,10 @@ async def openai_load(
         return await drive(send, s, progress, os.getpid())
 
 
-async def asyncllm_load(s: Settings, progress: Callable[[], object]) -> Result:
-    """Runs in the worker subprocess."""
+async def asyncllm_worker(s: Settings, ready: Path, commands: Iterator[str]) -> None:
+    """Runs in the worker subprocess: one engine (``ready`` is written once it is up), one
+    measured phase per command (a result path; progress goes to ``<path>.progress``), until the
+    commands end."""
     from vllm import SamplingParams
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.sampling_params import RequestOutputKind
@@ -236,6 +259,7 @@ async def asyncllm_load(s: Settings, progress: Callable[[], object]) -> Result:
 
     llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**s.engine_args()))
     freeze_gc_heap()  # as `vllm serve` does once started: the in-process baseline at its best
+    ready.write_text("up")
     try:
 
         async def send(prompt: str, sampling: dict[str, Any]) -> int:
@@ -246,7 +270,13 @@ async def asyncllm_load(s: Settings, progress: Callable[[], object]) -> Result:
                 tokens += sum(len(c.token_ids) for c in out.outputs)
             return tokens
 
-        return await drive(send, s, progress, os.getppid())  # the orchestrator's tree
+        for command in commands:
+            out = Path(command.strip())
+            with open(f"{out}.progress", "ab", buffering=0) as f:
+                result = await drive(send, s, lambda: f.write(b"."), os.getppid())
+            tmp = out.with_suffix(".tmp")
+            tmp.write_text(json.dumps(result))
+            tmp.rename(out)  # whole, or not there
     finally:
         llm.shutdown()
 
@@ -256,18 +286,22 @@ async def asyncllm_load(s: Settings, progress: Callable[[], object]) -> Result:
 
 @contextmanager
 def process(
-    cmd: list[str], log: Path, env: dict[str, str] | None = None
+    cmd: list[str], log: Path, env: dict[str, str] | None = None, stdin: int | None = None
 ) -> Iterator[subprocess.Popen[bytes]]:
     """A child in its own process group (output to ``log``); the whole group dies on exit."""
     # VLLM_ENABLE_V1_MULTIPROCESSING: what `tiller serve` sets.
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", **(env or {})}
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
+            cmd, stdin=stdin, stdout=out, stderr=subprocess.STDOUT, env=env,
+            start_new_session=True,
+        )  # fmt: skip
     try:
         yield proc
     finally:
+        if proc.stdin is not None:
+            with suppress(OSError):
+                proc.stdin.close()  # a worker's commands end: it shuts its engine down
         proc.terminate()  # the leader shuts down its own children gracefully ...
         with suppress(subprocess.TimeoutExpired):
             proc.wait(60)
@@ -343,59 +377,79 @@ def tiller_serve_cmd(
             **log,
             **http,
         ),
+        *(["--", f"--stream-interval={s.stream_interval}"] if s.stream_interval > 1 else []),
     ]
 
 
-def run_phase(system: str, rnd: int, s: Settings, work: Path) -> Phase:
-    log = work / f"{system}-r{rnd}.log"
-    fmt = "{desc}: {n_fmt}/{total_fmt} requests [{elapsed} since start-up]"
-    with tqdm(total=s.requests, desc=f"round {rnd} {system}", bar_format=fmt, leave=False) as bar:
-        if system == "tiller":
-            port_file = work / f"tiller-r{rnd}.port"
-            cmd = tiller_serve_cmd(s, port_file, work / f"cache-r{rnd}")
-            with process(cmd, log) as proc:
-                wait_ready(port_file.exists, proc, log)
+Progress = Callable[[int], object]  # tqdm's update: requests done since the last call
+Runner = Callable[[Path, Progress], Result]  # one measured phase (its files under the path)
+
+
+@contextmanager
+def start(system: str, s: Settings, work: Path) -> Iterator[Runner]:
+    """``system`` started and ready; yields a function that runs one measured phase."""
+    work.mkdir(parents=True, exist_ok=True)
+    log = work / f"{system}.log"
+    if system in ("tiller", "tiller-http"):
+        port_file, http_file = work / f"{system}.port", work / f"{system}.http"
+        http = http_file if system == "tiller-http" else None
+        with process(tiller_serve_cmd(s, port_file, work / f"cache-{system}", http), log) as p:
+            wait_ready(port_file.exists, p, log)  # written after the HTTP port
+            if http is None:
                 target = f"127.0.0.1:{port_file.read_text().strip()}"
-                tokens, wall, other = run_async(tiller_load(target, s, bar.update))
-        elif system == "tiller-http":
-            port_file, http_file = work / f"http-r{rnd}.port", work / f"http-r{rnd}.http"
-            cmd = tiller_serve_cmd(s, port_file, work / f"cache-http-r{rnd}", http_file)
-            with process(cmd, log) as proc:
-                wait_ready(port_file.exists, proc, log)  # written after the HTTP port
-                base = f"http://127.0.0.1:{http_file.read_text().strip()}"
-                load = openai_load(base, s, bar.update, model=Path(s.model).name)
-                tokens, wall, other = run_async(load)
-        elif system == "vllm-serve":
-            port = free_port()
-            with process(vllm_serve_cmd(s, port), log) as proc:
-                base = f"http://127.0.0.1:{port}"
-                wait_ready(lambda: http_ok(f"{base}/health"), proc, log)
-                tokens, wall, other = run_async(openai_load(base, s, bar.update))
-        else:  # asyncllm: this script again, as a worker subprocess
-            result, ticks = work / f"asyncllm-r{rnd}.json", work / f"asyncllm-r{rnd}.progress"
-            cmd = [
-                sys.executable,
-                __file__,
-                "--worker",
-                json.dumps(asdict(s)),
-                str(result),
-                str(ticks),
-            ]
-            with process(cmd, log) as proc:
-                while proc.poll() is None:
-                    bar.update((ticks.stat().st_size if ticks.exists() else 0) - bar.n)
+                yield lambda _, bar: run_async(tiller_load(target, s, lambda: bar(1)))
+            else:
+                base = f"http://127.0.0.1:{http.read_text().strip()}"
+                name = Path(s.model).name
+                yield lambda _, bar: run_async(openai_load(base, s, lambda: bar(1), model=name))
+    elif system == "vllm-serve":
+        port = free_port()
+        with process(vllm_serve_cmd(s, port), log) as p:
+            base = f"http://127.0.0.1:{port}"
+            wait_ready(lambda: http_ok(f"{base}/health"), p, log)
+            yield lambda _, bar: run_async(openai_load(base, s, lambda: bar(1)))
+    else:  # asyncllm: this script again, as a worker subprocess taking phases on stdin
+        ready = work / "asyncllm.ready"
+        ready.unlink(missing_ok=True)
+        cmd = [sys.executable, __file__, "--worker", json.dumps(asdict(s)), str(ready)]
+        with process(cmd, log, stdin=subprocess.PIPE) as p:
+            wait_ready(ready.exists, p, log)
+            assert p.stdin is not None
+            pipe = p.stdin
+
+            def phase(out: Path, bar: Progress) -> Result:
+                ticks = Path(f"{out}.progress")
+                pipe.write(f"{out}\n".encode())
+                pipe.flush()
+                done = 0
+                while not out.exists():
+                    if p.poll() is not None:
+                        raise RuntimeError(f"asyncllm worker died (rc={p.returncode}), see {log}")
+                    now = ticks.stat().st_size if ticks.exists() else 0
+                    bar(now - done)
+                    done = now
                     time.sleep(0.5)
-            if proc.returncode != 0 or not result.exists():
-                raise RuntimeError(f"asyncllm worker failed (rc={proc.returncode}), see {log}")
-            tokens, wall, other = json.loads(result.read_text())
-    return Phase(system, rnd, tokens, wall, other)
+                tokens, wall, other, front = json.loads(out.read_text())
+                return int(tokens), float(wall), float(other), float(front)
+
+            yield phase
 
 
-def worker_main(settings_json: str, out: str, ticks: str) -> None:
+def measure(system: str, rnd: int, s: Settings, run: Runner, work: Path) -> Phase:
+    fmt = "{desc}: {n_fmt}/{total_fmt} requests [{elapsed}]"
+    with tqdm(total=s.requests, desc=f"round {rnd} {system}", bar_format=fmt, leave=False) as bar:
+        phase = Phase(system, rnd, *run(work / f"{system}-r{rnd}.json", bar.update))
+    tqdm.write(
+        f"round {rnd} {system}: {phase.completion_tokens} tokens in {phase.wall_s:.2f} s"
+        f" = {phase.tok_s:.1f} tok/s, front end + client {phase.front_us_per_token:.0f} us/token"
+        f" (other processes: {phase.other_cpu_pct:.0f}% CPU)"
+    )
+    return phase
+
+
+def worker_main(settings_json: str, ready: str) -> None:
     s = Settings(**json.loads(settings_json))
-    with open(ticks, "ab", buffering=0) as f:
-        result = run_async(asyncllm_load(s, lambda: f.write(b".")))
-    Path(out).write_text(json.dumps(result))
+    run_async(asyncllm_worker(s, Path(ready), iter(sys.stdin.readline, "")))
 
 
 # ------------------------------------------------------------------ orchestration
@@ -415,22 +469,39 @@ def resolve_model(name: str) -> Path:
 
 
 def report(phases: list[Phase], s: Settings, out: Path) -> None:
-    median = {k: statistics.median(p.tok_s for p in phases if p.system == k) for k in SYSTEMS}
-    tokens = {k: [p.completion_tokens for p in phases if p.system == k] for k in SYSTEMS}
-    ratios = {k: median["tiller"] / median[k] for k in TARGETS}
+    ran = [k for k in SYSTEMS if any(p.system == k for p in phases)]
+    median = {k: statistics.median(p.tok_s for p in phases if p.system == k) for k in ran}
+    tokens = {k: [p.completion_tokens for p in phases if p.system == k] for k in ran}
+    ratios = {k: median["tiller"] / median[k] for k in TARGETS if k in ran and "tiller" in ran}
     names = {"asyncllm": "AsyncLLM", "vllm-serve": "vllm-serve"}
-    for k, target in TARGETS.items():
+    for k, target in ((k, t) for k, t in TARGETS.items() if k in ratios):
         verdict = "met" if ratios[k] >= target else "NOT met"
         print(
             f"Tiller/{names[k]} tok/s ratio: {ratios[k]:.2f} (tiller {median['tiller']:.1f} "
             f"tok/s, {k} {median[k]:.1f} tok/s; target >= {target:.2f}: {verdict})"
         )
-    http = median["tiller-http"] / median["vllm-serve"]
-    ratios["tiller-http/vllm-serve"] = http
+    if "tiller-http" in ran and "vllm-serve" in ran:
+        http = median["tiller-http"] / median["vllm-serve"]
+        ratios["tiller-http/vllm-serve"] = http
+        print(
+            f"Tiller-HTTP/vllm-serve tok/s ratio: {http:.2f} (tiller-http "
+            f"{median['tiller-http']:.1f} tok/s, vllm-serve {median['vllm-serve']:.1f} tok/s; "
+            f"target >= {HTTP_TARGET:.2f}: {'met' if http >= HTTP_TARGET else 'NOT met'})"
+        )
+    for k in ran:  # each round's ratio to Tiller gRPC in the same round: the spread
+        if k != "tiller" and "tiller" in ran:
+            per = [
+                p.tok_s / q.tok_s
+                for p in phases if p.system == "tiller"
+                for q in phases if q.system == k and q.round == p.round
+            ]  # fmt: skip
+            print(f"Tiller/{k} per round: " + ", ".join(f"{r:.2f}" for r in per))
+    front = {
+        k: statistics.median(p.front_us_per_token for p in phases if p.system == k) for k in ran
+    }
     print(
-        f"Tiller-HTTP/vllm-serve tok/s ratio: {http:.2f} (tiller-http "
-        f"{median['tiller-http']:.1f} tok/s, vllm-serve {median['vllm-serve']:.1f} tok/s; "
-        f"target >= {HTTP_TARGET:.2f}: {'met' if http >= HTTP_TARGET else 'NOT met'})"
+        "CPU outside the engine per token (front end + client, median): "
+        + ", ".join(f"{k} {v:.0f} us" for k, v in front.items())
     )
     print("completion tokens per round: " + ", ".join(f"{k} {v}" for k, v in tokens.items()))
     if len({t for v in tokens.values() for t in v}) > 1:
@@ -438,7 +509,12 @@ def report(phases: list[Phase], s: Settings, out: Path) -> None:
     if busy := [f"{p.system} r{p.round}" for p in phases if p.other_cpu_pct > 10]:
         print(f"warning: other processes took CPU during {', '.join(busy)}: figures unreliable")
     out.parent.mkdir(parents=True, exist_ok=True)
-    summary = dict(settings=asdict(s), phases=[asdict(p) for p in phases], median_tok_s=median)
+    summary = dict(
+        settings=asdict(s),
+        phases=[asdict(p) for p in phases],
+        median_tok_s=median,
+        median_front_us_per_token=front,
+    )
     out.write_text(json.dumps(dict(summary, tiller_ratio=ratios, targets=TARGETS), indent=2))
     print(f"wrote {out}")
 
@@ -464,8 +540,18 @@ def main() -> None:
         help="Tiller's generation log (its default: on)",
     )
     ap.add_argument("--unary", action="store_true", help="whole results, no streaming")
+    ap.add_argument("--systems", default=",".join(SYSTEMS), help="which to run (default: all)")
+    ap.add_argument(
+        "--stream-interval", type=int, default=1, help="tokens per streamed output, every system"
+    )
     ap.add_argument("--out", type=Path, default=Path("bench/out/serve_throughput.json"))
-    ap.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)  # SETTINGS_JSON OUT PROGRESS
+    ap.add_argument(
+        "--interleave",
+        action="store_true",
+        help="start every system once, then alternate their measured phases (every engine "
+        "in memory at once)",
+    )
+    ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)  # SETTINGS_JSON READY; stdin
     a = ap.parse_args()
     if a.worker:
         return worker_main(*a.worker)
@@ -477,21 +563,29 @@ def main() -> None:
     s = Settings(**{f.name: getattr(a, f.name) for f in fields(Settings)})
     print(
         f"{Path(a.model).name}, dtype {a.dtype}, {a.concurrency} streams, {a.requests} requests "
-        f"of <= {a.max_tokens} tokens, temperature {a.temperature}, {a.rounds} round(s)"
+        f"of <= {a.max_tokens} tokens, temperature {a.temperature}, {a.rounds} round(s), "
+        f"stream interval {a.stream_interval}"
     )
     work = a.out.parent / f"{a.out.stem}-work"  # server logs stay here for a look afterwards
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    phases: list[Phase] = []
-    for rnd in range(a.rounds):
-        k = rnd % len(SYSTEMS)
-        for system in SYSTEMS[k:] + SYSTEMS[:k]:
-            phase = run_phase(system, rnd, s, work)
-            tqdm.write(
-                f"round {rnd} {system}: {phase.completion_tokens} tokens in {phase.wall_s:.2f} s"
-                f" = {phase.tok_s:.1f} tok/s (other processes: {phase.other_cpu_pct:.0f}% CPU)"
-            )
-            phases.append(phase)
+    systems = tuple(x for x in SYSTEMS if x in a.systems.split(","))
+    if not systems or len(systems) != len(a.systems.split(",")):
+        ap.error(f"--systems: a comma-separated subset of {','.join(SYSTEMS)}, got {a.systems!r}")
+    order = [
+        (rnd, system)
+        for rnd in range(a.rounds)
+        for system in systems[rnd % len(systems) :] + systems[: rnd % len(systems)]
+    ]  # rounds rotate the order: with two systems, ABBA...
+    with ExitStack() as stack:
+        if a.interleave:  # every system warm; phases alternate in the same minutes
+            runners = {x: stack.enter_context(start(x, s, work)) for x in systems}
+            phases = [measure(x, rnd, s, runners[x], work) for rnd, x in order]
+        else:  # each phase in a freshly started system
+            phases = []
+            for rnd, x in order:
+                with start(x, s, work / f"r{rnd}") as run:
+                    phases.append(measure(x, rnd, s, run, work))
     report(phases, s, a.out)
 
 
