@@ -31,6 +31,8 @@ from tiller.protos.tiller.v1 import tiller_pb2_grpc as pb_grpc
 from . import convert
 from .results import AdapterInfo, FeedbackReceipt, Generation, ServerStatus, StreamChunk
 
+_EOF = grpc.aio.EOF  # type: ignore[attr-defined]  # end of a stream's reads (not in the stubs)
+
 T = TypeVar("T")
 Prompt = str | Sequence[Mapping[str, str]]
 
@@ -299,7 +301,7 @@ class AsyncClient(_Base):
         call = self._stub.GenerateStream(req, **self._kw(timeout))
         try:
             # read() directly: ``async for`` over the call adds grpc's own generator per message
-            while (c := await call.read()) is not grpc.aio.EOF:
+            while (c := await call.read()) is not _EOF:
                 yield convert.chunk(c)
         except grpc.RpcError as e:
             raise _wrap(e) from None
