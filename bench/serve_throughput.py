@@ -495,7 +495,10 @@ def report(phases: list[Phase], s: Settings, out: Path) -> None:
                 for p in phases if p.system == "tiller"
                 for q in phases if q.system == k and q.round == p.round
             ]  # fmt: skip
-            print(f"Tiller/{k} per round: " + ", ".join(f"{r:.2f}" for r in per))
+            print(
+                f"Tiller/{k} per round: " + ", ".join(f"{r:.2f}" for r in per)
+                + f" (median {statistics.median(per):.2f})"
+            )  # fmt: skip
     front = {
         k: statistics.median(p.front_us_per_token for p in phases if p.system == k) for k in ran
     }
