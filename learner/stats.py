@@ -1,10 +1,11 @@
-"""The Student-t interval shared by the eval gate and the held-out evaluation."""
+"""The Student-t interval shared by the eval gate and the held-out evaluation, and the blocks
+that samples of one prompt form."""
 
 from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 
 def mean_halfwidth(values: Sequence[float], quantile: float) -> tuple[float, float]:
@@ -18,3 +19,16 @@ def mean_halfwidth(values: Sequence[float], quantile: float) -> tuple[float, flo
         return m, math.inf
     sem = statistics.stdev(values) / math.sqrt(len(values))
     return m, float(stats.t.ppf(quantile, len(values) - 1) * sem)
+
+
+def block_means(values: Sequence[float], keys: Sequence[Hashable]) -> list[float]:
+    """The mean of ``values`` per key, in first-seen order: samples of one held-out prompt are
+    not independent, so tests treat each prompt as one block. No keys: one block per value."""
+    if not keys:
+        return list(values)
+    if len(keys) != len(values):
+        raise ValueError(f"{len(keys)} block keys for {len(values)} values")
+    by_key: dict[Hashable, list[float]] = {}
+    for key, v in zip(keys, values, strict=True):
+        by_key.setdefault(key, []).append(v)
+    return [statistics.fmean(vs) for vs in by_key.values()]

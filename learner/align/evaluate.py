@@ -10,8 +10,10 @@ move it away from the base's own value).
 
 ``compare`` tests the difference between two conditions. Every condition generates from the
 same prompts with the same per-prompt seeds, so score ``i`` of one condition and score ``i`` of
-another come from the same prompt and seed: the paired t-test on those differences (with a 95%
-interval on the mean difference) is the primary figure; Welch's unpaired test is kept beside it.
+another come from the same prompt and seed. The samples of one prompt are not independent, so
+each prompt is one block (the mean of its samples): the paired t-test on the blocks'
+differences (with a 95% interval on the mean difference) is the primary figure; Welch's
+unpaired test of the blocks is kept beside it. A condition's own interval is over its blocks too.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from tiller.server.formats.manifest import Conditioning
 from ..fluency import load_scoring_model, perplexity
 from ..heldout import Condition, generate, guided_pair, weights_label
 from ..learn.gate import distinct_n
-from ..stats import mean_halfwidth
+from ..stats import block_means, mean_halfwidth
 from .config import EvalConfig
 
 
@@ -42,9 +44,16 @@ class Stats:
     perplexity: float | None
     scores: tuple[float, ...]
     examples: tuple[str, ...]
+    prompts: tuple[str, ...] = ()  # each score's held-out prompt: the blocks (none: per score)
+
+    @property
+    def blocks(self) -> list[float]:
+        return block_means(self.scores, self.prompts)
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
+        del out["prompts"]  # the held-out prompts are the config's; their count is enough
+        out["blocks"] = len(self.blocks)
         out["scores"] = list(self.scores)
         out["examples"] = list(self.examples[:3])
         return out
@@ -56,19 +65,21 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
 
 
 def compare(a: Stats, b: Stats) -> dict[str, float]:
-    """``a`` − ``b``: the mean paired difference, its 95% half-width and the paired t-test's
-    two-sided ``p``; ``p_welch`` is Welch's unpaired test of the same scores."""
+    """``a`` − ``b`` by prompt blocks: the mean paired difference, its 95% half-width, the
+    paired t-test's two-sided ``p`` and the number of blocks; ``p_welch`` is Welch's unpaired
+    test of the same blocks."""
     from scipy import stats
 
     d = spread(a, b, f"{a.label} - {b.label}")
-    paired = stats.ttest_rel(a.scores, b.scores)
-    welch = stats.ttest_ind(a.scores, b.scores, equal_var=False)
+    paired = stats.ttest_1samp(d.blocks, 0.0)
+    welch = stats.ttest_ind(a.blocks, b.blocks, equal_var=False)
     return {
         "diff": d.mean,
         "ci95": d.ci95,
         "t": float(paired.statistic),
         "p": float(paired.pvalue),
         "p_welch": float(welch.pvalue),
+        "blocks": len(d.blocks),
     }
 
 
@@ -88,7 +99,8 @@ async def evaluate(
     for run in runs:
         pairs = [(s.prompt, s.text) for s in run.samples]
         scores = list(run.scores[cfg.scorer])
-        m, ci = mean_ci(scores)
+        prompts = tuple(p for p, _ in pairs)
+        m, ci = mean_ci(block_means(scores, prompts))
         ppl = await asyncio.to_thread(perplexity, base, pairs) if base else None
         out.append(
             Stats(
@@ -100,6 +112,7 @@ async def evaluate(
                 perplexity=ppl,
                 scores=tuple(scores),
                 examples=tuple(t for _, t in pairs[:3]),
+                prompts=prompts,
             )
         )
     return out
@@ -153,6 +166,8 @@ def spread(high: Stats, low: Stats, label: str) -> Stats:
     spreads can be compared pairwise)."""
     if len(high.scores) != len(low.scores):
         raise ValueError(f"{high.label} and {low.label} are not paired: {high.n} vs {low.n} scores")
+    if high.prompts != low.prompts:
+        raise ValueError(f"{high.label} and {low.label} are not paired: different prompts")
     diffs = [h - lo for h, lo in zip(high.scores, low.scores, strict=True)]
-    m, ci = mean_ci(diffs)
-    return Stats(label, len(diffs), m, ci, math.nan, None, tuple(diffs), ())
+    m, ci = mean_ci(block_means(diffs, high.prompts))
+    return Stats(label, len(diffs), m, ci, math.nan, None, tuple(diffs), (), high.prompts)

@@ -205,13 +205,17 @@ def sweep(
     }
 
 
+def _paired(v: dict[str, Any]) -> str:
+    over = f" over {v['blocks']} prompts" if "blocks" in v else ""  # older reports: per sample
+    return f"paired{over}: p={v['p']:.2g}, Welch p={v['p_welch']:.2g}"
+
+
 def summary_lines(report: dict[str, Any]) -> list[str]:
     """The report's comparisons, its feedback-to-served time, its conditions and its judges'
     consistency, one line each."""
     ev = report.get("eval") or {}
     lines = [
-        f"  {k}: gain {v['gain']:+.4f} ± {v['ci95']:.4f} "
-        f"(paired p={v['p']:.2g}, Welch p={v['p_welch']:.2g})"
+        f"  {k}: gain {v['gain']:+.4f} ± {v['ci95']:.4f} ({_paired(v)})"
         for k, v in ev.items()
         if k != "conditions"
     ]

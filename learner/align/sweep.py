@@ -29,7 +29,7 @@ from typing import Any
 from tiller.client import AsyncClient
 
 from ..heldout import Condition, generate
-from ..stats import mean_halfwidth
+from ..stats import block_means, mean_halfwidth
 from .config import EvalConfig, SweepConfig
 
 ALPHA = 0.05  # the trend test's and the reversal tests' level
@@ -83,13 +83,7 @@ def blocks(point: SweepPoint, scorer: str) -> list[float]:
     """``point``'s scores of ``scorer`` as the statistical blocks: the mean per held-out prompt
     (its samples share the prompt, so they are not independent), or per sample when the
     point does not record its prompts."""
-    values = point.scores[scorer]
-    if not point.prompts:
-        return list(values)
-    by_prompt: dict[str, list[float]] = {}
-    for prompt, v in zip(point.prompts, values, strict=True):
-        by_prompt.setdefault(prompt, []).append(v)
-    return [sum(vs) / len(vs) for vs in by_prompt.values()]
+    return block_means(point.scores[scorer], point.prompts)
 
 
 def heads(points: list[SweepPoint], cfg: SweepConfig) -> list[dict[str, Any]]:

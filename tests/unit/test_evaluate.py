@@ -207,3 +207,42 @@ def test_heldout_sampling_is_one_typed_toml_table() -> None:
         build_section(EvalConfig, {"prompts": ["p"], "scorer": "length", "samples": 4}, "[eval]")
     with pytest.raises(ValueError, match=r"sampling\.samples must be >= 1"):
         HeldoutSampling(samples=0)
+
+
+def test_compare_treats_each_prompt_as_one_block() -> None:
+    # 4 prompts x 8 samples: a prompt's samples move together, so 32 per-sample pairs would
+    # overstate the evidence; the test has 4 blocks.
+    from scipy import stats as st
+
+    rng = random.Random(1)
+    prompts = tuple(f"p{i}" for i in range(4) for _ in range(8))
+    shift = {p: rng.gauss(0.1, 0.2) for p in set(prompts)}  # the effect differs by prompt
+    b_scores = [rng.gauss(0, 1) for _ in prompts]
+    a_scores = [x + shift[p] + rng.gauss(0, 0.01) for x, p in zip(b_scores, prompts, strict=True)]
+
+    def blocked(label: str, scores: list[float]) -> Stats:
+        return Stats(label, len(scores), 0.0, 0.0, 1.0, None, tuple(scores), (), prompts)
+
+    a, b = blocked("a", a_scores), blocked("b", b_scores)
+    c = compare(a, b)
+    diffs = [sum(a_scores[i : i + 8]) / 8 - sum(b_scores[i : i + 8]) / 8 for i in (0, 8, 16, 24)]
+    assert c["blocks"] == 4
+    assert c["p"] == pytest.approx(st.ttest_1samp(diffs, 0.0).pvalue)
+    assert c["diff"] == pytest.approx(sum(diffs) / 4)
+    per_sample = st.ttest_rel(a_scores, b_scores).pvalue
+    assert per_sample < c["p"]  # pseudo-replication is what the blocks remove
+    assert a.to_json()["blocks"] == 4 and "prompts" not in a.to_json()
+    with pytest.raises(ValueError, match="different prompts"):
+        compare(a, Stats("c", 32, 0.0, 0.0, 1.0, None, tuple(b_scores), (), prompts[::-1]))
+
+
+def test_the_summary_line_says_how_many_prompts_were_paired() -> None:
+    from tiller.learner.align.report import summary_lines
+
+    v = {"diff": 0.1, "gain": 0.1, "ci95": 0.05, "t": 3.0, "p": 0.01, "p_welch": 0.2}
+    line = next(
+        x for x in summary_lines({"eval": {"x vs base": v | {"blocks": 64}}}) if "x vs" in x
+    )
+    assert "paired over 64 prompts: p=0.01, Welch p=0.2" in line
+    old = next(x for x in summary_lines({"eval": {"x vs base": v}}) if "x vs" in x)
+    assert "paired: p=0.01" in old  # a report from before blocks: per sample
