@@ -141,8 +141,9 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
 
 
 def cpu_ticks(root: int) -> tuple[int, int, int]:
-    """(busy clock ticks of the whole machine, ticks used by ``root`` and its descendants, the
-    part of those outside vLLM's engine-core processes: the serving front end and client)."""
+    """(busy clock ticks of the whole machine, ticks used by the measured system (``root`` and
+    its descendants) and by this process (its client), the part of those outside vLLM's
+    engine-core processes: the serving front end and the client)."""
     total = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     parent: dict[int, int] = {}
     used: dict[int, int] = {}
@@ -160,7 +161,8 @@ def cpu_ticks(root: int) -> tuple[int, int, int]:
             pid = parent.get(pid, 0)
         return pid == root
 
-    mine = {p: t for p, t in used.items() if ours(p)}
+    me = os.getpid()
+    mine = {p: t for p, t in used.items() if p == me or ours(p)}
     front = sum(t for p, t in mine.items() if p not in engine)
     return sum(total) - total[3] - total[4], sum(mine.values()), front
 
@@ -172,8 +174,9 @@ Result = tuple[int, float, float, float]
 async def drive(send: Send, s: Settings, progress: Callable[[], object], root: int) -> Result:
     """Warm up (not counted), then ``s.requests`` requests over ``s.concurrency`` streams.
 
-    Also measures the CPU that processes outside ``root``'s tree took meanwhile (% of a core),
-    and the CPU of ``root``'s tree outside vLLM's engine cores (seconds).
+    Also measures the CPU that processes outside ``root``'s tree (the system measured) and
+    this one took meanwhile (% of a core), and the CPU of those outside vLLM's engine cores
+    (seconds). Idle systems started beside it (``--interleave``) count as outside.
     """
     warm = [
         send(f"Warm-up {i}: say hello.", s.sampling(10_000 + i, 8)) for i in range(s.concurrency)
@@ -198,7 +201,9 @@ async def drive(send: Send, s: Settings, progress: Callable[[], object], root: i
     return tokens, wall, max(other, 0.0), (front_end - front) / tick
 
 
-async def tiller_load(target: str, s: Settings, progress: Callable[[], object]) -> Result:
+async def tiller_load(
+    target: str, s: Settings, progress: Callable[[], object], root: int
+) -> Result:
     from tiller.client import AsyncClient
 
     async with AsyncClient(target, timeout=600) as client:
@@ -212,11 +217,11 @@ async def tiller_load(target: str, s: Settings, progress: Callable[[], object]) 
                 reported += chunk.completion_tokens if chunk.final else 0
             return reported or counted
 
-        return await drive(send, s, progress, os.getpid())
+        return await drive(send, s, progress, root)
 
 
 async def openai_load(
-    base: str, s: Settings, progress: Callable[[], object], model: str = "bench"
+    base: str, s: Settings, progress: Callable[[], object], root: int, model: str = "bench"
 ) -> Result:
     import aiohttp
 
@@ -244,7 +249,7 @@ async def openai_load(
                         chunks += 1
             return reported or chunks
 
-        return await drive(send, s, progress, os.getpid())
+        return await drive(send, s, progress, root)
 
 
 async def asyncllm_worker(s: Settings, ready: Path, commands: Iterator[str]) -> None:
@@ -273,7 +278,7 @@ async def asyncllm_worker(s: Settings, ready: Path, commands: Iterator[str]) -> 
         for command in commands:
             out = Path(command.strip())
             with open(f"{out}.progress", "ab", buffering=0) as f:
-                result = await drive(send, s, lambda: f.write(b"."), os.getppid())
+                result = await drive(send, s, lambda: f.write(b"."), os.getpid())
             tmp = out.with_suffix(".tmp")
             tmp.write_text(json.dumps(result))
             tmp.rename(out)  # whole, or not there
@@ -301,7 +306,9 @@ def process(
     finally:
         if proc.stdin is not None:
             with suppress(OSError):
-                proc.stdin.close()  # a worker's commands end: it shuts its engine down
+                proc.stdin.close()  # a worker whose commands end shuts its engine down
+            with suppress(subprocess.TimeoutExpired):
+                proc.wait(30)
         proc.terminate()  # the leader shuts down its own children gracefully ...
         with suppress(subprocess.TimeoutExpired):
             proc.wait(60)
@@ -397,17 +404,19 @@ def start(system: str, s: Settings, work: Path) -> Iterator[Runner]:
             wait_ready(port_file.exists, p, log)  # written after the HTTP port
             if http is None:
                 target = f"127.0.0.1:{port_file.read_text().strip()}"
-                yield lambda _, bar: run_async(tiller_load(target, s, lambda: bar(1)))
+                yield lambda _, bar: run_async(tiller_load(target, s, lambda: bar(1), p.pid))
             else:
                 base = f"http://127.0.0.1:{http.read_text().strip()}"
                 name = Path(s.model).name
-                yield lambda _, bar: run_async(openai_load(base, s, lambda: bar(1), model=name))
+                yield lambda _, bar: run_async(
+                    openai_load(base, s, lambda: bar(1), p.pid, model=name)
+                )
     elif system == "vllm-serve":
         port = free_port()
         with process(vllm_serve_cmd(s, port), log) as p:
             base = f"http://127.0.0.1:{port}"
             wait_ready(lambda: http_ok(f"{base}/health"), p, log)
-            yield lambda _, bar: run_async(openai_load(base, s, lambda: bar(1)))
+            yield lambda _, bar: run_async(openai_load(base, s, lambda: bar(1), p.pid))
     else:  # asyncllm: this script again, as a worker subprocess taking phases on stdin
         ready = work / "asyncllm.ready"
         ready.unlink(missing_ok=True)
@@ -419,12 +428,17 @@ def start(system: str, s: Settings, work: Path) -> Iterator[Runner]:
 
             def phase(out: Path, bar: Progress) -> Result:
                 ticks = Path(f"{out}.progress")
+                died = f"asyncllm worker died (rc={{}}), see {log}"
+                if p.poll() is not None:
+                    raise RuntimeError(died.format(p.returncode))
                 pipe.write(f"{out}\n".encode())
                 pipe.flush()
-                done = 0
+                done, deadline = 0, time.monotonic() + 1800
                 while not out.exists():
                     if p.poll() is not None:
-                        raise RuntimeError(f"asyncllm worker died (rc={p.returncode}), see {log}")
+                        raise RuntimeError(died.format(p.returncode))
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"asyncllm worker: no result in 30 min, see {log}")
                     now = ticks.stat().st_size if ticks.exists() else 0
                     bar(now - done)
                     done = now
@@ -573,6 +587,11 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     systems = tuple(x for x in SYSTEMS if x in a.systems.split(","))
+    if a.interleave and a.gpu_memory_utilization * len(systems) > 0.95:
+        ap.error(
+            f"--interleave keeps {len(systems)} engines in memory at once: "
+            f"{len(systems)} x --gpu-memory-utilization {a.gpu_memory_utilization} > 0.95"
+        )
     if not systems or len(systems) != len(a.systems.split(",")):
         ap.error(f"--systems: a comma-separated subset of {','.join(SYSTEMS)}, got {a.systems!r}")
     order = [

@@ -71,7 +71,11 @@ def compare(a: Stats, b: Stats) -> dict[str, float]:
     from scipy import stats
 
     d = spread(a, b, f"{a.label} - {b.label}")
-    paired = stats.ttest_1samp(d.blocks, 0.0)
+    blocks = d.blocks
+    if len(blocks) < 2:  # one held-out prompt: no test (and no scipy warning)
+        return {"diff": d.mean, "ci95": d.ci95, "t": math.nan, "p": math.nan,
+                "p_welch": math.nan, "blocks": len(blocks)}  # fmt: skip
+    paired = stats.ttest_1samp(blocks, 0.0)
     welch = stats.ttest_ind(a.blocks, b.blocks, equal_var=False)
     return {
         "diff": d.mean,
@@ -79,7 +83,7 @@ def compare(a: Stats, b: Stats) -> dict[str, float]:
         "t": float(paired.statistic),
         "p": float(paired.pvalue),
         "p_welch": float(welch.pvalue),
-        "blocks": len(d.blocks),
+        "blocks": len(blocks),
     }
 
 

@@ -246,3 +246,11 @@ def test_the_summary_line_says_how_many_prompts_were_paired() -> None:
     assert "paired over 64 prompts: p=0.01, Welch p=0.2" in line
     old = next(x for x in summary_lines({"eval": {"x vs base": v}}) if "x vs" in x)
     assert "paired: p=0.01" in old  # a report from before blocks: per sample
+
+
+def test_one_prompt_gives_no_test() -> None:
+    prompts = ("p",) * 4
+    a = Stats("a", 4, 0.0, 0.0, 1.0, None, (1.0, 2.0, 3.0, 4.0), (), prompts)
+    b = Stats("b", 4, 0.0, 0.0, 1.0, None, (0.0, 1.0, 1.0, 1.0), (), prompts)
+    c = compare(a, b)
+    assert c["blocks"] == 1 and c["diff"] == pytest.approx(1.75) and math.isnan(c["p"])

@@ -171,3 +171,31 @@ def test_store_counters_for_the_learners_trigger(tmp_path: Path) -> None:
     assert count_labels_after(db, None, 0) == (0, 0)
     db.table("feedback").insert({"id": "f1", "created_at": 1.0, "generation_id": "g1"})
     assert count_labels_after(db, None, 0) == (1, 1)
+
+
+def test_generation_rows_go_in_all_or_none(tmp_path: Path) -> None:
+    """One prepared insert per call: a duplicate id fails the whole call, in a transaction
+    (the writer's batch) or not (autocommit), and leaves the other rows out."""
+    from dataclasses import fields
+
+    from tiller.server.formats.logstore import (
+        GenerationRow,
+        count_generations,
+        generations_by_id,
+        insert_generations,
+        transaction,
+    )
+
+    def row(gid: str) -> GenerationRow:
+        values = {f.name: 0 if f.type in ("int", "float") else "" for f in fields(GenerationRow)}
+        return GenerationRow(**(values | {"id": gid, "output_text": f"text {gid}"}))
+
+    db = connect(tmp_path / "log.sqlite")
+    insert_generations(db, [row("g1")])
+    with pytest.raises(sqlite3.IntegrityError):
+        insert_generations(db, [row("g2"), row("g1")])
+    with pytest.raises(sqlite3.IntegrityError), transaction(db):
+        insert_generations(db, [row("g3")])
+        insert_generations(db, [row("g4"), row("g1")])
+    assert count_generations(db) == 1
+    assert generations_by_id(db, ["g1"])["g1"].output_text == "text g1"

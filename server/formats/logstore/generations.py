@@ -61,8 +61,10 @@ def insert_generations(db: sqlite_utils.Database, rows: Sequence[GenerationRow])
     """Append ``rows`` (each gets the next ``seq``); a duplicate id raises ``IntegrityError``.
 
     One prepared statement: the server calls this for every request, and ``insert_all``'s
-    per-call table inspection cost more than the insert."""
-    db.conn.executemany(_INSERT, [[getattr(r, c) for c in _ROW_COLUMNS] for r in rows])
+    per-call table inspection cost more than the insert. All rows or none (a savepoint inside
+    the caller's transaction)."""
+    with db.atomic():
+        db.conn.executemany(_INSERT, [[getattr(r, c) for c in _ROW_COLUMNS] for r in rows])
 
 
 def generation_exists(db: sqlite_utils.Database, generation_id: str) -> bool:
