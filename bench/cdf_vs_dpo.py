@@ -72,8 +72,9 @@ def main() -> None:
             "label": tr["label"],
             "base": base["mean"],
             "trained": tr["mean"],
-            "scores": tr["scores"],
-            "base_scores": base["scores"],
+            # per held-out prompt (the mean of its samples), so that tests pair by prompt
+            "scores": tr.get("block_means", tr["scores"]),
+            "base_scores": base.get("block_means", base["scores"]),
             "distinct2": tr.get("distinct2"),
             "perplexity": tr.get("perplexity"),
             "iterations": len(rep["iterations"]),
@@ -82,7 +83,7 @@ def main() -> None:
             "report_gain": next(v["gain"] for k, v in rep["eval"].items() if k.endswith("vs base")),
         }
     # Both configs minimise sentiment (the critical reviewer): a gain is a fall in the score, and
-    # CDF - DPO in gain terms is DPO's score minus CDF's, per opening and seed.
+    # CDF - DPO in gain terms is DPO's score minus CDF's, per held-out opening.
     gain = {n: r["report_gain"] for n, r in rows.items()}
     d = [dp - cd for cd, dp in zip(rows["cdf"]["scores"], rows["dpo"]["scores"], strict=True)]
     m, h = mean_halfwidth(d, 0.975)

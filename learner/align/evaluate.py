@@ -52,8 +52,9 @@ class Stats:
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
-        del out["prompts"]  # the held-out prompts are the config's; their count is enough
+        del out["prompts"]  # the held-out prompts are the config's; their means are enough
         out["blocks"] = len(self.blocks)
+        out["block_means"] = self.blocks  # in prompt order: other runs pair by prompt with them
         out["scores"] = list(self.scores)
         out["examples"] = list(self.examples[:3])
         return out

@@ -232,6 +232,7 @@ def test_compare_treats_each_prompt_as_one_block() -> None:
     per_sample = st.ttest_rel(a_scores, b_scores).pvalue
     assert per_sample < c["p"]  # pseudo-replication is what the blocks remove
     assert a.to_json()["blocks"] == 4 and "prompts" not in a.to_json()
+    assert a.to_json()["block_means"] == pytest.approx(a.blocks)
     with pytest.raises(ValueError, match="different prompts"):
         compare(a, Stats("c", 32, 0.0, 0.0, 1.0, None, tuple(b_scores), (), prompts[::-1]))
 
