@@ -247,7 +247,6 @@ def distinct2(texts: Sequence[str]) -> float:
 
 
 def report(out: Path, names: Sequence[str], runs: dict[str, list[str]]) -> None:
-    from scipy import stats
 
     from tiller.learner.fluency import load_scoring_model
 
@@ -268,10 +267,8 @@ def report(out: Path, names: Sequence[str], runs: dict[str, list[str]]) -> None:
             **_fluency(groups, hi + lo, ctx + ctx, scorer),
         }
     for name in names:
-        d = [a - b for a, b in zip(spreads[name], spreads["prompted"], strict=True)]
-        p = float(stats.ttest_rel(spreads[name], spreads["prompted"]).pvalue)
-        table[name]["vs_prompted"] = {**_mean_ci(d), "p": p}
-        m, h = table[name]["vs_prompted"]["mean"], table[name]["vs_prompted"]["ci95"]
+        table[name]["vs_prompted"] = _paired(spreads[name], spreads["prompted"], ctx)
+        m, h, p = (table[name]["vs_prompted"][k] for k in ("mean", "ci95", "p"))
         print(f"ALT trained - prompted ({name}): spread {m:+.3f} ± {h:.3f} (p = {p:.2g})")
     for name, row in table.items():
         sp = row.get("spread")
@@ -314,6 +311,17 @@ def _mean_ci(v: Sequence[float]) -> dict[str, float]:
 
     m, h = mean_halfwidth(list(v), 0.975)
     return {"mean": m, "ci95": h}
+
+
+def _paired(x: Sequence[float], y: Sequence[float], ctx: Sequence[str]) -> dict[str, float]:
+    """``x − y`` paired by held-out prompt (``ctx``: each score's prompt): one block per
+    prompt, the mean of its samples, since a prompt's samples are not independent."""
+    from scipy import stats
+
+    from tiller.learner.stats import block_means
+
+    d = block_means([a - b for a, b in zip(x, y, strict=True)], ctx)
+    return {**_mean_ci(d), "p": float(stats.ttest_1samp(d, 0.0).pvalue), "blocks": len(d)}
 
 
 def _fluency(

@@ -45,6 +45,7 @@ from alt_experiments import (
     TEMPLATE,
     _fluency,
     _mean_ci,
+    _paired,
     lines,
     model_dir,
     vader,
@@ -150,7 +151,6 @@ async def sample(target: str, name: str, tag: str, w: float, prompts: Sequence[s
 
 
 def report(out: Path, names: Sequence[str], weights: Sequence[float], runs: dict[str, list[str]]):
-    from scipy import stats
 
     from tiller.learner.fluency import load_scoring_model
 
@@ -171,10 +171,8 @@ def report(out: Path, names: Sequence[str], weights: Sequence[float], runs: dict
                 **_fluency([hi_t, lo_t], hi + lo, ctx + ctx, scorer),
             }
             if name != PROMPTED:
-                d = [a - b for a, b in zip(spreads[name], spreads[PROMPTED], strict=True)]
-                p = float(stats.ttest_rel(spreads[name], spreads[PROMPTED]).pvalue)
-                row["vs_prompted"] = {**_mean_ci(d), "p": p}
-                m, h = row["vs_prompted"]["mean"], row["vs_prompted"]["ci95"]
+                row["vs_prompted"] = _paired(spreads[name], spreads[PROMPTED], ctx)
+                m, h, p = (row["vs_prompted"][k] for k in ("mean", "ci95", "p"))
                 print(
                     f"ALT guided trained - prompted ({name}, w={w:g}): "
                     f"spread {m:+.3f} ± {h:.3f} (p = {p:.2g})"
