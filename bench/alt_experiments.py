@@ -314,14 +314,10 @@ def _mean_ci(v: Sequence[float]) -> dict[str, float]:
 
 
 def _paired(x: Sequence[float], y: Sequence[float], ctx: Sequence[str]) -> dict[str, float]:
-    """``x − y`` paired by held-out prompt (``ctx``: each score's prompt): one block per
-    prompt, the mean of its samples, since a prompt's samples are not independent."""
-    from scipy import stats
+    """``x − y`` paired by held-out prompt (``ctx``: each score's prompt)."""
+    from tiller.learner.stats import paired_test
 
-    from tiller.learner.stats import block_means
-
-    d = block_means([a - b for a, b in zip(x, y, strict=True)], ctx)
-    return {**_mean_ci(d), "p": float(stats.ttest_1samp(d, 0.0).pvalue), "blocks": len(d)}
+    return paired_test(x, y, ctx)
 
 
 def _fluency(

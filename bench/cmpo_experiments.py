@@ -444,14 +444,10 @@ def _mean_ci(v: Sequence[float]) -> dict[str, float]:
 
 
 def _paired(x: Sequence[float], y: Sequence[float]) -> dict[str, float]:
-    """``x − y`` paired by held-out review: one block per review, the mean of its samples."""
-    from scipy import stats
+    """``x − y`` paired by held-out review (one block per review, its samples averaged)."""
+    from tiller.learner.stats import paired_test
 
-    from tiller.learner.stats import block_means
-
-    ctx = [p for p in lines("reviews-heldout.txt") for _ in range(EVAL_SAMPLES)]
-    d = block_means([a - b for a, b in zip(x, y, strict=True)], ctx)
-    return {**_mean_ci(d), "p": float(stats.ttest_1samp(d, 0.0).pvalue), "blocks": len(d)}
+    return paired_test(x, y, [p for p in lines("reviews-heldout.txt") for _ in range(EVAL_SAMPLES)])
 
 
 def _monotone(means: Sequence[float], decreasing: bool) -> bool:

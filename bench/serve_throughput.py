@@ -483,9 +483,10 @@ def resolve_model(name: str) -> Path:
 
 
 def report(phases: list[Phase], s: Settings, out: Path) -> None:
-    ran = [k for k in SYSTEMS if any(p.system == k for p in phases)]
-    median = {k: statistics.median(p.tok_s for p in phases if p.system == k) for k in ran}
-    tokens = {k: [p.completion_tokens for p in phases if p.system == k] for k in ran}
+    by = {k: [p for p in phases if p.system == k] for k in SYSTEMS}
+    ran = [k for k in SYSTEMS if by[k]]
+    median = {k: statistics.median(p.tok_s for p in by[k]) for k in ran}
+    tokens = {k: [p.completion_tokens for p in by[k]] for k in ran}
     ratios = {k: median["tiller"] / median[k] for k in TARGETS if k in ran and "tiller" in ran}
     names = {"asyncllm": "AsyncLLM", "vllm-serve": "vllm-serve"}
     for k, target in ((k, t) for k, t in TARGETS.items() if k in ratios):
@@ -502,20 +503,14 @@ def report(phases: list[Phase], s: Settings, out: Path) -> None:
             f"{median['tiller-http']:.1f} tok/s, vllm-serve {median['vllm-serve']:.1f} tok/s; "
             f"target >= {HTTP_TARGET:.2f}: {'met' if http >= HTTP_TARGET else 'NOT met'})"
         )
-    for k in ran:  # each round's ratio to Tiller gRPC in the same round: the spread
-        if k != "tiller" and "tiller" in ran:
-            per = [
-                p.tok_s / q.tok_s
-                for p in phases if p.system == "tiller"
-                for q in phases if q.system == k and q.round == p.round
-            ]  # fmt: skip
-            print(
-                f"Tiller/{k} per round: " + ", ".join(f"{r:.2f}" for r in per)
-                + f" (median {statistics.median(per):.2f})"
-            )  # fmt: skip
-    front = {
-        k: statistics.median(p.front_us_per_token for p in phases if p.system == k) for k in ran
-    }
+    # each round's ratio to Tiller gRPC in the same round: the spread
+    for k in (x for x in ran if x != "tiller" and by["tiller"]):
+        per = [p.tok_s / q.tok_s for p, q in zip(by["tiller"], by[k], strict=True)]
+        print(
+            f"Tiller/{k} per round: " + ", ".join(f"{r:.2f}" for r in per)
+            + f" (median {statistics.median(per):.2f})"
+        )  # fmt: skip
+    front = {k: statistics.median(p.front_us_per_token for p in by[k]) for k in ran}
     print(
         "CPU outside the engine per token (front end + client, median): "
         + ", ".join(f"{k} {v:.0f} us" for k, v in front.items())

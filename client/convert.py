@@ -127,19 +127,17 @@ def generation(r: pb.GenerateResponse) -> Generation:
     )
 
 
+_NO_USAGE = pb.Usage()  # a chunk's usage before the final one
+
+
 def chunk(c: pb.GenerateChunk) -> StreamChunk:
-    # Called once per streamed token: positional, and no work for absent usage or logprobs.
-    if c.HasField("usage"):
-        u = c.usage
-        return StreamChunk(
-            c.index, c.generation_id, c.text_delta, tuple(c.token_ids),
-            _FINISH.get(c.finish_reason), True, u.prompt_tokens, u.completion_tokens, c.logged,
-            _logprobs(c.logprobs),
-        )  # fmt: skip
-    lp = _logprobs(c.logprobs) if c.logprobs else ()
+    # Called once per streamed token: positional, and no work for absent logprobs.
+    final = c.HasField("usage")
+    u = c.usage if final else _NO_USAGE
     return StreamChunk(
         c.index, c.generation_id, c.text_delta, tuple(c.token_ids), _FINISH.get(c.finish_reason),
-        False, 0, 0, c.logged, lp,
+        final, u.prompt_tokens, u.completion_tokens, c.logged,
+        _logprobs(c.logprobs) if c.logprobs else (),
     )  # fmt: skip
 
 

@@ -32,3 +32,20 @@ def block_means(values: Sequence[float], keys: Sequence[Hashable]) -> list[float
     for key, v in zip(keys, values, strict=True):
         by_key.setdefault(key, []).append(v)
     return [statistics.fmean(vs) for vs in by_key.values()]
+
+
+def paired_test(
+    x: Sequence[float], y: Sequence[float], keys: Sequence[Hashable] = ()
+) -> dict[str, float]:
+    """``x − y`` paired by position, averaged per key block first (``block_means``): the mean
+    difference, its 95% half-width, the two-sided one-sample t-test on the block differences
+    (``t``, ``p``; nan with fewer than two blocks) and the number of blocks."""
+    from scipy import stats
+
+    d = block_means([a - b for a, b in zip(x, y, strict=True)], keys)
+    m, h = mean_halfwidth(d, 0.975)
+    t = p = math.nan
+    if len(d) > 1:
+        r = stats.ttest_1samp(d, 0.0)
+        t, p = float(r.statistic), float(r.pvalue)
+    return {"mean": m, "ci95": h, "t": t, "p": p, "blocks": len(d)}

@@ -30,7 +30,7 @@ from tiller.server.formats.manifest import Conditioning
 from ..fluency import load_scoring_model, perplexity
 from ..heldout import Condition, generate, guided_pair, weights_label
 from ..learn.gate import distinct_n
-from ..stats import block_means, mean_halfwidth
+from ..stats import block_means, mean_halfwidth, paired_test
 from .config import EvalConfig
 
 
@@ -53,8 +53,9 @@ class Stats:
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         del out["prompts"]  # the held-out prompts are the config's; their means are enough
-        out["blocks"] = len(self.blocks)
-        out["block_means"] = self.blocks  # in prompt order: other runs pair by prompt with them
+        blocks = self.blocks
+        out["blocks"] = len(blocks)
+        out["block_means"] = blocks  # in prompt order: other runs pair by prompt with them
         out["scores"] = list(self.scores)
         out["examples"] = list(self.examples[:3])
         return out
@@ -71,21 +72,13 @@ def compare(a: Stats, b: Stats) -> dict[str, float]:
     test of the same blocks."""
     from scipy import stats
 
-    d = spread(a, b, f"{a.label} - {b.label}")
-    blocks = d.blocks
-    if len(blocks) < 2:  # one held-out prompt: no test (and no scipy warning)
-        return {"diff": d.mean, "ci95": d.ci95, "t": math.nan, "p": math.nan,
-                "p_welch": math.nan, "blocks": len(blocks)}  # fmt: skip
-    paired = stats.ttest_1samp(blocks, 0.0)
-    welch = stats.ttest_ind(a.blocks, b.blocks, equal_var=False)
-    return {
-        "diff": d.mean,
-        "ci95": d.ci95,
-        "t": float(paired.statistic),
-        "p": float(paired.pvalue),
-        "p_welch": float(welch.pvalue),
-        "blocks": len(blocks),
-    }
+    spread(a, b, f"{a.label} - {b.label}")  # refuses conditions that are not paired
+    d = paired_test(a.scores, b.scores, a.prompts)
+    welch = math.nan
+    if d["blocks"] > 1:
+        welch = float(stats.ttest_ind(a.blocks, b.blocks, equal_var=False).pvalue)
+    return {"diff": d["mean"], "ci95": d["ci95"], "t": d["t"], "p": d["p"], "p_welch": welch,
+            "blocks": d["blocks"]}  # fmt: skip
 
 
 async def evaluate(

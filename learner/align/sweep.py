@@ -29,7 +29,7 @@ from typing import Any
 from tiller.client import AsyncClient
 
 from ..heldout import Condition, generate
-from ..stats import block_means, mean_halfwidth
+from ..stats import block_means, mean_halfwidth, paired_test
 from .config import EvalConfig, SweepConfig
 
 ALPHA = 0.05  # the trend test's and the reversal tests' level
@@ -91,7 +91,6 @@ def heads(points: list[SweepPoint], cfg: SweepConfig) -> list[dict[str, Any]]:
     moves its score toward that extreme (module docstring). ``points``: the base first, then
     one point per λ, as ``sweep`` returns them; every point scores the same prompts and seeds
     in the same order. Tests pair by prompt (``blocks``)."""
-    from scipy import stats
 
     base, swept = points[0], points[1:]
 
@@ -111,8 +110,8 @@ def heads(points: list[SweepPoint], cfg: SweepConfig) -> list[dict[str, Any]]:
                 )
         table = [blocks(q, scorer) for q in order]
         a, b = table[-1], blocks(base, scorer)
-        gain, ci = mean_halfwidth([sign * (x - y) for x, y in zip(a, b, strict=True)], 0.975)
-        p = float(stats.ttest_rel(a, b).pvalue) if len(a) > 1 else float("nan")
+        paired = paired_test(a, b)
+        gain, ci, p = sign * paired["mean"], paired["ci95"], paired["p"]
         signed = [sign * q.means[scorer][0] for q in order]
         trend_p, steps = _trend(table, sign)
         reversals = [(lam(order[k]), lam(order[k + 1])) for k in steps]

@@ -304,6 +304,16 @@ def paired_upper_bound(
     return mean + margin
 
 
+def _distinct2_floor(
+    c: Evaluation, i: Evaluation, ratio: float, what: str, reasons: list[str]
+) -> None:
+    """Fail (a reason prefixed ``what``) when ``c``'s distinct-2 is below ``ratio`` × ``i``'s."""
+    if ratio > 0 and c.distinct2 < ratio * i.distinct2:
+        reasons.append(
+            f"{what}fluency: distinct-2 {c.distinct2:.3f} < {ratio} × incumbent {i.distinct2:.3f}"
+        )
+
+
 def decide(
     candidate: Evaluation,
     incumbent: Evaluation,
@@ -326,11 +336,7 @@ def decide(
         ):
             what = f"head {h.label} ({h.scorer})"
             bound = _value_check(c, i, cfg.head(k), what, reasons)
-            if cfg.min_distinct2_ratio > 0 and c.distinct2 < cfg.min_distinct2_ratio * i.distinct2:
-                reasons.append(
-                    f"{what}: fluency: distinct-2 {c.distinct2:.3f} < "
-                    f"{cfg.min_distinct2_ratio} × incumbent {i.distinct2:.3f}"
-                )
+            _distinct2_floor(c, i, cfg.min_distinct2_ratio, f"{what}: ", reasons)
             heads.append(
                 {
                     "attributes": dict(h.attributes),
@@ -341,13 +347,7 @@ def decide(
                     "paired_upper": bound if bound is None or math.isfinite(bound) else None,
                 }
             )
-    if cfg.min_distinct2_ratio > 0:
-        floor = cfg.min_distinct2_ratio * incumbent.distinct2
-        if candidate.distinct2 < floor:
-            reasons.append(
-                f"fluency: distinct-2 {candidate.distinct2:.3f} < {cfg.min_distinct2_ratio} × "
-                f"incumbent {incumbent.distinct2:.3f}"
-            )
+    _distinct2_floor(candidate, incumbent, cfg.min_distinct2_ratio, "", reasons)
     if cfg.min_base_distinct2_ratio > 0:
         r = cfg.min_base_distinct2_ratio
         if base_distinct2 is None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -81,8 +82,9 @@ async def generate_side(
     def texts_of(rs: Sequence[HeldoutRun]) -> Texts:
         return tuple((r.condition.feedback, s.prompt, s.text) for r in rs for s in r.samples)
 
+    @functools.cache  # the base side's main texts serve every check: score each text once
     def scored(texts: Texts, scorer: str | None) -> tuple[float, ...]:
-        return score([t for _, _, t in texts], (scorer,))[scorer] if scorer else ()
+        return tuple(score([t for _, _, t in texts], (scorer,))[scorer]) if scorer else ()
 
     main = texts_of(runs[: len(main_conds)])
     heads_texts = (
