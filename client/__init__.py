@@ -5,7 +5,8 @@
 ...     print(c.generate("Hello", feedback="Harmless and very helpful").text)
 """
 
-from .client import AsyncClient, Client, ClientTls, TillerClientError
+from .client import AsyncClient, Client, ClientTls
+from .errors import TillerClientError
 from .results import (
     AdapterInfo,
     Completion,

@@ -12,7 +12,8 @@ from typing import Any
 import click
 import grpc
 
-from .client import Client, TillerClientError
+from .client import Client
+from .errors import TillerClientError
 
 # The client's one default target (the server's default host and port), from Client itself.
 DEFAULT_TARGET: str = inspect.signature(Client).parameters["target"].default

@@ -77,7 +77,9 @@ async def start(config: ServerConfig, engine: Engine | None = None) -> Running:
     auth = Authenticator(sec.tokens) if sec.tokens is not None else None
     edge = Edge(auth, config.limits.max_request_s, metrics)
     server = _grpc_server(config, edge)
-    pb_grpc.add_TillerServicer_to_server(TillerServicer(service, adapters), server)
+    servicer = TillerServicer(service, adapters)
+    edge.serve_sessions(servicer.GenerateStream)
+    pb_grpc.add_TillerServicer_to_server(servicer, server)
     names = [SERVICE_NAMES[0]]
     admin = TillerAdminServicer(adapters, sec.adapter_roots, config.registry)
     admin_server = None

@@ -8,7 +8,8 @@ Tokens file (TOML, or JSON of the same shape), read once at the CLI edge::
     roles = ["generate", "feedback"] # of: generate, feedback, admin
     max_concurrent = 16              # RPCs in flight at once; more are RESOURCE_EXHAUSTED
 
-Which role an RPC needs is ``ROLE_OF``: ``generate`` for Generate / GenerateStream,
+Which role an RPC needs is ``ROLE_OF``: ``generate`` for Generate / GenerateStream /
+GenerateSession (each of a session's generations takes a permit, as a GenerateStream would),
 ``feedback`` for SubmitFeedback, ``admin`` for TillerAdmin, any valid token for the read-only
 listing and status. Health checks and reflection stay open (probes carry no tokens).
 Token values are never logged or echoed; only their ``name``.
@@ -37,6 +38,7 @@ _ADMIN = "/tiller.v1.TillerAdmin/"
 ROLE_OF: dict[str, str] = {
     _TILLER + "Generate": "generate",
     _TILLER + "GenerateStream": "generate",
+    _TILLER + "GenerateSession": "generate",
     _TILLER + "SubmitFeedback": "feedback",
     _TILLER + "ListAdapters": ANY,
     _TILLER + "GetServerStatus": ANY,

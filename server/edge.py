@@ -4,17 +4,20 @@ In order, per RPC: authenticate the bearer token and check the method's role (``
 the request bytes (a message that does not parse is INVALID_ARGUMENT, not UNKNOWN), take one of
 the token's concurrency permits (RESOURCE_EXHAUSTED when none is left), run the servicer under
 the server's cap on request duration (DEADLINE_EXCEEDED past it), and record the outcome in the
-metrics. Failures are ``TillerError``s mapped by ``errors.grpc_status``, like the servicer's.
-Health checks and reflection pass through untouched. Used from the event loop only.
+metrics. A GenerateSession is authenticated once; each of its generations then passes the
+GenerateStream path above (``session``). Failures are ``TillerError``s mapped by
+``errors.grpc_status``, like the servicer's. Health checks and reflection pass through
+untouched. Used from the event loop only.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -30,10 +33,13 @@ from .errors import (
     grpc_status,
 )
 from .metrics import Metrics, completion_tokens, steering_kind
+from .session import OpenStream, Session
 
 log = logging.getLogger("tiller.edge")
 _GUARDED_PREFIX = "/tiller.v1."
-_GENERATE = ("/tiller.v1.Tiller/Generate", "/tiller.v1.Tiller/GenerateStream")
+_GENERATE_STREAM = "/tiller.v1.Tiller/GenerateStream"
+_GENERATE = ("/tiller.v1.Tiller/Generate", _GENERATE_STREAM)
+_SESSION = "/tiller.v1.Tiller/GenerateSession"
 PRIORITY_BACKGROUND = 2  # tiller.v1.Priority.PRIORITY_BACKGROUND (a test keeps them equal)
 
 Decode = Callable[[bytes], Any]
@@ -144,6 +150,12 @@ class Edge(grpc.aio.ServerInterceptor):
         self.max_request_s = max_request_s
         self.metrics = metrics
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}  # wrapped once per method
+        self._open_stream: OpenStream | None = None
+
+    def serve_sessions(self, generate_stream: Callable[..., Any]) -> None:
+        """Serve GenerateSession: each generation runs ``generate_stream`` (the servicer's
+        GenerateStream) through this edge's GenerateStream path."""
+        self._open_stream = self._stream(_GENERATE_STREAM, _parsed, generate_stream)
 
     async def intercept_service(
         self,
@@ -157,6 +169,15 @@ class Edge(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or not method.startswith(_GUARDED_PREFIX):
             return handler
+        if method == _SESSION:
+            if self._open_stream is None:
+                return handler  # no sessions here: UNIMPLEMENTED
+            wrapped = grpc.stream_stream_rpc_method_handler(
+                self._session(method, self._open_stream),
+                response_serializer=handler.response_serializer,
+            )
+            self._handlers[method] = wrapped
+            return wrapped
         decode = handler.request_deserializer or (lambda raw: raw)
         if handler.unary_unary is not None:
             wrapped = grpc.unary_unary_rpc_method_handler(
@@ -200,8 +221,10 @@ class Edge(grpc.aio.ServerInterceptor):
 
     def _stream(
         self, method: str, decode: Decode, inner: Callable[..., Any]
-    ) -> Callable[[bytes, grpc.aio.ServicerContext], AsyncIterator[Any]]:
-        async def behavior(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    ) -> Callable[[Any, grpc.aio.ServicerContext], AsyncGenerator[Any, None]]:
+        async def behavior(
+            raw: Any, context: grpc.aio.ServicerContext
+        ) -> AsyncGenerator[Any, None]:
             rpc = _Rpc(self, method, context)
             watchdog = Watchdog(method, self.max_request_s)
             metrics = self.metrics
@@ -237,6 +260,38 @@ class Edge(grpc.aio.ServerInterceptor):
                 rpc.finish()
 
         return behavior
+
+    def _session(
+        self, method: str, open_stream: OpenStream
+    ) -> Callable[[AsyncIterator[bytes], grpc.aio.ServicerContext], AsyncIterator[Any]]:
+        """The session is authorized as a whole; permits, limits and metrics are per generation."""
+
+        async def behavior(
+            requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[Any]:
+            rpc = _Rpc(self, method, context)
+            try:
+                try:
+                    if self.auth is not None:
+                        self.auth.authorize(method, _token(context))
+                    session = Session(open_stream, context).run(requests)
+                    async with contextlib.aclosing(session) as batches:
+                        async for batch in batches:
+                            yield batch
+                except TillerError as e:
+                    await rpc.fail(e)
+            except BaseException as e:
+                if rpc.code == "OK":
+                    rpc.failed(e)
+                raise
+            finally:
+                rpc.finish()
+
+        return behavior
+
+
+def _parsed(request: Any) -> Any:
+    return request  # a session's generations arrive parsed inside their SessionRequest
 
 
 def _token(context: grpc.aio.ServicerContext) -> str | None:

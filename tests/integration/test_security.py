@@ -3,6 +3,7 @@ a separate admin port, a Prometheus endpoint and JSON logs."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import ssl
@@ -22,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.certs import Pki, make_pki
 from tests.conftest import ServerProc, start_server, stop_server
 from tests.ports import wait_announced
-from tiller.client import Client, ClientTls, TillerClientError
+from tiller.client import AsyncClient, Client, ClientTls, TillerClientError
 from tiller.client.client import RetryPolicy
 from tiller.protos.tiller.v1 import tiller_pb2 as pb
 from tiller.protos.tiller.v1 import tiller_pb2_grpc as pb_grpc
@@ -465,3 +466,46 @@ def test_background_priority_needs_the_admin_role(secured: Secured) -> None:
         assert err.status_code == 403 and "'admin'" in err.message
         ok = oa.completions.create(model="tiny-llama", prompt="x", max_tokens=2)
         assert ok.usage is not None
+
+
+async def test_sessions_check_token_role_priority_and_permits_per_generation(
+    secured: Secured,
+) -> None:
+    def client(token: str | None) -> AsyncClient:
+        value = secured.tokens[token] if token else None
+        tls = secured.tls()
+        return AsyncClient(secured.srv.target, token=value, tls=tls, timeout=60, multiplex=True)
+
+    async def error(c: AsyncClient, **kw: object) -> TillerClientError:
+        with pytest.raises(TillerClientError) as info:
+            async for _ in c.stream("x", max_tokens=2, **kw):  # type: ignore[arg-type]
+                pass
+        return info.value
+
+    async with client(None) as c:
+        assert (await error(c)).code == CODE.UNAUTHENTICATED
+    async with client("reader") as c:  # feedback only
+        assert (await error(c)).code == CODE.PERMISSION_DENIED
+    async with client("app") as c:
+        e = await error(c, priority="background")
+        assert e.code == CODE.PERMISSION_DENIED and "'admin'" in e.message
+        # cap 2 for 'app': each generation of the session takes a permit
+        held = [
+            c.stream(f"hold {i}", max_tokens=1990, temperature=0.0, ignore_eos=True)
+            for i in range(2)
+        ]
+        for s in held:
+            await anext(s)
+        e = await error(c)
+        assert e.code == CODE.RESOURCE_EXHAUSTED and "'app'" in e.message
+        for s in held:
+            await s.aclose()  # cancels those generations: their permits come back
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                chunks = [ch async for ch in c.stream("again", max_tokens=2)]
+                break
+            except TillerClientError as again:
+                assert again.code == CODE.RESOURCE_EXHAUSTED and time.monotonic() < deadline
+                await asyncio.sleep(0.1)
+        assert chunks[-1].final

@@ -378,3 +378,39 @@ class ServerStatus(_message.Message):
     log_written: int
     log_lost: int
     def __init__(self, model: _Optional[str] = ..., in_flight: _Optional[int] = ..., engine_unfinished: _Optional[int] = ..., draining: _Optional[bool] = ..., version: _Optional[str] = ..., log_queue_depth: _Optional[int] = ..., log_written: _Optional[int] = ..., log_lost: _Optional[int] = ...) -> None: ...
+
+class SessionRequest(_message.Message):
+    __slots__ = ("tag", "generate", "cancel", "timeout_s")
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    GENERATE_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    tag: int
+    generate: GenerateRequest
+    cancel: bool
+    timeout_s: float
+    def __init__(self, tag: _Optional[int] = ..., generate: _Optional[_Union[GenerateRequest, _Mapping]] = ..., cancel: _Optional[bool] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+
+class SessionStatus(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class SessionItem(_message.Message):
+    __slots__ = ("tag", "chunk", "error")
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    tag: int
+    chunk: GenerateChunk
+    error: SessionStatus
+    def __init__(self, tag: _Optional[int] = ..., chunk: _Optional[_Union[GenerateChunk, _Mapping]] = ..., error: _Optional[_Union[SessionStatus, _Mapping]] = ...) -> None: ...
+
+class SessionBatch(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[SessionItem]
+    def __init__(self, items: _Optional[_Iterable[_Union[SessionItem, _Mapping]]] = ...) -> None: ...

@@ -46,6 +46,11 @@ class TillerStub:
                 request_serializer=tiller_dot_v1_dot_tiller__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=tiller_dot_v1_dot_tiller__pb2.GenerateChunk.FromString,
                 _registered_method=True)
+        self.GenerateSession = channel.stream_stream(
+                '/tiller.v1.Tiller/GenerateSession',
+                request_serializer=tiller_dot_v1_dot_tiller__pb2.SessionRequest.SerializeToString,
+                response_deserializer=tiller_dot_v1_dot_tiller__pb2.SessionBatch.FromString,
+                _registered_method=True)
         self.SubmitFeedback = channel.unary_unary(
                 '/tiller.v1.Tiller/SubmitFeedback',
                 request_serializer=tiller_dot_v1_dot_tiller__pb2.SubmitFeedbackRequest.SerializeToString,
@@ -75,6 +80,12 @@ class TillerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GenerateStream(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GenerateSession(self, request_iterator, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -110,6 +121,11 @@ def add_TillerServicer_to_server(servicer, server):
                     servicer.GenerateStream,
                     request_deserializer=tiller_dot_v1_dot_tiller__pb2.GenerateRequest.FromString,
                     response_serializer=tiller_dot_v1_dot_tiller__pb2.GenerateChunk.SerializeToString,
+            ),
+            'GenerateSession': grpc.stream_stream_rpc_method_handler(
+                    servicer.GenerateSession,
+                    request_deserializer=tiller_dot_v1_dot_tiller__pb2.SessionRequest.FromString,
+                    response_serializer=tiller_dot_v1_dot_tiller__pb2.SessionBatch.SerializeToString,
             ),
             'SubmitFeedback': grpc.unary_unary_rpc_method_handler(
                     servicer.SubmitFeedback,
@@ -183,6 +199,33 @@ class Tiller:
             '/tiller.v1.Tiller/GenerateStream',
             tiller_dot_v1_dot_tiller__pb2.GenerateRequest.SerializeToString,
             tiller_dot_v1_dot_tiller__pb2.GenerateChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateSession(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/tiller.v1.Tiller/GenerateSession',
+            tiller_dot_v1_dot_tiller__pb2.SessionRequest.SerializeToString,
+            tiller_dot_v1_dot_tiller__pb2.SessionBatch.FromString,
             options,
             channel_credentials,
             insecure,

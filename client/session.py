@@ -1,0 +1,112 @@
+"""Many streamed generations over one GenerateSession RPC (``AsyncClient(multiplex=True)``)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
+
+import grpc
+
+from tiller.protos.tiller.v1 import tiller_pb2 as pb
+from tiller.protos.tiller.v1 import tiller_pb2_grpc as pb_grpc
+
+from . import convert
+from .errors import CODES, TillerClientError, wrap
+from .results import StreamChunk
+
+_EOF = grpc.aio.EOF  # type: ignore[attr-defined]  # end of a stream's reads (not in the stubs)
+_Inbox = asyncio.Queue[pb.SessionItem | TillerClientError]
+
+
+class Session:
+    """One GenerateSession RPC and the generations open on it.
+
+    Each generation yields the chunks GenerateStream would; chunks that several generations
+    have ready at once share one message. Leaving a stream early cancels that generation only.
+    When the RPC breaks, every open generation raises its error and the session is done
+    (``error`` is set); the client opens a new one for the next stream.
+    """
+
+    def __init__(self, stub: pb_grpc.TillerStub, metadata: Any) -> None:
+        self._outgoing: asyncio.Queue[pb.SessionRequest | None] = asyncio.Queue()
+        self._open: dict[int, _Inbox] = {}
+        self._tags = itertools.count(1)
+        self.error: TillerClientError | None = None
+        self.messages = self.items = 0  # received: messages, and the items they carried
+        self._call = stub.GenerateSession(self._requests(), metadata=metadata)
+        self._reader = asyncio.create_task(self._read())
+
+    async def _requests(self) -> AsyncIterator[pb.SessionRequest]:
+        while (r := await self._outgoing.get()) is not None:
+            yield r
+
+    async def _read(self) -> None:
+        try:
+            while (batch := await self._call.read()) is not _EOF:
+                self.messages += 1
+                self.items += len(batch.items)
+                for item in batch.items:
+                    inbox = self._open.get(item.tag)
+                    if inbox is not None:  # else: a generation the client already left
+                        inbox.put_nowait(item)
+            self._fail(TillerClientError(grpc.StatusCode.UNAVAILABLE, "the session ended"))
+        except grpc.RpcError as e:
+            self._fail(wrap(e))
+        except asyncio.CancelledError:
+            self._fail(TillerClientError(grpc.StatusCode.CANCELLED, "the client closed"))
+            raise
+
+    def _fail(self, error: TillerClientError) -> None:
+        self.error = error
+        for inbox in self._open.values():
+            inbox.put_nowait(error)
+
+    async def stream(
+        self, req: pb.GenerateRequest, timeout: float | None
+    ) -> AsyncGenerator[StreamChunk, None]:
+        """``timeout``: seconds for this generation, kept by the server and here alike."""
+        if self.error is not None:
+            raise self.error
+        tag = next(self._tags)
+        inbox: _Inbox = asyncio.Queue()
+        self._open[tag] = inbox
+        msg = pb.SessionRequest(tag=tag, generate=req)
+        deadline = None
+        if timeout is not None:
+            msg.timeout_s = timeout
+            deadline = asyncio.get_running_loop().time() + timeout
+        self._outgoing.put_nowait(msg)
+        ended = False
+        try:
+            while not ended:
+                if inbox.empty() and deadline is not None:
+                    try:
+                        async with asyncio.timeout_at(deadline):
+                            item = await inbox.get()
+                    except TimeoutError:
+                        code = grpc.StatusCode.DEADLINE_EXCEEDED
+                        raise TillerClientError(code, "Deadline Exceeded") from None
+                else:
+                    item = inbox.get_nowait() if not inbox.empty() else await inbox.get()
+                if isinstance(item, TillerClientError):
+                    ended = True
+                    raise item
+                if item.HasField("error"):
+                    ended = True
+                    code = CODES.get(item.error.code, grpc.StatusCode.UNKNOWN)
+                    raise TillerClientError(code, item.error.message)
+                chunk = convert.chunk(item.chunk)
+                ended = chunk.final
+                yield chunk
+        finally:
+            del self._open[tag]
+            if not ended and self.error is None:
+                self._outgoing.put_nowait(pb.SessionRequest(tag=tag, cancel=True))
+
+    async def close(self) -> None:
+        self._outgoing.put_nowait(None)
+        self._call.cancel()
+        self._reader.cancel()
+        await asyncio.gather(self._reader, return_exceptions=True)

@@ -1,0 +1,170 @@
+"""GenerateSession: many streams over one RPC, on the real server (tiny model, real gRPC)."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tiller.client import AsyncClient, StreamChunk, TillerClientError
+from tiller.protos.tiller.v1 import tiller_pb2 as pb
+
+CODE = grpc.StatusCode
+PROMPTS = [f"def step_{i}(x):" for i in range(8)]
+
+
+async def _collect(chunks: AsyncIterator[StreamChunk]) -> list[StreamChunk]:
+    return [c async for c in chunks]
+
+
+async def test_session_streams_equal_separate_streams_and_share_messages(target: str) -> None:
+    kw = dict(max_tokens=24, temperature=1.0, ignore_eos=True)
+    async with AsyncClient(target, timeout=120) as plain:
+        alone = await asyncio.gather(
+            *(_collect(plain.stream(p, seed=i, **kw)) for i, p in enumerate(PROMPTS))
+        )
+    async with AsyncClient(target, timeout=120, multiplex=True) as mux:
+        shared = await asyncio.gather(
+            *(_collect(mux.stream(p, seed=i, **kw)) for i, p in enumerate(PROMPTS))
+        )
+        session = mux.session
+        assert session is not None
+        messages, items = session.messages, session.items
+    for a, b in zip(alone, shared, strict=True):
+        # how tokens split into chunks depends on timing; the tokens do not
+        assert [t for c in a for t in c.token_ids] == [t for c in b for t in c.token_ids]
+        assert "".join(c.text for c in a) == "".join(c.text for c in b)
+        assert b[-1].final and b[-1].completion_tokens == 24 and b[-1].logged
+        assert b[0].generation_id.startswith("gen-")
+    # 8 streams of 24 tokens ran at once: one engine step's chunks share a message
+    assert items == sum(len(b) for b in shared)
+    assert messages < items / 2, (messages, items)
+
+
+async def test_errors_end_one_generation_only(target: str) -> None:
+    async with AsyncClient(target, timeout=120, multiplex=True) as mux:
+        good = asyncio.create_task(
+            _collect(mux.stream("class Kept:", max_tokens=40, temperature=0.0, ignore_eos=True))
+        )
+        # each ends with the status and message GenerateStream returns for it
+        async with AsyncClient(target, timeout=120) as plain:
+            for kw, named in (
+                (dict(max_tokens=5000), "sampling.max_tokens"),
+                (dict(max_tokens=-1), "sampling.max_tokens"),
+                (dict(top_p=2.0), "top_p"),
+                (dict(adapter="nope"), "nope"),
+                (dict(feedback_mix={"a": 1.0}), "feedback_mix"),
+            ):
+                with pytest.raises(TillerClientError) as alone:
+                    await _collect(plain.stream("bad", **kw))
+                with pytest.raises(TillerClientError) as shared:
+                    await _collect(mux.stream("bad", **kw))
+                assert shared.value.code == alone.value.code != CODE.OK
+                assert shared.value.message == alone.value.message
+                assert named in shared.value.message, shared.value
+        chunks = await good
+        assert chunks[-1].final and chunks[-1].completion_tokens == 40
+        after = await _collect(mux.stream("still open", max_tokens=3, temperature=0.0))
+        assert after[-1].final
+
+
+def _rows(db: Path, sql: str, args: tuple[object, ...]) -> list[sqlite3.Row]:
+    con = sqlite3.connect(db)
+    con.row_factory = sqlite3.Row
+    try:
+        return con.execute(sql, args).fetchall()
+    finally:
+        con.close()
+
+
+async def test_leaving_a_stream_cancels_its_generation_only(target: str, log_db: Path) -> None:
+    async with AsyncClient(target, timeout=120, multiplex=True) as mux:
+        other = asyncio.create_task(
+            _collect(mux.stream("for k in", max_tokens=30, temperature=0.0, ignore_eos=True))
+        )
+        stream = mux.stream("class Left:", max_tokens=1900, temperature=0.0, ignore_eos=True)
+        first = await anext(stream)
+        await stream.aclose()  # sends the cancel
+        rows: list[sqlite3.Row] = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not rows:
+            sql = "SELECT finish_reason, completion_tokens FROM generations WHERE id = ?"
+            rows = _rows(log_db, sql, (first.generation_id,))
+            await asyncio.sleep(0.05)
+        assert rows and rows[0]["finish_reason"] == "abort"
+        assert 0 < rows[0]["completion_tokens"] < 1900
+        assert (await other)[-1].completion_tokens == 30
+        status = await mux.status()
+        assert status.engine_unfinished == 0 or status.in_flight > 0
+
+
+async def test_timeout_ends_one_generation_and_the_session_goes_on(target: str) -> None:
+    async with AsyncClient(target, timeout=120, multiplex=True) as mux:
+        with pytest.raises(TillerClientError) as info:
+            await _collect(mux.stream("long", max_tokens=1900, ignore_eos=True, timeout=0.5))
+        assert info.value.code == CODE.DEADLINE_EXCEEDED
+        after = await _collect(mux.stream("short", max_tokens=3, temperature=0.0))
+        assert after[-1].final and after[-1].completion_tokens == 3
+
+
+async def _raw(target: str, requests: list[bytes], wait: float = 0.0) -> list[pb.SessionBatch]:
+    """The session RPC with raw request bytes; half-closes after ``wait`` seconds."""
+
+    async def send() -> AsyncIterator[bytes]:
+        for r in requests:
+            yield r
+        await asyncio.sleep(wait)
+
+    async with grpc.aio.insecure_channel(target) as ch:
+        call = ch.stream_stream(
+            "/tiller.v1.Tiller/GenerateSession",
+            request_serializer=None,
+            response_deserializer=pb.SessionBatch.FromString,
+        )
+        return [b async for b in call(send(), timeout=60)]
+
+
+def _generate(tag: int, prompt: str = "x", **sampling: int) -> pb.SessionRequest:
+    req = pb.GenerateRequest(prompt=prompt)
+    for k, v in sampling.items():
+        setattr(req.sampling, k, v)
+    return pb.SessionRequest(tag=tag, generate=req)
+
+
+async def test_bad_session_requests_are_named(target: str) -> None:
+    bad_timeout = _generate(1, max_tokens=2)
+    bad_timeout.timeout_s = -1.0
+    batches = await _raw(
+        target,
+        [
+            bad_timeout.SerializeToString(),
+            pb.SessionRequest(tag=2).SerializeToString(),  # no action
+            _generate(3, max_tokens=2).SerializeToString(),
+            pb.SessionRequest(tag=99, cancel=True).SerializeToString(),  # unknown: ignored
+        ],
+        wait=0.2,
+    )
+    items = [i for b in batches for i in b.items]
+    errors = {i.tag: i.error for i in items if i.HasField("error")}
+    assert errors[1].code == CODE.INVALID_ARGUMENT.value[0] and "timeout_s" in errors[1].message
+    assert errors[2].code == CODE.INVALID_ARGUMENT.value[0] and "action" in errors[2].message
+    ends = [i.chunk for i in items if i.tag == 3 and i.HasField("chunk")]
+    assert ends[-1].HasField("usage") and 3 not in errors and 99 not in errors
+
+    # Bytes that are no SessionRequest, and a tag reused while open, end the whole session.
+    for raw in (
+        [b"\xff\xff\xff"],
+        [
+            _generate(5, max_tokens=500, ignore_eos=True).SerializeToString(),
+            _generate(5, max_tokens=2).SerializeToString(),
+        ],
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await _raw(target, raw, wait=5)
+        assert info.value.code() == CODE.INVALID_ARGUMENT
+        assert "request" in (info.value.details() or "") or "tag 5" in (info.value.details() or "")
