@@ -11,6 +11,11 @@ reported. tok/s = completion tokens reported by the system / wall time of the me
     python bench/serve_throughput.py --model tiny --requests 64 --rounds 3
     python bench/serve_throughput.py --unary    # whole results: no system streams tokens
     python bench/serve_throughput.py --systems tiller,asyncllm --rounds 6 --interleave
+    python bench/serve_throughput.py --systems tiller,tiller-session,asyncllm --interleave
+
+``tiller-session`` is the same server with the client's streams multiplexed over one
+GenerateSession RPC (``AsyncClient(multiplex=True)``); ``tiller`` opens a GenerateStream per
+request.
 
 ``--interleave`` starts every system once and alternates their phases (ABBA with two), so
 that both sides of a ratio see the same minutes of a machine whose speed drifts; without it each
@@ -43,7 +48,8 @@ from tqdm import tqdm
 
 from tiller.server.device import detect_dtype
 
-SYSTEMS = ("tiller", "asyncllm", "vllm-serve", "tiller-http")
+SYSTEMS = ("tiller", "tiller-session", "asyncllm", "vllm-serve", "tiller-http")
+GRPC = ("tiller", "tiller-session")  # a GenerateStream RPC per request; one GenerateSession
 TARGETS = {"asyncllm": 0.95, "vllm-serve": 1.0}  # Tiller gRPC over these
 HTTP_TARGET = 1.0  # Tiller HTTP over vllm-serve: the same API, the same client
 _TOPICS = (
@@ -202,11 +208,11 @@ async def drive(send: Send, s: Settings, progress: Callable[[], object], root: i
 
 
 async def tiller_load(
-    target: str, s: Settings, progress: Callable[[], object], root: int
+    target: str, s: Settings, progress: Callable[[], object], root: int, multiplex: bool = False
 ) -> Result:
     from tiller.client import AsyncClient
 
-    async with AsyncClient(target, timeout=600) as client:
+    async with AsyncClient(target, timeout=600, multiplex=multiplex) as client:
 
         async def send(prompt: str, sampling: dict[str, Any]) -> int:
             if s.unary:
@@ -397,14 +403,17 @@ def start(system: str, s: Settings, work: Path) -> Iterator[Runner]:
     """``system`` started and ready; yields a function that runs one measured phase."""
     work.mkdir(parents=True, exist_ok=True)
     log = work / f"{system}.log"
-    if system in ("tiller", "tiller-http"):
+    if system in (*GRPC, "tiller-http"):
         port_file, http_file = work / f"{system}.port", work / f"{system}.http"
         http = http_file if system == "tiller-http" else None
         with process(tiller_serve_cmd(s, port_file, work / f"cache-{system}", http), log) as p:
             wait_ready(port_file.exists, p, log)  # written after the HTTP port
             if http is None:
                 target = f"127.0.0.1:{port_file.read_text().strip()}"
-                yield lambda _, bar: run_async(tiller_load(target, s, lambda: bar(1), p.pid))
+                mux = system == "tiller-session"
+                yield lambda _, bar: run_async(
+                    tiller_load(target, s, lambda: bar(1), p.pid, multiplex=mux)
+                )
             else:
                 base = f"http://127.0.0.1:{http.read_text().strip()}"
                 name = Path(s.model).name
@@ -487,14 +496,19 @@ def report(phases: list[Phase], s: Settings, out: Path) -> None:
     ran = [k for k in SYSTEMS if by[k]]
     median = {k: statistics.median(p.tok_s for p in by[k]) for k in ran}
     tokens = {k: [p.completion_tokens for p in by[k]] for k in ran}
-    ratios = {k: median["tiller"] / median[k] for k in TARGETS if k in ran and "tiller" in ran}
-    names = {"asyncllm": "AsyncLLM", "vllm-serve": "vllm-serve"}
-    for k, target in ((k, t) for k, t in TARGETS.items() if k in ratios):
-        verdict = "met" if ratios[k] >= target else "NOT met"
-        print(
-            f"Tiller/{names[k]} tok/s ratio: {ratios[k]:.2f} (tiller {median['tiller']:.1f} "
-            f"tok/s, {k} {median[k]:.1f} tok/s; target >= {target:.2f}: {verdict})"
-        )
+    names = {"asyncllm": "AsyncLLM", "vllm-serve": "vllm-serve", "tiller": "tiller"}
+    label = {"tiller": "Tiller", "tiller-session": "Tiller-session"}
+    ratios: dict[str, float] = {}
+    for side in (x for x in GRPC if x in ran):
+        for k, target in ((k, t) for k, t in TARGETS.items() if k in ran):
+            ratio = median[side] / median[k]
+            ratios[k if side == "tiller" else f"{side}/{k}"] = ratio
+            verdict = "met" if ratio >= target else "NOT met"
+            print(
+                f"{label[side]}/{names[k]} tok/s ratio: {ratio:.2f} ({side} "
+                f"{median[side]:.1f} tok/s, {k} {median[k]:.1f} tok/s; target >= {target:.2f}: "
+                f"{verdict})"
+            )
     if "tiller-http" in ran and "vllm-serve" in ran:
         http = median["tiller-http"] / median["vllm-serve"]
         ratios["tiller-http/vllm-serve"] = http
@@ -503,11 +517,14 @@ def report(phases: list[Phase], s: Settings, out: Path) -> None:
             f"{median['tiller-http']:.1f} tok/s, vllm-serve {median['vllm-serve']:.1f} tok/s; "
             f"target >= {HTTP_TARGET:.2f}: {'met' if http >= HTTP_TARGET else 'NOT met'})"
         )
-    # each round's ratio to Tiller gRPC in the same round: the spread
-    for k in (x for x in ran if x != "tiller" and by["tiller"]):
-        per = [p.tok_s / q.tok_s for p, q in zip(by["tiller"], by[k], strict=True)]
+    # each round's ratio of a Tiller gRPC side to another system in the same round: the spread
+    pairs = [(a, b) for a in GRPC for b in ran if a in ran and b not in GRPC]
+    if all(x in ran for x in GRPC):
+        pairs.append(("tiller-session", "tiller"))
+    for a, b in pairs:
+        per = [p.tok_s / q.tok_s for p, q in zip(by[a], by[b], strict=True)]
         print(
-            f"Tiller/{k} per round: " + ", ".join(f"{r:.2f}" for r in per)
+            f"{label[a]}/{b} per round: " + ", ".join(f"{r:.2f}" for r in per)
             + f" (median {statistics.median(per):.2f})"
         )  # fmt: skip
     front = {k: statistics.median(p.front_us_per_token for p in by[k]) for k in ran}

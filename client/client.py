@@ -17,7 +17,6 @@ Example (needs a running server)::
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
@@ -296,24 +295,26 @@ class AsyncClient(_Base):
         resp = await self._call(lambda: self._stub.Generate(req, **self._kw(timeout)))
         return convert.generation(resp)
 
-    async def stream(
+    def stream(
         self, prompt: Prompt, *, timeout: float | None = None, **kw: Any
     ) -> AsyncIterator[StreamChunk]:
-        """Async-iterate chunks; breaking out of the loop cancels the request on the server.
+        """Async-iterate chunks; leaving the loop early cancels the request on the server.
 
         With ``multiplex``, every stream of this client shares one GenerateSession RPC: the
         chunks that several streams have ready at once travel in one message.
         """
         req = convert.build_request(prompt, **kw)
-        if self.multiplex:
-            if self._session is None or self._session.error is not None:
-                self._session = Session(self._stub, self._metadata)
-            limit = timeout if timeout is not None else self.timeout
-            async with contextlib.aclosing(self._session.stream(req, limit)) as chunks:
-                async for c in chunks:
-                    yield c  # leaving early closes ``chunks``: the generation is cancelled
-            return
-        call = self._stub.GenerateStream(req, **self._kw(timeout))
+        limit = timeout if timeout is not None else self.timeout
+        if not self.multiplex:
+            return self._stream_rpc(req, limit)
+        if self._session is None or self._session.error is not None:
+            self._session = Session(self._stub, self._metadata)
+        return self._session.stream(req, limit)
+
+    async def _stream_rpc(
+        self, req: pb.GenerateRequest, timeout: float | None
+    ) -> AsyncIterator[StreamChunk]:
+        call = self._stub.GenerateStream(req, timeout=timeout, metadata=self._metadata)
         try:
             # read() directly: ``async for`` over the call adds grpc's own generator per message
             while (c := await call.read()) is not _EOF:

@@ -73,23 +73,17 @@ class Session:
         inbox: _Inbox = asyncio.Queue()
         self._open[tag] = inbox
         msg = pb.SessionRequest(tag=tag, generate=req)
-        deadline = None
+        timer = None
         if timeout is not None:
             msg.timeout_s = timeout
-            deadline = asyncio.get_running_loop().time() + timeout
+            # the server ends the generation at its deadline too; this one needs no server
+            late = TillerClientError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+            timer = asyncio.get_running_loop().call_later(timeout, inbox.put_nowait, late)
         self._outgoing.put_nowait(msg)
         ended = False
         try:
             while not ended:
-                if inbox.empty() and deadline is not None:
-                    try:
-                        async with asyncio.timeout_at(deadline):
-                            item = await inbox.get()
-                    except TimeoutError:
-                        code = grpc.StatusCode.DEADLINE_EXCEEDED
-                        raise TillerClientError(code, "Deadline Exceeded") from None
-                else:
-                    item = inbox.get_nowait() if not inbox.empty() else await inbox.get()
+                item = inbox.get_nowait() if not inbox.empty() else await inbox.get()
                 if isinstance(item, TillerClientError):
                     ended = True
                     raise item
@@ -101,6 +95,8 @@ class Session:
                 ended = chunk.final
                 yield chunk
         finally:
+            if timer is not None:
+                timer.cancel()
             del self._open[tag]
             if not ended and self.error is None:
                 self._outgoing.put_nowait(pb.SessionRequest(tag=tag, cancel=True))

@@ -57,11 +57,6 @@ class GenerationContext:
         raise _Aborted(code, details)
 
 
-def _error(tag: int, code: grpc.StatusCode, message: str) -> pb.SessionItem:
-    number = code.value[0]
-    return pb.SessionItem(tag=tag, error=pb.SessionStatus(code=number, message=message))
-
-
 def _parse(raw: bytes) -> pb.SessionRequest:
     try:
         return pb.SessionRequest.FromString(raw)
@@ -77,13 +72,18 @@ class Session:
     def __init__(self, open_stream: OpenStream, context: grpc.aio.ServicerContext) -> None:
         self._open_stream = open_stream
         self._context = context
-        self._outbox: list[pb.SessionItem] = []
+        self._outbox = pb.SessionBatch()  # what the next message carries
         self._ready = asyncio.Event()
         self._running: dict[int, asyncio.Task[None]] = {}
         self._cancelled: set[int] = set()
 
-    def _put(self, item: pb.SessionItem) -> None:
-        self._outbox.append(item)
+    def _put(self, tag: int, chunk: pb.GenerateChunk) -> None:
+        self._outbox.items.add(tag=tag, chunk=chunk)  # the one copy of the chunk
+        self._ready.set()
+
+    def _end(self, tag: int, code: grpc.StatusCode, message: str) -> None:
+        error = pb.SessionStatus(code=code.value[0], message=message)
+        self._outbox.items.add(tag=tag, error=error)
         self._ready.set()
 
     async def run(self, requests: AsyncIterator[bytes]) -> AsyncGenerator[pb.SessionBatch, None]:
@@ -97,11 +97,11 @@ class Session:
             while True:
                 await self._ready.wait()
                 self._ready.clear()
-                if self._outbox:
-                    items, self._outbox = self._outbox, []
-                    yield pb.SessionBatch(items=items)
+                if self._outbox.items:
+                    batch, self._outbox = self._outbox, pb.SessionBatch()
+                    yield batch
                 if reader.done() and (reader.exception() is not None or not self._running):
-                    if self._outbox:
+                    if self._outbox.items:
                         continue  # what ended last still goes out
                     reader.result()
                     return
@@ -126,32 +126,32 @@ class Session:
                 timeout = req.timeout_s if req.HasField("timeout_s") else None
                 if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
                     message = f"timeout_s must be a positive number of seconds, got {timeout}"
-                    self._put(_error(tag, grpc.StatusCode.INVALID_ARGUMENT, message))
+                    self._end(tag, grpc.StatusCode.INVALID_ARGUMENT, message)
                     continue
                 self._running[tag] = asyncio.create_task(self._generate(tag, req.generate, timeout))
             else:
                 message = "a session request needs an action: generate or cancel (field action)"
-                self._put(_error(tag, grpc.StatusCode.INVALID_ARGUMENT, message))
+                self._end(tag, grpc.StatusCode.INVALID_ARGUMENT, message)
 
     async def _generate(self, tag: int, request: pb.GenerateRequest, timeout: float | None) -> None:
         chunks = self._open_stream(request, GenerationContext(self._context))
         try:
             async with asyncio.timeout(timeout):
                 async for chunk in chunks:
-                    self._put(pb.SessionItem(tag=tag, chunk=chunk))
+                    self._put(tag, chunk)
         except _Aborted as e:
-            self._put(_error(tag, e.code, e.message))
+            self._end(tag, e.code, e.message)
         except TimeoutError:
             message = f"generation {tag} ran past its timeout_s of {timeout}s"
-            self._put(_error(tag, grpc.StatusCode.DEADLINE_EXCEEDED, message))
+            self._end(tag, grpc.StatusCode.DEADLINE_EXCEEDED, message)
         except asyncio.CancelledError:
             if tag not in self._cancelled:
                 raise  # the session is ending
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
-            self._put(_error(tag, grpc.StatusCode.CANCELLED, f"generation {tag} cancelled"))
+            self._end(tag, grpc.StatusCode.CANCELLED, f"generation {tag} cancelled")
         except Exception:
             log.exception("generation %d of a session failed", tag)
-            self._put(_error(tag, grpc.StatusCode.INTERNAL, f"generation {tag} failed"))
+            self._end(tag, grpc.StatusCode.INTERNAL, f"generation {tag} failed")
         finally:
             await chunks.aclose()
             self._running.pop(tag, None)
