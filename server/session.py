@@ -9,6 +9,7 @@ step feeds every open generation at once), go out together in one ``SessionBatch
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -128,7 +129,9 @@ class Session:
                     message = f"timeout_s must be a positive number of seconds, got {timeout}"
                     self._end(tag, grpc.StatusCode.INVALID_ARGUMENT, message)
                     continue
-                self._running[tag] = asyncio.create_task(self._generate(tag, req.generate, timeout))
+                task = asyncio.create_task(self._generate(tag, req.generate, timeout))
+                task.add_done_callback(functools.partial(self._finished, tag))
+                self._running[tag] = task
             else:
                 message = "a session request needs an action: generate or cancel (field action)"
                 self._end(tag, grpc.StatusCode.INVALID_ARGUMENT, message)
@@ -144,16 +147,17 @@ class Session:
         except TimeoutError:
             message = f"generation {tag} ran past its timeout_s of {timeout}s"
             self._end(tag, grpc.StatusCode.DEADLINE_EXCEEDED, message)
-        except asyncio.CancelledError:
-            if tag not in self._cancelled:
-                raise  # the session is ending
-            asyncio.current_task().uncancel()  # type: ignore[union-attr]
-            self._end(tag, grpc.StatusCode.CANCELLED, f"generation {tag} cancelled")
         except Exception:
             log.exception("generation %d of a session failed", tag)
             self._end(tag, grpc.StatusCode.INTERNAL, f"generation {tag} failed")
         finally:
             await chunks.aclose()
-            self._running.pop(tag, None)
+
+    def _finished(self, tag: int, task: asyncio.Task[None]) -> None:
+        """A done callback, so that a generation cancelled before it started ends too."""
+        self._running.pop(tag, None)
+        if tag in self._cancelled:
             self._cancelled.discard(tag)
-            self._ready.set()
+            if task.cancelled():
+                self._end(tag, grpc.StatusCode.CANCELLED, f"generation {tag} cancelled")
+        self._ready.set()
