@@ -106,6 +106,22 @@ class _Rpc:
             code = self.context.code()
             self.code = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
 
+    @contextlib.asynccontextmanager
+    async def outcome(self) -> AsyncIterator[None]:
+        """Around the RPC's work: a ``TillerError`` becomes its status; any other exception
+        (a cancel included) is recorded; the permit and the metrics are settled at the end."""
+        try:
+            try:
+                yield
+            except TillerError as e:
+                await self.fail(e)
+        except BaseException as e:
+            if self.code == "OK":
+                self.failed(e)
+            raise
+        finally:
+            self.finish()
+
     def _observe(self) -> float:
         """Record the RPC's code and duration in the metrics, once; returns the duration."""
         seconds = time.perf_counter() - self.start
@@ -201,21 +217,15 @@ class Edge(grpc.aio.ServerInterceptor):
             rpc = _Rpc(self, method, context)
             watchdog = Watchdog(method, self.max_request_s)
             try:
-                try:
+                async with rpc.outcome():
                     request = rpc.admit(_token(context), raw, decode)
                     response = await watchdog.wait(inner(request, context))
-                except TillerError as e:
-                    await rpc.fail(e)
-                if self.metrics is not None:
-                    self.metrics.tokens.inc(completion_tokens(response))
-                return response
-            except BaseException as e:
-                if rpc.code == "OK":
-                    rpc.failed(e)
-                raise
+                    if self.metrics is not None:
+                        self.metrics.tokens.inc(completion_tokens(response))
+                    return response
             finally:
                 watchdog.close()
-                rpc.finish()
+            raise AssertionError("unreachable: a failed RPC raises in outcome()")
 
         return behavior
 
@@ -230,7 +240,7 @@ class Edge(grpc.aio.ServerInterceptor):
             metrics = self.metrics
             tokens = 0
             try:
-                try:
+                async with rpc.outcome():
                     request = rpc.admit(_token(context), raw, decode)
                     chunks = inner(request, context)
                     try:
@@ -247,17 +257,10 @@ class Edge(grpc.aio.ServerInterceptor):
                             yield chunk
                     finally:
                         await chunks.aclose()
-                except TillerError as e:
-                    await rpc.fail(e)
-            except BaseException as e:
-                if rpc.code == "OK":
-                    rpc.failed(e)
-                raise
             finally:
                 watchdog.close()
                 if metrics is not None and tokens:
                     metrics.tokens.inc(tokens)
-                rpc.finish()
 
         return behavior
 
@@ -270,22 +273,13 @@ class Edge(grpc.aio.ServerInterceptor):
             requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
         ) -> AsyncIterator[Any]:
             rpc = _Rpc(self, method, context)
-            try:
-                try:
-                    if self.auth is not None:
-                        self.auth.authorize(method, _token(context))
-                    session = Session(open_stream, context).run(requests)
-                    async with contextlib.aclosing(session) as batches:
-                        async for batch in batches:
-                            yield batch
-                except TillerError as e:
-                    await rpc.fail(e)
-            except BaseException as e:
-                if rpc.code == "OK":
-                    rpc.failed(e)
-                raise
-            finally:
-                rpc.finish()
+            async with rpc.outcome():
+                if self.auth is not None:
+                    self.auth.authorize(method, _token(context))
+                session = Session(open_stream, context).run(requests)
+                async with contextlib.aclosing(session) as batches:
+                    async for batch in batches:
+                        yield batch
 
         return behavior
 
