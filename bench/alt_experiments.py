@@ -249,6 +249,7 @@ def distinct2(texts: Sequence[str]) -> float:
 def report(out: Path, names: Sequence[str], runs: dict[str, list[str]]) -> None:
 
     from tiller.learner.fluency import load_scoring_model
+    from tiller.learner.stats import paired_test
 
     prompts = lines("reviews-heldout.txt")
     ctx = [p for p in prompts for _ in range(EVAL_SAMPLES)]
@@ -267,7 +268,7 @@ def report(out: Path, names: Sequence[str], runs: dict[str, list[str]]) -> None:
             **_fluency(groups, hi + lo, ctx + ctx, scorer),
         }
     for name in names:
-        table[name]["vs_prompted"] = _paired(spreads[name], spreads["prompted"], ctx)
+        table[name]["vs_prompted"] = paired_test(spreads[name], spreads["prompted"], ctx)
         m, h, p = (table[name]["vs_prompted"][k] for k in ("mean", "ci95", "p"))
         print(f"ALT trained - prompted ({name}): spread {m:+.3f} ± {h:.3f} (p = {p:.2g})")
     for name, row in table.items():
@@ -311,13 +312,6 @@ def _mean_ci(v: Sequence[float]) -> dict[str, float]:
 
     m, h = mean_halfwidth(list(v), 0.975)
     return {"mean": m, "ci95": h}
-
-
-def _paired(x: Sequence[float], y: Sequence[float], ctx: Sequence[str]) -> dict[str, float]:
-    """``x − y`` paired by held-out prompt (``ctx``: each score's prompt)."""
-    from tiller.learner.stats import paired_test
-
-    return paired_test(x, y, ctx)
 
 
 def _fluency(

@@ -45,7 +45,6 @@ from alt_experiments import (
     TEMPLATE,
     _fluency,
     _mean_ci,
-    _paired,
     lines,
     model_dir,
     vader,
@@ -153,6 +152,7 @@ async def sample(target: str, name: str, tag: str, w: float, prompts: Sequence[s
 def report(out: Path, names: Sequence[str], weights: Sequence[float], runs: dict[str, list[str]]):
 
     from tiller.learner.fluency import load_scoring_model
+    from tiller.learner.stats import paired_test
 
     prompts = lines("reviews-heldout.txt")
     ctx = [p for p in prompts for _ in range(EVAL_SAMPLES)]
@@ -171,7 +171,7 @@ def report(out: Path, names: Sequence[str], weights: Sequence[float], runs: dict
                 **_fluency([hi_t, lo_t], hi + lo, ctx + ctx, scorer),
             }
             if name != PROMPTED:
-                row["vs_prompted"] = _paired(spreads[name], spreads[PROMPTED], ctx)
+                row["vs_prompted"] = paired_test(spreads[name], spreads[PROMPTED], ctx)
                 m, h, p = (row["vs_prompted"][k] for k in ("mean", "ci95", "p"))
                 print(
                     f"ALT guided trained - prompted ({name}, w={w:g}): "

@@ -496,7 +496,7 @@ def report(phases: list[Phase], s: Settings, out: Path) -> None:
     ran = [k for k in SYSTEMS if by[k]]
     median = {k: statistics.median(p.tok_s for p in by[k]) for k in ran}
     tokens = {k: [p.completion_tokens for p in by[k]] for k in ran}
-    names = {"asyncllm": "AsyncLLM", "vllm-serve": "vllm-serve", "tiller": "tiller"}
+    names = {"asyncllm": "AsyncLLM", "vllm-serve": "vllm-serve"}
     label = {"tiller": "Tiller", "tiller-session": "Tiller-session"}
     ratios: dict[str, float] = {}
     for side in (x for x in GRPC if x in ran):

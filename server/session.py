@@ -40,12 +40,13 @@ class GenerationContext:
     ``abort`` ends this generation only (the session goes on), with the status it would have
     ended a GenerateStream RPC with."""
 
-    def __init__(self, session: grpc.aio.ServicerContext) -> None:
+    def __init__(self, session: grpc.aio.ServicerContext, metadata: Any) -> None:
         self._session = session
+        self._metadata = metadata  # the session's, read once for all its generations
         self._code: grpc.StatusCode | None = None
 
     def invocation_metadata(self) -> Any:
-        return self._session.invocation_metadata()
+        return self._metadata
 
     def peer(self) -> str:
         return self._session.peer()
@@ -73,6 +74,7 @@ class Session:
     def __init__(self, open_stream: OpenStream, context: grpc.aio.ServicerContext) -> None:
         self._open_stream = open_stream
         self._context = context
+        self._metadata = context.invocation_metadata()
         self._outbox = pb.SessionBatch()  # what the next message carries
         self._ready = asyncio.Event()
         self._running: dict[int, asyncio.Task[None]] = {}
@@ -137,7 +139,7 @@ class Session:
                 self._end(tag, grpc.StatusCode.INVALID_ARGUMENT, message)
 
     async def _generate(self, tag: int, request: pb.GenerateRequest, timeout: float | None) -> None:
-        chunks = self._open_stream(request, GenerationContext(self._context))
+        chunks = self._open_stream(request, GenerationContext(self._context, self._metadata))
         try:
             async with asyncio.timeout(timeout):
                 async for chunk in chunks:

@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.certs import Pki, make_pki
 from tests.conftest import ServerProc, start_server, stop_server
 from tests.ports import wait_announced
-from tiller.client import AsyncClient, Client, ClientTls, TillerClientError
+from tiller.client import AsyncClient, Client, ClientTls, StreamChunk, TillerClientError
 from tiller.client.client import RetryPolicy
 from tiller.protos.tiller.v1 import tiller_pb2 as pb
 from tiller.protos.tiller.v1 import tiller_pb2_grpc as pb_grpc
@@ -486,9 +486,22 @@ async def test_sessions_check_token_role_priority_and_permits_per_generation(
         assert (await error(c)).code == CODE.UNAUTHENTICATED
     async with client("reader") as c:  # feedback only
         assert (await error(c)).code == CODE.PERMISSION_DENIED
+
+    async def when_permits_free(c: AsyncClient) -> list[StreamChunk]:
+        """A 2-token stream, retried while 'app' is at its cap (permits of RPCs that ended a
+        moment ago, here or in an earlier test, come back asynchronously)."""
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                return [ch async for ch in c.stream("again", max_tokens=2)]
+            except TillerClientError as again:
+                assert again.code == CODE.RESOURCE_EXHAUSTED and time.monotonic() < deadline
+                await asyncio.sleep(0.1)
+
     async with client("app") as c:
         e = await error(c, priority="background")
         assert e.code == CODE.PERMISSION_DENIED and "'admin'" in e.message
+        await when_permits_free(c)
         # cap 2 for 'app': each generation of the session takes a permit
         held = [
             c.stream(f"hold {i}", max_tokens=1990, temperature=0.0, ignore_eos=True)
@@ -500,12 +513,5 @@ async def test_sessions_check_token_role_priority_and_permits_per_generation(
         assert e.code == CODE.RESOURCE_EXHAUSTED and "'app'" in e.message
         for s in held:
             await s.aclose()  # cancels those generations: their permits come back
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                chunks = [ch async for ch in c.stream("again", max_tokens=2)]
-                break
-            except TillerClientError as again:
-                assert again.code == CODE.RESOURCE_EXHAUSTED and time.monotonic() < deadline
-                await asyncio.sleep(0.1)
+        chunks = await when_permits_free(c)
         assert chunks[-1].final

@@ -99,8 +99,11 @@ async def test_leaving_a_stream_cancels_its_generation_only(target: str, log_db:
         assert rows and rows[0]["finish_reason"] == "abort"
         assert 0 < rows[0]["completion_tokens"] < 1900
         assert (await other)[-1].completion_tokens == 30
-        status = await mux.status()
-        assert status.engine_unfinished == 0 or status.in_flight > 0
+        # the cancel reached the engine: nothing of this test's is left there
+        settle = time.monotonic() + 60
+        while (await mux.status()).engine_unfinished and time.monotonic() < settle:
+            await asyncio.sleep(0.05)
+        assert (await mux.status()).engine_unfinished == 0
 
 
 async def test_timeout_ends_one_generation_and_the_session_goes_on(target: str) -> None:
@@ -157,14 +160,17 @@ async def test_bad_session_requests_are_named(target: str) -> None:
     assert ends[-1].HasField("usage") and 3 not in errors and 99 not in errors
 
     # Bytes that are no SessionRequest, and a tag reused while open, end the whole session.
-    for raw in (
-        [b"\xff\xff\xff"],
-        [
-            _generate(5, max_tokens=500, ignore_eos=True).SerializeToString(),
-            _generate(5, max_tokens=2).SerializeToString(),
-        ],
+    for raw, named in (
+        ([b"\xff\xff\xff"], "not a valid message for GenerateSession"),
+        (
+            [
+                _generate(5, max_tokens=500, ignore_eos=True).SerializeToString(),
+                _generate(5, max_tokens=2).SerializeToString(),
+            ],
+            "tag 5 is already open",
+        ),
     ):
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await _raw(target, raw, wait=5)
         assert info.value.code() == CODE.INVALID_ARGUMENT
-        assert "request" in (info.value.details() or "") or "tag 5" in (info.value.details() or "")
+        assert named in (info.value.details() or "")
