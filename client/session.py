@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
@@ -17,7 +18,32 @@ from .errors import CODES, TillerClientError, wrap
 from .results import StreamChunk
 
 _EOF = grpc.aio.EOF  # type: ignore[attr-defined]  # end of a stream's reads (not in the stubs)
-_Inbox = asyncio.Queue[pb.SessionItem | TillerClientError]
+
+
+class _Inbox:
+    """One generation's items, in order; one reader. Lighter than ``asyncio.Queue``: a
+    deque and, while the reader waits, one future."""
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: collections.deque[pb.SessionItem | TillerClientError] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put(self, item: pb.SessionItem | TillerClientError) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self) -> pb.SessionItem | TillerClientError:
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.popleft()
 
 
 class Session:
@@ -50,7 +76,7 @@ class Session:
                 for item in batch.items:
                     inbox = self._open.get(item.tag)
                     if inbox is not None:  # else: a generation the client already left
-                        inbox.put_nowait(item)
+                        inbox.put(item)
             self._fail(TillerClientError(grpc.StatusCode.UNAVAILABLE, "the session ended"))
         except grpc.RpcError as e:
             self._fail(wrap(e))
@@ -61,7 +87,7 @@ class Session:
     def _fail(self, error: TillerClientError) -> None:
         self.error = error
         for inbox in self._open.values():
-            inbox.put_nowait(error)
+            inbox.put(error)
 
     async def stream(
         self, req: pb.GenerateRequest, timeout: float | None
@@ -70,7 +96,7 @@ class Session:
         if self.error is not None:
             raise self.error
         tag = next(self._tags)
-        inbox: _Inbox = asyncio.Queue()
+        inbox = _Inbox()
         self._open[tag] = inbox
         msg = pb.SessionRequest(tag=tag, generate=req)
         timer = None
@@ -78,12 +104,12 @@ class Session:
             msg.timeout_s = timeout
             # the server ends the generation at its deadline too; this one needs no server
             late = TillerClientError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
-            timer = asyncio.get_running_loop().call_later(timeout, inbox.put_nowait, late)
+            timer = asyncio.get_running_loop().call_later(timeout, inbox.put, late)
         self._outgoing.put_nowait(msg)
         ended = False
         try:
             while not ended:
-                item = inbox.get_nowait() if not inbox.empty() else await inbox.get()
+                item = await inbox.get()
                 if isinstance(item, TillerClientError):
                     ended = True
                     raise item

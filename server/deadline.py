@@ -41,17 +41,27 @@ class Watchdog:
         )
 
     async def wait(self, awaitable: Awaitable[T]) -> T:
-        if self.expired:
-            raise self._error()
-        self.waiting = True
+        self.resume()
         try:
             return await awaitable
         except asyncio.CancelledError:
-            if self.fired and self.task is not None and self.task.uncancel() == 0:
-                raise self._error() from None
+            self.cancelled()
             raise
         finally:
             self.waiting = False
+
+    def resume(self) -> None:
+        """The task waits on the service again (the deadline may cancel it there); raises
+        ``DeadlineExceeded`` if the cap has passed meanwhile."""
+        if self.expired:
+            raise self._error()
+        self.waiting = True
+
+    def cancelled(self) -> None:
+        """Call on a ``CancelledError`` raised while waiting: ``DeadlineExceeded`` if the
+        cancel was the deadline's own (nothing else cancelled the task)."""
+        if self.fired and self.task is not None and self.task.uncancel() == 0:
+            raise self._error() from None
 
     def close(self) -> None:
         if self.handle is not None:

@@ -242,19 +242,24 @@ class Edge(grpc.aio.ServerInterceptor):
                 async with rpc.outcome():
                     request = rpc.admit(_token(context), raw, decode)
                     chunks = inner(request, context)
+                    # The watchdog may cancel the task only while it waits on ``chunks``, not
+                    # while the transport writes a yielded chunk.
                     try:
-                        while True:
-                            try:
-                                chunk = await watchdog.wait(anext(chunks))
-                            except StopAsyncIteration:
-                                break
+                        watchdog.resume()
+                        async for chunk in chunks:
+                            watchdog.waiting = False
                             if metrics is not None:
                                 n = completion_tokens(chunk)
                                 if n and not tokens:
                                     metrics.first_chunk.observe(time.perf_counter() - rpc.start)
                                 tokens += n
                             yield chunk
+                            watchdog.resume()
+                    except asyncio.CancelledError:
+                        watchdog.cancelled()
+                        raise
                     finally:
+                        watchdog.waiting = False
                         await chunks.aclose()
             finally:
                 watchdog.close()
@@ -274,13 +279,26 @@ class Edge(grpc.aio.ServerInterceptor):
             rpc = _Rpc(self, method, context)
             async with rpc.outcome():
                 if self.auth is not None:
-                    self.auth.authorize(method, _token(context))
+                    try:
+                        self.auth.authorize(method, _token(context))
+                    except TillerError:
+                        await _first_request(requests)
+                        raise
                 session = Session(open_stream, context).run(requests)
                 async with contextlib.aclosing(session) as batches:
                     async for batch in batches:
                         yield batch
 
         return behavior
+
+
+async def _first_request(requests: AsyncIterator[bytes], wait_s: float = 1.0) -> None:
+    """Wait (briefly) for a refused session's first request before ending it: a gRPC client
+    still writing when a bidirectional call ends can read INTERNAL ("Internal error from
+    Core") instead of the call's status."""
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(wait_s):
+            await anext(aiter(requests), None)
 
 
 def _parsed(request: Any) -> Any:

@@ -56,7 +56,7 @@ class GenerationRecord:
             adapter=self.adapter,
             adapter_version=self.adapter_version,
             base_model=self.base_model,
-            sampling_json=json.dumps(asdict(self.sampling)),
+            sampling_json=json.dumps(vars(self.sampling), default=dict),  # flat: no asdict
             seed=self.sampling.seed,
             output_text=self.output_text,
             output_token_ids=json.dumps(list(self.output_token_ids)),
