@@ -160,8 +160,9 @@ class ChunkEncoder:
                 text_delta=event.text,
                 token_ids=event.token_ids,
                 finish_reason=_FINISH[event.finish],
-                logprobs=_logprobs(event.logprobs),
             )
+            if event.logprobs:  # once per token: no empty list when none were asked for
+                chunk.logprobs.extend(_logprobs(event.logprobs))
         else:
             chunk = pb.GenerateChunk(
                 request_id=start.request_id,
