@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import shutil
 import signal
@@ -491,6 +492,15 @@ def resolve_model(name: str) -> Path:
     return Path(name).resolve()
 
 
+def paired_band(ratios: list[float]) -> dict[str, float]:
+    """Geometric mean of per-round ratios and its 95% t-interval (on the log ratios): the
+    rounds' spread says how far the figure can be trusted on a machine whose speed drifts."""
+    from tiller.learner.stats import mean_halfwidth
+
+    m, h = mean_halfwidth([math.log(r) for r in ratios], 0.975)
+    return {"mean": math.exp(m), "low": math.exp(m - h), "high": math.exp(m + h)}
+
+
 def report(phases: list[Phase], s: Settings, out: Path) -> None:
     by = {k: [p for p in phases if p.system == k] for k in SYSTEMS}
     ran = [k for k in SYSTEMS if by[k]]
@@ -521,11 +531,14 @@ def report(phases: list[Phase], s: Settings, out: Path) -> None:
     pairs = [(a, b) for a in GRPC for b in ran if a in ran and b not in GRPC]
     if all(x in ran for x in GRPC):
         pairs.append(("tiller-session", "tiller"))
+    paired: dict[str, dict[str, float]] = {}
     for a, b in pairs:
         per = [p.tok_s / q.tok_s for p, q in zip(by[a], by[b], strict=True)]
+        paired[f"{a}/{b}"] = band = paired_band(per)
         print(
             f"{label[a]}/{b} per round: " + ", ".join(f"{r:.2f}" for r in per)
-            + f" (median {statistics.median(per):.2f})"
+            + f" (median {statistics.median(per):.2f}; geometric mean {band['mean']:.2f},"
+            f" 95% CI {band['low']:.2f}-{band['high']:.2f})"
         )  # fmt: skip
     front = {k: statistics.median(p.front_us_per_token for p in by[k]) for k in ran}
     print(
@@ -544,7 +557,8 @@ def report(phases: list[Phase], s: Settings, out: Path) -> None:
         median_tok_s=median,
         median_front_us_per_token=front,
     )
-    out.write_text(json.dumps(dict(summary, tiller_ratio=ratios, targets=TARGETS), indent=2))
+    summary.update(tiller_ratio=ratios, paired=paired, targets=TARGETS)
+    out.write_text(json.dumps(summary, indent=2))
     print(f"wrote {out}")
 
 
