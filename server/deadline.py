@@ -48,7 +48,12 @@ class Watchdog:
             self.cancelled()
             raise
         finally:
-            self.waiting = False
+            self.pause()
+
+    def pause(self) -> None:
+        """The task leaves the service (to write, to finish): the deadline no longer cancels
+        it, and the next ``resume`` raises instead."""
+        self.waiting = False
 
     def resume(self) -> None:
         """The task waits on the service again (the deadline may cancel it there); raises

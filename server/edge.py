@@ -247,7 +247,7 @@ class Edge(grpc.aio.ServerInterceptor):
                     try:
                         watchdog.resume()
                         async for chunk in chunks:
-                            watchdog.waiting = False
+                            watchdog.pause()
                             if metrics is not None:
                                 n = completion_tokens(chunk)
                                 if n and not tokens:
@@ -259,7 +259,7 @@ class Edge(grpc.aio.ServerInterceptor):
                         watchdog.cancelled()
                         raise
                     finally:
-                        watchdog.waiting = False
+                        watchdog.pause()
                         await chunks.aclose()
             finally:
                 watchdog.close()
@@ -298,7 +298,7 @@ async def _first_request(requests: AsyncIterator[bytes], wait_s: float = 1.0) ->
     Core") instead of the call's status."""
     with contextlib.suppress(Exception):
         async with asyncio.timeout(wait_s):
-            await anext(aiter(requests), None)
+            await anext(requests, None)
 
 
 def _parsed(request: Any) -> Any:
