@@ -51,6 +51,7 @@ from tiller.server.device import detect_dtype
 
 SYSTEMS = ("tiller", "tiller-session", "asyncllm", "vllm-serve", "tiller-http")
 GRPC = ("tiller", "tiller-session")  # a GenerateStream RPC per request; one GenerateSession
+IN_PROCESS = ("asyncllm",)  # systems whose client runs inside the front end
 TARGETS = {"asyncllm": 0.95, "vllm-serve": 1.0}  # Tiller gRPC over these
 HTTP_TARGET = 1.0  # Tiller HTTP over vllm-serve: the same API, the same client
 _TOPICS = (
@@ -130,12 +131,15 @@ class Phase:
     wall_s: float
     other_cpu_pct: float  # CPU that processes outside the benchmark took meanwhile
     front_cpu_s: float  # CPU outside vLLM's engine cores: the serving front end and the client
+    client_cpu_s: float  # the client's part of it; 0 where the client runs in the front end
     tok_s: float = field(init=False)
     front_us_per_token: float = field(init=False)
+    client_us_per_token: float = field(init=False)
 
     def __post_init__(self) -> None:
         self.tok_s = self.completion_tokens / self.wall_s
         self.front_us_per_token = self.front_cpu_s / self.completion_tokens * 1e6
+        self.client_us_per_token = self.client_cpu_s / self.completion_tokens * 1e6
 
 
 def run_async(coro: Coroutine[Any, Any, T]) -> T:
@@ -147,10 +151,11 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run(coro)
 
 
-def cpu_ticks(root: int) -> tuple[int, int, int]:
+def cpu_ticks(root: int) -> tuple[int, int, int, int]:
     """(busy clock ticks of the whole machine, ticks used by the measured system (``root`` and
     its descendants) and by this process (its client), the part of those outside vLLM's
-    engine-core processes: the serving front end and the client)."""
+    engine-core processes: the serving front end and the client, and the client's part: 0
+    when the client runs inside the front end (``root`` is this process))."""
     total = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     parent: dict[int, int] = {}
     used: dict[int, int] = {}
@@ -171,11 +176,13 @@ def cpu_ticks(root: int) -> tuple[int, int, int]:
     me = os.getpid()
     mine = {p: t for p, t in used.items() if p == me or ours(p)}
     front = sum(t for p, t in mine.items() if p not in engine)
-    return sum(total) - total[3] - total[4], sum(mine.values()), front
+    client = mine.get(me, 0) if me != root else 0
+    return sum(total) - total[3] - total[4], sum(mine.values()), front, client
 
 
-# completion tokens, wall seconds, other processes' CPU %, front-end CPU seconds
-Result = tuple[int, float, float, float]
+# completion tokens, wall seconds, other processes' CPU %, CPU seconds outside the engine, the
+# client's part of them
+Result = tuple[int, float, float, float, float]
 
 
 async def drive(send: Send, s: Settings, progress: Callable[[], object], root: int) -> Result:
@@ -199,13 +206,13 @@ async def drive(send: Send, s: Settings, progress: Callable[[], object], root: i
             tokens += n  # not `tokens += await ...`: that reads `tokens` before the await
             progress()
 
-    busy, own, front, start = *cpu_ticks(root), time.perf_counter()
+    busy, own, front, client, start = *cpu_ticks(root), time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(s.concurrency)))
     wall = time.perf_counter() - start
-    busy_end, own_end, front_end = cpu_ticks(root)
+    busy_end, own_end, front_end, client_end = cpu_ticks(root)
     tick = os.sysconf("SC_CLK_TCK")
     other = (busy_end - busy - (own_end - own)) / tick / wall * 100
-    return tokens, wall, max(other, 0.0), (front_end - front) / tick
+    return tokens, wall, max(other, 0.0), (front_end - front) / tick, (client_end - client) / tick
 
 
 async def tiller_load(
@@ -453,10 +460,15 @@ def start(system: str, s: Settings, work: Path) -> Iterator[Runner]:
                     bar(now - done)
                     done = now
                     time.sleep(0.5)
-                tokens, wall, other, front = json.loads(out.read_text())
-                return int(tokens), float(wall), float(other), float(front)
+                tokens, wall, other, front, client = json.loads(out.read_text())
+                return int(tokens), float(wall), float(other), float(front), float(client)
 
             yield phase
+
+
+def _client_part(system: str, us: float) -> str:
+    """The client's share of a CPU figure, where the client is a process of its own."""
+    return " (client in process)" if system in IN_PROCESS else f" (client {us:.0f})"
 
 
 def measure(system: str, rnd: int, s: Settings, run: Runner, work: Path) -> Phase:
@@ -466,7 +478,8 @@ def measure(system: str, rnd: int, s: Settings, run: Runner, work: Path) -> Phas
     tqdm.write(
         f"round {rnd} {system}: {phase.completion_tokens} tokens in {phase.wall_s:.2f} s"
         f" = {phase.tok_s:.1f} tok/s, front end + client {phase.front_us_per_token:.0f} us/token"
-        f" (other processes: {phase.other_cpu_pct:.0f}% CPU)"
+        + _client_part(system, phase.client_us_per_token)
+        + f" (other processes: {phase.other_cpu_pct:.0f}% CPU)"
     )
     return phase
 
@@ -537,13 +550,14 @@ def report(phases: list[Phase], s: Settings, out: Path) -> None:
         paired[f"{a}/{b}"] = band = paired_band(per)
         print(
             f"{label[a]}/{b} per round: " + ", ".join(f"{r:.2f}" for r in per)
-            + f" (median {statistics.median(per):.2f}; geometric mean {band['mean']:.2f},"
-            f" 95% CI {band['low']:.2f}-{band['high']:.2f})"
+            + f" (median {statistics.median(per):.2f}; geometric mean {band['mean']:.2f}, "
+            + (f"95% CI {band['low']:.2f}-{band['high']:.2f})" if len(per) > 1 else "1 round)")
         )  # fmt: skip
     front = {k: statistics.median(p.front_us_per_token for p in by[k]) for k in ran}
+    client = {k: statistics.median(p.client_us_per_token for p in by[k]) for k in ran}
     print(
         "CPU outside the engine per token (front end + client, median): "
-        + ", ".join(f"{k} {v:.0f} us" for k, v in front.items())
+        + ", ".join(f"{k} {front[k]:.0f} us{_client_part(k, client[k])}" for k in ran)
     )
     print("completion tokens per round: " + ", ".join(f"{k} {v}" for k, v in tokens.items()))
     if len({t for v in tokens.values() for t in v}) > 1:
@@ -556,6 +570,7 @@ def report(phases: list[Phase], s: Settings, out: Path) -> None:
         phases=[asdict(p) for p in phases],
         median_tok_s=median,
         median_front_us_per_token=front,
+        median_client_us_per_token=client,
     )
     summary.update(tiller_ratio=ratios, paired=paired, targets=TARGETS)
     out.write_text(json.dumps(summary, indent=2))
