@@ -12,10 +12,14 @@ reported. tok/s = completion tokens reported by the system / wall time of the me
     python bench/serve_throughput.py --unary    # whole results: no system streams tokens
     python bench/serve_throughput.py --systems tiller,asyncllm --rounds 6 --interleave
     python bench/serve_throughput.py --systems tiller,tiller-session,asyncllm --interleave
+    python bench/serve_throughput.py --pool bench/out/run1.json bench/out/run2.json
 
 ``tiller-session`` is the same server with the client's streams multiplexed over one
 GenerateSession RPC (``AsyncClient(multiplex=True)``); ``tiller`` opens a GenerateStream per
 request.
+
+``--pool`` runs nothing: it pools the per-round ratios of earlier runs' JSON outputs (same
+settings but the number of requests) into one geometric mean and interval.
 
 ``--interleave`` starts every system once and alternates their phases (ABBA with two), so
 that both sides of a ratio see the same minutes of a machine whose speed drifts; without it each
@@ -577,6 +581,39 @@ def report(phases: list[Phase], s: Settings, out: Path) -> None:
     print(f"wrote {out}")
 
 
+# Settings that must match for rounds of different runs to be pooled (the request count may not).
+_POOLED_ALIKE = ("model", "dtype", "concurrency", "max_tokens", "temperature", "tiller_log",
+                 "unary", "stream_interval")  # fmt: skip
+
+
+def pool(paths: list[Path]) -> None:
+    """Per-round ratios of every Tiller gRPC side to every other system, pooled over runs."""
+    runs = [json.loads(p.read_text()) for p in paths]
+    for key in _POOLED_ALIKE:
+        if len({json.dumps(r["settings"][key]) for r in runs}) > 1:
+            sys.exit(f"--pool: the runs differ in {key}; only the request count may differ")
+    ratios: dict[tuple[str, str], list[float]] = {}
+    for run in runs:
+        by: dict[int, dict[str, float]] = {}
+        for p in run["phases"]:
+            by.setdefault(p["round"], {})[p["system"]] = p["tok_s"]
+        for systems in by.values():
+            for a in (x for x in GRPC if x in systems):
+                for b in (x for x in systems if x not in GRPC):
+                    ratios.setdefault((a, b), []).append(systems[a] / systems[b])
+    print(f"pooled {len(runs)} runs: {', '.join(str(p) for p in paths)}")
+    for (a, b), per in ratios.items():
+        band = paired_band(per)
+        target = TARGETS.get(b)
+        met = (
+            f"; {sum(r >= target for r in per)} of {len(per)} rounds >= {target}" if target else ""
+        )
+        print(
+            f"{a}/{b} pooled per round: {len(per)} rounds, median {statistics.median(per):.3f}; "
+            f"geometric mean {band['mean']:.3f}, 95% CI {band['low']:.3f}-{band['high']:.3f}{met}"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2", help="tiny | smollm2 | PATH")
@@ -609,10 +646,19 @@ def main() -> None:
         help="start every system once, then alternate their measured phases (every engine "
         "in memory at once)",
     )
+    ap.add_argument(
+        "--pool",
+        nargs="+",
+        type=Path,
+        metavar="JSON",
+        help="pool earlier runs' rounds; run nothing",
+    )
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)  # SETTINGS_JSON READY; stdin
     a = ap.parse_args()
     if a.worker:
         return worker_main(*a.worker)
+    if a.pool:
+        return pool(a.pool)
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` blocks run
     a.gpu_memory_utilization = a.gpu_memory_utilization or (0.1 if a.model == "tiny" else 0.3)
