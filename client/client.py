@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from tiller.protos.tiller.v1 import tiller_pb2 as pb
 from tiller.protos.tiller.v1 import tiller_pb2_grpc as pb_grpc
 
 from . import convert
+from .blocking_session import BlockingSession
 from .errors import wrap as _wrap
 from .results import AdapterInfo, FeedbackReceipt, Generation, ServerStatus, StreamChunk
 from .session import Session
@@ -134,7 +136,11 @@ class _Base:
 
 
 class Client(_Base):
-    """Blocking client. Thread-safe (one channel shared by all calls)."""
+    """Blocking client. Thread-safe (one channel shared by all calls).
+
+    ``multiplex=True``: ``stream`` calls, from any thread, share one GenerateSession RPC
+    instead of one GenerateStream RPC each (see ``AsyncClient``).
+    """
 
     def __init__(
         self,
@@ -145,6 +151,7 @@ class Client(_Base):
         retry: RetryPolicy | None = None,
         options: Sequence[tuple[str, Any]] = (),
         tls: ClientTls | None = None,
+        multiplex: bool = False,
     ) -> None:
         super().__init__(target, timeout=timeout, token=token, retry=retry)
         if tls is None:
@@ -153,6 +160,14 @@ class Client(_Base):
             opts = [*options, *tls.options()]
             self._channel = grpc.secure_channel(target, tls.credentials(), options=opts)
         self._stub = pb_grpc.TillerStub(self._channel)
+        self.multiplex = multiplex
+        self._session: BlockingSession | None = None
+        self._session_lock = threading.Lock()
+
+    @property
+    def session(self) -> BlockingSession | None:
+        """The GenerateSession that ``stream`` uses now (``multiplex``), if one is open."""
+        return self._session
 
     def __enter__(self) -> Client:
         return self
@@ -161,6 +176,10 @@ class Client(_Base):
         self.close()
 
     def close(self) -> None:
+        with self._session_lock:
+            session, self._session = self._session, None
+        if session is not None:
+            session.close()
         self._channel.close()
 
     def _call(self, fn: Callable[[], T]) -> T:
@@ -184,6 +203,18 @@ class Client(_Base):
     ) -> Iterator[StreamChunk]:
         """Yield chunks as tokens are produced. Closing the iterator cancels the request."""
         req = convert.build_request(prompt, **kw)
+        if self.multiplex:
+            limit = timeout if timeout is not None else self.timeout
+            return self._open_session().stream(req, limit)
+        return self._stream_rpc(req, timeout)
+
+    def _open_session(self) -> BlockingSession:
+        with self._session_lock:
+            if self._session is None or self._session.error is not None:
+                self._session = BlockingSession(self._stub, self._metadata)
+            return self._session
+
+    def _stream_rpc(self, req: pb.GenerateRequest, timeout: float | None) -> Iterator[StreamChunk]:
         call = self._call(lambda: self._stub.GenerateStream(req, **self._kw(timeout)))
         try:
             for c in call:

@@ -1,4 +1,7 @@
-"""Many streamed generations over one GenerateSession RPC (``AsyncClient(multiplex=True)``)."""
+"""Many streamed generations over one GenerateSession RPC (``AsyncClient(multiplex=True)``).
+
+``request`` and ``open_item`` are the session protocol's two halves, shared with the blocking
+client's session (``blocking_session``)."""
 
 from __future__ import annotations
 
@@ -18,6 +21,25 @@ from .errors import CODES, TillerClientError, wrap
 from .results import StreamChunk
 
 _EOF = grpc.aio.EOF  # type: ignore[attr-defined]  # end of a stream's reads (not in the stubs)
+
+
+def request(tag: int, req: pb.GenerateRequest, timeout: float | None) -> pb.SessionRequest:
+    """The message that opens generation ``tag``; the server keeps ``timeout`` too."""
+    msg = pb.SessionRequest(tag=tag, generate=req)
+    if timeout is not None:
+        msg.timeout_s = timeout
+    return msg
+
+
+def open_item(item: pb.SessionItem | TillerClientError) -> StreamChunk:
+    """A generation's next item as GenerateStream would give it: its chunk, or its end's
+    error raised."""
+    if isinstance(item, TillerClientError):
+        raise item
+    if item.HasField("error"):
+        code = CODES.get(item.error.code, grpc.StatusCode.UNKNOWN)
+        raise TillerClientError(code, item.error.message)
+    return convert.chunk(item.chunk)
 
 
 class _Inbox:
@@ -98,26 +120,18 @@ class Session:
         tag = next(self._tags)
         inbox = _Inbox()
         self._open[tag] = inbox
-        msg = pb.SessionRequest(tag=tag, generate=req)
         timer = None
         if timeout is not None:
-            msg.timeout_s = timeout
             # the server ends the generation at its deadline too; this one needs no server
             late = TillerClientError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
             timer = asyncio.get_running_loop().call_later(timeout, inbox.put, late)
-        self._outgoing.put_nowait(msg)
+        self._outgoing.put_nowait(request(tag, req, timeout))
         ended = False
         try:
             while not ended:
                 item = await inbox.get()
-                if isinstance(item, TillerClientError):
-                    ended = True
-                    raise item
-                if item.HasField("error"):
-                    ended = True
-                    code = CODES.get(item.error.code, grpc.StatusCode.UNKNOWN)
-                    raise TillerClientError(code, item.error.message)
-                chunk = convert.chunk(item.chunk)
+                ended = True  # until the item turns out to be a chunk that is not the last
+                chunk = open_item(item)
                 ended = chunk.final
                 yield chunk
         finally:
