@@ -16,7 +16,8 @@ reported. tok/s = completion tokens reported by the system / wall time of the me
 
 ``tiller-session`` is the same server with the client's streams multiplexed over one
 GenerateSession RPC (``AsyncClient(multiplex=True)``); ``tiller`` opens a GenerateStream per
-request.
+request. ``tiller-blocking`` and ``tiller-blocking-session`` are the same two with the blocking
+``Client``, a thread per stream; they run only when named in ``--systems``.
 
 ``--pool`` runs nothing: it pools the per-round ratios of earlier runs' JSON outputs (same
 settings but the number of requests) into one geometric mean and interval.
@@ -40,10 +41,12 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -54,7 +57,10 @@ from tqdm import tqdm
 from tiller.server.device import detect_dtype
 
 SYSTEMS = ("tiller", "tiller-session", "asyncllm", "vllm-serve", "tiller-http")
-GRPC = ("tiller", "tiller-session")  # a GenerateStream RPC per request; one GenerateSession
+BLOCKING = ("tiller-blocking", "tiller-blocking-session")  # the blocking Client; on request only
+ALL = (*SYSTEMS, *BLOCKING)
+# a GenerateStream RPC per request, or one GenerateSession: from AsyncClient, then from Client
+GRPC = ("tiller", "tiller-session", *BLOCKING)
 IN_PROCESS = ("asyncllm",)  # systems whose client runs inside the front end
 TARGETS = {"asyncllm": 0.95, "vllm-serve": 1.0}  # Tiller gRPC over these
 HTTP_TARGET = 1.0  # Tiller HTTP over vllm-serve: the same API, the same client
@@ -210,13 +216,63 @@ async def drive(send: Send, s: Settings, progress: Callable[[], object], root: i
             tokens += n  # not `tokens += await ...`: that reads `tokens` before the await
             progress()
 
-    busy, own, front, client, start = *cpu_ticks(root), time.perf_counter()
+    meter = CpuMeter(root)
     await asyncio.gather(*(worker() for _ in range(s.concurrency)))
-    wall = time.perf_counter() - start
-    busy_end, own_end, front_end, client_end = cpu_ticks(root)
-    tick = os.sysconf("SC_CLK_TCK")
-    other = (busy_end - busy - (own_end - own)) / tick / wall * 100
-    return tokens, wall, max(other, 0.0), (front_end - front) / tick, (client_end - client) / tick
+    return meter.result(tokens)
+
+
+class CpuMeter:
+    """The CPU figures of one measured phase, from its start (construction) to ``result``."""
+
+    def __init__(self, root: int) -> None:
+        self.root = root
+        self.busy, self.own, self.front, self.client = cpu_ticks(root)
+        self.start = time.perf_counter()
+
+    def result(self, tokens: int) -> Result:
+        wall = time.perf_counter() - self.start
+        busy, own, front, client = cpu_ticks(self.root)
+        tick = os.sysconf("SC_CLK_TCK")
+        other = (busy - self.busy - (own - self.own)) / tick / wall * 100
+        return (
+            tokens,
+            wall,
+            max(other, 0.0),
+            (front - self.front) / tick,
+            (client - self.client) / tick,
+        )
+
+
+def drive_threads(
+    send: Callable[[str, dict[str, Any]], int],
+    s: Settings,
+    progress: Callable[[], object],
+    root: int,
+) -> Result:
+    """``drive`` for a blocking client: ``s.concurrency`` threads instead of tasks."""
+    with ThreadPoolExecutor(s.concurrency) as pool:
+        warm = [
+            pool.submit(send, f"Warm-up {i}: say hello.", s.sampling(10_000 + i, 8))
+            for i in range(s.concurrency)
+        ]
+        for f in warm:
+            f.result()
+        todo = iter(range(s.requests))
+        lock = threading.Lock()  # over ``todo`` and ``tokens``
+
+        def worker() -> int:
+            tokens = 0
+            while True:
+                with lock:
+                    i = next(todo, None)
+                if i is None:
+                    return tokens
+                tokens += send(PROMPTS[i % len(PROMPTS)], s.sampling(i))
+                progress()
+
+        meter = CpuMeter(root)
+        workers = [pool.submit(worker) for _ in range(s.concurrency)]
+        return meter.result(sum(f.result() for f in workers))
 
 
 async def tiller_load(
@@ -236,6 +292,23 @@ async def tiller_load(
             return reported or counted
 
         return await drive(send, s, progress, root)
+
+
+def blocking_load(
+    target: str, s: Settings, progress: Callable[[], object], root: int, multiplex: bool
+) -> Result:
+    from tiller.client import Client
+
+    with Client(target, timeout=600, multiplex=multiplex) as client:
+
+        def send(prompt: str, sampling: dict[str, Any]) -> int:
+            counted = reported = 0
+            for chunk in client.stream(prompt, **sampling):
+                counted += len(chunk.token_ids)
+                reported += chunk.completion_tokens if chunk.final else 0
+            return reported or counted
+
+        return drive_threads(send, s, progress, root)
 
 
 async def openai_load(
@@ -422,10 +495,13 @@ def start(system: str, s: Settings, work: Path) -> Iterator[Runner]:
             wait_ready(port_file.exists, p, log)  # written after the HTTP port
             if http is None:
                 target = f"127.0.0.1:{port_file.read_text().strip()}"
-                mux = system == "tiller-session"
-                yield lambda _, bar: run_async(
-                    tiller_load(target, s, lambda: bar(1), p.pid, multiplex=mux)
-                )
+                mux = system.endswith("-session")
+                if system in BLOCKING:
+                    yield lambda _, bar: blocking_load(target, s, lambda: bar(1), p.pid, mux)
+                else:
+                    yield lambda _, bar: run_async(
+                        tiller_load(target, s, lambda: bar(1), p.pid, multiplex=mux)
+                    )
             else:
                 base = f"http://127.0.0.1:{http.read_text().strip()}"
                 name = Path(s.model).name
@@ -519,12 +595,17 @@ def paired_band(ratios: list[float]) -> dict[str, float]:
 
 
 def report(phases: list[Phase], s: Settings, out: Path) -> None:
-    by = {k: [p for p in phases if p.system == k] for k in SYSTEMS}
-    ran = [k for k in SYSTEMS if by[k]]
+    by = {k: [p for p in phases if p.system == k] for k in ALL}
+    ran = [k for k in ALL if by[k]]
     median = {k: statistics.median(p.tok_s for p in by[k]) for k in ran}
     tokens = {k: [p.completion_tokens for p in by[k]] for k in ran}
     names = {"asyncllm": "AsyncLLM", "vllm-serve": "vllm-serve"}
-    label = {"tiller": "Tiller", "tiller-session": "Tiller-session"}
+    label = {
+        "tiller": "Tiller",
+        "tiller-session": "Tiller-session",
+        "tiller-blocking": "Tiller-blocking",
+        "tiller-blocking-session": "Tiller-blocking-session",
+    }
     ratios: dict[str, float] = {}
     for side in (x for x in GRPC if x in ran):
         for k, target in ((k, t) for k, t in TARGETS.items() if k in ran):
@@ -546,8 +627,9 @@ def report(phases: list[Phase], s: Settings, out: Path) -> None:
         )
     # each round's ratio of a Tiller gRPC side to another system in the same round: the spread
     pairs = [(a, b) for a in GRPC for b in ran if a in ran and b not in GRPC]
-    if all(x in ran for x in GRPC):
-        pairs.append(("tiller-session", "tiller"))
+    for mux, rpc in (("tiller-session", "tiller"), ("tiller-blocking-session", "tiller-blocking")):
+        if mux in ran and rpc in ran:
+            pairs.append((mux, rpc))
     paired: dict[str, dict[str, float]] = {}
     for a, b in pairs:
         per = [p.tok_s / q.tok_s for p, q in zip(by[a], by[b], strict=True)]
@@ -635,7 +717,11 @@ def main() -> None:
         help="Tiller's generation log (its default: on)",
     )
     ap.add_argument("--unary", action="store_true", help="whole results, no streaming")
-    ap.add_argument("--systems", default=",".join(SYSTEMS), help="which to run (default: all)")
+    ap.add_argument(
+        "--systems",
+        default=",".join(SYSTEMS),
+        help=f"which to run (default: {','.join(SYSTEMS)}; also {','.join(BLOCKING)})",
+    )
     ap.add_argument(
         "--stream-interval", type=int, default=1, help="tokens per streamed output, every system"
     )
@@ -673,14 +759,14 @@ def main() -> None:
     work = a.out.parent / f"{a.out.stem}-work"  # server logs stay here for a look afterwards
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    systems = tuple(x for x in SYSTEMS if x in a.systems.split(","))
+    systems = tuple(x for x in ALL if x in a.systems.split(","))
     if a.interleave and a.gpu_memory_utilization * len(systems) > 0.95:
         ap.error(
             f"--interleave keeps {len(systems)} engines in memory at once: "
             f"{len(systems)} x --gpu-memory-utilization {a.gpu_memory_utilization} > 0.95"
         )
     if not systems or len(systems) != len(a.systems.split(",")):
-        ap.error(f"--systems: a comma-separated subset of {','.join(SYSTEMS)}, got {a.systems!r}")
+        ap.error(f"--systems: a comma-separated subset of {','.join(ALL)}, got {a.systems!r}")
     order = [
         (rnd, system)
         for rnd in range(a.rounds)
