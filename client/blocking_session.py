@@ -21,7 +21,7 @@ from tiller.protos.tiller.v1 import tiller_pb2_grpc as pb_grpc
 
 from .errors import TillerClientError, wrap
 from .results import StreamChunk
-from .session import open_item, request
+from .session import Received, open_item, request
 
 _Item: TypeAlias = pb.SessionItem | TillerClientError
 
@@ -40,7 +40,7 @@ class BlockingSession:
         self._lock = threading.Lock()  # ``error`` and ``_open`` change together
         self._tags = itertools.count(1)
         self.error: TillerClientError | None = None
-        self.messages = self.items = 0  # received: messages, and the items they carried
+        self.received = Received()
         self._call = stub.GenerateSession(iter(self._outgoing.get, None), metadata=metadata)
         self._reader = threading.Thread(target=self._read, name="tiller-session", daemon=True)
         self._reader.start()
@@ -48,12 +48,7 @@ class BlockingSession:
     def _read(self) -> None:
         try:
             for batch in self._call:
-                self.messages += 1
-                self.items += len(batch.items)
-                for item in batch.items:
-                    inbox = self._open.get(item.tag)
-                    if inbox is not None:  # else: a generation the client already left
-                        inbox.put(item)
+                self.received.deliver(batch, self._open)
             self._fail(TillerClientError(grpc.StatusCode.UNAVAILABLE, "the session ended"))
         except grpc.RpcError as e:
             self._fail(wrap(e))

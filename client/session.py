@@ -9,7 +9,7 @@ import asyncio
 import collections
 import itertools
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
@@ -40,6 +40,32 @@ def open_item(item: pb.SessionItem | TillerClientError) -> StreamChunk:
         code = CODES.get(item.error.code, grpc.StatusCode.UNKNOWN)
         raise TillerClientError(code, item.error.message)
     return convert.chunk(item.chunk)
+
+
+class Inboxes(Protocol):
+    """What both sessions hand a received item to: its generation's queue, by tag."""
+
+    def get(self, tag: int, /) -> _Putter | None: ...
+
+
+class _Putter(Protocol):
+    def put(self, item: pb.SessionItem, /) -> None: ...
+
+
+class Received:
+    """A session's count of received messages and items."""
+
+    def __init__(self) -> None:
+        self.messages = self.items = 0
+
+    def deliver(self, batch: pb.SessionBatch, inboxes: Inboxes) -> None:
+        """Hand each item of ``batch`` to its generation's inbox."""
+        self.messages += 1
+        self.items += len(batch.items)
+        for item in batch.items:
+            inbox = inboxes.get(item.tag)
+            if inbox is not None:  # else: a generation the client already left
+                inbox.put(item)
 
 
 class _Inbox:
@@ -82,7 +108,7 @@ class Session:
         self._open: dict[int, _Inbox] = {}
         self._tags = itertools.count(1)
         self.error: TillerClientError | None = None
-        self.messages = self.items = 0  # received: messages, and the items they carried
+        self.received = Received()
         self._call = stub.GenerateSession(self._requests(), metadata=metadata)
         self._reader = asyncio.create_task(self._read())
 
@@ -93,12 +119,7 @@ class Session:
     async def _read(self) -> None:
         try:
             while (batch := await self._call.read()) is not _EOF:
-                self.messages += 1
-                self.items += len(batch.items)
-                for item in batch.items:
-                    inbox = self._open.get(item.tag)
-                    if inbox is not None:  # else: a generation the client already left
-                        inbox.put(item)
+                self.received.deliver(batch, self._open)
             self._fail(TillerClientError(grpc.StatusCode.UNAVAILABLE, "the session ended"))
         except grpc.RpcError as e:
             self._fail(wrap(e))
