@@ -52,6 +52,9 @@ class BlockingSession:
             self._fail(TillerClientError(grpc.StatusCode.UNAVAILABLE, "the session ended"))
         except grpc.RpcError as e:
             self._fail(wrap(e))
+        except BaseException as e:  # no open stream may wait for an item that cannot come
+            self._fail(TillerClientError(grpc.StatusCode.UNKNOWN, f"the session failed: {e!r}"))
+            raise
 
     def _fail(self, error: TillerClientError) -> None:
         with self._lock:
@@ -74,8 +77,9 @@ class BlockingSession:
         ended = False
         try:
             while not ended:
+                item = self._next(inbox, deadline)  # interrupted here: still open, cancelled
                 ended = True  # until the item turns out to be a chunk that is not the last
-                chunk = open_item(self._next(inbox, deadline))
+                chunk = open_item(item)
                 ended = chunk.final
                 yield chunk
         finally:
@@ -90,7 +94,8 @@ class BlockingSession:
         try:
             if deadline is None:
                 return inbox.get()
-            return inbox.get(timeout=max(0.0, deadline - time.monotonic()))
+            wait = min(max(0.0, deadline - time.monotonic()), threading.TIMEOUT_MAX)
+            return inbox.get(timeout=wait)
         except queue.Empty:
             # the server ends the generation at its deadline too; this one needs no server
             return TillerClientError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")

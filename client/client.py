@@ -205,14 +205,18 @@ class Client(_Base):
         req = convert.build_request(prompt, **kw)
         if self.multiplex:
             limit = timeout if timeout is not None else self.timeout
-            return self._open_session().stream(req, limit)
+            return self._stream_session(req, limit)
         return self._stream_rpc(req, timeout)
 
-    def _open_session(self) -> BlockingSession:
+    def _stream_session(
+        self, req: pb.GenerateRequest, timeout: float | None
+    ) -> Iterator[StreamChunk]:
+        """Picks the session at the first ``next``, as the RPC path starts its call then."""
         with self._session_lock:
             if self._session is None or self._session.error is not None:
                 self._session = BlockingSession(self._stub, self._metadata)
-            return self._session
+            session = self._session
+        yield from session.stream(req, timeout)
 
     def _stream_rpc(self, req: pb.GenerateRequest, timeout: float | None) -> Iterator[StreamChunk]:
         call = self._call(lambda: self._stub.GenerateStream(req, **self._kw(timeout)))

@@ -222,9 +222,10 @@ def test_blocking_errors_end_one_generation_only(target: str) -> None:
         with futures.ThreadPoolExecutor(1) as pool:
             good = pool.submit(
                 lambda: list(
-                    mux.stream("class Kept:", max_tokens=40, temperature=0.0, ignore_eos=True)
+                    mux.stream("class Kept:", max_tokens=200, temperature=0.0, ignore_eos=True)
                 )
             )
+            session = None
             for kw, named in (
                 (dict(max_tokens=5000), "sampling.max_tokens"),
                 (dict(top_p=2.0), "top_p"),
@@ -234,12 +235,15 @@ def test_blocking_errors_end_one_generation_only(target: str) -> None:
                     list(plain.stream("bad", **kw))
                 with pytest.raises(TillerClientError) as shared:
                     list(mux.stream("bad", **kw))
+                session = session or mux.session
                 assert shared.value.code == alone.value.code != CODE.OK
                 assert shared.value.message == alone.value.message
                 assert named in shared.value.message, shared.value
             chunks = good.result(timeout=300)
-        assert chunks[-1].final and chunks[-1].completion_tokens == 40
+        assert chunks[-1].final and chunks[-1].completion_tokens == 200
         assert list(mux.stream("still open", max_tokens=3, temperature=0.0))[-1].final
+        # all of it over the one session, which the errors left open
+        assert session is not None and mux.session is session and session.error is None
 
 
 def test_blocking_leaving_a_stream_cancels_its_generation_only(target: str, log_db: Path) -> None:
@@ -269,12 +273,26 @@ def test_blocking_leaving_a_stream_cancels_its_generation_only(target: str, log_
 
 
 def test_blocking_timeout_ends_one_generation_and_the_session_goes_on(target: str) -> None:
+    before = set(threading.enumerate())
     with Client(target, timeout=120, multiplex=True) as mux:
         with pytest.raises(TillerClientError) as info:
             list(mux.stream("long", max_tokens=1900, ignore_eos=True, timeout=0.5))
         assert info.value.code == CODE.DEADLINE_EXCEEDED
+        session = mux.session
         after = list(mux.stream("short", max_tokens=3, temperature=0.0))
         assert after[-1].final and after[-1].completion_tokens == 3
+        assert session is not None and mux.session is session and session.error is None
+        # an open session holds its reader and gRPC's thread consuming its requests ...
+        opened = set(threading.enumerate()) - before
+        assert "tiller-session" in {t.name for t in opened} and len(opened) >= 2, opened
+    _all_ended(opened)  # ... until the client closes it
+
+
+def _all_ended(threads: set[threading.Thread]) -> None:
+    deadline = time.monotonic() + 10
+    while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [t for t in threads if t.is_alive()]
 
 
 class _Breaks(pb_grpc.TillerServicer):
@@ -300,6 +318,7 @@ def test_blocking_a_broken_session_fails_its_streams_and_the_next_opens_a_new_on
     pb_grpc.add_TillerServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
+    before = set(threading.enumerate())
     try:
         with Client(f"127.0.0.1:{port}", timeout=30, multiplex=True) as mux:
             for n in (1, 2):
@@ -311,7 +330,7 @@ def test_blocking_a_broken_session_fails_its_streams_and_the_next_opens_a_new_on
                 assert "going away" in info.value.message
                 assert mux.session is not None and mux.session.error is not None
                 assert servicer.sessions == n  # the next stream opened a session of its own
-            # closing leaves no thread of the session's behind
-        assert not [t for t in threading.enumerate() if t.name == "tiller-session"]
+        # no thread of the broken sessions' is left waiting (the server's pool aside)
+        _all_ended({t for t in set(threading.enumerate()) - before if "ThreadPool" not in t.name})
     finally:
         server.stop(None)
