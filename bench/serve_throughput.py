@@ -45,7 +45,7 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import asdict, dataclass, field, fields
@@ -594,18 +594,29 @@ def paired_band(ratios: list[float]) -> dict[str, float]:
     return {"mean": math.exp(m), "low": math.exp(m - h), "high": math.exp(m + h)}
 
 
+def round_ratios(tok_s: Iterable[tuple[int, str, float]]) -> dict[tuple[str, str], list[float]]:
+    """Each round's ratio of a Tiller gRPC side to another system in the same round (the
+    spread), and of each multiplexed side to its RPC-per-stream twin; from (round, system,
+    tok/s) triples."""
+    rounds: dict[int, dict[str, float]] = {}
+    for rnd, system, value in tok_s:
+        rounds.setdefault(rnd, {})[system] = value
+    out: dict[tuple[str, str], list[float]] = {}
+    for ran in rounds.values():
+        pairs = [(a, b) for a in GRPC for b in ran if a in ran and b not in GRPC]
+        pairs += [(a, a.removesuffix("-session")) for a in GRPC if a.endswith("-session")]
+        for a, b in pairs:
+            if a in ran and b in ran:
+                out.setdefault((a, b), []).append(ran[a] / ran[b])
+    return out
+
+
 def report(phases: list[Phase], s: Settings, out: Path) -> None:
     by = {k: [p for p in phases if p.system == k] for k in ALL}
     ran = [k for k in ALL if by[k]]
     median = {k: statistics.median(p.tok_s for p in by[k]) for k in ran}
     tokens = {k: [p.completion_tokens for p in by[k]] for k in ran}
     names = {"asyncllm": "AsyncLLM", "vllm-serve": "vllm-serve"}
-    label = {
-        "tiller": "Tiller",
-        "tiller-session": "Tiller-session",
-        "tiller-blocking": "Tiller-blocking",
-        "tiller-blocking-session": "Tiller-blocking-session",
-    }
     ratios: dict[str, float] = {}
     for side in (x for x in GRPC if x in ran):
         for k, target in ((k, t) for k, t in TARGETS.items() if k in ran):
@@ -613,7 +624,7 @@ def report(phases: list[Phase], s: Settings, out: Path) -> None:
             ratios[k if side == "tiller" else f"{side}/{k}"] = ratio
             verdict = "met" if ratio >= target else "NOT met"
             print(
-                f"{label[side]}/{names[k]} tok/s ratio: {ratio:.2f} ({side} "
+                f"{side.capitalize()}/{names[k]} tok/s ratio: {ratio:.2f} ({side} "
                 f"{median[side]:.1f} tok/s, {k} {median[k]:.1f} tok/s; target >= {target:.2f}: "
                 f"{verdict})"
             )
@@ -625,17 +636,11 @@ def report(phases: list[Phase], s: Settings, out: Path) -> None:
             f"{median['tiller-http']:.1f} tok/s, vllm-serve {median['vllm-serve']:.1f} tok/s; "
             f"target >= {HTTP_TARGET:.2f}: {'met' if http >= HTTP_TARGET else 'NOT met'})"
         )
-    # each round's ratio of a Tiller gRPC side to another system in the same round: the spread
-    pairs = [(a, b) for a in GRPC for b in ran if a in ran and b not in GRPC]
-    for mux, rpc in (("tiller-session", "tiller"), ("tiller-blocking-session", "tiller-blocking")):
-        if mux in ran and rpc in ran:
-            pairs.append((mux, rpc))
     paired: dict[str, dict[str, float]] = {}
-    for a, b in pairs:
-        per = [p.tok_s / q.tok_s for p, q in zip(by[a], by[b], strict=True)]
+    for (a, b), per in round_ratios((p.round, p.system, p.tok_s) for p in phases).items():
         paired[f"{a}/{b}"] = band = paired_band(per)
         print(
-            f"{label[a]}/{b} per round: " + ", ".join(f"{r:.2f}" for r in per)
+            f"{a.capitalize()}/{b} per round: " + ", ".join(f"{r:.2f}" for r in per)
             + f" (median {statistics.median(per):.2f}; geometric mean {band['mean']:.2f}, "
             + (f"95% CI {band['low']:.2f}-{band['high']:.2f})" if len(per) > 1 else "1 round)")
         )  # fmt: skip
@@ -676,13 +681,9 @@ def pool(paths: list[Path]) -> None:
             sys.exit(f"--pool: the runs differ in {key}; only the request count may differ")
     ratios: dict[tuple[str, str], list[float]] = {}
     for run in runs:
-        by: dict[int, dict[str, float]] = {}
-        for p in run["phases"]:
-            by.setdefault(p["round"], {})[p["system"]] = p["tok_s"]
-        for systems in by.values():
-            for a in (x for x in GRPC if x in systems):
-                for b in (x for x in systems if x not in GRPC):
-                    ratios.setdefault((a, b), []).append(systems[a] / systems[b])
+        triples = ((p["round"], p["system"], p["tok_s"]) for p in run["phases"])
+        for pair, per in round_ratios(triples).items():
+            ratios.setdefault(pair, []).extend(per)
     print(f"pooled {len(runs)} runs: {', '.join(str(p) for p in paths)}")
     for (a, b), per in ratios.items():
         band = paired_band(per)

@@ -21,7 +21,7 @@ from tiller.protos.tiller.v1 import tiller_pb2_grpc as pb_grpc
 
 from .errors import TillerClientError, wrap
 from .results import StreamChunk
-from .session import Received, open_item, request
+from .session import Received, open_item, past_deadline, request, rpc_ended
 
 _Item: TypeAlias = pb.SessionItem | TillerClientError
 
@@ -49,7 +49,7 @@ class BlockingSession:
         try:
             for batch in self._call:
                 self.received.deliver(batch, self._open)
-            self._fail(TillerClientError(grpc.StatusCode.UNAVAILABLE, "the session ended"))
+            self._fail(rpc_ended())
         except grpc.RpcError as e:
             self._fail(wrap(e))
         except BaseException as e:  # no open stream may wait for an item that cannot come
@@ -97,8 +97,7 @@ class BlockingSession:
             wait = min(max(0.0, deadline - time.monotonic()), threading.TIMEOUT_MAX)
             return inbox.get(timeout=wait)
         except queue.Empty:
-            # the server ends the generation at its deadline too; this one needs no server
-            return TillerClientError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+            return past_deadline()
 
     def close(self) -> None:
         self._outgoing.put(None)  # half-close: the server ends the RPC ...

@@ -128,11 +128,12 @@ class _Base:
             (("authorization", f"Bearer {token}"),) if token else ()
         )
 
+    def _limit(self, timeout: float | None) -> float | None:
+        """A call's own timeout, else the client's."""
+        return timeout if timeout is not None else self.timeout
+
     def _kw(self, timeout: float | None) -> dict[str, Any]:
-        return {
-            "timeout": timeout if timeout is not None else self.timeout,
-            "metadata": self._metadata,
-        }
+        return {"timeout": self._limit(timeout), "metadata": self._metadata}
 
 
 class Client(_Base):
@@ -204,8 +205,7 @@ class Client(_Base):
         """Yield chunks as tokens are produced. Closing the iterator cancels the request."""
         req = convert.build_request(prompt, **kw)
         if self.multiplex:
-            limit = timeout if timeout is not None else self.timeout
-            return self._stream_session(req, limit)
+            return self._stream_session(req, self._limit(timeout))
         return self._stream_rpc(req, timeout)
 
     def _stream_session(
@@ -339,7 +339,7 @@ class AsyncClient(_Base):
         chunks that several streams have ready at once travel in one message.
         """
         req = convert.build_request(prompt, **kw)
-        limit = timeout if timeout is not None else self.timeout
+        limit = self._limit(timeout)
         if not self.multiplex:
             return self._stream_rpc(req, limit)
         if self._session is None or self._session.error is not None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any, Protocol
 
 import grpc
@@ -31,6 +31,17 @@ def request(tag: int, req: pb.GenerateRequest, timeout: float | None) -> pb.Sess
     return msg
 
 
+def rpc_ended() -> TillerClientError:
+    """What the open generations raise when the server ends the session's RPC without error."""
+    return TillerClientError(grpc.StatusCode.UNAVAILABLE, "the session ended")
+
+
+def past_deadline() -> TillerClientError:
+    """What a generation raises at its deadline on the client. The server ends the generation
+    at the same deadline, so this needs no word from it."""
+    return TillerClientError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+
+
 def open_item(item: pb.SessionItem | TillerClientError) -> StreamChunk:
     """A generation's next item as GenerateStream would give it: its chunk, or its end's
     error raised."""
@@ -42,13 +53,9 @@ def open_item(item: pb.SessionItem | TillerClientError) -> StreamChunk:
     return convert.chunk(item.chunk)
 
 
-class Inboxes(Protocol):
-    """What both sessions hand a received item to: its generation's queue, by tag."""
-
-    def get(self, tag: int, /) -> _Putter | None: ...
-
-
 class _Putter(Protocol):
+    """A generation's queue, in either session."""
+
     def put(self, item: pb.SessionItem, /) -> None: ...
 
 
@@ -58,7 +65,7 @@ class Received:
     def __init__(self) -> None:
         self.messages = self.items = 0
 
-    def deliver(self, batch: pb.SessionBatch, inboxes: Inboxes) -> None:
+    def deliver(self, batch: pb.SessionBatch, inboxes: Mapping[int, _Putter]) -> None:
         """Hand each item of ``batch`` to its generation's inbox."""
         self.messages += 1
         self.items += len(batch.items)
@@ -120,7 +127,7 @@ class Session:
         try:
             while (batch := await self._call.read()) is not _EOF:
                 self.received.deliver(batch, self._open)
-            self._fail(TillerClientError(grpc.StatusCode.UNAVAILABLE, "the session ended"))
+            self._fail(rpc_ended())
         except grpc.RpcError as e:
             self._fail(wrap(e))
         except asyncio.CancelledError:
@@ -143,9 +150,7 @@ class Session:
         self._open[tag] = inbox
         timer = None
         if timeout is not None:
-            # the server ends the generation at its deadline too; this one needs no server
-            late = TillerClientError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
-            timer = asyncio.get_running_loop().call_later(timeout, inbox.put, late)
+            timer = asyncio.get_running_loop().call_later(timeout, inbox.put, past_deadline())
         self._outgoing.put_nowait(request(tag, req, timeout))
         ended = False
         try:
