@@ -23,7 +23,6 @@ import os
 import statistics
 import uuid
 from dataclasses import fields
-from pathlib import Path
 from typing import Any
 
 import serve_throughput as st
@@ -36,18 +35,10 @@ def start_engine(s: st.Settings, variant: str | None) -> Any:
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from tiller.server.config import EngineConfig
     from tiller.server.engine import engine_args
 
     if variant == "tiller-engine":
-        config = EngineConfig(
-            model=Path(s.model),
-            dtype=s.dtype,
-            max_model_len=s.max_model_len,
-            gpu_memory_utilization=s.gpu_memory_utilization,
-            max_num_seqs=s.max_num_seqs,
-        )
-        return AsyncLLM.from_engine_args(engine_args(config))
+        return AsyncLLM.from_engine_args(engine_args(s.engine_config()))
     saved = os.environ.get("OMP_NUM_THREADS")
     if variant == "omp1":
         os.environ["OMP_NUM_THREADS"] = "1"  # read by the engine core as it is spawned

@@ -54,6 +54,7 @@ from typing import Any, TypeVar
 
 from tqdm import tqdm
 
+from tiller.server.config import EngineConfig
 from tiller.server.device import detect_dtype
 
 SYSTEMS = ("tiller", "tiller-session", "asyncllm", "vllm-serve", "tiller-http")
@@ -114,23 +115,25 @@ class Settings:
             "seed": self.seed + i,
         }
 
-    def engine_args(self) -> dict[str, Any]:
-        """The vLLM engine arguments that `tiller serve` starts its engine with (its defaults
-        included), for both baselines; Tiller's own logits processor is not among them."""
-        from vllm.platforms import current_platform
-
-        from tiller.server.config import EngineConfig
-        from tiller.server.engine import tiller_engine_kwargs
-
-        c = EngineConfig(
+    def engine_config(self) -> EngineConfig:
+        """The engine configuration `tiller serve` is started with here."""
+        return EngineConfig(
             model=Path(self.model),
             dtype=self.dtype,
             max_model_len=self.max_model_len,
             gpu_memory_utilization=self.gpu_memory_utilization,
             max_num_seqs=self.max_num_seqs,
         )
+
+    def engine_args(self) -> dict[str, Any]:
+        """The vLLM engine arguments that `tiller serve` starts its engine with (its defaults
+        included), for both baselines; Tiller's own logits processor is not among them."""
+        from vllm.platforms import current_platform
+
+        from tiller.server.engine import tiller_engine_kwargs
+
         extra = {"stream_interval": self.stream_interval} if self.stream_interval > 1 else {}
-        return tiller_engine_kwargs(c, on_cpu=current_platform.is_cpu(), **extra)
+        return tiller_engine_kwargs(self.engine_config(), on_cpu=current_platform.is_cpu(), **extra)
 
 
 @dataclass
