@@ -135,16 +135,21 @@ async def test_cdf_learner_iteration_trains_on_pairs_of_all_three_routes(
         else:
             assert p.chosen_id == "" and p.chosen != p.rejected
 
-    # build_async (for a loop that awaits it): the learner's own client and scoring model give
-    # the same routes from the same log; only the easy route's rewrites are sampled anew.
+    # build (blocking, its own client and scorer) and build_async (for a loop that awaits it)
+    # give the same routes from the same log; only the easy route's rewrites are sampled anew.
+    # Both read the log as it is now: the annotator ran on after the iteration's trigger (which
+    # waits for the refinements only), so the iteration's own data may have seen fewer labels.
+    served = Served(None, None, None)
+    blocking = dataset.build(connect(db), cfg, served, Counter())
+    assert {p.source.split(":")[1] for p in blocking} == {"easy", "medium", "hard"}
     client = AsyncClient(srv.target)
     try:
         again = await dataset.build_async(
-            connect(db), cfg, Served(None, None, None), Counter(), client=client,
+            connect(db), cfg, served, Counter(), client=client,
             scorer=lambda: load_scoring_model(tiny_model, device="cpu"),
         )  # fmt: skip
     finally:
         await client.close()
-    assert [p.source for p in again] == [p.source for p in pairs]
-    fixed = [p for p in pairs if not p.source.startswith("cdf:easy:")]
+    assert [p.source for p in again] == [p.source for p in blocking]
+    fixed = [p for p in blocking if not p.source.startswith("cdf:easy:")]
     assert [p for p in again if not p.source.startswith("cdf:easy:")] == fixed
