@@ -43,7 +43,8 @@ poll_s = 0.2
 prompts_file = "prompts.txt"
 per_iteration = 6
 n = 2
-max_tokens = 8
+# room for the two samples' word counts to differ after DPO lengthened them (ties are dropped)
+max_tokens = 16
 [learner.data]
 kind = "pairs"
 source = "score"
