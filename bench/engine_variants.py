@@ -22,10 +22,10 @@ import argparse
 import os
 import statistics
 import uuid
-from dataclasses import fields
 from typing import Any
 
 import serve_throughput as st
+from tiller_ab import settings
 
 VARIANTS = ("tiller-engine", "omp1")
 
@@ -91,6 +91,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--variant", choices=VARIANTS, required=True)
     ap.add_argument("--model", default="smollm2", help="tiny | smollm2 | PATH")
+    ap.add_argument("--dtype", default="auto")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--requests", type=int, default=192)
     ap.add_argument("--concurrency", type=int, default=32)
@@ -98,38 +99,17 @@ def main() -> None:
     a = ap.parse_args()
     if a.rounds < 1:
         ap.error("--rounds must be at least 1")
-    from tiller.server.device import detect_dtype
-
     # What `tiller serve` sets on the CPU: the model worker inside the engine-core process.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    values = {
-        "model": str(st.resolve_model(a.model)),
-        "dtype": detect_dtype("auto"),
-        "concurrency": a.concurrency,
-        "requests": a.requests,
-        "max_tokens": a.max_tokens,
-        "temperature": 1.0,
-        "seed": 0,
-        "max_model_len": 1024,
-        "gpu_memory_utilization": 0.1 if a.model == "tiny" else 0.3,
-        "max_num_seqs": 64,
-        "tiller_log": False,
-    }
-    s = st.Settings(**{f.name: values[f.name] for f in fields(st.Settings) if f.name in values})
+    s = settings(a)
     tok_s = st.run_async(run(s, a.variant, a.rounds))
-    per_round = [v / p for v, p in zip(tok_s[a.variant], tok_s["plain"], strict=True)]
+    ratios = [v / p for v, p in zip(tok_s[a.variant], tok_s["plain"], strict=True)]
     med_v, med_p = statistics.median(tok_s[a.variant]), statistics.median(tok_s["plain"])
     print(
         f"{a.variant}/plain tok/s ratio: {med_v / med_p:.2f} "
         f"({a.variant} {med_v:.1f} tok/s, plain {med_p:.1f} tok/s)"
     )
-    rounds = ", ".join(f"{x:.2f}" for x in per_round)
-    if len(per_round) > 1:
-        band = st.paired_band(per_round)
-        spread = f"geometric mean {band['mean']:.2f}, 95% CI {band['low']:.2f}-{band['high']:.2f}"
-    else:
-        spread = "1 round"
-    print(f"{a.variant}/plain per round: {rounds} ({spread})")
+    print(f"{a.variant}/plain per round: {st.per_round(ratios)}")
 
 
 if __name__ == "__main__":

@@ -115,6 +115,14 @@ class Settings:
             "seed": self.seed + i,
         }
 
+    def warm_up(self, i: int) -> tuple[str, dict[str, Any]]:
+        """Warm-up request ``i`` (not counted): a short one, seeded apart from the measured."""
+        return f"Warm-up {i}: say hello.", self.sampling(10_000 + i, 8)
+
+    def request(self, i: int) -> tuple[str, dict[str, Any]]:
+        """Measured request ``i``: its prompt and sampling, the same in every system."""
+        return PROMPTS[i % len(PROMPTS)], self.sampling(i)
+
     def engine_config(self) -> EngineConfig:
         """The engine configuration `tiller serve` is started with here."""
         return EngineConfig(
@@ -205,17 +213,14 @@ async def drive(send: Send, s: Settings, progress: Callable[[], object], root: i
     this one took meanwhile (% of a core), and the CPU of those outside vLLM's engine cores
     (seconds). Idle systems started beside it (``--interleave``) count as outside.
     """
-    warm = [
-        send(f"Warm-up {i}: say hello.", s.sampling(10_000 + i, 8)) for i in range(s.concurrency)
-    ]
-    await asyncio.gather(*warm)
+    await asyncio.gather(*(send(*s.warm_up(i)) for i in range(s.concurrency)))
     todo = iter(range(s.requests))  # shared by the workers; next() never awaits
     tokens = 0
 
     async def worker() -> None:
         nonlocal tokens
         for i in todo:
-            n = await send(PROMPTS[i % len(PROMPTS)], s.sampling(i))
+            n = await send(*s.request(i))
             tokens += n  # not `tokens += await ...`: that reads `tokens` before the await
             progress()
 
@@ -254,10 +259,7 @@ def drive_threads(
 ) -> Result:
     """``drive`` for a blocking client: ``s.concurrency`` threads instead of tasks."""
     with ThreadPoolExecutor(s.concurrency) as pool:
-        warm = [
-            pool.submit(send, f"Warm-up {i}: say hello.", s.sampling(10_000 + i, 8))
-            for i in range(s.concurrency)
-        ]
+        warm = [pool.submit(send, *s.warm_up(i)) for i in range(s.concurrency)]
         for f in warm:
             f.result()
         todo = iter(range(s.requests))
@@ -270,7 +272,7 @@ def drive_threads(
                     i = next(todo, None)
                 if i is None:
                     return tokens
-                tokens += send(PROMPTS[i % len(PROMPTS)], s.sampling(i))
+                tokens += send(*s.request(i))
                 progress()
 
         meter = CpuMeter(root)
@@ -597,6 +599,17 @@ def paired_band(ratios: list[float]) -> dict[str, float]:
     return {"mean": math.exp(m), "low": math.exp(m - h), "high": math.exp(m + h)}
 
 
+def per_round(ratios: list[float]) -> str:
+    """Per-round ratios, their median and geometric mean, and its 95% interval where there are
+    two rounds or more."""
+    band = paired_band(ratios)
+    spread = f"95% CI {band['low']:.2f}-{band['high']:.2f}" if len(ratios) > 1 else "1 round"
+    return (
+        ", ".join(f"{r:.2f}" for r in ratios)
+        + f" (median {statistics.median(ratios):.2f}; geometric mean {band['mean']:.2f}, {spread})"
+    )
+
+
 def round_ratios(tok_s: Iterable[tuple[int, str, float]]) -> dict[tuple[str, str], list[float]]:
     """Each round's ratio of a Tiller gRPC side to another system in the same round (the
     spread), and of each multiplexed side to its RPC-per-stream twin; from (round, system,
@@ -641,12 +654,8 @@ def report(phases: list[Phase], s: Settings, out: Path) -> None:
         )
     paired: dict[str, dict[str, float]] = {}
     for (a, b), per in round_ratios((p.round, p.system, p.tok_s) for p in phases).items():
-        paired[f"{a}/{b}"] = band = paired_band(per)
-        print(
-            f"{a.capitalize()}/{b} per round: " + ", ".join(f"{r:.2f}" for r in per)
-            + f" (median {statistics.median(per):.2f}; geometric mean {band['mean']:.2f}, "
-            + (f"95% CI {band['low']:.2f}-{band['high']:.2f})" if len(per) > 1 else "1 round)")
-        )  # fmt: skip
+        paired[f"{a}/{b}"] = paired_band(per)
+        print(f"{a.capitalize()}/{b} per round: {per_round(per)}")
     front = {k: statistics.median(p.front_us_per_token for p in by[k]) for k in ran}
     client = {k: statistics.median(p.client_us_per_token for p in by[k]) for k in ran}
     print(
